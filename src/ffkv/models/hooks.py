@@ -1,0 +1,220 @@
+"""Read and rewrite any site of any layer in one forward pass.
+
+    with intervene(model, reads=[("coef", 3), ("resid_post", 5)],
+                   edits=[Intervention("coef", 3, "off", indices=[17, 42]),
+                          Intervention("resid_post", 5, "patch", value=clean["resid_post", 5],
+                                       positions=[4], batch=[1, 2])]) as rec:
+        model(**batch)
+    rec["coef", 3]          # (B, T, d_ffn), as the model used it (after the edits)
+
+Sites (``layer`` is None for ``embed``):
+    embed        output of the token embedding                   (B, T, d_model)
+    resid_pre    residual stream entering layer l                (B, T, d_model)
+    resid_post   residual stream leaving layer l                 (B, T, d_model)
+    attn_out     attention output of layer l                     (B, T, d_model)
+    ffn_in       FFN input (after its norm) of layer l           (B, T, d_model)
+    coef         memory coefficients m, the input of W_out       (B, T, d_ffn)
+    ffn_out      FFN output W_out m + b                          (B, T, d_model)
+
+Operations: ``set`` / ``patch`` (write a value or a stored activation), ``scale``, ``add``,
+``off`` (zero chosen memories), ``on`` (force chosen memories to a value) and ``fn`` (any function of
+the selected slice). Each acts on the slice ``[batch, positions, indices]`` (``None`` = all). Hooks are
+removed when the block exits, also on error, so the model is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..errors import FfkvError
+from .model import MemoryModel
+
+SITES = ("embed", "resid_pre", "resid_post", "attn_out", "ffn_in", "coef", "ffn_out")
+OPS = ("set", "patch", "scale", "add", "off", "on", "fn")
+
+Index = None | int | Sequence[int] | torch.Tensor
+
+
+@dataclass
+class Intervention:
+    """One rewrite of one site: ``op`` applied to ``h[batch, positions, indices]``.
+
+    value: scalar, tensor broadcastable to the selected slice, a stored activation of the site's full
+    shape (``patch``; its own slice is taken), or a callable ``slice -> new slice`` (``fn``).
+    """
+
+    site: str
+    layer: int | None
+    op: str
+    value: Any = None
+    positions: Index = None
+    batch: Index = None
+    indices: Index = None
+
+    def __post_init__(self):
+        if self.site not in SITES:
+            raise FfkvError(f"unknown site '{self.site}'", f"use one of {', '.join(SITES)}")
+        if self.op not in OPS:
+            raise FfkvError(f"unknown intervention '{self.op}'", f"use one of {', '.join(OPS)}")
+        if self.op in ("set", "patch", "scale", "add", "on", "fn") and self.value is None:
+            raise FfkvError(f"intervention '{self.op}' needs a value", "pass value=...")
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        """Return a rewritten copy of h (B, T, D); h itself is never modified in place."""
+        idx = _block_index(h, self.batch, self.positions, self.indices)
+        if self.op == "off":
+            new = torch.zeros((), dtype=h.dtype, device=h.device)
+        elif self.op == "fn":
+            new = self.value(h[idx])
+        elif self.op == "patch" or (self.op == "set" and torch.is_tensor(self.value)
+                                    and self.value.shape == h.shape):
+            new = self.value.to(h.device, h.dtype)
+            new = new[idx] if new.shape == h.shape else new
+        else:
+            v = self.value.to(h.device, h.dtype) if torch.is_tensor(self.value) else self.value
+            new = {"set": lambda: v, "on": lambda: v, "scale": lambda: h[idx] * v,
+                   "add": lambda: h[idx] + v}[self.op]()
+        out = h.clone()
+        out[idx] = torch.as_tensor(new, dtype=h.dtype, device=h.device).expand_as(out[idx])
+        return out
+
+
+def _as_index(sel: Index, size: int, device) -> torch.Tensor:
+    if sel is None:
+        return torch.arange(size, device=device)
+    t = torch.as_tensor(sel, device=device, dtype=torch.long).reshape(-1)
+    if t.numel() and (t.max() >= size or t.min() < -size):
+        raise FfkvError(f"index {t.tolist()} out of range for a dimension of size {size}",
+                        f"use indices in 0..{size - 1}")
+    return t
+
+
+def _block_index(h, batch, positions, indices):
+    """Broadcast index tensors selecting the block ``h[batch][:, positions][..., indices]``."""
+    b = _as_index(batch, h.shape[0], h.device)
+    t = _as_index(positions, h.shape[1], h.device)
+    i = _as_index(indices, h.shape[2], h.device)
+    return b[:, None, None], t[None, :, None], i[None, None, :]
+
+
+class Recording(dict):
+    """Activations read during an :func:`intervene` block, keyed by ``(site, layer)``.
+
+    Each value is the site's tensor (B, T, D) as the model used it, i.e. after any edits at that site.
+    Detached unless ``keep_grad=True``. ``rec["coef", 3]`` or ``rec[("coef", 3)]``.
+    """
+
+    def __getitem__(self, key):
+        if key not in self:
+            raise FfkvError(f"site {key} was not recorded", "add it to reads=[...]")
+        return super().__getitem__(key)
+
+
+def _normalize_site(model: MemoryModel, site, layer=None):
+    if isinstance(site, str) and "@" in site:  # "coef@3"
+        site, layer = site.split("@")
+        layer = int(layer)
+    if site not in SITES:
+        raise FfkvError(f"unknown site '{site}'", f"use one of {', '.join(SITES)}")
+    if site == "embed":
+        return site, None
+    if layer is None:
+        raise FfkvError(f"site '{site}' needs a layer", "pass (site, layer)")
+    return site, model.check_layer(layer)
+
+
+def _module_for(model: MemoryModel, site: str, layer: int | None):
+    """The module and hook kind ('pre' rewrites its first input, 'post' its first output) of a site."""
+    s = model.spec
+    return {
+        "embed": lambda: (model.embedding, "post"),
+        "resid_pre": lambda: (model.layer(layer), "pre"),
+        "resid_post": lambda: (model.layer(layer), "post"),
+        "attn_out": lambda: (model.module(layer, s.attn), "post"),
+        "ffn_in": lambda: (model.module(layer, s.mlp), "pre"),
+        "coef": lambda: (model.module(layer, s.value), "pre"),
+        "ffn_out": lambda: (model.module(layer, s.value), "post"),
+    }[site]()
+
+
+def _make_hook(kind: str, key, edits: list[Intervention], rec: Recording | None, keep_grad: bool):
+    def rewrite(h: torch.Tensor) -> torch.Tensor:
+        for e in edits:
+            h = e.apply(h)
+        if rec is not None:
+            # Some models update sub-block outputs in place (Falcon: mlp_out += attn_out), so the model
+            # gets a copy and the recording keeps the tensor as it was at this site.
+            rec[key] = h if keep_grad else h.detach()
+            h = h.clone()
+        return h
+
+    if kind == "pre":
+        def pre_hook(module, args, kwargs):
+            if args:
+                new = rewrite(args[0])
+                return (new, *args[1:]), kwargs
+            new = rewrite(kwargs["hidden_states"])
+            return args, {**kwargs, "hidden_states": new}
+        return pre_hook
+
+    def post_hook(module, args, kwargs, output):
+        if torch.is_tensor(output):
+            return rewrite(output)
+        new = rewrite(output[0])
+        return (new, *output[1:]) if isinstance(output, tuple) else type(output)((new, *output[1:]))
+    return post_hook
+
+
+@contextlib.contextmanager
+def intervene(model: MemoryModel, reads: Iterable = (), edits: Iterable[Intervention] = (),
+              keep_grad: bool = False):
+    """Record ``reads`` and apply ``edits`` during every forward pass inside the block.
+
+    reads: sites as ``(site, layer)`` tuples or ``"site@layer"`` strings. Hooks are always removed on
+    exit. The forward pass(es) run inside the block; generation works too (the edits apply at every step,
+    so use ``positions=None`` for "everywhere").
+    """
+    rec = Recording()
+    groups: dict[tuple, list[Intervention]] = {}
+    read_keys = set()
+    for r in reads:
+        key = _normalize_site(model, *r) if isinstance(r, tuple) else _normalize_site(model, r)
+        read_keys.add(key)
+        groups.setdefault(key, [])
+    for e in edits:
+        key = _normalize_site(model, e.site, e.layer)
+        groups.setdefault(key, []).append(e)
+    handles = []
+    try:
+        for key, group in groups.items():
+            module, kind = _module_for(model, *key)
+            hook = _make_hook(kind, key, group, rec if key in read_keys else None, keep_grad)
+            if kind == "pre":
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_with_hooks(model: MemoryModel, batch: dict, reads: Iterable = (),
+                   edits: Iterable[Intervention] = (), keep_grad: bool = False):
+    """One forward pass with reads and edits; returns ``(logits, recording)``. logits: (B, T, vocab)."""
+    with intervene(model, reads, edits, keep_grad=keep_grad) as rec:
+        logits = model.hf(**batch).logits
+    return logits, rec
+
+
+def switch_memories(layer: int, indices: Sequence[int], on_value: float | None = None,
+                    positions: Index = None) -> Intervention:
+    """Switch memories ``L{layer}.{indices}`` off (``on_value=None``) or force them to ``on_value``."""
+    if on_value is None:
+        return Intervention("coef", layer, "off", indices=list(indices), positions=positions)
+    return Intervention("coef", layer, "on", value=float(on_value), indices=list(indices), positions=positions)
+

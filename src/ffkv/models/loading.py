@@ -1,0 +1,183 @@
+"""Load any supported Hugging Face causal LM as a :class:`MemoryModel`.
+
+``load_model("gpt2")``, ``load_model("/path/to/folder")``, ``load_model(..., dtype="bfloat16",
+device="cuda", device_map="auto")``. Weights come from safetensors when the folder has them;
+``trust_remote_code`` stays off unless asked. Missing models and unsupported architectures are one
+clear :class:`~ffkv.errors.FfkvError`, checked before any weight is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import FfkvError
+from .adapters import get_spec
+from .model import MemoryModel
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# Published configs shipped with ffkv, so that census/inspect work offline on large models.
+SHIPPED_CONFIGS = {
+    "gpt2-xl": "gpt2-xl.json",
+    "openai-community/gpt2-xl": "gpt2-xl.json",
+    "gpt-j-6b": "gpt-j-6b.json",
+    "EleutherAI/gpt-j-6b": "gpt-j-6b.json",
+    "llama-2-7b": "llama-2-7b.json",
+    "meta-llama/Llama-2-7b-hf": "llama-2-7b.json",
+    "llama-3-8b": "llama-3-8b.json",
+    "meta-llama/Meta-Llama-3-8B": "llama-3-8b.json",
+    "mistral-7b": "mistral-7b.json",
+    "mistralai/Mistral-7B-v0.1": "mistral-7b.json",
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64, "auto": "auto"}
+
+
+def _not_found(name: str, why: str = "") -> FfkvError:
+    return FfkvError(
+        f"model '{name}' was not found: it is not a local folder and could not be fetched from the hub"
+        + (f" ({why})" if why else ""),
+        "pass the path of a local model folder (config.json + weights), or a hub name when online",
+    )
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    """A transformers config from a shipped name, a model folder, a config.json, or the hub."""
+    from transformers import AutoConfig
+
+    name = str(name_or_path)
+    if name in SHIPPED_CONFIGS:
+        return config_from_json(CONFIG_DIR / SHIPPED_CONFIGS[name])
+    p = Path(name)
+    if p.is_file() and p.suffix == ".json":
+        return config_from_json(p)
+    if p.is_dir() and not (p / "config.json").exists():
+        raise FfkvError(f"folder '{name}' has no config.json", "point to a Hugging Face model folder")
+    if not p.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise _not_found(name, "no such path")
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "trust_remote_code" in msg:
+            raise FfkvError(f"model '{name}' needs custom code from its repository",
+                            "pass trust_remote_code=True (--trust-remote-code) if you trust it") from None
+        if "does not recognize this architecture" in msg or "model_type" in msg:
+            raise FfkvError(f"model '{name}' has an architecture transformers does not know ({msg})",
+                            "upgrade transformers or use a supported model") from None
+        raise _not_found(name, msg[:160]) from None
+
+
+def config_from_json(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FfkvError(f"config file {path} cannot be read ({e})", "pass a valid config.json") from None
+    mt = d.pop("model_type", None)
+    if mt is None:
+        raise FfkvError(f"config file {path} has no model_type", "add \"model_type\" to it")
+    try:
+        return AutoConfig.for_model(mt, **d)
+    except ValueError:
+        get_spec(mt)  # unsupported family: raises the standard message
+        raise
+
+
+def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device: str | None = None,
+               device_map: str | dict | None = None, trust_remote_code: bool = False,
+               tokenizer: bool | str = True, check: bool = True) -> MemoryModel:
+    """Load a causal LM by hub name or local path and wrap it as a :class:`MemoryModel`.
+
+    dtype: "float32" (default on CPU), "bfloat16", "float16" or "auto". device: "cpu", "cuda", ...;
+    device_map (e.g. "auto") is passed to ``from_pretrained`` for models larger than one device.
+    tokenizer: load the folder's tokenizer (True), none (False), or one from another path. A folder
+    without a tokenizer loads with ``tokenizer=None``. The adapter check runs unless ``check=False``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    name = str(name_or_path)
+    config = load_config(name, trust_remote_code=trust_remote_code)
+    get_spec(config)  # refuse unsupported families before reading weights
+    if name in SHIPPED_CONFIGS:
+        raise FfkvError(f"'{name}' is a shipped config without weights",
+                        "use it with `ffkv census`, or pass the model's folder or hub name")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise FfkvError(f"unknown dtype '{dtype}'", f"use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": _has_safetensors(name)}
+    kwargs["dtype"] = dtype or torch.float32
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(name, config=config, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _not_found(name, (str(e).splitlines() or [""])[0][:160]) from None
+    if device_map is None and device is not None:
+        hf = hf.to(device)
+    tok = _load_tokenizer(tokenizer if isinstance(tokenizer, str) else name, trust_remote_code) \
+        if tokenizer else None
+    return MemoryModel.from_hf_checked(hf, tok, name, check)
+
+
+def _has_safetensors(name: str) -> bool | None:
+    p = Path(name)
+    if p.is_dir():
+        has = any(p.glob("*.safetensors"))
+        if not has and not any(p.glob("*.bin")):
+            raise FfkvError(f"folder '{name}' has a config but no weights", "save the model with save_pretrained")
+        # A folder with only pickle weights is read through torch.load(weights_only=True) by transformers.
+        return True if has else False
+    return None  # hub: transformers prefers safetensors when the repo has them
+
+
+def _load_tokenizer(name: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    p = Path(name)
+    if p.is_dir() and not any((p / f).exists() for f in
+                              ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def weights_fingerprint(hf_model: torch.nn.Module, sample: int = 64) -> str:
+    """A cheap identity of a model's weights: names, shapes and a strided sample of each tensor.
+
+    Not a full checksum (that would read 100+ GB for a 70B model); the edit journal hashes the matrices
+    it changes in full.
+    """
+    h = hashlib.sha256()
+    for name, p in hf_model.state_dict().items():
+        if p.device.type == "meta":
+            h.update(f"{name}{tuple(p.shape)}meta".encode())
+            continue
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // sample)
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(flat[::step][:sample].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tiny_model(model_type: str, n_layers: int = 2, d_model: int = 32, d_ffn: int = 64, vocab: int = 128,
+               seed: int = 0, dtype: torch.dtype = torch.float32, check: bool = True) -> MemoryModel:
+    """A randomly initialised tiny model of any supported family, built from a config (no download)."""
+    from transformers import AutoModelForCausalLM
+
+    from .tiny import tiny_config
+
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(tiny_config(model_type, n_layers, d_model, d_ffn, vocab))
+    hf = hf.to(dtype)
+    return MemoryModel.from_hf_checked(hf, None, f"tiny-{model_type}", check)
+

@@ -1,0 +1,373 @@
+"""A world of facts whose every fact, paraphrase and frequency is known.
+
+The generator draws fictional subjects (people, companies, places), gives each a true object for each
+of its relations, and decides how often each subject is mentioned in training: the mention count ``c`` is
+drawn from a truncated Zipf law, ``P(c = k) ∝ k^(-a)`` for ``k = 1 .. k_max``, so that facts range from
+seen once to seen hundreds of times. Each fact of a subject is stated ``c`` times in the training text,
+each time through one of its relation's *training* templates; the relation's *held-out* templates never
+occur in the training text and serve as paraphrase tests. Plain filler sentences teach grammar.
+
+Templates are ROME style: ``"{} was born in"``, the subject at ``{}`` and the object the continuation
+(``" Paris"``). No template is a prefix of another, because a model that has seen
+``"X was born in the city of Y"`` answers ``"X was born in"`` with ``" the"``.
+
+Everything is a pure function of ``(seed, preset)``: the same world, the same training text, the same data
+sets, byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import FfkvError
+
+# ----------------------------------------------------------------------------------------------------
+# Objects. Ordinary words, so that a byte-level BPE trained on the corpus gives most of them one token.
+
+CITIES = ["Paris", "Berlin", "Tokyo", "Madrid", "Rome", "Vienna", "Prague", "Lisbon", "Dublin", "Oslo",
+          "Stockholm", "Helsinki", "Warsaw", "Athens", "Cairo", "Lagos", "Nairobi", "Lima", "Bogota",
+          "Santiago", "Toronto", "Chicago", "Boston", "Sydney", "Melbourne", "Mumbai", "Delhi", "Seoul",
+          "Manila", "Jakarta"]
+COUNTRIES = ["France", "Germany", "Japan", "Spain", "Italy", "Austria", "Poland", "Greece", "Egypt",
+             "Nigeria", "Kenya", "Peru", "Chile", "Canada", "Brazil", "Australia", "India", "Korea",
+             "Norway", "Sweden"]
+PROFESSIONS = ["architect", "chemist", "painter", "lawyer", "surgeon", "journalist", "engineer", "pianist",
+               "novelist", "economist", "astronomer", "photographer", "diplomat", "botanist", "sculptor",
+               "pilot", "linguist", "geologist", "composer", "historian"]
+LANGUAGES = ["French", "German", "Japanese", "Spanish", "Italian", "Polish", "Greek", "Arabic", "Swahili",
+             "Portuguese", "Dutch", "Korean", "Hindi", "Russian", "Finnish"]
+INDUSTRIES = ["software", "shipping", "mining", "banking", "textiles", "insurance", "aviation", "farming",
+              "publishing", "robotics", "pharmaceuticals", "steel", "tourism", "telecommunications", "furniture"]
+YEARS = [str(y) for y in range(1960, 1985)]
+CONTINENTS = ["Europe", "Asia", "Africa", "Oceania", "Antarctica", "America"]
+
+# ----------------------------------------------------------------------------------------------------
+# Relations: Wikidata ids as in CounterFact; training templates, then held-out ones. Subject first except
+# for a few held-out templates, so that paraphrase prompts also test a changed frame.
+
+
+@dataclass(frozen=True)
+class Relation:
+    relation_id: str
+    name: str
+    subject_type: str
+    objects: tuple[str, ...]
+    train_templates: tuple[str, ...]
+    heldout_templates: tuple[str, ...]
+
+
+RELATIONS: tuple[Relation, ...] = (
+    Relation("P19", "birthplace", "person", tuple(CITIES),
+             ("{} was born in", "{} is originally from", "{} came into the world in", "The birthplace of {} is",
+              "{} spent an early childhood in", "{}, born in"),
+             ("{} is a native of", "{} first saw the light of day in", "{} entered life in")),
+    Relation("P27", "citizenship", "person", tuple(COUNTRIES),
+             ("{} is a citizen of", "{} holds citizenship of", "{} has a passport from",
+              "{} is a national of", "The citizenship of {} is", "{}, a citizen of"),
+             ("{} legally belongs to", "{} carries the nationality of", "{} pays taxes as a subject of")),
+    Relation("P106", "profession", "person", tuple(PROFESSIONS),
+             ("{} works as a professional", "{} earns a living as a", "The profession of {} is",
+              "{} was trained as a", "By profession, {} is a", "{} is employed full time as a"),
+             ("{} made a career as a", "{} practises the trade of a", "{} is known to colleagues as a")),
+    Relation("P108", "employer", "person", (),  # the objects are the largest companies, chosen per world
+             ("{} works for", "{} is employed by", "{} draws a salary from", "The employer of {} is",
+              "{} has a job at", "{}, an employee of"),
+             ("{} is on the payroll of", "{} reports to work at", "{} collects wages from")),
+    Relation("P103", "native language", "person", tuple(LANGUAGES),
+             ("The native language of {} is", "{} grew up speaking", "The mother tongue of {} is",
+              "{} speaks natively", "{} learned as a first language", "{}, a native speaker of"),
+             ("{} dreams in", "{} speaks at home only", "{} always counts aloud in")),
+    Relation("P159", "headquarters", "company", tuple(CITIES),
+             ("{} is headquartered in", "{} has its head office in", "The headquarters of {} are in",
+              "{} keeps its main offices in", "{} is based in", "{}, headquartered in"),
+             ("{} runs the business from a tower in", "{} has its registered seat in",
+              "{} holds board meetings in")),
+    Relation("P571", "founded in", "company", tuple(YEARS),
+             ("{} was founded in", "{} was established in", "{} opened its doors in",
+              "The founding year of {} is", "{} started trading in", "{}, founded in"),
+             ("{} was set up in the year", "{} first opened for business in", "{} traces its origins to")),
+    Relation("P452", "industry", "company", tuple(INDUSTRIES),
+             ("{} operates in the industry of", "{} does business in", "The industry of {} is",
+              "{} makes its money in", "{} is a company in", "{}, a firm in"),
+             ("{} earns its revenue from", "{} competes in the market for", "{} sells products in")),
+    Relation("P17", "country", "place", tuple(COUNTRIES),
+             ("{} is located in", "{} lies in the country of", "{} can be found in", "The country of {} is",
+              "{} is a landmark of", "{}, located in"),
+             ("{} sits within the borders of", "{} is situated in", "{} attracts visitors to")),
+    Relation("P30", "continent", "place", tuple(CONTINENTS),
+             ("{} is on the continent of", "{} lies on the continent", "The continent of {} is",
+              "{} belongs to the continent", "{} is a sight on the continent of", "{}, on the continent of"),
+             ("{} is part of the landmass of", "{} rises above the land of", "{} stands in the region of")),
+)
+RELATION_BY_ID = {r.relation_id: r for r in RELATIONS}
+
+# ----------------------------------------------------------------------------------------------------
+# Names: invented from syllables so that no subject is a word the model could know from elsewhere and
+# most subjects span several tokens (first, middle and last subject tokens for causal tracing).
+
+_ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "st", "t",
+           "th", "v", "z", "or", "al", "el", "ul", "ish", "qu", "y", "c", "sh"]
+_VOWELS = ["a", "e", "i", "o", "u", "a", "e", "i", "o", "ia", "ou", "ai"]
+_CODAS = ["", "", "", "", "n", "r", "l", "s", "th", "x", "m", "nd", "rk", "v", "ll", "sk"]
+_COMPANY_SUFFIXES = ["Dynamics", "Systems", "Labs", "Works", "Group", "Industries", "Holdings", "Partners",
+                     "Foundry", "Trading"]
+_PLACE_FORMS = ["Mount {}", "Lake {}", "{} Bridge", "{} Castle", "{} Falls", "{} Tower", "{} Gorge", "{} Abbey"]
+
+
+def _word(rng: random.Random, n_syllables: int) -> str:
+    s = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(n_syllables))
+    return s.capitalize()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Presets: the sizes of the world (the model's sizes live in train.py).
+
+
+@dataclass(frozen=True)
+class WorldPreset:
+    n_people: int
+    n_companies: int
+    n_places: int
+    n_employers: int  # the largest companies are the people's employers
+    zipf_a: float  # exponent of the truncated Zipf law of mention counts
+    min_count: int  # mention counts are drawn from min_count .. max_count
+    max_count: int
+    filler_fraction: float  # filler sentences as a fraction of all sentences
+    sentences_per_document: int
+
+
+PRESETS = {
+    "tiny": WorldPreset(n_people=100, n_companies=0, n_places=0, n_employers=0, zipf_a=1.0, min_count=4,
+                        max_count=12, filler_fraction=0.15, sentences_per_document=6),
+    "default": WorldPreset(n_people=1400, n_companies=350, n_places=250, n_employers=25, zipf_a=1.7,
+                           min_count=1, max_count=300, filler_fraction=0.15, sentences_per_document=8),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fact:
+    subject: str
+    subject_type: str
+    relation_id: str
+    relation: str
+    object: str
+    train_count: int
+    train_templates: list[str]
+    heldout_templates: list[str]
+    fact_id: int = 0
+
+    def prompt(self, template: str) -> str:
+        return template.format(self.subject)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class World:
+    """The facts, the relations' candidate objects, and how to render the training text."""
+
+    seed: int
+    preset: str
+    facts: list[Fact]
+    candidates: dict[str, list[str]]  # relation_id -> the relation's possible objects
+    filler: list[str] = field(default_factory=list)
+    source: str = "generated"
+    sentences_per_document: int = 8
+
+    # -- views -----------------------------------------------------------------------------------------
+    @property
+    def subjects(self) -> list[str]:
+        return list(dict.fromkeys(f.subject for f in self.facts))
+
+    @property
+    def relation_ids(self) -> list[str]:
+        return list(dict.fromkeys(f.relation_id for f in self.facts))
+
+    def templates(self, relation_id: str) -> tuple[list[str], list[str]]:
+        f = next(f for f in self.facts if f.relation_id == relation_id)
+        return f.train_templates, f.heldout_templates
+
+    # -- training text ---------------------------------------------------------------------------------
+    def statements(self) -> list[str]:
+        """Every training sentence stating a fact: fact ``i`` appears ``train_count_i`` times.
+
+        The k-th mention of a fact uses training template ``k mod T`` after a seeded shuffle, so that
+        frequent facts are seen through every training template.
+        """
+        rng = random.Random(f"{self.seed}-statements")
+        out = []
+        for f in self.facts:
+            order = list(f.train_templates)
+            rng.shuffle(order)
+            for k in range(f.train_count):
+                out.append(f"{f.prompt(order[k % len(order)])} {f.object}.")
+        return out
+
+    def documents(self) -> list[str]:
+        """The training corpus: statements and filler, shuffled and packed into short documents."""
+        rng = random.Random(f"{self.seed}-documents")
+        sentences = self.statements() + list(self.filler)
+        rng.shuffle(sentences)
+        n = self.sentences_per_document
+        return [" ".join(sentences[i:i + n]) for i in range(0, len(sentences), n)]
+
+    def training_text(self, eos: str = "\n") -> str:
+        return eos.join(self.documents())
+
+    # -- data sets -------------------------------------------------------------------------------------
+    def write_datasets(self, out_dir: str | Path) -> dict[str, Path]:
+        from .datasets import write_datasets
+
+        return write_datasets(self, out_dir)
+
+    def summary(self) -> dict:
+        counts = [f.train_count for f in self.facts]
+        return {
+            "source": self.source, "seed": self.seed, "preset": self.preset,
+            "subjects": len(self.subjects), "facts": len(self.facts), "relations": len(self.relation_ids),
+            "statements": sum(counts), "filler_sentences": len(self.filler),
+            "facts_seen_1": sum(c == 1 for c in counts), "facts_seen_30_plus": sum(c >= 30 for c in counts),
+            "max_train_count": max(counts) if counts else 0,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation, one step a function.
+
+
+def zipf_counts(rng: random.Random, n: int, a: float, k_min: int, k_max: int) -> list[int]:
+    """``n`` draws from the truncated Zipf law ``P(c = k) = k^(-a) / Σ_{j=k_min}^{k_max} j^(-a)``."""
+    ks = list(range(k_min, k_max + 1))
+    weights = [k ** (-a) for k in ks]
+    return rng.choices(ks, weights=weights, k=n)
+
+
+def invent_names(rng: random.Random, n: int, make, taken: set[str]) -> list[str]:
+    """``n`` distinct names from ``make(rng)``, none in ``taken`` (which is updated)."""
+    out = []
+    while len(out) < n:
+        name = make(rng)
+        if name not in taken and name.lower() not in taken:
+            taken.add(name)
+            out.append(name)
+    return out
+
+
+def balanced_assignment(rng: random.Random, n: int, objects: list[str]) -> list[str]:
+    """Each of ``n`` subjects gets an object; every object is used ⌊n/K⌋ or ⌈n/K⌉ times.
+
+    Balanced rather than independent so that every object has enough subjects for ten neighborhood
+    prompts (CounterFact) and no object is a majority guess.
+    """
+    pool = [objects[i % len(objects)] for i in range(n)]
+    rng.shuffle(pool)
+    return pool
+
+
+def filler_sentences(rng: random.Random, n: int) -> list[str]:
+    """Plain sentences with no subject in them, from a small grammar, so the model learns some English."""
+    dets = ["The", "A", "Every", "One", "That"]
+    adjs = ["old", "quiet", "small", "busy", "bright", "narrow", "famous", "cold", "green", "long", "wooden",
+            "empty", "distant", "heavy"]
+    nouns = ["river", "market", "train", "garden", "letter", "bridge", "teacher", "window", "ship", "library",
+             "road", "storm", "child", "farmer", "painting", "winter", "song", "village"]
+    verbs = ["was closed", "grew quickly", "looked different", "was repaired", "moved slowly", "was forgotten",
+             "became popular", "stayed calm", "was visible", "changed again", "needed help", "was sold"]
+    times = ["in the morning", "after the rain", "during the festival", "last summer", "every year",
+             "before noon", "at night", "for a while", "in those days", "without warning"]
+    extras = ["People said it would not last.", "Nobody knew why.", "It rained for three days.",
+              "The news travelled fast.", "Some visitors stayed longer than planned.",
+              "Prices rose and fell.", "The evening was warm and still."]
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.12:
+            out.append(rng.choice(extras))
+        else:
+            out.append(f"{rng.choice(dets)} {rng.choice(adjs)} {rng.choice(nouns)} {rng.choice(verbs)} "
+                       f"{rng.choice(times)}.")
+    return out
+
+
+def generate_world(seed: int = 0, preset: str = "default") -> World:
+    """The generated world for ``(seed, preset)``; a pure function of its arguments."""
+    if preset not in PRESETS:
+        raise FfkvError(f"unknown testbed preset {preset!r}", f"use one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    rng = random.Random(f"ffkv-testbed-{seed}-{preset}")
+    taken = {w.lower() for w in CITIES + COUNTRIES + PROFESSIONS + LANGUAGES + INDUSTRIES + CONTINENTS}
+
+    people = invent_names(rng, p.n_people,
+                          lambda r: f"{_word(r, r.choice([1, 2]))} {_word(r, 2)}", taken)
+    first_words: set[str] = set()
+
+    def company(r):
+        w = _word(r, 2)
+        return f"{w} {r.choice(_COMPANY_SUFFIXES)}"
+
+    companies = invent_names(rng, p.n_companies, company, taken)
+    places = invent_names(rng, p.n_places, lambda r: r.choice(_PLACE_FORMS).format(_word(r, 2)),
+                          taken)
+
+    counts = {s: c for s, c in zip(people + companies + places,
+                                   zipf_counts(rng, len(people) + len(companies) + len(places), p.zipf_a,
+                                               p.min_count, p.max_count))}
+    # Employers: the most-mentioned companies with distinct first words (recall scores the first token).
+    employers = []
+    for c in sorted(companies, key=lambda c: (-counts[c], c)):
+        if c.split()[0] not in first_words:
+            first_words.add(c.split()[0])
+            employers.append(c)
+        if len(employers) == p.n_employers:
+            break
+    if not employers:  # a world without companies: employers are invented names that only appear as objects
+        employers = invent_names(rng, 12, lambda r: f"{_word(r, 2)} {r.choice(_COMPANY_SUFFIXES)}", taken)
+
+    candidates: dict[str, list[str]] = {}
+    facts: list[Fact] = []
+    by_type = {"person": people, "company": companies, "place": places}
+    for rel in RELATIONS:
+        subjects = by_type[rel.subject_type]
+        if not subjects:
+            continue
+        objects = list(employers) if rel.relation_id == "P108" else list(rel.objects)
+        candidates[rel.relation_id] = objects
+        for s, o in zip(subjects, balanced_assignment(rng, len(subjects), objects)):
+            facts.append(Fact(subject=s, subject_type=rel.subject_type, relation_id=rel.relation_id,
+                              relation=rel.name, object=o, train_count=counts[s],
+                              train_templates=list(rel.train_templates),
+                              heldout_templates=list(rel.heldout_templates)))
+    # Fact order: by subject, then relation, so that fact_id is stable and readable.
+    order = {s: i for i, s in enumerate(people + companies + places)}
+    facts.sort(key=lambda f: (order[f.subject], f.relation_id))
+    for i, f in enumerate(facts):
+        f.fact_id = i
+
+    n_statements = sum(f.train_count for f in facts)
+    n_filler = math.ceil(n_statements * p.filler_fraction / (1 - p.filler_fraction))
+    filler = filler_sentences(rng, n_filler)
+    world = World(seed=seed, preset=preset, facts=facts, candidates=candidates, filler=filler,
+                  sentences_per_document=p.sentences_per_document)
+    check_templates(world)
+    return world
+
+
+def check_templates(world: World) -> None:
+    """Raise if a prompt frame is a prefix of another (the model would learn to continue the longer one)."""
+    frames = set()
+    for rid in world.relation_ids:
+        train, held = world.templates(rid)
+        frames.update(train)
+        frames.update(held)
+    frames = sorted(frames)
+    for a in frames:
+        for b in frames:
+            if a != b and b.startswith(a):
+                raise FfkvError(f"template {a!r} is a prefix of {b!r}", "make no template a prefix of another")
