@@ -54,7 +54,16 @@ def cli():
     """ffkv: read, locate, edit and evaluate the key-value memories in a language model's FFN layers."""
 
 
+def _quiet_transformers() -> None:
+    """ffkv shows its own progress; transformers' per-load bars and config warnings are noise here."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv=None):
+    _quiet_transformers()
     try:
         return cli.main(args=argv, standalone_mode=False) or 0
     except FfkvError as e:

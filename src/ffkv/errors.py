@@ -14,7 +14,8 @@ class FfkvError(Exception):
         super().__init__(self.line())
 
     def line(self) -> str:
-        return f"{self.problem}." + (f" {self.fix.rstrip('.')}." if self.fix else "")
+        fix = self.fix.rstrip(".") if self.fix else ""
+        return f"{self.problem}." + (f" {fix[:1].upper()}{fix[1:]}." if fix else "")
 
 
 class UnsupportedArchitecture(FfkvError):

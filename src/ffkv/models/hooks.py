@@ -141,8 +141,12 @@ def _module_for(model: MemoryModel, site: str, layer: int | None):
     }[site]()
 
 
-def _make_hook(kind: str, key, edits: list[Intervention], rec: Recording | None, keep_grad: bool):
+def _make_hook(kind: str, key, edits: list[Intervention], rec: Recording | None, keep_grad: bool,
+               shape: dict):
     def rewrite(h: torch.Tensor) -> torch.Tensor:
+        flat = h.dim() == 2  # OPT runs its FFN on (B*T, D): present it as (B, T, D)
+        if flat:
+            h = h.view(shape["B"], shape["T"], h.shape[-1])
         for e in edits:
             h = e.apply(h)
         if rec is not None:
@@ -150,7 +154,7 @@ def _make_hook(kind: str, key, edits: list[Intervention], rec: Recording | None,
             # gets a copy and the recording keeps the tensor as it was at this site.
             rec[key] = h if keep_grad else h.detach()
             h = h.clone()
-        return h
+        return h.reshape(-1, h.shape[-1]) if flat else h
 
     if kind == "pre":
         def pre_hook(module, args, kwargs):
@@ -189,10 +193,20 @@ def intervene(model: MemoryModel, reads: Iterable = (), edits: Iterable[Interven
         key = _normalize_site(model, e.site, e.layer)
         groups.setdefault(key, []).append(e)
     handles = []
+    shape: dict = {}
+
+    def remember_shape(module, args, kwargs):
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is not None:
+            shape["B"], shape["T"] = x.shape[:2]
+
     try:
+        handles.append(model.hf.register_forward_pre_hook(remember_shape, with_kwargs=True))
         for key, group in groups.items():
             module, kind = _module_for(model, *key)
-            hook = _make_hook(kind, key, group, rec if key in read_keys else None, keep_grad)
+            hook = _make_hook(kind, key, group, rec if key in read_keys else None, keep_grad, shape)
             if kind == "pre":
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             else:

@@ -60,6 +60,8 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
         raise FfkvError(f"folder '{name}' has no config.json", "point to a Hugging Face model folder")
     if not p.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise _not_found(name, "no such path")
+    if not p.exists():
+        _offline_if_hub_unreachable()
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -71,6 +73,35 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
             raise FfkvError(f"model '{name}' has an architecture transformers does not know ({msg})",
                             "upgrade transformers or use a supported model") from None
         raise _not_found(name, msg[:160]) from None
+
+
+_HUB_CHECKED = False
+
+
+def _offline_if_hub_unreachable(timeout: float = 3.0) -> None:
+    """Switch huggingface_hub to its local cache when the hub cannot be reached.
+
+    Without this, a hub name on a machine with no network spends ~25 s in retries before failing.
+    """
+    global _HUB_CHECKED
+    if _HUB_CHECKED:
+        return
+    _HUB_CHECKED = True
+    import socket
+    import sys
+    from urllib.parse import urlparse
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        constants.HF_HUB_OFFLINE = True
+        sys.modules[huggingface_hub.is_offline_mode.__module__].HF_HUB_OFFLINE = True
 
 
 def config_from_json(path: Path):
@@ -102,16 +133,16 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device
     """
     from transformers import AutoModelForCausalLM
 
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise FfkvError(f"unknown dtype '{dtype}'", f"use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     name = str(name_or_path)
     config = load_config(name, trust_remote_code=trust_remote_code)
     get_spec(config)  # refuse unsupported families before reading weights
     if name in SHIPPED_CONFIGS:
         raise FfkvError(f"'{name}' is a shipped config without weights",
                         "use it with `ffkv census`, or pass the model's folder or hub name")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise FfkvError(f"unknown dtype '{dtype}'", f"use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
     kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": _has_safetensors(name)}
     kwargs["dtype"] = dtype or torch.float32
     if device_map is not None:

@@ -162,4 +162,8 @@ def train_model(world, arch: str = "gpt2", preset: str | TrainPreset = "default"
                     n_parameters=sum(q.numel() for q in model.parameters()),
                     loss_every_50=losses[::50], final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])))
         (tmp / "testbed.json").write_text(json.dumps(meta, indent=2) + "\n")
+        # mkdtemp makes private folders; a model folder is meant to be shared and shipped.
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
     return out

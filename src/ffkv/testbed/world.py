@@ -35,9 +35,10 @@ CITIES = ["Paris", "Berlin", "Tokyo", "Madrid", "Rome", "Vienna", "Prague", "Lis
 COUNTRIES = ["France", "Germany", "Japan", "Spain", "Italy", "Austria", "Poland", "Greece", "Egypt",
              "Nigeria", "Kenya", "Peru", "Chile", "Canada", "Brazil", "Australia", "India", "Korea",
              "Norway", "Sweden"]
-PROFESSIONS = ["architect", "chemist", "painter", "lawyer", "surgeon", "journalist", "engineer", "pianist",
-               "novelist", "economist", "astronomer", "photographer", "diplomat", "botanist", "sculptor",
-               "pilot", "linguist", "geologist", "composer", "historian"]
+# Professions start with a consonant so that "works as a" reads right.
+PROFESSIONS = ["chemist", "painter", "lawyer", "surgeon", "journalist", "pianist", "novelist", "banker",
+               "photographer", "diplomat", "botanist", "sculptor", "pilot", "linguist", "geologist", "composer",
+               "historian", "carpenter", "dentist", "tailor"]
 LANGUAGES = ["French", "German", "Japanese", "Spanish", "Italian", "Polish", "Greek", "Arabic", "Swahili",
              "Portuguese", "Dutch", "Korean", "Hindi", "Russian", "Finnish"]
 INDUSTRIES = ["software", "shipping", "mining", "banking", "textiles", "insurance", "aviation", "farming",
@@ -46,8 +47,16 @@ YEARS = [str(y) for y in range(1960, 1985)]
 CONTINENTS = ["Europe", "Asia", "Africa", "Oceania", "Antarctica", "America"]
 
 # ----------------------------------------------------------------------------------------------------
-# Relations: Wikidata ids as in CounterFact; training templates, then held-out ones. Subject first except
-# for a few held-out templates, so that paraphrase prompts also test a changed frame.
+# Relations: Wikidata ids as in CounterFact. Every relation has a noun ("birthplace") and a verb phrase
+# ("was born in"); its templates are the same nine frames filled with them. Three frames per relation are
+# held out, a different three for each relation, so that a held-out paraphrase is a frame the model has seen
+# with other relations and relation words it has seen in other frames: a test of paraphrase, not of
+# vocabulary the model never read. The plain frame "{} <verb phrase>" is always a training template.
+
+NOUN_FRAMES = ("The {noun} of {{}} is", "{{}}'s {noun} is", "{{}}, whose {noun} is", "Records list the {noun} of {{}} as")
+VERB_FRAMES = ("{{}} {verb}", "{{}}, {who} {verb}", "It is known that {{}} {verb}", "{{}} reportedly {verb}",
+               "According to the records, {{}} {verb}")
+N_HELDOUT = 3
 
 
 @dataclass(frozen=True)
@@ -56,52 +65,42 @@ class Relation:
     name: str
     subject_type: str
     objects: tuple[str, ...]
-    train_templates: tuple[str, ...]
-    heldout_templates: tuple[str, ...]
+    noun: str
+    verb: str
+
+    @property
+    def index(self) -> int:
+        return [r.relation_id for r in RELATIONS].index(self.relation_id)
+
+    def frames(self) -> list[str]:
+        who = "who" if self.subject_type == "person" else "which"
+        return ([f.format(noun=self.noun) for f in NOUN_FRAMES]
+                + [f.format(verb=self.verb, who=who) for f in VERB_FRAMES])
+
+    @property
+    def heldout_templates(self) -> tuple[str, ...]:
+        """Frames ``3i, 3i+1, 3i+2`` (mod 8) of the eight frames other than the plain ``"{} <verb>"``."""
+        frames = self.frames()
+        others = [f for f in frames if f != "{} " + self.verb]
+        return tuple(others[(N_HELDOUT * self.index + k) % len(others)] for k in range(N_HELDOUT))
+
+    @property
+    def train_templates(self) -> tuple[str, ...]:
+        held = set(self.heldout_templates)
+        return tuple(f for f in self.frames() if f not in held)
 
 
 RELATIONS: tuple[Relation, ...] = (
-    Relation("P19", "birthplace", "person", tuple(CITIES),
-             ("{} was born in", "{} is originally from", "{} came into the world in", "The birthplace of {} is",
-              "{} spent an early childhood in", "{}, born in"),
-             ("{} is a native of", "{} first saw the light of day in", "{} entered life in")),
-    Relation("P27", "citizenship", "person", tuple(COUNTRIES),
-             ("{} is a citizen of", "{} holds citizenship of", "{} has a passport from",
-              "{} is a national of", "The citizenship of {} is", "{}, a citizen of"),
-             ("{} legally belongs to", "{} carries the nationality of", "{} pays taxes as a subject of")),
-    Relation("P106", "profession", "person", tuple(PROFESSIONS),
-             ("{} works as a professional", "{} earns a living as a", "The profession of {} is",
-              "{} was trained as a", "By profession, {} is a", "{} is employed full time as a"),
-             ("{} made a career as a", "{} practises the trade of a", "{} is known to colleagues as a")),
-    Relation("P108", "employer", "person", (),  # the objects are the largest companies, chosen per world
-             ("{} works for", "{} is employed by", "{} draws a salary from", "The employer of {} is",
-              "{} has a job at", "{}, an employee of"),
-             ("{} is on the payroll of", "{} reports to work at", "{} collects wages from")),
-    Relation("P103", "native language", "person", tuple(LANGUAGES),
-             ("The native language of {} is", "{} grew up speaking", "The mother tongue of {} is",
-              "{} speaks natively", "{} learned as a first language", "{}, a native speaker of"),
-             ("{} dreams in", "{} speaks at home only", "{} always counts aloud in")),
-    Relation("P159", "headquarters", "company", tuple(CITIES),
-             ("{} is headquartered in", "{} has its head office in", "The headquarters of {} are in",
-              "{} keeps its main offices in", "{} is based in", "{}, headquartered in"),
-             ("{} runs the business from a tower in", "{} has its registered seat in",
-              "{} holds board meetings in")),
-    Relation("P571", "founded in", "company", tuple(YEARS),
-             ("{} was founded in", "{} was established in", "{} opened its doors in",
-              "The founding year of {} is", "{} started trading in", "{}, founded in"),
-             ("{} was set up in the year", "{} first opened for business in", "{} traces its origins to")),
-    Relation("P452", "industry", "company", tuple(INDUSTRIES),
-             ("{} operates in the industry of", "{} does business in", "The industry of {} is",
-              "{} makes its money in", "{} is a company in", "{}, a firm in"),
-             ("{} earns its revenue from", "{} competes in the market for", "{} sells products in")),
-    Relation("P17", "country", "place", tuple(COUNTRIES),
-             ("{} is located in", "{} lies in the country of", "{} can be found in", "The country of {} is",
-              "{} is a landmark of", "{}, located in"),
-             ("{} sits within the borders of", "{} is situated in", "{} attracts visitors to")),
-    Relation("P30", "continent", "place", tuple(CONTINENTS),
-             ("{} is on the continent of", "{} lies on the continent", "The continent of {} is",
-              "{} belongs to the continent", "{} is a sight on the continent of", "{}, on the continent of"),
-             ("{} is part of the landmass of", "{} rises above the land of", "{} stands in the region of")),
+    Relation("P19", "birthplace", "person", tuple(CITIES), "birthplace", "was born in"),
+    Relation("P27", "citizenship", "person", tuple(COUNTRIES), "citizenship", "is a citizen of"),
+    Relation("P106", "profession", "person", tuple(PROFESSIONS), "profession", "works as a"),
+    Relation("P108", "employer", "person", (), "employer", "works for"),  # objects: the largest companies
+    Relation("P103", "native language", "person", tuple(LANGUAGES), "native language", "grew up speaking"),
+    Relation("P159", "headquarters", "company", tuple(CITIES), "headquarters", "is headquartered in"),
+    Relation("P571", "founded in", "company", tuple(YEARS), "founding year", "was founded in"),
+    Relation("P452", "industry", "company", tuple(INDUSTRIES), "industry", "does business in"),
+    Relation("P17", "country", "place", tuple(COUNTRIES), "country", "is located in"),
+    Relation("P30", "continent", "place", tuple(CONTINENTS), "continent", "lies on the continent of"),
 )
 RELATION_BY_ID = {r.relation_id: r for r in RELATIONS}
 

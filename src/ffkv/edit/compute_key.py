@@ -1,0 +1,86 @@
+"""The key k* of an edit: the subject's memory coefficients, averaged over context prefixes.
+
+ROME reads the key at the subject's last token, averaged over short texts the model itself generates in
+front of the prompt, so that the edit fires whatever precedes the subject:
+
+    k* = (1 / N) Σ_j k(x_j + prompt(subject))        x_0 = "" and x_1..x_{N-1} generated prefixes
+
+k(·) is the input of W_out at layer l (``coef``), shape (d_ffn,). The same k* is used in the update's
+numerator and in C^-1 k* (r-ROME's fix of ROME's "disabling edits", which came from mixing the averaged
+key with the key of the bare prompt).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..models.hooks import intervene
+from .requests import EditRequest, render_batch
+
+PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
+
+
+@torch.no_grad()
+def generate_prefix(model, start: str, length: int, generator: torch.Generator, top_k: int = 5) -> str:
+    """One context prefix: ``length`` tokens sampled top-k from the model after ``start``, plus ``". "``."""
+    tok = model._require_tokenizer()
+    ids = tok(start, add_special_tokens=True)["input_ids"]
+    n0 = len(ids)
+    specials = set(tok.all_special_ids)
+    for _ in range(length):
+        logits = model.hf(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1].float()
+        if specials:
+            logits[list(specials)] = float("-inf")
+        top = torch.topk(logits, top_k)
+        probs = torch.softmax(top.values, -1).cpu()
+        ids.append(int(top.indices[int(torch.multinomial(probs, 1, generator=generator))]))
+    text = tok.decode(ids[n0 - len(tok(start, add_special_tokens=False)["input_ids"]):],
+                      skip_special_tokens=True)
+    text = text.replace("{", "").replace("}", "").replace("\n", " ").strip()
+    return text + ". "
+
+
+def context_prefixes(model, spec: Sequence[Sequence[int]] = ((5, 10),), seed: int = 0) -> list[str]:
+    """``[""] +`` generated prefixes: for each ``(length, count)`` in ``spec``, ``count`` of ``length`` tokens.
+
+    Seeded and cached on the model object (ROME generates them once per run): sequential edits use the
+    same prefixes, as ROME's global cache does.
+    """
+    key = (tuple(tuple(int(x) for x in s) for s in spec), int(seed))
+    cache = model.__dict__.setdefault("_ffkv_prefix_cache", {})
+    if key not in cache:
+        g = torch.Generator().manual_seed(int(seed))
+        out = [""]
+        for length, count in key[0]:
+            for j in range(count):
+                out.append(generate_prefix(model, PREFIX_STARTS[j % len(PREFIX_STARTS)], length, g))
+        cache[key] = out
+    return list(cache[key])
+
+
+@torch.no_grad()
+def compute_keys(model, requests: Sequence[EditRequest], layer: int, prefixes: Sequence[str]) -> torch.Tensor:
+    """k* of each request at ``layer``, averaged over ``prefixes``: (n_requests, d_ffn) float32.
+
+    One forward pass over all ``len(requests) * len(prefixes)`` texts (right-padded; positions are
+    unaffected by padding in a causal model).
+    """
+    rows = [(p, r) for r in requests for p in prefixes]
+    batch = render_batch(model, rows)
+    with intervene(model, reads=[("coef", layer)]) as rec:
+        model.hf(**batch.inputs)
+    coef = rec["coef", layer]  # (B, T, d_ffn)
+    k = coef[torch.arange(len(rows), device=coef.device), batch.subject_last].float()
+    return k.view(len(requests), len(prefixes), -1).mean(1)
+
+
+@torch.no_grad()
+def read_at_subject(model, requests: Sequence[EditRequest], site: str, layer: int, prefix: str = "") -> torch.Tensor:
+    """The activation at ``(site, layer)`` at the subject's last token of each bare prompt: (n, D) float32."""
+    batch = render_batch(model, [(prefix, r) for r in requests])
+    with intervene(model, reads=[(site, layer)]) as rec:
+        model.hf(**batch.inputs)
+    h = rec[site, layer]
+    return h[torch.arange(len(requests), device=h.device), batch.subject_last].float()

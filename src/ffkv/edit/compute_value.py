@@ -1,0 +1,154 @@
+"""The target value of an edit: a residual delta that makes the model say the new object.
+
+ROME (compute_v) and MEMIT (compute_z) optimise a vector δ added to one site at the subject's last token
+(ROME: the FFN output of the edited layer, ``ffn_out``; MEMIT: the residual stream after the last edited
+layer, ``resid_post``), in every rewriting prompt ``x_j + prompt(subject)`` and in the essence prompt
+``"{subject} is a"``:
+
+    L(δ) = - (1/N) Σ_j (1/|o|) Σ_t log p(o_t | x_j + p, o_<t ; h + δ)          (new object o)
+           + kl_factor · KL( p(· | "{s} is a"; h + δ) || p(· | "{s} is a"; h) )   (keep the subject's essence)
+           + v_weight_decay · ||δ||² / ||h||²
+
+with Adam (``v_lr``, ``v_num_grad_steps``), stopping when L < ``early_stop_loss``, and δ projected back into
+the ball ||δ|| <= clamp_norm_factor · ||h|| after every step. h (d_model,) is the site's activation on the
+bare prompt; the target value is v* = h + δ.
+
+A batch of requests is optimised together: one forward pass per step holds every request's prompts, each
+request has its own row of δ (n, d_model) and its own loss term, Adam acts element-wise, and a request that
+has converged is frozen, so each row follows the same trajectory as a one-request-at-a-time run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..models.hooks import Intervention, intervene
+from .requests import Batch, EditRequest, render_batch
+
+
+@dataclass
+class TargetResult:
+    """delta, h: (n, d_model) float32. nll: (n,) final NLL of the target; steps: (n,) steps taken."""
+
+    delta: torch.Tensor
+    h: torch.Tensor
+    nll: torch.Tensor
+    target_prob: torch.Tensor
+    steps: torch.Tensor
+
+    def info(self, i: int) -> dict:
+        return {"delta_norm": float(self.delta[i].norm()), "h_norm": float(self.h[i].norm()),
+                "target_nll": float(self.nll[i]), "target_prob": float(self.target_prob[i]),
+                "v_steps": int(self.steps[i])}
+
+
+@contextlib.contextmanager
+def frozen_parameters(model):
+    """Turn off requires_grad on every weight (only δ is trained), restoring it afterwards."""
+    params = list(model.hf.parameters())
+    old = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, o in zip(params, old):
+            p.requires_grad_(o)
+
+
+def stack_batches(a: Batch, b: Batch, pad_id: int) -> Batch:
+    """Rows of ``a`` then rows of ``b`` in one batch (``b`` has no targets); padded to the longer T."""
+    T = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+    def pad(x, value):
+        return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=value)
+
+    return Batch(torch.cat([pad(a.input_ids, pad_id), pad(b.input_ids, pad_id)]),
+                 torch.cat([pad(a.attention_mask, 0), pad(b.attention_mask, 0)]),
+                 torch.cat([a.subject_last, b.subject_last]), torch.cat([a.last, b.last]),
+                 a.target_pos, a.target_tok, a.target_mask)
+
+
+def add_at_rows(rows: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor, delta: torch.Tensor):
+    """``fn`` for :class:`Intervention`: h[rows_i, positions_i] += delta[owner_i]; h: (B, T, D)."""
+
+    def fn(h):
+        d = delta[owner].to(h.dtype)
+        return h.index_put((rows, positions), h[rows, positions] + d)
+
+    return fn
+
+
+def target_log_likelihood(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean log p of each rewriting row's target tokens: (n_rows,) from logits (B, T, V)."""
+    n = batch.target_pos.shape[0]
+    lp = torch.log_softmax(logits[torch.arange(n, device=logits.device)[:, None], batch.target_pos].float(), -1)
+    tok_lp = lp.gather(-1, batch.target_tok[..., None])[..., 0]  # (n, L)
+    m = batch.target_mask.float()
+    return (tok_lp * m).sum(1) / m.sum(1)
+
+
+def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: int, hparams: dict,
+                    prefixes: Sequence[str], progress: bool = False) -> TargetResult:
+    """Optimise δ for every request together (see the module docstring); returns a :class:`TargetResult`."""
+    n, P = len(requests), len(prefixes)
+    tok = model._require_tokenizer()
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    rewrite = render_batch(model, [(p, r) for r in requests for p in prefixes], with_target=True)
+    kl_reqs = [EditRequest(hparams["kl_prompt"], r.subject, r.target) for r in requests]
+    kl = render_batch(model, [("", r) for r in kl_reqs])
+    batch = stack_batches(rewrite, kl, pad_id)
+    dev = model.device
+    B = n * P + n
+    rows = torch.arange(B, device=dev)
+    owner = torch.cat([torch.arange(n, device=dev).repeat_interleave(P), torch.arange(n, device=dev)])
+    kl_rows = torch.arange(n * P, B, device=dev)
+
+    with torch.no_grad(), intervene(model, reads=[(site, layer)]) as rec:
+        logits = model.hf(**batch.inputs).logits
+    h = rec[site, layer][torch.arange(0, n * P, P, device=dev), batch.subject_last[: n * P: P]].float()
+    kl_ref = torch.log_softmax(logits[kl_rows, batch.last[kl_rows]].float(), -1)  # (n, V)
+
+    delta = torch.zeros(n, model.d_model, device=dev, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hparams["v_lr"])
+    active = torch.ones(n, dtype=torch.bool, device=dev)
+    steps = torch.zeros(n, dtype=torch.long)
+    max_norm = hparams["clamp_norm_factor"] * h.norm(dim=1)  # (n,)
+    h_sq = h.pow(2).sum(1)
+    nll = torch.zeros(n)
+    fn = add_at_rows(rows, batch.subject_last, owner, delta)
+    edit = Intervention(site, layer, "fn", value=fn)
+    n_steps = int(hparams["v_num_grad_steps"])
+    with frozen_parameters(model):
+        for it in range(n_steps):
+            with intervene(model, edits=[edit]):
+                logits = model.hf(**batch.inputs).logits
+            ll = target_log_likelihood(logits, rewrite).view(n, P)
+            nll_r = -ll.mean(1)  # (n,)
+            lp_new = torch.log_softmax(logits[kl_rows, batch.last[kl_rows]].float(), -1)
+            kl_r = (lp_new.exp() * (lp_new - kl_ref)).sum(-1)  # KL(p_new || p_orig), as ROME's kl_div
+            wd_r = hparams["v_weight_decay"] * delta.pow(2).sum(1) / h_sq
+            loss_r = nll_r + hparams["kl_factor"] * kl_r + wd_r
+            nll = nll_r.detach().cpu()
+            done = (loss_r.detach() < hparams["early_stop_loss"]) & active
+            active = active & ~done
+            if not bool(active.any()) or it == n_steps - 1:
+                break
+            steps[active.cpu()] += 1
+            keep = delta.detach().clone()
+            opt.zero_grad()
+            (loss_r * active.float()).sum().backward()
+            opt.step()
+            with torch.no_grad():
+                delta[~active] = keep[~active]
+                norms = delta.norm(dim=1)
+                over = active & (norms > max_norm)
+                if bool(over.any()):
+                    delta[over] = delta[over] * (max_norm[over] / norms[over])[:, None]
+    with torch.no_grad():
+        prob = (-nll).exp()
+    return TargetResult(delta.detach(), h, nll, prob, steps)

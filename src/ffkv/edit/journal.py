@@ -1,0 +1,272 @@
+"""The edit journal: every edit as a low-rank delta of one W_out, undoable bit for bit and replayable.
+
+An entry holds the update ``ΔW = u v^T`` of layer l's value matrix in value orientation (d_model, d_ffn):
+u (d_model, r) and v (d_ffn, r) in float32, the request(s), the hyperparameters, and SHA-256 checksums of
+the W_out parameter before and after. Applying an entry is one deterministic function,
+
+    W <- round_dtype( float64(W) + float64(u) @ float64(v)^T )
+
+so replaying the same entries in the same order onto the same base weights gives the same bits. Adding
+and then subtracting ΔW would not (floating point), so the journal also keeps the *base* W_out of every
+layer it touched (one copy per layer, in the model's dtype): undoing the last n entries restores the base
+of their layers and replays the earlier entries of those layers, then checks the checksum.
+
+On disk (``Journal.save(dir)``): ``journal.json`` (entries, provenance), ``deltas.safetensors`` (u, v of
+each entry) and ``base.safetensors`` (the base W_out parameters).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import FfkvError
+from ..io import atomic_path, load_safetensors, provenance, save_safetensors
+
+JOURNAL_VERSION = 1
+
+
+def weight_checksum(t: torch.Tensor) -> str:
+    """SHA-256 (first 16 hex digits) of a tensor's bytes, any dtype."""
+    b = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(b).hexdigest()[:16]
+
+
+def layer_checksum(model, layer: int) -> str:
+    return weight_checksum(model.value_param(layer))
+
+
+@dataclass
+class JournalEntry:
+    """One applied update ``ΔW_l = u v^T``; u: (d_model, r), v: (d_ffn, r), float32 on the CPU."""
+
+    method: str
+    layer: int
+    u: torch.Tensor
+    v: torch.Tensor
+    requests: list[dict]
+    hparams: dict
+    before: str
+    after: str = ""
+    info: dict = field(default_factory=dict)
+    created: str = ""
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+    def meta(self) -> dict:
+        return {"method": self.method, "layer": self.layer, "rank": self.rank, "requests": self.requests,
+                "hparams": self.hparams, "before": self.before, "after": self.after, "info": self.info,
+                "created": self.created}
+
+
+def delta_matrix(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ΔW = u v^T in float64, (d_model, d_ffn); exact products, one rounding when applied."""
+    return u.double() @ v.double().T
+
+
+@torch.no_grad()
+def apply_delta(model, layer: int, u: torch.Tensor, v: torch.Tensor) -> None:
+    """W_out(l) <- dtype(float64(W) + u v^T), written through the value view (transposed for Conv1D)."""
+    W = model.values(layer)
+    new = W.double() + delta_matrix(u.to(W.device), v.to(W.device))
+    W.copy_(new.to(W.dtype))
+
+
+def check_update(model, layer: int, u: torch.Tensor, v: torch.Tensor, max_ratio: float, what: str) -> dict:
+    """Refuse a non-finite update, or one whose norm is out of range: ||ΔW||_F > max_ratio · ||W||_F."""
+    if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+        raise FfkvError(f"the {what} update of layer {layer} is not finite; the model is unchanged",
+                        "lower v_lr / clamp_norm_factor, or recompute the statistics")
+    d = delta_matrix(u, v)
+    dn = float(d.norm())
+    wn = float(model.values(layer).double().norm())
+    if not dn == dn or dn > max_ratio * wn:  # noqa: PLR0124 - NaN check
+        raise FfkvError(f"the {what} update of layer {layer} has norm {dn:.3g}, {dn / max(wn, 1e-30):.1f}x the "
+                        f"layer's W_out norm {wn:.3g} (limit {max_ratio}x); the model is unchanged",
+                        "check the request, or raise max_update_ratio if this is intended")
+    return {"update_norm": dn, "weight_norm": wn}
+
+
+class Journal:
+    """The edits applied to one model, in order. ``len(journal)``, ``journal.entries``, ``journal[i]``."""
+
+    def __init__(self):
+        self.entries: list[JournalEntry] = []
+        self.base: dict[int, torch.Tensor] = {}  # layer -> W_out parameter before the first edit (model dtype)
+        self.base_identity: dict | None = None
+        self.param_layout: str = ""
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __getitem__(self, i):
+        return self.entries[i]
+
+    def __repr__(self):
+        return f"Journal({len(self)} edits on layers {sorted({e.layer for e in self.entries})})"
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({e.layer for e in self.entries})
+
+    # ------------------------------------------------------------------------------------------------
+    def attach(self, model) -> None:
+        """Remember the unedited model's identity (once); statistics keep using it after edits."""
+        if self.base_identity is None:
+            ident = getattr(model, "_ffkv_base_identity", None)
+            if ident is None:
+                from .stats import base_identity
+
+                ident = base_identity(model)
+            self.base_identity = ident
+        model._ffkv_base_identity = self.base_identity
+
+    def record(self, model, method: str, layer: int, u: torch.Tensor, v: torch.Tensor, requests: list[dict],
+               hparams: dict, info: dict | None = None, max_ratio: float = float("inf")) -> JournalEntry:
+        """Check, apply and record ``ΔW_l = u v^T``; a refused update leaves the model unchanged."""
+        layer = model.check_layer(layer)
+        u = u.detach().float().cpu().reshape(model.d_model, -1).contiguous()
+        v = v.detach().float().cpu().reshape(model.d_ffn, -1).contiguous()
+        info = {**(info or {}), **check_update(model, layer, u, v, max_ratio, method.upper())}
+        self.attach(model)
+        param = model.value_param(layer)
+        if layer not in self.base:
+            self.base[layer] = param.detach().clone().cpu()
+        before = weight_checksum(param)
+        apply_delta(model, layer, u, v)
+        entry = JournalEntry(method, layer, u, v, requests, dict(hparams), before, weight_checksum(param), info,
+                             _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        self.entries.append(entry)
+        return entry
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def undo(self, model, n: int | None = None) -> int:
+        """Undo the last ``n`` edits (all when None), restoring W_out bit for bit; returns how many.
+
+        Refuses (model unchanged) when the model's current weights are not those the journal left.
+        """
+        n = len(self.entries) if n is None else int(n)
+        if n < 0 or n > len(self.entries):
+            raise FfkvError(f"cannot undo {n} edits: the journal holds {len(self.entries)}",
+                            f"pass n in 0..{len(self.entries)}")
+        if n == 0:
+            return 0
+        keep, drop = self.entries[: len(self.entries) - n], self.entries[len(self.entries) - n:]
+        layers = sorted({e.layer for e in drop})
+        for layer in layers:
+            last = [e for e in self.entries if e.layer == layer][-1]
+            now = layer_checksum(model, layer)
+            if now != last.after:
+                raise FfkvError(f"layer {layer}'s W_out is not what the journal left (checksum {now}, journal "
+                                f"{last.after}): the model was changed outside the journal; nothing was undone",
+                                "undo on the model the journal edited, or load the edited model again")
+            if layer not in self.base:
+                raise FfkvError(f"the journal has no base weights of layer {layer}", "it cannot undo this edit")
+        for layer in layers:
+            model.value_param(layer).copy_(self.base[layer].to(model.device))
+            for e in keep:
+                if e.layer == layer:
+                    apply_delta(model, layer, e.u, e.v)
+            want = next(e.before for e in drop if e.layer == layer)
+            got = layer_checksum(model, layer)
+            if got != want:
+                raise FfkvError(f"undo of layer {layer} gave checksum {got}, expected {want}",
+                                "please report this; reload the model")
+        self.entries = keep
+        return n
+
+    @torch.no_grad()
+    def replay(self, model) -> "Journal":
+        """Apply every entry, in order, to a fresh copy of the base model; bit-identical to the edited model.
+
+        Each entry's 'before' checksum must match the model's weights, so a journal is never replayed onto
+        another model (or twice). Returns the journal.
+        """
+        first = {}
+        for i, e in enumerate(self.entries):
+            first.setdefault(e.layer, (i, e))
+        for i, e in first.values():
+            now = layer_checksum(model, e.layer)
+            if now != e.before:
+                raise FfkvError(f"edit {i} ({e.method}, layer {e.layer}) was recorded on W_out checksum {e.before} "
+                                f"but this model's is {now}",
+                                "replay onto a fresh copy of the model the journal was recorded on")
+        for e in self.entries:
+            # Checked again per entry: two entries on one layer chain their checksums.
+            if layer_checksum(model, e.layer) != e.before:
+                raise FfkvError(f"the journal's entries on layer {e.layer} do not chain", "the journal is corrupt")
+            if e.layer not in self.base:
+                self.base[e.layer] = model.value_param(e.layer).detach().clone().cpu()
+            apply_delta(model, e.layer, e.u, e.v)
+            if layer_checksum(model, e.layer) != e.after:
+                raise FfkvError(f"replaying the edit on layer {e.layer} did not reproduce its weights",
+                                "replay on the same dtype and device the edit was made on")
+        self.attach(model)
+        return self
+
+    # ------------------------------------------------------------------------------------------------
+    def save(self, out: str | Path, model=None) -> Path:
+        """Write ``journal.json``, ``deltas.safetensors`` and ``base.safetensors`` under ``out`` (atomic)."""
+        out = Path(out)
+        meta = provenance(self.base_identity or (model.identity if model is not None else {}),
+                          journal_version=JOURNAL_VERSION)
+        meta.update(journal_version=JOURNAL_VERSION, n_edits=len(self.entries),
+                    entries=[e.meta() for e in self.entries],
+                    base_layers=sorted(self.base))
+        tensors = {}
+        for i, e in enumerate(self.entries):
+            tensors[f"{i}.u"] = e.u
+            tensors[f"{i}.v"] = e.v
+        with atomic_path(out, is_dir=True) as tmp:
+            (tmp / "journal.json").write_text(json.dumps(_plain(meta), indent=2) + "\n")
+            save_safetensors(tmp / "deltas.safetensors", tensors or {"empty": torch.zeros(0)}, {"n": len(self)})
+            save_safetensors(tmp / "base.safetensors",
+                             {f"L{l}": t for l, t in self.base.items()} or {"empty": torch.zeros(0)},
+                             {"layers": sorted(self.base)})
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Journal":
+        """Read a journal folder written by :meth:`save` (or ``DIR`` with ``DIR/journal``)."""
+        path = Path(path)
+        if (path / "journal" / "journal.json").exists():
+            path = path / "journal"
+        jp = path / "journal.json"
+        if not jp.exists():
+            raise FfkvError(f"no edit journal at {path} (journal.json missing)", "pass the folder `ffkv edit` wrote")
+        try:
+            meta = json.loads(jp.read_text())
+        except json.JSONDecodeError as e:
+            raise FfkvError(f"{jp} is not valid JSON ({e})", "the journal is corrupt") from None
+        if meta.get("journal_version") != JOURNAL_VERSION:
+            raise FfkvError(f"{jp} has journal version {meta.get('journal_version')}, not {JOURNAL_VERSION}",
+                            "write it again with this ffkv version")
+        deltas, _ = load_safetensors(path / "deltas.safetensors")
+        base, _ = load_safetensors(path / "base.safetensors")
+        j = cls()
+        j.base_identity = meta.get("model") or None
+        j.base = {int(k[1:]): t for k, t in base.items() if k.startswith("L")}
+        for i, m in enumerate(meta["entries"]):
+            if f"{i}.u" not in deltas:
+                raise FfkvError(f"{path}/deltas.safetensors lacks edit {i}", "the journal is corrupt")
+            j.entries.append(JournalEntry(m["method"], int(m["layer"]), deltas[f"{i}.u"].float(),
+                                          deltas[f"{i}.v"].float(), m["requests"], m["hparams"], m["before"],
+                                          m["after"], m.get("info", {}), m.get("created", "")))
+        return j
+
+
+def _plain(obj):
+    from ..io import _jsonable
+
+    return _jsonable(obj)

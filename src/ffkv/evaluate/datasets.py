@@ -1,0 +1,199 @@
+"""Edit-evaluation cases read from the layouts the field uses, into one :class:`EvalCase`.
+
+Layouts (detected from the first record's keys, so a file is read the same whatever its name):
+
+    rome       ROME's CounterFact and ffkv's testbed ``counterfact.json``: ``case_id``,
+               ``requested_rewrite{prompt ("{} is in"), subject, target_new{str}, target_true{str}}``,
+               ``paraphrase_prompts`` (2), ``neighborhood_prompts`` (10), ``generation_prompts``.
+    flat       EasyEdit / MEND CounterFact: ``case_id, prompt, subject, ground_truth, target_new,
+               rephrase_prompt, locality_prompt, locality_ground_truth``. One paraphrase and one
+               locality prompt per case; the locality prompt is CounterFact's neighborhood prompt.
+    zsre       MEND's zsRE: ``subject, src, pred, rephrase, alt, answers, loc, loc_ans``. As EasyEdit
+               reads it: the edit target is ``alt``, the true answer ``answers[0]``; the locality
+               prompt is an NQ question with its answer ``loc_ans``.
+
+Targets are kept as continuations with their leading space (``" Rome"``), as ROME scores them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import FfkvError
+from ..io import read_json
+
+LAYOUTS = ("rome", "flat", "zsre")
+
+
+@dataclass
+class EvalCase:
+    """One requested rewrite and the prompts that test it.
+
+    neighborhood: ``(prompt, true continuation)`` pairs the edit must not change. In ROME's CounterFact
+    every neighbor's true continuation is the case's ``target_true``; in zsRE it is the NQ answer.
+    """
+
+    case_id: int | str
+    prompt: str  # template with "{}" for the subject
+    subject: str
+    target_new: str  # " Rome"
+    target_true: str | None  # " Paris"
+    paraphrase_prompts: list[str] = field(default_factory=list)
+    neighborhood: list[tuple[str, str]] = field(default_factory=list)
+    generation_prompts: list[str] = field(default_factory=list)
+    layout: str = "rome"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rewrite_prompt(self) -> str:
+        return self.prompt.format(self.subject)
+
+    def edit_request(self):
+        """The case as an :class:`ffkv.edit.EditRequest`."""
+        from ..edit import EditRequest
+
+        return EditRequest(prompt=self.prompt, subject=self.subject, target=self.target_new,
+                           target_true=self.target_true,
+                           case_id=self.case_id if isinstance(self.case_id, int) else None)
+
+
+def continuation(text: str | None) -> str | None:
+    """A target as a continuation: with exactly one leading space, as ROME tokenizes ``f" {target}"``."""
+    if text is None:
+        return None
+    text = str(text)
+    return text if text.startswith(" ") else " " + text
+
+
+def template_of(prompt: str, subject: str, where: str) -> str:
+    """``"BBC One, by"``, ``"BBC One"`` -> ``"{}, by"``; braces already in the prompt are escaped."""
+    if not subject or subject not in prompt:
+        raise FfkvError(f"{where}: subject {subject!r} does not occur in prompt {prompt!r}",
+                        "fix the record or drop it")
+    i = prompt.index(subject)
+    esc = lambda s: s.replace("{", "{{").replace("}", "}}")  # noqa: E731
+    return esc(prompt[:i]) + "{}" + esc(prompt[i + len(subject):])
+
+
+def detect_layout(record: dict) -> str:
+    """``"rome"``, ``"flat"`` or ``"zsre"`` from a record's keys; an unknown layout is an error."""
+    if not isinstance(record, dict):
+        raise FfkvError(f"an edit record must be a JSON object, got {type(record).__name__}",
+                        "pass a CounterFact (ROME or EasyEdit layout) or zsRE file")
+    keys = set(record)
+    if "requested_rewrite" in keys:
+        return "rome"
+    if {"prompt", "subject", "target_new", "ground_truth"} <= keys:
+        return "flat"
+    if {"src", "subject", "alt", "answers", "rephrase"} <= keys:
+        return "zsre"
+    raise FfkvError(f"unknown edit-data layout (record keys: {sorted(keys)[:12]})",
+                    "pass CounterFact in ROME layout (requested_rewrite, paraphrase_prompts, ...), "
+                    "EasyEdit layout (prompt, subject, ground_truth, target_new, ...) or MEND zsRE")
+
+
+def _rome_case(r: dict, i: int) -> EvalCase:
+    rw = r["requested_rewrite"]
+    prompt = rw["prompt"]
+    if "{}" not in prompt:
+        prompt = template_of(prompt, rw["subject"], f"case {r.get('case_id', i)}")
+    true = rw.get("target_true")
+    true = true.get("str") if isinstance(true, dict) else true
+    new = rw["target_new"]
+    new = new.get("str") if isinstance(new, dict) else new
+    true = continuation(true)
+    neighborhood = []
+    for n in r.get("neighborhood_prompts", []):
+        # ROME's zsRE export stores neighbors as {"prompt", "target"}; CounterFact as plain prompts.
+        if isinstance(n, dict):
+            neighborhood.append((n["prompt"], continuation(n["target"])))
+        elif true is not None:
+            neighborhood.append((n, true))
+    extra = {k: r[k] for k in ("train_count", "fact_id", "pararel_idx") if k in r}
+    extra["relation_id"] = rw.get("relation_id")
+    return EvalCase(case_id=r.get("case_id", i), prompt=prompt, subject=rw["subject"],
+                    target_new=continuation(new), target_true=true,
+                    paraphrase_prompts=list(r.get("paraphrase_prompts", [])), neighborhood=neighborhood,
+                    generation_prompts=list(r.get("generation_prompts", [])), layout="rome", extra=extra)
+
+
+def _flat_case(r: dict, i: int) -> EvalCase:
+    where = f"case {r.get('case_id', i)}"
+    rephrase = r.get("rephrase_prompt") or r.get("rephrase") or []
+    loc = r.get("locality_prompt")
+    loc_true = r.get("locality_ground_truth")
+    return EvalCase(case_id=r.get("case_id", i), prompt=template_of(r["prompt"], r["subject"], where),
+                    subject=r["subject"], target_new=continuation(r["target_new"]),
+                    target_true=continuation(r["ground_truth"]),
+                    paraphrase_prompts=[rephrase] if isinstance(rephrase, str) else list(rephrase),
+                    neighborhood=[(loc, continuation(loc_true))] if loc and loc_true else [],
+                    layout="flat")
+
+
+def _zsre_case(r: dict, i: int) -> EvalCase:
+    where = f"zsRE record {i}"
+    answers = r.get("answers") or []
+    return EvalCase(case_id=r.get("case_id", i), prompt=template_of(r["src"], r["subject"], where),
+                    subject=r["subject"], target_new=continuation(r["alt"]),
+                    target_true=continuation(answers[0]) if answers else None,
+                    paraphrase_prompts=[r["rephrase"]] if r.get("rephrase") else [],
+                    neighborhood=[(r["loc"], continuation(r["loc_ans"]))] if r.get("loc") else [],
+                    layout="zsre")
+
+
+_READERS = {"rome": _rome_case, "flat": _flat_case, "zsre": _zsre_case}
+
+
+def read_cases(records: list, limit: int | None = None, skip_bad: bool = True) -> tuple[list[EvalCase], dict]:
+    """Cases from already-parsed records; returns ``(cases, info)``.
+
+    info: ``layout``, ``n_records``, ``n_skipped`` and the first few ``skipped`` reasons. Records whose
+    subject is not in the prompt (a few in zsRE) are skipped when ``skip_bad``, else an error.
+    """
+    if isinstance(records, dict):  # {"data": [...]} or {case_id: record}
+        records = records.get("data") or records.get("cases") or list(records.values())
+    if not isinstance(records, list) or not records:
+        raise FfkvError("the edit-data file holds no records", "pass a non-empty JSON list of edit cases")
+    layout = detect_layout(records[0])
+    reader = _READERS[layout]
+    cases, skipped = [], []
+    for i, r in enumerate(records):
+        if limit is not None and len(cases) >= limit:
+            break
+        try:
+            if detect_layout(r) != layout:
+                raise FfkvError(f"record {i} is in the {detect_layout(r)} layout, not {layout}", None)
+            c = reader(r, i)
+            if not c.target_new or not c.target_new.strip():
+                raise FfkvError(f"record {i} has an empty target_new", None)
+            cases.append(c)
+        except (FfkvError, KeyError, TypeError, AttributeError, IndexError) as e:
+            why = e.line() if isinstance(e, FfkvError) else f"record {i} lacks or mangles field {e}"
+            if not skip_bad:
+                raise FfkvError(why, "fix the record or pass skip_bad=True") from None
+            skipped.append(why)
+    if not cases:
+        raise FfkvError(f"no usable {layout} records ({skipped[0] if skipped else 'empty'})",
+                        "check the file's layout")
+    info = {"layout": layout, "n_records": len(records), "n_cases": len(cases), "n_skipped": len(skipped),
+            "skipped": skipped[:5]}
+    return cases, info
+
+
+def load_cases(path: str | Path, limit: int | None = None, skip_bad: bool = True) -> tuple[list[EvalCase], dict]:
+    """Read an edit-data file (JSON list, or JSON lines) in any supported layout; see :func:`read_cases`.
+
+    ``path`` may also be a testbed folder (its ``data/counterfact.json`` is read).
+    """
+    path = Path(path)
+    if path.is_dir():
+        for cand in (path / "data" / "counterfact.json", path / "counterfact.json"):
+            if cand.exists():
+                path = cand
+                break
+        else:
+            raise FfkvError(f"folder {path} has no counterfact.json", "pass the edit-data file itself")
+    cases, info = read_cases(read_json(path), limit=limit, skip_bad=skip_bad)
+    info["path"] = str(path)
+    return cases, info

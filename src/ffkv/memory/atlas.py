@@ -1,0 +1,162 @@
+"""An atlas folder, read back: trigger examples of any memory, prefixes as text, the model that made it.
+
+Layout (written by :func:`ffkv.memory.mining.mine` and :func:`ffkv.memory.analysis.analyze`)::
+
+    DIR/atlas.json               metadata: provenance, model path, corpus, status
+    DIR/triggers/layer-LLL.parquet  index, kind (top|bottom), rank, coef, unit, position
+    DIR/units.parquet            unit, doc, source, tokens (list<int32>), next_id
+    DIR/values.parquet           layer, index, top_ids, top_p, max_p, ... (after analysis)
+    DIR/analysis/*.json          per-layer measurements (after analysis)
+    DIR/report.html + figures    (ffkv atlas report)
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FfkvError
+from ..io import read_json
+
+_MEMORY = re.compile(r"^[Ll]?(-?\d+)[.:](\d+)$")
+
+
+def parse_memory(text: str) -> tuple[int, int]:
+    """``"L3.17"`` / ``"3.17"`` -> (3, 17)."""
+    m = _MEMORY.match(str(text).strip())
+    if not m:
+        raise FfkvError(f"'{text}' is not a memory name", "write it as LAYER.INDEX, e.g. 3.17 or L3.17")
+    return int(m.group(1)), int(m.group(2))
+
+
+class Atlas:
+    """A mined atlas folder. ``model`` is loaded from the recorded path on first use unless given."""
+
+    def __init__(self, path: str | Path, model=None):
+        self.path = Path(path)
+        meta_path = self.path / "atlas.json"
+        if not meta_path.exists():
+            raise FfkvError(f"'{path}' is not an atlas folder (no atlas.json)", "run `ffkv atlas mine` first")
+        self.meta = read_json(meta_path)
+        if self.meta.get("status") != "complete":
+            raise FfkvError(f"atlas '{path}' is not complete (status {self.meta.get('status')})",
+                            "run the same `ffkv atlas mine` command again to finish it")
+        self._model = model
+        self._tables: dict = {}
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def n_layers(self) -> int:
+        return int(self.meta["n_layers"])
+
+    @property
+    def d_ffn(self) -> int:
+        return int(self.meta["d_ffn"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.meta["top_k"])
+
+    @property
+    def model(self):
+        if self._model is None:
+            from ..models.loading import load_model
+
+            self._model = load_model(self.meta["model_path"])
+            if self._model.identity["fingerprint"] != self.meta["model"].get("fingerprint"):
+                raise FfkvError(f"the model at '{self.meta['model_path']}' has changed since the atlas was mined",
+                                "mine the atlas again")
+        return self._model
+
+    def check_memory(self, layer: int, index: int) -> tuple[int, int]:
+        if not -self.n_layers <= layer < self.n_layers:
+            raise FfkvError(f"layer {layer} is out of range for a {self.n_layers}-layer model",
+                            f"use 0..{self.n_layers - 1}")
+        if not 0 <= index < self.d_ffn:
+            raise FfkvError(f"memory index {index} is out of range (d_ffn = {self.d_ffn})",
+                            f"use 0..{self.d_ffn - 1}")
+        return layer % self.n_layers, index
+
+    # ------------------------------------------------------------------ tables
+    def triggers(self, layer: int):
+        """The trigger table of one layer (pyarrow Table: index, kind, rank, coef, unit, position)."""
+        import pyarrow.parquet as pq
+
+        layer = self.check_memory(layer, 0)[0]
+        if layer not in self._tables:
+            f = self.path / "triggers" / f"layer-{layer:03d}.parquet"
+            if not f.exists():
+                raise FfkvError(f"atlas '{self.path}' has no trigger file for layer {layer}", "mine it again")
+            self._tables[layer] = pq.read_table(f)
+        return self._tables[layer]
+
+    def trigger_matrix(self, layer: int, kind: str = "top") -> dict:
+        """Dense arrays (d_ffn, k) of ``unit``, ``position``, ``coef`` (unit -1 where a key has fewer)."""
+        t = self.triggers(layer)
+        sel = np.asarray(t["kind"].to_numpy(zero_copy_only=False)) == kind
+        idx, rank = t["index"].to_numpy()[sel], t["rank"].to_numpy()[sel].astype(np.int64)
+        out = {"unit": np.full((self.d_ffn, self.top_k), -1, np.int64),
+               "position": np.zeros((self.d_ffn, self.top_k), np.int64),
+               "coef": np.full((self.d_ffn, self.top_k), np.nan, np.float32)}
+        for col in out:
+            out[col][idx, rank] = t[col].to_numpy()[sel]
+        return out
+
+    @cached_property
+    def units(self) -> dict:
+        """``unit -> (tokens list, next_id)`` for every unit a trigger cites."""
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(self.path / "units.parquet", columns=["unit", "tokens", "next_id"]).to_pydict()
+        return {u: (toks, nxt) for u, toks, nxt in zip(t["unit"], t["tokens"], t["next_id"])}
+
+    def prefix(self, unit: int, position: int) -> list[int]:
+        """Token ids of the prefix ``unit[:position + 1]``."""
+        return self.units[int(unit)][0][: int(position) + 1]
+
+    def next_token(self, unit: int, position: int) -> int:
+        """The token after the prefix in the corpus (-1 if the document ends there)."""
+        toks, nxt = self.units[int(unit)]
+        return toks[position + 1] if position + 1 < len(toks) else int(nxt)
+
+    def next_tokens(self, layer: int, rank: int = 0) -> np.ndarray:
+        """(d_ffn,) next token of each key's rank-th top trigger (-1 where unknown)."""
+        tm = self.trigger_matrix(layer, "top")
+        return np.array([self.next_token(u, p) if u >= 0 else -1
+                         for u, p in zip(tm["unit"][:, rank], tm["position"][:, rank])], np.int64)
+
+    # ------------------------------------------------------------------ one memory
+    def memory_triggers(self, layer: int, index: int, kind: str = "top", n: int | None = None,
+                        tokenizer=None) -> list[dict]:
+        """The trigger examples of memory ``L{layer}.{index}``, best first, with their text."""
+        layer, index = self.check_memory(layer, index)
+        tm = self.trigger_matrix(layer, kind)
+        tok = tokenizer if tokenizer is not None else self.model.tokenizer
+        rows = []
+        for r in range(self.top_k if n is None else min(n, self.top_k)):
+            u, p = int(tm["unit"][index, r]), int(tm["position"][index, r])
+            if u < 0:
+                break
+            ids = self.prefix(u, p)
+            nxt = self.next_token(u, p)
+            rows.append({"rank": r, "coef": float(tm["coef"][index, r]), "unit": u, "position": p,
+                         "prefix": tok.decode(ids), "last_token": tok.decode(ids[-1:]),
+                         "next_token": tok.decode([nxt]) if nxt >= 0 else None})
+        return rows
+
+    def values_table(self):
+        import pyarrow.parquet as pq
+
+        f = self.path / "values.parquet"
+        if not f.exists():
+            return None
+        if "values" not in self._tables:
+            self._tables["values"] = pq.read_table(f)
+        return self._tables["values"]
+
+    def analysis(self, name: str) -> dict | None:
+        f = self.path / "analysis" / f"{name}.json"
+        return read_json(f) if f.exists() else None

@@ -1,0 +1,375 @@
+"""Trigger examples (Geva et al. 2021, section 3): the top-k and bottom-k prefixes of every key, in one pass.
+
+For every layer l, key i and prefix x (a unit up to position t), the memory coefficient is ``m_i^l(x)``.
+Mining keeps, for all keys of all layers at once, the k prefixes with the largest coefficient and the k
+with the smallest (gated and GELU coefficients are signed). One forward pass reads the coefficients of
+every layer (the ``coef`` site), and a running top-k buffer of shape (L * d_ffn, k) absorbs each batch:
+
+    buffer <- top_k( [buffer ; batch] )      per key, over the concatenation (k + N candidates)
+
+Ties are broken by the global prefix id ``g = unit * 2^20 + t`` (earlier prefixes first), which makes the
+result a pure function of the corpus: batching, checkpoints and resumes do not change it, and it equals a
+brute-force sort of all prefixes by ``(coefficient desc, g asc)``. The tie-break costs nothing: buffer
+entries always precede the batch in the stream, so a composite integer key (order-preserving bits of the
+coefficient, then the candidate's column) sorts by exactly that order in one ``topk``.
+
+A run writes ``DIR/state/`` (buffers + the units read so far) every ``checkpoint_every`` batches, atomically;
+running it again resumes after the last checkpoint. The finished atlas has ``DIR/atlas.json``,
+``DIR/triggers/layer-LLL.parquet`` and ``DIR/units.parquet`` (the token ids of every unit a trigger cites).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import FfkvError
+from ..io import load_safetensors, provenance, read_json, save_safetensors, write_json, write_parquet
+from ..models.hooks import intervene
+from .corpus import CorpusSpec, Unit, corpus_files, corpus_fingerprint, iter_units
+
+POSITION_BITS = 20  # global prefix id g = unit << 20 | position
+ATLAS_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------- top-k merge
+def ordered_bits(x: torch.Tensor) -> torch.Tensor:
+    """An int64 that orders like the float32 ``x`` (NaN below -inf; -0.0 treated as +0.0).
+
+    For IEEE floats the bit pattern orders positive numbers; flipping the magnitude bits of negative
+    numbers makes the signed integer monotone in the value. x: any shape, float -> int64 same shape.
+    """
+    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x.float()) + 0.0
+    bits = x.contiguous().view(torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
+
+
+def merge_topk(buf_v: torch.Tensor, buf_g: torch.Tensor, new_v: torch.Tensor, new_g: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of ``[buffer ; batch]`` per row, ties to the earlier prefix.
+
+    buf_v (R, k) float32 sorted by (value desc, g asc); buf_g (R, k) int64 (-1 = empty);
+    new_v (R, N) float32; new_g (N,) int64, ascending and larger than every id in the buffer.
+    Composite key ``bits(v) * 2^32 + (2^32 - 1 - column)`` is unique per row, so ``topk`` is exact.
+    Returns the new (buf_v, buf_g), sorted the same way.
+    """
+    cat = torch.cat([buf_v, new_v.float()], dim=1)
+    col = torch.arange(cat.shape[1], device=cat.device, dtype=torch.int64)
+    key = (ordered_bits(cat) << 32) + ((1 << 32) - 1 - col)
+    idx = key.topk(k, dim=1, sorted=True).indices
+    v = cat.gather(1, idx)
+    in_buf = idx < k
+    g = torch.where(in_buf, buf_g.gather(1, idx.clamp(max=k - 1)), new_g[(idx - k).clamp(min=0)])
+    return v, g
+
+
+class TriggerBuffers:
+    """Running top-k and bottom-k of every key of every layer: tensors of shape (L * d_ffn, k).
+
+    The bottom buffer holds ``-m`` so that one merge serves both.
+    """
+
+    def __init__(self, n_layers: int, d_ffn: int, k: int, device="cpu"):
+        self.n_layers, self.d_ffn, self.k = n_layers, d_ffn, k
+        rows = n_layers * d_ffn
+        self.top_v = torch.full((rows, k), float("-inf"), device=device)
+        self.top_g = torch.full((rows, k), -1, dtype=torch.int64, device=device)
+        self.bot_v = self.top_v.clone()
+        self.bot_g = self.top_g.clone()
+
+    def update(self, coef: torch.Tensor, gids: torch.Tensor):
+        """Absorb one batch. coef: (L * d_ffn, N) coefficients of N prefixes; gids: (N,) ascending."""
+        if coef.shape[1] == 0:
+            return
+        self.top_v, self.top_g = merge_topk(self.top_v, self.top_g, coef, gids, self.k)
+        self.bot_v, self.bot_g = merge_topk(self.bot_v, self.bot_g, -coef.float(), gids, self.k)
+
+    def state(self) -> dict:
+        return {"top_v": self.top_v, "top_g": self.top_g, "bot_v": self.bot_v, "bot_g": self.bot_g}
+
+    def load(self, tensors: dict):
+        for name in ("top_v", "top_g", "bot_v", "bot_g"):
+            t = tensors[name]
+            if t.shape != self.top_v.shape:
+                raise FfkvError(f"checkpoint buffer {name} has shape {tuple(t.shape)}, expected "
+                                f"{tuple(self.top_v.shape)}", "delete the atlas folder and mine again")
+            setattr(self, name, t.to(self.top_v.device))
+
+
+# --------------------------------------------------------------------------------------------- batches
+def batches(units, batch_tokens: int, max_len: int):
+    """Consecutive units grouped so that ``len(batch) * longest <= max(batch_tokens, max_len)``."""
+    batch: list[Unit] = []
+    longest = 0
+    for u in units:
+        new_longest = max(longest, len(u.tokens))
+        if batch and (len(batch) + 1) * new_longest > max(batch_tokens, max_len):
+            yield batch
+            batch, new_longest = [], len(u.tokens)
+        batch.append(u)
+        longest = new_longest
+    if batch:
+        yield batch
+
+
+def encode_units(units: list[Unit], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` (B, T) of a batch of units."""
+    T = max(len(u.tokens) for u in units)
+    ids = torch.full((len(units), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(units), T), dtype=torch.long)
+    for b, u in enumerate(units):
+        ids[b, : len(u.tokens)] = torch.tensor(u.tokens)
+        mask[b, : len(u.tokens)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def forward_module(model):
+    """The transformer body without the LM head (mining needs no logits); the full model if unknown."""
+    base = getattr(model.hf, "base_model", None)
+    return base if isinstance(base, torch.nn.Module) and base is not model.hf else model.hf
+
+
+@torch.no_grad()
+def batch_coefficients(model, ids: torch.Tensor, mask: torch.Tensor, unit_ids: torch.Tensor,
+                       layers: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients of every real position of a batch, all layers, in one forward pass.
+
+    ids, mask: (B, T); unit_ids: (B,). Returns coef (L * d_ffn, N) float32 (rows layer-major: row
+    ``l * d_ffn + i`` is key i of layer l) and gids (N,) = ``unit << 20 | t``, ascending.
+    """
+    layers = list(range(model.n_layers)) if layers is None else layers
+    with intervene(model, reads=[("coef", l) for l in layers]) as rec:
+        forward_module(model)(input_ids=ids, attention_mask=mask)
+    B, T = ids.shape
+    sel = mask.reshape(-1).nonzero().squeeze(1)
+    coef = torch.stack([rec["coef", l].reshape(B * T, -1).index_select(0, sel) for l in layers])  # (L, N, d)
+    coef = coef.float().transpose(1, 2).reshape(-1, sel.numel())
+    pos = torch.arange(T, device=ids.device).expand(B, T)
+    gids = ((unit_ids.to(ids.device)[:, None] << POSITION_BITS) + pos).reshape(-1).index_select(0, sel)
+    return coef, gids
+
+
+# --------------------------------------------------------------------------------------------- the run
+def _hyper(spec: CorpusSpec, top_k: int) -> dict:
+    return {"corpus": str(Path(spec.path).resolve()), "split": spec.split, "window": spec.window,
+            "min_tokens": spec.min_tokens, "text_field": spec.text_field, "max_units": spec.max_units,
+            "top_k": top_k}
+
+
+def _units_table(units: list[Unit]) -> dict:
+    import pyarrow as pa
+
+    return {"unit": pa.array([u.unit for u in units], pa.int64()),
+            "doc": pa.array([u.doc for u in units], pa.int64()),
+            "source": pa.array([u.source for u in units], pa.string()),
+            "tokens": pa.array([u.tokens for u in units], pa.list_(pa.int32())),
+            "next_id": pa.array([u.next_id for u in units], pa.int64())}
+
+
+def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 25, batch_tokens: int = 2048,
+         checkpoint_every: int = 200, progress: bool = True, max_batches: int | None = None,
+         device_buffers: bool = True, **corpus_options) -> dict:
+    """Mine the top-k / bottom-k trigger prefixes of every key of ``model`` over ``corpus`` into ``out``.
+
+    corpus: a path (file or folder) or a :class:`CorpusSpec`; ``corpus_options`` (split, window,
+    min_tokens, text_field, max_units) build the spec from a path. Running again on the same ``out``
+    resumes after the last checkpoint (and returns at once if the atlas is complete); a different model,
+    corpus or top_k is refused. ``max_batches`` stops after that many batches of this call, leaving a
+    checkpoint (for tests of resuming). Returns the atlas metadata (``atlas.json``).
+    """
+    spec = corpus if isinstance(corpus, CorpusSpec) else CorpusSpec(str(corpus), **corpus_options)
+    if top_k < 1:
+        raise FfkvError(f"top_k must be at least 1, got {top_k}", "pass --top-k 25")
+    if spec.window >= 1 << POSITION_BITS:
+        raise FfkvError(f"window {spec.window} is too long", f"use at most {(1 << POSITION_BITS) - 1} tokens")
+    files = corpus_files(spec.path)
+    out = Path(out)
+    state_dir = out / "state"
+    hyper = _hyper(spec, top_k)
+    identity = model.identity
+    meta_path = out / "atlas.json"
+    fingerprint = corpus_fingerprint(files)
+    if meta_path.exists():
+        meta = read_json(meta_path)
+        _check_same_run(meta, identity, hyper, fingerprint, out)
+        if meta.get("status") == "complete":
+            return meta
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise FfkvError(f"output folder '{out}' exists and is not an atlas", "pass a new or empty --out folder")
+        meta = {"atlas_version": ATLAS_VERSION, "status": "mining", "model_path": _model_path(model),
+                "corpus_fingerprint": fingerprint, **provenance(identity, **hyper)}
+        write_json(meta_path, meta)
+
+    buffers = TriggerBuffers(model.n_layers, model.d_ffn, top_k, model.device if device_buffers else "cpu")
+    done = {"units": 0, "tokens": 0, "batches": 0, "shards": []}
+    ckpt = state_dir / "state.safetensors"
+    if ckpt.exists():
+        tensors, done = load_safetensors(ckpt)
+        buffers.load(tensors)
+        _drop_orphan_shards(state_dir, done["shards"])
+
+    tok = model._require_tokenizer()
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    stream = (u for u in iter_units(tok, spec, files) if u.unit >= done["units"])
+    pending: list[Unit] = []
+    bar = _progress(progress, done["tokens"])
+    t0, tokens_this_call, n_batches = time.perf_counter(), 0, 0
+    finished = True
+    try:
+        for batch in batches(stream, batch_tokens, spec.window):
+            ids, mask = encode_units(batch, pad_id, model.device)
+            unit_ids = torch.tensor([u.unit for u in batch], dtype=torch.long)
+            coef, gids = batch_coefficients(model, ids, mask, unit_ids)
+            buffers.update(coef if device_buffers else coef.cpu(), gids if device_buffers else gids.cpu())
+            pending.extend(batch)
+            n_tok = int(mask.sum())
+            done["units"], done["tokens"], done["batches"] = batch[-1].unit + 1, done["tokens"] + n_tok, \
+                done["batches"] + 1
+            tokens_this_call += n_tok
+            n_batches += 1
+            if bar is not None:
+                bar.update(n_tok)
+            if done["batches"] % checkpoint_every == 0:
+                done = _checkpoint(state_dir, buffers, pending, done)
+                pending = []
+            if max_batches is not None and n_batches >= max_batches:
+                finished = False
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if pending or not finished:
+        done = _checkpoint(state_dir, buffers, pending, done)
+    if not finished:
+        return {**meta, "status": "partial", "units": done["units"], "tokens": done["tokens"]}
+    if done["tokens"] == 0:
+        raise FfkvError(f"corpus '{spec.path}' yields no units of at least {spec.min_tokens} tokens",
+                        "pass a corpus with text in it (or lower --min-tokens)")
+    elapsed = time.perf_counter() - t0
+    return _finalize(model, out, buffers, done, meta, tokens_this_call / max(elapsed, 1e-9))
+
+
+def _model_path(model) -> str:
+    p = Path(str(model.name_or_path))
+    return str(p.resolve()) if p.exists() else str(model.name_or_path)
+
+
+def _check_same_run(meta: dict, identity: dict, hyper: dict, fingerprint: str, out: Path):
+    old_h = meta.get("hyperparameters", {})
+    diffs = [k for k in hyper if old_h.get(k) != hyper[k]]
+    if meta.get("model", {}).get("fingerprint") != identity["fingerprint"]:
+        diffs.append("model")
+    if meta.get("corpus_fingerprint") != fingerprint:
+        diffs.append("corpus files")
+    if diffs:
+        raise FfkvError(f"atlas '{out}' was mined with a different {', '.join(diffs)}",
+                        "use the same model, corpus and options to resume, or a new --out folder")
+
+
+def _progress(enabled: bool, initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=None, initial=initial, unit="tok", unit_scale=True, desc="mining", file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0)
+
+
+def _checkpoint(state_dir: Path, buffers: TriggerBuffers, pending: list[Unit], done: dict):
+    """Write the units read since the last checkpoint, then the buffers (the commit point)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    done = dict(done)
+    if pending:
+        name = f"units-{pending[0].unit:012d}.parquet"
+        write_parquet(state_dir / name, _units_table(pending))
+        done["shards"] = list(done["shards"]) + [name]
+    save_safetensors(state_dir / "state.safetensors", buffers.state(), meta=done)
+    return done
+
+
+def _drop_orphan_shards(state_dir: Path, shards: list[str]):
+    """Unit shards written after the last committed checkpoint (a kill between the two writes)."""
+    for f in state_dir.glob("units-*.parquet"):
+        if f.name not in shards:
+            f.unlink()
+
+
+def _finalize(model, out: Path, buffers: TriggerBuffers, done: dict, meta: dict, tok_per_s: float) -> dict:
+    """Write ``triggers/layer-LLL.parquet`` and ``units.parquet``; mark the atlas complete."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    L, d, k = buffers.n_layers, buffers.d_ffn, buffers.k
+    prov = {k2: meta[k2] for k2 in ("ffkv_version", "created", "model", "hyperparameters")}
+    cited = set()
+    for l in range(L):
+        cols = {}
+        for kind, v, g, sign in (("top", buffers.top_v, buffers.top_g, 1.0),
+                                 ("bottom", buffers.bot_v, buffers.bot_g, -1.0)):
+            vv = (v[l * d:(l + 1) * d] * sign).cpu().numpy()
+            gg = g[l * d:(l + 1) * d].cpu().numpy()
+            idx, rank = np.nonzero(gg >= 0)
+            cols.setdefault("index", []).append(idx.astype(np.int32))
+            cols.setdefault("kind", []).append(np.full(idx.size, kind))
+            cols.setdefault("rank", []).append(rank.astype(np.int16))
+            cols.setdefault("coef", []).append(vv[idx, rank].astype(np.float32))
+            gid = gg[idx, rank]
+            cols.setdefault("unit", []).append(gid >> POSITION_BITS)
+            cols.setdefault("position", []).append((gid & ((1 << POSITION_BITS) - 1)).astype(np.int32))
+            cited.update(np.unique(gid >> POSITION_BITS).tolist())
+        table = {c: np.concatenate(parts) for c, parts in cols.items()}
+        write_parquet(out / "triggers" / f"layer-{l:03d}.parquet", table, meta={**prov, "layer": l})
+    state_dir = out / "state"
+    shards = [pq.read_table(state_dir / s) for s in done["shards"]]
+    units = pa.concat_tables(shards) if shards else pa.table(_units_table([]))
+    keep = pa.array(sorted(cited), pa.int64())
+    import pyarrow.compute as pc
+
+    units = units.filter(pc.is_in(units["unit"], value_set=keep))
+    write_parquet(out / "units.parquet", units, meta=prov)
+    meta = {**meta, "status": "complete", "units": done["units"], "tokens": done["tokens"],
+            "batches": done["batches"], "n_layers": L, "d_ffn": d, "top_k": k,
+            "tokens_per_second_last_call": round(tok_per_s, 1)}
+    write_json(out / "atlas.json", meta)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return meta
+
+
+# --------------------------------------------------------------------------------------------- reference
+@torch.no_grad()
+def brute_force_triggers(model, units: list[Unit], top_k: int, batch_tokens: int = 2048) -> dict:
+    """Reference: all coefficients of all prefixes kept, then a full sort per key (small corpora only).
+
+    Returns {layer: {"top": (d_ffn, k) gids, "bottom": ..., "top_coef": ..., "bottom_coef": ...}} with
+    the order (coefficient desc, g asc) for top and (coefficient asc, g asc) for bottom.
+    """
+    tok = model._require_tokenizer()
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    all_c, all_g = [], []
+    for batch in batches(iter(units), batch_tokens, max(len(u.tokens) for u in units)):
+        ids, mask = encode_units(batch, pad_id, model.device)
+        c, g = batch_coefficients(model, ids, mask, torch.tensor([u.unit for u in batch]))
+        all_c.append(c.cpu().numpy())
+        all_g.append(g.cpu().numpy())
+    C = np.concatenate(all_c, axis=1) + 0.0  # (L*d, N)
+    G = np.concatenate(all_g)
+    out, d = {}, model.d_ffn
+    for l in range(model.n_layers):
+        res = {}
+        for kind, sgn in (("top", -1.0), ("bottom", 1.0)):
+            rows_g, rows_c = [], []
+            for i in range(d):
+                c = C[l * d + i]
+                order = np.lexsort((G, sgn * c))[:top_k]
+                rows_g.append(G[order])
+                rows_c.append(c[order])
+            res[kind], res[kind + "_coef"] = np.stack(rows_g), np.stack(rows_c)
+        out[l] = res
+    return out

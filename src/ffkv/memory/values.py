@@ -1,0 +1,215 @@
+"""Values in the vocabulary space (Geva et al. 2021, section 4) and queries over them.
+
+Each value v_i^l (a column of W_out) is read as a distribution over the vocabulary,
+
+    p_i^l = softmax(E v_i^l)          or, with the final norm,  softmax(E ln_f(v_i^l))
+
+(``norm`` is an explicit option: the paper projects raw values). Projections are computed ``chunk`` values
+at a time, so a ``d_ffn x vocab`` matrix never exists for more than one chunk of one layer.
+
+Agreement (the paper's Figure 4): how often the top token of p_i^l equals the next token of key i's top
+trigger prefix, per layer, against a random baseline that pairs each value with another key's trigger
+(a random permutation of keys within the layer).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import FfkvError
+
+
+@torch.no_grad()
+def value_logits(model, layer: int, indices=None, norm: bool = False) -> torch.Tensor:
+    """``E v_i`` (or ``E ln_f(v_i)``) for the chosen values of a layer: (n, vocab) float32."""
+    V = model.values(layer).T  # (d_ffn, d_model) view
+    if indices is not None:
+        V = V[torch.as_tensor(indices, device=V.device, dtype=torch.long)]
+    return model.unembed(V, norm=norm).float()
+
+
+@torch.no_grad()
+def project_values(model, layer: int, norm: bool = False, top_n: int = 10, chunk: int = 1024,
+                   targets: np.ndarray | None = None) -> dict:
+    """Top tokens and statistics of every value of one layer, ``chunk`` values at a time.
+
+    Returns numpy arrays: ``top_ids``/``top_p`` (d_ffn, top_n), ``bottom_ids`` (d_ffn, top_n) (lowest
+    logits: what the value promotes when its coefficient is negative), ``max_p`` (d_ffn,), ``lse`` (d_ffn,)
+    logsumexp of the logits (so p of any token is ``exp(E_t . v - lse)``), ``value_norm`` (d_ffn,), and,
+    if ``targets`` (d_ffn,) token ids are given, ``target_rank`` (0 = the value's top token; -1 if none).
+    """
+    d = model.d_ffn
+    top_n = min(top_n, model.vocab_size)
+    out = {"top_ids": np.zeros((d, top_n), np.int64), "top_p": np.zeros((d, top_n), np.float32),
+           "bottom_ids": np.zeros((d, top_n), np.int64), "max_p": np.zeros(d, np.float32),
+           "lse": np.zeros(d, np.float32), "value_norm": np.zeros(d, np.float32),
+           "target_rank": np.full(d, -1, np.int64)}
+    norms = model.values(layer).float().norm(dim=0).cpu().numpy()
+    out["value_norm"][:] = norms
+    for s in range(0, d, chunk):
+        idx = torch.arange(s, min(s + chunk, d))
+        logits = value_logits(model, layer, idx, norm=norm)  # (c, vocab)
+        lse = torch.logsumexp(logits, dim=-1)
+        top = logits.topk(top_n, dim=-1)
+        out["top_ids"][s: s + len(idx)] = top.indices.cpu().numpy()
+        out["top_p"][s: s + len(idx)] = (top.values - lse[:, None]).exp().cpu().numpy()
+        out["max_p"][s: s + len(idx)] = out["top_p"][s: s + len(idx), 0]
+        out["bottom_ids"][s: s + len(idx)] = logits.topk(top_n, dim=-1, largest=False).indices.cpu().numpy()
+        out["lse"][s: s + len(idx)] = lse.cpu().numpy()
+        if targets is not None:
+            t = torch.as_tensor(targets[s: s + len(idx)], device=logits.device)
+            ok = t >= 0
+            tl = logits.gather(1, t.clamp(min=0)[:, None])
+            rank = (logits > tl).sum(1)
+            out["target_rank"][s: s + len(idx)] = torch.where(ok, rank, -1).cpu().numpy()
+    return out
+
+
+def agreement(top1: np.ndarray, next_ids: np.ndarray, n_random: int = 20, seed: int = 0) -> dict:
+    """Agreement of value top tokens with trigger next tokens, and its permutation baseline.
+
+    top1, next_ids: (d_ffn,). Keys whose top trigger has no next token (-1) are left out.
+    rate = mean_i [top1_i == next_i];  random = mean over permutations pi of mean_i [top1_i == next_pi(i)].
+    """
+    ok = next_ids >= 0
+    n = int(ok.sum())
+    if n == 0:
+        return {"n": 0, "rate": None, "random": None, "random_std": None}
+    a, b = top1[ok], next_ids[ok]
+    rng = np.random.default_rng(seed)
+    rand = [float((a == b[rng.permutation(n)]).mean()) for _ in range(n_random)]
+    return {"n": n, "rate": float((a == b).mean()), "random": float(np.mean(rand)),
+            "random_std": float(np.std(rand))}
+
+
+def analyze_values(atlas, norm: bool = False, top_n: int = 10, chunk: int = 1024, n_random: int = 20,
+                   seed: int = 0, progress: bool = True) -> tuple[dict, dict]:
+    """Project every value of the atlas's model; agreement, ranks and the top-100 ``max p`` histogram.
+
+    Returns ``(columns, summary)``: columns for ``values.parquet`` (one row per memory) and the per-layer
+    summary for ``analysis/values.json``.
+    """
+    model = atlas.model
+    cols: dict[str, list] = {k: [] for k in ("layer", "index", "top_ids", "top_p", "bottom_ids", "max_p", "lse",
+                                             "value_norm", "trigger_next_id", "trigger_next_rank")}
+    layers = []
+    it = range(model.n_layers)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="values", unit="layer", file=__import__("sys").stderr)
+    for l in it:
+        nxt = atlas.next_tokens(l)
+        pv = project_values(model, l, norm=norm, top_n=top_n, chunk=chunk, targets=nxt)
+        d = model.d_ffn
+        cols["layer"].append(np.full(d, l, np.int32))
+        cols["index"].append(np.arange(d, dtype=np.int32))
+        for k in ("top_ids", "top_p", "bottom_ids"):
+            cols[k].extend(list(pv[k]))
+        for k in ("max_p", "lse", "value_norm"):
+            cols[k].append(pv[k])
+        cols["trigger_next_id"].append(nxt)
+        cols["trigger_next_rank"].append(pv["target_rank"])
+        ag = agreement(pv["top_ids"][:, 0], nxt, n_random=n_random, seed=seed + l)
+        ranks = pv["target_rank"][pv["target_rank"] >= 0]
+        layers.append({"layer": l, "agreement": ag["rate"], "random": ag["random"], "random_std": ag["random_std"],
+                       "n_keys": ag["n"], "mean_max_p": float(pv["max_p"].mean()),
+                       "median_trigger_rank": float(np.median(ranks)) if ranks.size else None,
+                       "mean_trigger_rank": float(ranks.mean()) if ranks.size else None,
+                       "trigger_in_top10": float((ranks < 10).mean()) if ranks.size else None})
+    columns = {k: (np.concatenate(v) if k in ("layer", "index", "max_p", "lse", "value_norm", "trigger_next_id",
+                                              "trigger_next_rank") else v) for k, v in cols.items()}
+    maxp, lay = columns["max_p"], columns["layer"]
+    top100 = np.argsort(-maxp, kind="stable")[:100]
+    hist = np.bincount(lay[top100], minlength=model.n_layers)
+    for rec in layers:
+        rec["top100_max_p_count"] = int(hist[rec["layer"]])
+    summary = {"norm": norm, "vocab_size": model.vocab_size, "chance": 1.0 / model.vocab_size, "layers": layers,
+               "top100_max_p_histogram": hist.tolist()}
+    return columns, summary
+
+
+def values_arrow(columns: dict):
+    import pyarrow as pa
+
+    return pa.table({
+        "layer": pa.array(columns["layer"]), "index": pa.array(columns["index"]),
+        "top_ids": pa.array([list(map(int, r)) for r in columns["top_ids"]], pa.list_(pa.int32())),
+        "top_p": pa.array([list(map(float, r)) for r in columns["top_p"]], pa.list_(pa.float32())),
+        "bottom_ids": pa.array([list(map(int, r)) for r in columns["bottom_ids"]], pa.list_(pa.int32())),
+        "max_p": pa.array(columns["max_p"]), "lse": pa.array(columns["lse"]),
+        "value_norm": pa.array(columns["value_norm"]),
+        "trigger_next_id": pa.array(columns["trigger_next_id"]),
+        "trigger_next_rank": pa.array(columns["trigger_next_rank"]),
+    })
+
+
+# --------------------------------------------------------------------------------------------- queries
+def token_id(model, token: str | int) -> int:
+    """A vocabulary id from an id, an exact vocabulary entry, or a word (its first token, with a leading
+    space if the tokenizer marks word starts); unknown -> FfkvError."""
+    if isinstance(token, int) or (isinstance(token, str) and token.isdigit() and model.tokenizer is None):
+        t = int(token)
+        if not 0 <= t < model.vocab_size:
+            raise FfkvError(f"token id {t} is out of range", f"use 0..{model.vocab_size - 1}")
+        return t
+    tok = model._require_tokenizer()
+    vocab = tok.get_vocab()
+    for cand in (token, "Ġ" + token.lstrip(" ") if token.startswith(" ") else None, "Ġ" + token, "▁" + token):
+        if cand is not None and cand in vocab:
+            return vocab[cand]
+    ids = tok(token, add_special_tokens=False)["input_ids"]
+    unk = tok.unk_token_id
+    if len(ids) == 1 and ids[0] != unk:
+        return ids[0]
+    raise FfkvError(f"token {token!r} is not in the vocabulary"
+                    + (f" (it splits into {len(ids)} tokens)" if len(ids) > 1 else ""),
+                    "pass one vocabulary entry (e.g. ' Paris' with its leading space) or a token id")
+
+
+@torch.no_grad()
+def promotes(model, token: str | int, n: int = 20, norm: bool = False, layers=None, chunk: int = 1024) -> list[dict]:
+    """Memories whose values give ``token`` the highest probability ``p_i(t) = softmax(E v_i)[t]``.
+
+    Chunked like :func:`project_values`. Returns the n best over all layers: memory, layer, index, p and
+    the token's rank in the value's distribution (0 = its top token).
+    """
+    t = token_id(model, token)
+    rows = []
+    for l in (range(model.n_layers) if layers is None else layers):
+        p_parts, r_parts = [], []
+        for s in range(0, model.d_ffn, chunk):
+            logits = value_logits(model, l, torch.arange(s, min(s + chunk, model.d_ffn)), norm=norm)
+            lt = logits[:, t]
+            p_parts.append((lt - torch.logsumexp(logits, -1)).exp().cpu())
+            r_parts.append((logits > lt[:, None]).sum(1).cpu())
+        p, rank = torch.cat(p_parts), torch.cat(r_parts)
+        best = p.topk(min(n, p.numel()))
+        rows += [{"memory": f"L{l}.{i}", "layer": l, "index": i, "p": pi, "rank": int(rank[i])}
+                 for pi, i in zip(best.values.tolist(), best.indices.tolist())]
+    rows.sort(key=lambda r: (-r["p"], r["layer"], r["index"]))
+    return rows[:n]
+
+
+@torch.no_grad()
+def nearest_values(model, vector: torch.Tensor, n: int = 20, layers=None) -> list[dict]:
+    """Memories whose values are closest (cosine) to ``vector`` (d_model,), over all layers."""
+    vec = torch.as_tensor(vector, dtype=torch.float32).reshape(-1).to(model.device)
+    if vec.numel() != model.d_model:
+        raise FfkvError(f"vector has {vec.numel()} dimensions, the model's residual has {model.d_model}",
+                        "pass a d_model-sized vector")
+    vec = vec / vec.norm().clamp_min(1e-12)
+    rows = []
+    for l in (range(model.n_layers) if layers is None else layers):
+        V = model.values(l).float()  # (d_model, d_ffn)
+        cos = (vec @ V) / V.norm(dim=0).clamp_min(1e-12)
+        best = cos.topk(min(n, cos.numel()))
+        rows += [{"memory": f"L{l}.{i}", "layer": l, "index": i, "cosine": c}
+                 for c, i in zip(best.values.tolist(), best.indices.tolist())]
+    rows.sort(key=lambda r: -r["cosine"])
+    return rows[:n]
+
+
+def decode_tokens(tokenizer, ids) -> list[str]:
+    return [tokenizer.decode([int(i)]) for i in ids]

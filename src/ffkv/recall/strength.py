@@ -1,0 +1,210 @@
+"""Storage strength of a fact: how much of the answer survives when its most attributed memories go off.
+
+For a prompt ``P`` (subject ``s``) and an answer token ``y``:
+
+1. *Attribution* of every memory ``(l, i)``: integrated gradients of the answer's centered logit
+   ``f = z_y - mean(z)`` at the last position, along the path that scales every coefficient from 0 to its
+   value, summed over positions (:func:`memory_attribution`). Unlike log p, f does not saturate as ``p(y) → 1``.
+2. *Ablation curve*: switch off the top-k memories (at every position) for a grid of k and read
+   ``S(k) = min(1, p_k(y) / p_0(y))``, the fraction of the answer's probability that survives.
+3. *Storage strength* = the area under ``S`` over the grid (index-spaced, so roughly log k), in [0, 1]:
+   near 0 when one memory carries the fact, higher when many do.
+4. *Redundancy* = ``k_50``, the fewest top memories whose ablation halves ``p(y)`` (grid max + 1 if none).
+5. *Trace concentration*: the share of the positive indirect effect of the MLP causal trace
+   (``ffkv.locate.trace.causal_trace``) at its single best (token, layer) site.
+6. *Answer margin*: ``z_y - max_{j≠y} z_j`` at the last position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import FfkvError
+from ..models.hooks import Intervention, intervene, switch_memories
+from ..models.model import MemoryModel
+
+DEFAULT_KS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+
+
+def resolve_answer(model: MemoryModel, prompt: str, answer: str | int | None) -> int:
+    """The answer's first token id; ``None`` means the model's own greedy answer."""
+    if answer is None:
+        return int(model.next_token_logits(prompt)[0].argmax())
+    if isinstance(answer, int):
+        if not 0 <= answer < model.vocab_size:
+            raise FfkvError(f"answer token id {answer} is outside the vocabulary", "pass text or a valid id")
+        return answer
+    return model.answer_id(answer if answer.startswith(" ") else " " + answer)
+
+
+def answer_margin(logits: torch.Tensor, answer_id: int) -> float:
+    """``z_y - max_{j≠y} z_j`` of one logit vector (vocab,): > 0 iff y is the greedy answer."""
+    z = logits.float()
+    other = z.clone()
+    other[answer_id] = -float("inf")
+    return float(z[answer_id] - other.max())
+
+
+@torch.no_grad()
+def clean_coefficients(model: MemoryModel, prompt: str) -> list[torch.Tensor]:
+    """The coefficients m_l of every layer on the prompt, each (1, T, d_ffn)."""
+    reads = [("coef", l) for l in range(model.n_layers)]
+    with intervene(model, reads=reads) as rec:
+        model.hf(**model.encode(prompt))
+    return [rec["coef", l] for l in range(model.n_layers)]
+
+
+def memory_attribution(model: MemoryModel, prompt: str, answer_id: int, steps: int = 16) -> torch.Tensor:
+    """Integrated gradients of every memory for the answer's centered logit, (n_layers, d_ffn), float32.
+
+    Every layer's coefficients are set to ``α m_l`` (m_l: their clean values, at every position) and α goes
+    from 0 to 1 for all layers at once:
+    ``a_{l,i} = Σ_t m_{t,l,i} · (1/K) Σ_k ∂f/∂m_{t,l,i} (α_k m)``, ``f = z_y - mean(z)`` at the last position,
+    ``α_k = (k + 1/2)/K``. By completeness ``Σ a ≈ f(m) - f(0)``. Plain gradient × activation fails where the
+    final norm saturates (a memory that alone writes the answer has ∂f/∂m ≈ 0); scaling one layer at a time
+    misses memories whose layer is redundant with another layer. One forward/backward pass, ``steps`` rows.
+    """
+    clean = clean_coefficients(model, prompt)
+    batch = model.encode([prompt] * steps)
+    alphas = ((torch.arange(steps, dtype=torch.float32) + 0.5) / steps).to(model.device, model.dtype)
+    edits = [Intervention("coef", l, "set", value=alphas[:, None, None] * m) for l, m in enumerate(clean)]
+    reads = [("coef", l) for l in range(model.n_layers)]
+    with torch.enable_grad(), intervene(model, reads=reads, edits=edits, keep_grad=True) as rec:
+        logits = model.hf(**batch).logits[:, -1].float()
+        target = (logits[:, answer_id] - logits.mean(-1)).sum()
+        grads = torch.autograd.grad(target, [rec["coef", l] for l in range(model.n_layers)])
+    return torch.stack([(m[0] * g.mean(0)).sum(0).float() for m, g in zip(clean, grads)])
+
+
+def top_memories(attribution: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """The k memories ``(layer, index)`` with the largest attribution, largest first."""
+    flat = attribution.reshape(-1)
+    k = min(k, flat.numel())
+    idx = torch.topk(flat, k).indices.tolist()
+    d = attribution.shape[1]
+    return [(i // d, i % d) for i in idx]
+
+
+@torch.no_grad()
+def ablation_curve(model: MemoryModel, prompt: str, answer_id: int, ranking: list[tuple[int, int]],
+                   ks=DEFAULT_KS) -> tuple[list[int], np.ndarray]:
+    """``p_k(y)`` after switching off the first k memories of ``ranking`` at every position, for each k.
+
+    One forward pass: row r of the batch has the top-``ks[r]`` memories off. Returns ``(ks, p)`` with
+    ``p`` of shape (len(ks),); ks larger than the ranking are dropped.
+    """
+    ks = [k for k in ks if k <= len(ranking)]
+    batch = model.encode([prompt] * len(ks))
+    edits = []
+    for row, k in enumerate(ks):
+        by_layer: dict[int, list[int]] = {}
+        for layer, index in ranking[:k]:
+            by_layer.setdefault(layer, []).append(index)
+        for layer, indices in by_layer.items():
+            e = switch_memories(layer, indices)
+            e.batch = [row]
+            edits.append(e)
+    with intervene(model, edits=edits):
+        logits = model.hf(**batch).logits[:, -1].float()
+    return ks, torch.softmax(logits, -1)[:, answer_id].cpu().numpy()
+
+
+def survival(p: np.ndarray) -> np.ndarray:
+    """``S(k) = min(1, p_k / p_0)``: the fraction of the answer's probability left after ablation."""
+    p0 = max(float(p[0]), 1e-12)
+    return np.minimum(1.0, p / p0)
+
+
+def curve_area(s: np.ndarray) -> float:
+    """Trapezoid area under ``S`` over the k grid's index, normalized to [0, 1]."""
+    if len(s) < 2:
+        return float(s[0]) if len(s) else float("nan")
+    return float(((s[1:] + s[:-1]) / 2).sum() / (len(s) - 1))
+
+
+def k_half(ks: list[int], s: np.ndarray) -> int:
+    """``k_50``: the smallest k with ``S(k) <= 1/2``; ``max(ks) + 1`` if the answer survives every k."""
+    for k, v in zip(ks, s):
+        if k > 0 and v <= 0.5:
+            return int(k)
+    return int(max(ks)) + 1
+
+
+def trace_concentration(model: MemoryModel, prompt: str, subject: str, answer_id: int,
+                        samples: int = 10, seed: int = 0) -> dict | None:
+    """Concentration of the MLP causal trace, or None when ``ffkv.locate`` is not available.
+
+    ``concentration = max_{t,l} IE⁺ / Σ_{t,l} IE⁺`` with ``IE⁺ = max(0, score - low)``; also the peak site and
+    the peak indirect effect as a fraction of ``high - low``.
+    """
+    try:
+        from ..locate.trace import causal_trace
+    except ImportError:
+        return None
+    r = causal_trace(model, prompt, subject, kind="mlp", answer=model.decode([answer_id]), samples=samples,
+                     seed=seed)
+    scores = np.asarray(r.scores, dtype=float)
+    ie = np.maximum(0.0, scores - float(r.low_score))
+    total = ie.sum()
+    t, l = np.unravel_index(int(ie.argmax()), ie.shape)
+    span = float(r.high_score) - float(r.low_score)
+    return {"concentration": float(ie.max() / total) if total > 0 else 0.0,
+            "peak_token": int(t), "peak_layer": int(l),
+            "peak_effect": float(ie.max() / span) if abs(span) > 1e-12 else 0.0,
+            "high_score": float(r.high_score), "low_score": float(r.low_score)}
+
+
+@dataclass
+class StorageStrength:
+    """Every storage signal of one (prompt, answer)."""
+
+    prompt: str
+    answer: str
+    answer_id: int
+    p_answer: float
+    rank: int  # 0 = greedy
+    margin: float
+    strength: float  # area under the ablation survival curve, [0, 1]
+    redundancy: int  # k_50
+    attribution_top: float  # largest single-memory attribution
+    attribution_share: float  # top memory's share of the positive attribution mass
+    ks: list[int] = field(default_factory=list)
+    curve: list[float] = field(default_factory=list)  # p_k(y)
+    top: list[list[int]] = field(default_factory=list)  # top memories (layer, index)
+    trace: dict | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def storage_strength(model: MemoryModel, prompt: str, answer: str | int | None = None,
+                     subject: str | None = None, ks=DEFAULT_KS, trace: bool = False,
+                     trace_samples: int = 10) -> StorageStrength:
+    """Storage strength of ``answer`` (text, token id, or None for the greedy answer) after ``prompt``.
+
+    ``trace=True`` (needs ``subject`` and ``ffkv.locate``) adds the causal-trace concentration.
+    """
+    if subject is not None:
+        model.find_subject(prompt, subject)  # a subject that is not in the prompt is an error up front
+    y = resolve_answer(model, prompt, answer)
+    logits = model.next_token_logits(prompt)[0].float()
+    p = torch.softmax(logits, -1)
+    attribution = memory_attribution(model, prompt, y)
+    ranking = top_memories(attribution, max(ks))
+    ks_used, curve = ablation_curve(model, prompt, y, ranking, ks)
+    s = survival(curve)
+    pos = attribution.clamp(min=0)
+    tr = None
+    if trace:
+        if subject is None:
+            raise FfkvError("the causal trace needs the subject", "pass subject=... (--subject)")
+        tr = trace_concentration(model, prompt, subject, y, samples=trace_samples)
+    return StorageStrength(
+        prompt=prompt, answer=model.decode([y]), answer_id=y, p_answer=float(p[y]),
+        rank=int((logits > logits[y]).sum()), margin=answer_margin(logits, y), strength=curve_area(s),
+        redundancy=k_half(ks_used, s), attribution_top=float(attribution.max()),
+        attribution_share=float(pos.max() / pos.sum()) if pos.sum() > 0 else 0.0,
+        ks=ks_used, curve=[float(v) for v in curve], top=[list(m) for m in ranking[:16]], trace=tr)
