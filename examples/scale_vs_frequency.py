@@ -25,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"2x64": dict(n_layer=2, d_model=64, n_head=2, d_ffn=256),
+         "4x96": dict(n_layer=4, d_model=96, n_head=4, d_ffn=384),
          "4x128": dict(n_layer=4, d_model=128, n_head=4, d_ffn=512),
          "6x128": dict(n_layer=6, d_model=128, n_head=4, d_ffn=512)}
 
@@ -47,6 +48,80 @@ def train_sizes(out: Path, sizes: list[str], seed: int, steps: int | None):
         print(f"{name}: training {preset}", flush=True)
         train_model(world, "gpt2", preset, target, seed=seed, steps=steps, threads=1)
         print(f"{name}: saved {target}", flush=True)
+
+
+def evaluate_sizes(args):
+    """Recall by frequency bucket (weights) and in-context accuracy for every trained size; JSON + plot."""
+    import json
+
+    import torch
+
+    import ffkv
+    from ffkv.io import provenance, read_json, write_json
+    from ffkv.recall.data import stratified_facts, unseen_facts
+    from ffkv.recall.incontext import in_context_table
+    from ffkv.testbed.world import generate_world
+
+    torch.set_num_threads(1)
+    world = generate_world(args.seed, "default")
+    facts = [f.to_json() for f in world.facts]
+    candidates = world.candidates
+    chosen = stratified_facts(facts, args.max_facts // 6, args.seed)
+    unseen = unseen_facts(facts, candidates, 100, args.seed)
+    models = {name: args.out / name / "model" for name in args.sizes.split(",")}
+    models.update(dict(m.split("=", 1) for m in args.model))
+    results = {"sizes": {}, "provenance": provenance({}, seed=args.seed, world="default",
+                                                       facts_per_bucket=args.max_facts // 6, unseen=100)}
+    for name, path in models.items():
+        path = Path(path)
+        if not (path / "config.json").exists():
+            print(f"{name}: no model at {path}, skipped", flush=True)
+            continue
+        model = ffkv.load_model(str(path))
+        meta = read_json(path / "testbed.json") if (path / "testbed.json").exists() else {}
+        tab = in_context_table(model, chosen, candidates, unseen=unseen, distractors=1, seed=args.seed,
+                               progress=False)
+        results["sizes"][name] = {
+            "model": model.identity, "n_parameters": sum(p.numel() for p in model.hf.parameters()),
+            "train_steps": (meta.get("hyperparameters", {}).get("train") or {}).get("steps"),
+            "train_seconds": meta.get("train_seconds"), "final_loss": meta.get("final_loss"),
+            "buckets": tab["buckets"]}
+        print(name, json.dumps({b: (round(r["weights"], 3), round(r["in_context"], 3))
+                                for b, r in tab["buckets"].items()}), flush=True)
+    out_json = args.figure.with_suffix(".json")
+    write_json(out_json, results)
+    plot_sizes(results, args.figure)
+    print(f"wrote {out_json} and {args.figure}", flush=True)
+
+
+def plot_sizes(results, figure: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ffkv.recall.data import BUCKET_NAMES
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, r) in enumerate(sorted(results["sizes"].items(), key=lambda kv: kv[1]["n_parameters"])):
+        names = [b for b in BUCKET_NAMES if b in r["buckets"]]
+        x = np.arange(len(names))
+        label = f"{name} ({r['n_parameters'] / 1e6:.2f}M)"
+        ax.plot(x, [r["buckets"][b]["weights"] for b in names], marker="o", color=f"C{i}",
+                label=f"{label}: from weights")
+        ax.plot(x, [r["buckets"][b]["in_context"] for b in names], marker="s", ls="--", color=f"C{i}",
+                label=f"{label}: in context")
+        ax.set_xticks(x, names)
+    ax.set_xlabel("times the fact was seen in training (0 = invented subject)")
+    ax.set_ylabel("top-1 accuracy, held-out paraphrase")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title("Scale vs frequency: recall from weights by model size, and in context", fontsize=9)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):

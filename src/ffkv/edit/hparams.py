@@ -2,7 +2,8 @@
 
 Names follow ROME's and MEMIT's hyperparameter files so that published settings can be pasted in:
 
-    layer / layers              the FFN layer(s) whose W_out is rewritten
+    layer / layers              the FFN layer(s) whose W_out is rewritten (ROME: layer="trace" picks it by
+                                causal tracing of the requests, :mod:`.trace`)
     v_num_grad_steps, v_lr      Adam steps and learning rate of the target residual delta
     v_weight_decay              weight of ||delta||^2 / ||h||^2 in the loss
     clamp_norm_factor           ||delta|| <= clamp_norm_factor * ||h|| after every step
@@ -20,6 +21,7 @@ architectures) has its own entries, tuned on its held-out CounterFact cases.
 from __future__ import annotations
 
 import copy
+import math
 import json
 from pathlib import Path
 
@@ -42,7 +44,7 @@ COMMON = {
     "max_update_ratio": 4.0,
 }
 
-ROME = {**COMMON, "layer": None, "clamp_norm_factor": 4.0}
+ROME = {**COMMON, "layer": None, "clamp_norm_factor": 4.0, "trace_noise": 3.0}
 MEMIT = {**COMMON, "layers": None, "clamp_norm_factor": 0.75, "mom2_update_weight": 15000.0}
 KN = {"neurons": None, "layers": None, "ig_steps": 10, "threshold": 0.2, "max_neurons": 8,
       "kn_lambda": 1.0, "seed": 0, "max_update_ratio": 4.0}
@@ -67,7 +69,8 @@ def rome_layer(model) -> int:
     key = (model.family, model.n_layers)
     if key in ROME_LAYER:
         return ROME_LAYER[key]
-    return min(model.n_layers - 1, round(RELATIVE_DEPTH * model.n_layers))
+    # below the top layer: an edit at the subject's last token must reach the prediction through attention
+    return max(0, min(model.n_layers - 2, round(RELATIVE_DEPTH * model.n_layers)))
 
 
 def memit_layers(model) -> list[int]:
@@ -111,7 +114,21 @@ def resolve_hparams(model, method: str, hparams: dict | str | Path | None) -> di
                         f"known: {', '.join(sorted(hp))}")
     hp.update(hparams)
     hp["method"] = method
-    if method == "rome":
+    for name in ("v_lr", "v_weight_decay", "kl_factor", "clamp_norm_factor", "mom2_update_weight",
+                 "max_update_ratio", "early_stop_loss", "kn_lambda", "threshold"):
+        if name in hp:
+            try:
+                ok = math.isfinite(float(hp[name])) and float(hp[name]) >= 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise FfkvError(f"hyperparameter {name}={hp[name]!r} must be a finite number >= 0",
+                                f"pass a number (default {default_hparams(model, method).get(name)})")
+    for name in ("v_num_grad_steps", "stats_tokens", "ig_steps", "max_neurons"):
+        if name in hp and (not isinstance(hp[name], int) or hp[name] < 1):
+            raise FfkvError(f"hyperparameter {name}={hp[name]!r} must be a positive integer",
+                            f"pass an integer (default {default_hparams(model, method).get(name)})")
+    if method == "rome" and hp["layer"] != "trace":  # "trace": chosen by causal tracing in apply_edits
         hp["layer"] = model.check_layer(hp["layer"])
     if method == "memit":
         layers = hp["layers"]

@@ -55,6 +55,8 @@ class JournalEntry:
     after: str = ""
     info: dict = field(default_factory=dict)
     created: str = ""
+    keys: torch.Tensor | None = None  # (d_ffn, r) the keys the update was made for (k*), if any
+    targets: torch.Tensor | None = None  # (d_model, r) the values they now map to (v*), if any
 
     @property
     def rank(self) -> int:
@@ -79,6 +81,7 @@ def apply_delta(model, layer: int, u: torch.Tensor, v: torch.Tensor) -> None:
     W.copy_(new.to(W.dtype))
 
 
+@torch.no_grad()
 def check_update(model, layer: int, u: torch.Tensor, v: torch.Tensor, max_ratio: float, what: str) -> dict:
     """Refuse a non-finite update, or one whose norm is out of range: ||ΔW||_F > max_ratio · ||W||_F."""
     if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
@@ -132,7 +135,8 @@ class Journal:
         model._ffkv_base_identity = self.base_identity
 
     def record(self, model, method: str, layer: int, u: torch.Tensor, v: torch.Tensor, requests: list[dict],
-               hparams: dict, info: dict | None = None, max_ratio: float = float("inf")) -> JournalEntry:
+               hparams: dict, info: dict | None = None, max_ratio: float = float("inf"),
+               keys: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> JournalEntry:
         """Check, apply and record ``ΔW_l = u v^T``; a refused update leaves the model unchanged."""
         layer = model.check_layer(layer)
         u = u.detach().float().cpu().reshape(model.d_model, -1).contiguous()
@@ -145,7 +149,9 @@ class Journal:
         before = weight_checksum(param)
         apply_delta(model, layer, u, v)
         entry = JournalEntry(method, layer, u, v, requests, dict(hparams), before, weight_checksum(param), info,
-                             _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                             _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                             None if keys is None else keys.detach().float().cpu().reshape(model.d_ffn, -1),
+                             None if targets is None else targets.detach().float().cpu().reshape(model.d_model, -1))
         self.entries.append(entry)
         return entry
 
@@ -228,6 +234,9 @@ class Journal:
         for i, e in enumerate(self.entries):
             tensors[f"{i}.u"] = e.u
             tensors[f"{i}.v"] = e.v
+            for name in ("keys", "targets"):
+                if getattr(e, name) is not None:
+                    tensors[f"{i}.{name}"] = getattr(e, name)
         with atomic_path(out, is_dir=True) as tmp:
             (tmp / "journal.json").write_text(json.dumps(_plain(meta), indent=2) + "\n")
             save_safetensors(tmp / "deltas.safetensors", tensors or {"empty": torch.zeros(0)}, {"n": len(self)})
@@ -262,7 +271,8 @@ class Journal:
                 raise FfkvError(f"{path}/deltas.safetensors lacks edit {i}", "the journal is corrupt")
             j.entries.append(JournalEntry(m["method"], int(m["layer"]), deltas[f"{i}.u"].float(),
                                           deltas[f"{i}.v"].float(), m["requests"], m["hparams"], m["before"],
-                                          m["after"], m.get("info", {}), m.get("created", "")))
+                                          m["after"], m.get("info", {}), m.get("created", ""),
+                                          deltas.get(f"{i}.keys"), deltas.get(f"{i}.targets")))
         return j
 
 

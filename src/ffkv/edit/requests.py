@@ -6,9 +6,9 @@ subject, and the new object as the continuation of the prompt (``" Rome"``, with
     EditRequest("{} is located in", "Eiffel Tower", " Rome", target_true=" Paris")
 
 Texts are built as ``prefix + prompt.format(subject)``; the subject's *last token* is where ROME reads the
-key and writes the value (``fact_token = subject_last``). Target tokens are the tokenization of the target
-alone, appended to the prompt's tokens (as ROME does), so that the edit teaches exactly the ids an
-evaluation reads with ``tokenizer(target)``.
+key and writes the value (``fact_token = subject_last``). Target tokens are those of the target as the
+prompt's continuation (:func:`target_ids`), appended to every rendered prompt's tokens (as ROME does), so
+that the edit teaches exactly the ids an evaluation scores.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class EditRequest:
         """The prompt with the subject in place: ``"Eiffel Tower is located in"``."""
         return self.prompt.replace("{}", self.subject, 1)
 
-    def validate(self) -> "EditRequest":
+    def validate(self, need_target: bool = True) -> "EditRequest":
         """Refuse a request no method can apply, with one line that names the problem and the fix."""
         if not self.subject.strip():
             raise FfkvError(f"edit request {self.prompt!r} has an empty subject", "pass the subject to edit")
@@ -59,10 +59,10 @@ class EditRequest:
             raise FfkvError(f"subject {self.subject!r} does not occur in prompt {self.prompt!r}",
                             "write the prompt with one '{}' where the subject goes, or spell the subject "
                             "exactly as it appears in the prompt")
-        if not self.target.strip():
+        if need_target and not self.target.strip():
             raise FfkvError(f"edit request '{self.text}' has an empty target",
                             "pass the new object as the continuation, e.g. ' Rome'")
-        if self.target_true is not None and self.target_true.strip() == self.target.strip():
+        if need_target and self.target_true is not None and self.target_true.strip() == self.target.strip():
             raise FfkvError(f"edit request '{self.text}' asks for the object it already has ({self.target!r})",
                             "pass a different target")
         return self
@@ -89,13 +89,16 @@ class EditRequest:
 
     @classmethod
     def from_json(cls, d: dict) -> "EditRequest":
+        if not isinstance(d, dict):
+            raise FfkvError(f"edit request {str(d)[:80]} is not an object",
+                            "give {prompt, subject, target} objects or CounterFact records")
         if "requested_rewrite" in d or "target_new" in d:
             return cls.from_counterfact(d)
-        missing = {"prompt", "subject", "target"} - set(d)
+        missing = {"prompt", "subject"} - set(d) | ({"target"} - set(d) if "target_true" not in d else set())
         if missing:
             raise FfkvError(f"edit request {d} lacks {sorted(missing)}",
                             "give prompt, subject and target (or a CounterFact record)")
-        return cls(d["prompt"], d["subject"], d["target"], d.get("target_true"), d.get("case_id"))
+        return cls(d["prompt"], d["subject"], d.get("target", ""), d.get("target_true"), d.get("case_id"))
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -118,14 +121,14 @@ def load_requests(path: str | Path) -> list[EditRequest]:
     return [EditRequest.from_json(d) for d in data]
 
 
-def as_requests(requests) -> list[EditRequest]:
+def as_requests(requests, need_target: bool = True) -> list[EditRequest]:
     """Accept one request, a list of them, or dicts; validate each."""
     if isinstance(requests, (EditRequest, dict)):
         requests = [requests]
     out = [r if isinstance(r, EditRequest) else EditRequest.from_json(r) for r in requests]
     if not out:
         raise FfkvError("no edit requests given", "pass at least one EditRequest")
-    return [r.validate() for r in out]
+    return [r.validate(need_target) for r in out]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,8 +136,16 @@ def as_requests(requests) -> list[EditRequest]:
 
 
 def target_ids(model, request: EditRequest) -> list[int]:
-    """Token ids of the target as a continuation, ``tokenizer(target)`` without special tokens."""
-    ids = model.token_ids(request.target)
+    """Token ids of the target as the continuation of the prompt.
+
+    Read off the tokenization of ``prompt + target`` when it starts with the prompt's own ids (the boundary
+    tokenized as the model sees the whole string, the rule ``ffkv.evaluate`` scores with); otherwise the
+    target tokenized alone.
+    """
+    tok = model._require_tokenizer()
+    p = tok(request.text)["input_ids"]
+    full = tok(request.text + request.target)["input_ids"]
+    ids = full[len(p):] if len(full) > len(p) and full[: len(p)] == p else model.token_ids(request.target)
     if not ids:
         raise FfkvError(f"target {request.target!r} tokenizes to nothing", "give a non-empty target")
     return ids

@@ -75,7 +75,9 @@ def base_identity(model) -> dict:
 
 
 def _model_key(identity: dict) -> str:
-    name = Path(str(identity.get("name_or_path", "model"))).name or "model"
+    p = Path(str(identity.get("name_or_path", "model")))
+    # testbed folders all call their model "model": keep the folder above too
+    name = f"{p.parent.name}_{p.name}" if p.name == "model" and p.parent.name else (p.name or "model")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
     return f"{name}-{identity.get('model_type')}-{identity.get('n_layers')}x{identity.get('d_model')}x{identity.get('d_ffn')}"
 
@@ -149,7 +151,7 @@ def _read_texts(path: Path, prefer: str | None = None) -> list[str]:
                     d = json.loads(line)
                     texts.append(d.get("text", "") if isinstance(d, dict) else str(d))
         else:
-            texts.extend(t for t in f.read_text(errors="replace").split("\n\n") if t.strip())
+            texts.extend(t for t in re.split(r"\n\s*\n", f.read_text(errors="replace")) if t.strip())
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise FfkvError(f"statistics corpus {path} has no text", "pass a folder or file with text in it")
@@ -162,7 +164,7 @@ def token_windows(model, texts: Iterable[str], n_tokens: int, window: int) -> to
     sep = [tok.eos_token_id] if tok.eos_token_id is not None else []
     stream: list[int] = []
     for t in texts:
-        stream.extend(tok(t, add_special_tokens=False)["input_ids"] + sep)
+        stream.extend(tok(t, add_special_tokens=False, verbose=False)["input_ids"] + sep)
         if len(stream) >= n_tokens:
             break
     stream = stream[:n_tokens]
@@ -264,6 +266,13 @@ def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequenc
     if not layers:
         raise FfkvError("no layers given for the statistics", "pass layers=[...]")
     identity = base_identity(model)
+    # Sequential edits call this once per edit: keep the results on the model object as well.
+    memo = model.__dict__.setdefault("_ffkv_stats_memo", {})
+    spec = str(corpus) if isinstance(corpus, (str, Path)) else \
+        "texts-" + hashlib.sha256("\x00".join(corpus).encode()).hexdigest()[:16]
+    memo_key = (spec, int(n_tokens), window, str(stats_dir), identity.get("fingerprint"))
+    if not recompute and all((memo_key, l) in memo for l in layers):
+        return {l: memo[memo_key, l] for l in layers}
     name, texts = resolve_corpus(model, corpus)
     window = window or min(256, _max_positions(model))
     windows = token_windows(model, texts, int(n_tokens), window)
@@ -293,6 +302,8 @@ def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequenc
                 meta.update(layer=l, corpus=name, n_tokens=count)
                 save_safetensors(path, {"C": C}, meta)
             out[l] = SecondMoment(l, C, count, name, path if cache else None)
+    for l in layers:
+        memo[memo_key, l] = out[l]
     return out
 
 

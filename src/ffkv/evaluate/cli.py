@@ -17,7 +17,7 @@ def _resolve_model_and_data(model: str, data: str | None) -> tuple[str, str]:
     if model == "testbed":
         from ..testbed import default_testbed
 
-        p = Path(default_testbed())
+        p = Path(default_testbed(build_if_missing=False))
     if p.is_dir() and (p / "model").is_dir():
         if data is None and (p / "data" / "counterfact.json").exists():
             data = str(p / "data" / "counterfact.json")

@@ -159,8 +159,13 @@ def greedy_generate(model, prompts: Sequence[str], max_new_tokens: int = 20) -> 
     new = max_new_tokens if ctx is None else max(0, min(max_new_tokens, ctx - batch["input_ids"].shape[1]))
     if new == 0:
         return [tok.decode(ids, skip_special_tokens=True) for ids in batch["input_ids"]]
-    out = model.hf.generate(**batch, max_new_tokens=new, do_sample=False, num_beams=1,
-                            pad_token_id=tok.pad_token_id, eos_token_id=None)
+    import copy
+
+    # As ROME's generate_fast: a fixed number of tokens, no stop at end-of-text.
+    cfg = copy.deepcopy(model.hf.generation_config)
+    cfg.update(max_new_tokens=new, do_sample=False, num_beams=1, eos_token_id=None,
+               pad_token_id=tok.pad_token_id, max_length=None, min_new_tokens=None)
+    out = model.hf.generate(**batch, generation_config=cfg)
     return [tok.decode(ids, skip_special_tokens=True) for ids in out]
 
 

@@ -28,16 +28,24 @@ METHODS = ("rome", "memit", "kn")
 Editor = Callable[[object, Sequence], object]
 
 
-def make_editor(method: str, hparams=None, stats_dir=None) -> Editor:
-    """An editor that applies ``cases`` with :func:`ffkv.edit.apply_edits` (edits in place)."""
+def make_editor(method: str, hparams=None, stats_dir=None, shared_journal: bool = False) -> Editor:
+    """An editor that applies ``cases`` with :func:`ffkv.edit.apply_edits` (edits in place).
+
+    shared_journal: every call extends one journal (and returns it), so that a long run of sequential
+    edits keeps one copy of each layer's base weights instead of one per edit.
+    """
     if method not in METHODS:
         raise FfkvError(f"unknown edit method '{method}'", f"use one of {', '.join(METHODS)}")
+    state = {"journal": None}
 
     def edit(model, cases):
         from ..edit import apply_edits
 
-        return apply_edits(model, [c.edit_request() for c in cases], method=method, hparams=hparams,
-                           stats_dir=stats_dir)
+        journal = apply_edits(model, [c.edit_request() for c in cases], method=method, hparams=hparams,
+                              stats_dir=stats_dir, journal=state["journal"], progress=False)
+        if shared_journal:
+            state["journal"] = journal
+        return journal
 
     return edit
 

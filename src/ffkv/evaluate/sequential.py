@@ -172,7 +172,7 @@ def sequential_edits(model, cases: Sequence, method: str = "rome", hparams=None,
         raise FfkvError("batch size and measurement interval must be at least 1", "pass positive values")
     if editor is None:
         hparams = resolve_hparams(model, method, hparams)
-        editor = make_editor(method, hparams, stats_dir)
+        editor = make_editor(method, hparams, stats_dir, shared_journal=True)
     from tqdm.auto import tqdm
 
     from ..models.loading import weights_fingerprint
@@ -220,7 +220,8 @@ def sequential_edits(model, cases: Sequence, method: str = "rome", hparams=None,
     finally:
         bar.close()
         if undo:
-            for j in reversed(journals):
+            # A shared journal appears once per step: undo each distinct journal once, newest first.
+            for j in reversed(list({id(j): j for j in journals}.values())):
                 j.undo(model)
     if undo and weights_fingerprint(model.hf) != original:
         raise FfkvError("undoing the sequential edits did not restore the weights",

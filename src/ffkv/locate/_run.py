@@ -84,6 +84,11 @@ def tile_cache(cache, rows: torch.Tensor, length: int):
     for layer in cache.layers:
         lay = copy.copy(layer)
         if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            if layer.keys.shape[-2] < length:
+                from ..errors import FfkvError
+
+                raise FfkvError(f"the prompt is longer than the model's sliding attention window "
+                                f"({layer.keys.shape[-2]} tokens)", "use a shorter prompt")
             lay.keys = layer.keys[rows.to(layer.keys.device), :, :length]
             lay.values = layer.values[rows.to(layer.values.device), :, :length]
             if hasattr(lay, "cumulative_length"):

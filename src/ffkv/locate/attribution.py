@@ -75,17 +75,20 @@ def _layers(model: MemoryModel, layers) -> list[int]:
     return sorted({model.check_layer(int(l)) for l in layers})
 
 
-def _chunks(layers: list[int], steps: int, max_rows: int) -> list[list[int]]:
-    """Consecutive groups of layers with at most ``max_rows`` rows (steps per layer) each."""
-    per = max(1, max_rows // steps)
+def _chunks(layers: list[int], steps: int, max_rows: int, groups: int) -> list[list[int]]:
+    """Consecutive groups of layers: ``groups`` of them (each pass starts at its group's lowest layer, so more
+    groups run fewer layers but more passes), split further so that no pass has more than ``max_rows`` rows."""
+    per = max(1, min(max_rows // steps, -(-len(layers) // max(1, groups))))
     return [layers[i:i + per] for i in range(0, len(layers), per)]
 
 
 def integrated_gradients(model: MemoryModel, prompt: str, answer: str | int, steps: int = 20, layers=None,
-                         rule: str = "left", max_rows: int = 256, cost: Cost | None = None) -> torch.Tensor:
+                         rule: str = "left", max_rows: int = 256, groups: int = 4,
+                         cost: Cost | None = None) -> torch.Tensor:
     """Dai et al.'s integrated gradients of P(answer) for every memory, (n_layers, d_ffn) float32 on CPU.
 
-    Rows of layers not in ``layers`` are zero. max_rows bounds the batch (steps rows per layer).
+    Rows of layers not in ``layers`` are zero. max_rows bounds the batch (steps rows per layer); groups: layer
+    groups, one forward and one backward pass each.
     """
     cost = cost if cost is not None else Cost()
     lays = _layers(model, layers)
@@ -96,7 +99,7 @@ def integrated_gradients(model: MemoryModel, prompt: str, answer: str | int, ste
     _, rec, cache = reference_run(model, tg.ids, reads=reads, cost=cost)
     out = torch.zeros(L, model.d_ffn, dtype=torch.float32)
     for pos, gold in tg.targets:
-        for chunk in _chunks(lays, steps, max_rows):
+        for chunk in _chunks(lays, steps, max_rows, groups):
             grads = _scaled_gradients(model, tg.ids, rec, cache, pos, gold, chunk, alphas, cost)
             for l, g in zip(chunk, grads):
                 m = rec["coef", l][0, pos].float().cpu()

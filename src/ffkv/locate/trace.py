@@ -339,3 +339,22 @@ def causal_trace_reference(model: MemoryModel, prompt: str, subject: str, kind: 
             scores[t, l] = trace_with_patch([(t, j) for j in restored_layers(kind, l, L, window)])
     return TraceResult(prompt, subject, prep.tokens, prep.subject_range, prep.answer, prep.answer_id,
                        prep.high_score, low, scores, kind, window, noise, prep.level, samples, seed, cost.as_dict())
+
+
+@torch.no_grad()
+def restore_states(model: MemoryModel, prompt: str, subject: str, states: list[tuple[int, int]],
+                   kind: str = "hidden", answer=None, noise: str | float = "s3", samples: int = 10, seed: int = 0,
+                   subjects: list[str] | None = None) -> float:
+    """P(answer) of the corrupted prompt with the clean value of every state in ``states`` = [(token, layer)]
+    restored at once (ROME's ``trace_with_patch`` with several states). Restoring all tokens of one layer's
+    hidden state gives back the clean probability."""
+    _check_args(model, kind, samples, 1)
+    prep = _prepare(model, prompt, subject, kind, answer, noise, samples, seed, subjects, Cost())
+    T = prep.ids.shape[1]
+    edits = [corruption(prep.noise, prep.subject_range, prep.mode, rows=list(range(1, samples + 1)))]
+    for t, l in states:
+        edits.append(Intervention(SITE_OF_KIND[kind], model.check_layer(l), "fn", positions=[t],
+                                  value=lambda h: h[:1].expand_as(h)))
+    with intervene(model, edits=edits):
+        logits = model.hf(input_ids=prep.ids.expand(samples + 1, T)).logits
+    return torch.softmax(logits[1:, -1].float(), -1)[:, prep.answer_id].mean().item()

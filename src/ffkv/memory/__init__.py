@@ -1,1 +1,36 @@
+"""The key-value atlas (Geva et al. 2021, 2022): what triggers each FFN memory and what its value promotes.
 
+    from ffkv.memory import mine, Atlas, analyze, write_report, sub_updates
+    mine(model, "corpus/", "atlas/", top_k=25)          # one streaming, resumable pass
+    atlas = Atlas("atlas/", model=model)
+    analyze(atlas)                                       # values, patterns, composition, refinement
+    write_report(atlas)                                  # atlas/report.html
+    atlas.memory_triggers(3, 17)                         # what triggers memory L3.17
+"""
+
+_LAZY = {
+    "mine": "ffkv.memory.mining", "brute_force_triggers": "ffkv.memory.mining", "merge_topk": "ffkv.memory.mining",
+    "TriggerBuffers": "ffkv.memory.mining",
+    "CorpusSpec": "ffkv.memory.corpus", "iter_units": "ffkv.memory.corpus",
+    "Atlas": "ffkv.memory.atlas", "parse_memory": "ffkv.memory.atlas",
+    "analyze": "ffkv.memory.analysis",
+    "project_values": "ffkv.memory.values", "value_logits": "ffkv.memory.values", "agreement": "ffkv.memory.values",
+    "promotes": "ffkv.memory.values", "nearest_values": "ffkv.memory.values", "token_id": "ffkv.memory.values",
+    "pattern_summary": "ffkv.memory.patterns", "removal_effects": "ffkv.memory.patterns",
+    "key_pattern": "ffkv.memory.patterns",
+    "composition_and_refinement": "ffkv.memory.composition", "sample_units": "ffkv.memory.composition",
+    "sub_updates": "ffkv.memory.subupdates", "switch_effect": "ffkv.memory.subupdates",
+    "generate_with_memories": "ffkv.memory.subupdates",
+    "describe_memory": "ffkv.memory.queries",
+    "write_report": "ffkv.memory.report",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ffkv.memory' has no attribute {name!r}")

@@ -62,6 +62,8 @@ class Atlas:
 
     @property
     def model(self):
+        if self._model is False:
+            raise FfkvError("this atlas was opened without its model", "open it with Atlas(path)")
         if self._model is None:
             from ..models.loading import load_model
 

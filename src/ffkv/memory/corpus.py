@@ -47,10 +47,13 @@ class CorpusSpec:
     min_tokens: int = 2
     text_field: str = "text"
     max_units: int | None = None
+    docs: str = "paragraph"  # text files: "paragraph" (blank-line separated) or "line" (one document a line)
 
     def __post_init__(self):
         if self.split not in SPLITS:
             raise FfkvError(f"unknown split '{self.split}'", f"use one of {', '.join(SPLITS)}")
+        if self.docs not in ("paragraph", "line"):
+            raise FfkvError(f"unknown document split '{self.docs}'", "use paragraph or line")
         if self.window < 2:
             raise FfkvError(f"window must be at least 2 tokens, got {self.window}", "pass --window 64")
 
@@ -87,13 +90,15 @@ def corpus_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _text_documents(f: Path) -> Iterator[str]:
-    """Paragraphs of a text file (blank-line separated), lines joined by spaces."""
+def _text_documents(f: Path, by_line: bool = False) -> Iterator[str]:
+    """Paragraphs of a text file (blank-line separated), lines joined by spaces; or its lines."""
     para: list[str] = []
     with open(f, encoding="utf-8-sig", errors="replace") as fh:
         for line in fh:
             s = line.strip()
-            if s:
+            if s and by_line:
+                yield s
+            elif s:
                 para.append(s)
             elif para:
                 yield " ".join(para)
@@ -143,11 +148,11 @@ def _table_documents(f: Path, field: str) -> Iterator[str]:
         raise FfkvError(f"{f} is not a readable {f.suffix[1:]} file ({e})", "check the file") from None
 
 
-def documents(files: list[Path], text_field: str = "text") -> Iterator[tuple[str, str]]:
+def documents(files: list[Path], text_field: str = "text", by_line: bool = False) -> Iterator[tuple[str, str]]:
     """``(source, text)`` for every document of every file, in order."""
     for f in files:
         if f.suffix == ".txt":
-            docs = _text_documents(f)
+            docs = _text_documents(f, by_line)
         elif f.suffix == ".jsonl":
             docs = _jsonl_documents(f, text_field)
         else:
@@ -171,7 +176,7 @@ def iter_units(tokenizer, spec: CorpusSpec, files: list[Path] | None = None) -> 
     """
     files = files if files is not None else corpus_files(spec.path)
     unit = 0
-    for doc, (source, text) in enumerate(documents(files, spec.text_field)):
+    for doc, (source, text) in enumerate(documents(files, spec.text_field, spec.docs == "line")):
         if spec.split == "sentence":
             sents = split_sentences(text)
             ids = tokenizer(sents, add_special_tokens=False)["input_ids"] if sents else []

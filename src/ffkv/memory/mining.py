@@ -50,23 +50,97 @@ def ordered_bits(x: torch.Tensor) -> torch.Tensor:
     return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
 
 
-def merge_topk(buf_v: torch.Tensor, buf_g: torch.Tensor, new_v: torch.Tensor, new_g: torch.Tensor,
-               k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest of ``[buffer ; batch]`` per row, ties to the earlier prefix.
+def _clean(x: torch.Tensor) -> torch.Tensor:
+    """float32, NaN -> -inf, -0.0 -> +0.0 (so that float order and bit order agree)."""
+    x = x.float()
+    return torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x) + 0.0
 
-    buf_v (R, k) float32 sorted by (value desc, g asc); buf_g (R, k) int64 (-1 = empty);
-    new_v (R, N) float32; new_g (N,) int64, ascending and larger than every id in the buffer.
-    Composite key ``bits(v) * 2^32 + (2^32 - 1 - column)`` is unique per row, so ``topk`` is exact.
-    Returns the new (buf_v, buf_g), sorted the same way.
+
+def batch_topk(new_v: torch.Tensor, k: int, floor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best prefixes of a batch for every key by (value desc, position asc): values and positions (R, k).
+
+    new_v: (N, R) cleaned float32, one column per key. A float ``topk(k + 1)`` finds them unless the k-th
+    and (k+1)-th values tie; only keys with such a tie whose tied value can still enter the buffer (above
+    ``floor``, the buffer's k-th value) are redone with the exact composite key
+    ``bits(v) * 2^32 + (2^32 - 1 - position)`` (ReLU zeros are the usual ties).
     """
-    cat = torch.cat([buf_v, new_v.float()], dim=1)
-    col = torch.arange(cat.shape[1], device=cat.device, dtype=torch.int64)
-    key = (ordered_bits(cat) << 32) + ((1 << 32) - 1 - col)
+    N, R = new_v.shape
+    if N <= k:
+        return new_v.T, torch.arange(N, device=new_v.device).expand(R, N)
+    top = new_v.topk(k + 1, dim=0, sorted=True)
+    vals, cols = top.values[:k].T, top.indices[:k].T
+    tie = top.values[k - 1] == top.values[k]
+    if floor is not None:
+        tie &= top.values[k - 1] > floor
+    rows = tie.nonzero().squeeze(1)
+    if rows.numel():
+        sub = new_v.index_select(1, rows).T
+        col = torch.arange(N, device=new_v.device, dtype=torch.int64)
+        exact = ((ordered_bits(sub) << 32) + ((1 << 32) - 1 - col)).topk(k, dim=1, sorted=True).indices
+        cols = cols.index_copy(0, rows, exact)
+        vals = vals.index_copy(0, rows, sub.gather(1, exact))
+    return vals, cols
+
+
+def _merge_dense(buf_v, buf_g, new_v, new_g, k):
+    """Merge when many prefixes can enter (the start of a run): per-key top-k of the batch, then 2k."""
+    new_v = _clean(new_v)
+    vals, cols = batch_topk(new_v, k, floor=buf_v[:, -1])
+    cat = torch.cat([buf_v, vals], dim=1)
+    order = torch.cat([torch.arange(k, device=cat.device).expand(cat.shape[0], k), k + cols], dim=1)
+    key = (ordered_bits(cat) << 32) + ((1 << 32) - 1 - order)
     idx = key.topk(k, dim=1, sorted=True).indices
     v = cat.gather(1, idx)
-    in_buf = idx < k
-    g = torch.where(in_buf, buf_g.gather(1, idx.clamp(max=k - 1)), new_g[(idx - k).clamp(min=0)])
+    j = (idx - k).clamp(min=0, max=cols.shape[1] - 1)
+    g = torch.where(idx < k, buf_g.gather(1, idx.clamp(max=k - 1)), new_g[cols.gather(1, j)])
     return v, g
+
+
+def _merge_sparse(buf_v, buf_g, pos, rows, vals, new_g, k):
+    """Merge a few candidates (key ``rows[j]`` at batch position ``pos[j]``, value ``vals[j]``).
+
+    All buffer entries and candidates are sorted once by the composite key, then stably by key row; the
+    first k of each row are the new buffer. Cost O((R k + M) log), independent of the batch size.
+    """
+    R = buf_v.shape[0]
+    dev = buf_v.device
+    all_rows = torch.cat([torch.arange(R, device=dev).repeat_interleave(k), rows])
+    all_v = torch.cat([buf_v.reshape(-1), vals + 0.0])
+    all_g = torch.cat([buf_g.reshape(-1), new_g[pos]])
+    order = torch.cat([torch.arange(k, device=dev).repeat(R), k + pos])
+    key = (ordered_bits(all_v) << 32) + ((1 << 32) - 1 - order)
+    by_key = key.argsort(descending=True)
+    perm = by_key[all_rows[by_key].argsort(stable=True)]
+    counts = k + torch.bincount(rows, minlength=R)
+    start = counts.cumsum(0) - counts
+    take = perm[start[:, None] + torch.arange(k, device=dev)]
+    return all_v[take], all_g[take]
+
+
+def merge_topk(buf_v: torch.Tensor, buf_g: torch.Tensor, new_v: torch.Tensor, new_g: torch.Tensor,
+               k: int, negate: bool = False, sparse_share: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of ``[buffer ; batch]`` for every key, ties to the earlier prefix.
+
+    buf_v (R, k) float32 sorted by (value desc, g asc); buf_g (R, k) int64 (-1 = empty);
+    new_v (N, R): the batch's coefficients, one column per key (``-new_v`` is merged if ``negate``);
+    new_g (N,) int64, ascending and larger than every id in the buffer.
+    Only values above a key's current k-th value (its floor) can enter: equal ones lose the tie to the
+    older prefix. When those candidates are few (< ``sparse_share`` of the batch: the usual case once the
+    buffers fill) they are merged sparsely, otherwise the batch is cut to its k best per key first. Both
+    paths order by the composite key ``bits(v) * 2^32 + (2^32 - 1 - c)``, c = stream order (buffer columns
+    first, then k + batch position), unique per key, so the result is exact.
+    Returns the new (buf_v, buf_g).
+    """
+    floor = buf_v[:, -1]
+    mask = (new_v < -floor) if negate else (new_v > floor)
+    m = int(mask.sum())
+    if m == 0:
+        return buf_v, buf_g
+    if m <= sparse_share * mask.numel():
+        pos, rows = mask.nonzero(as_tuple=True)
+        vals = new_v[pos, rows].float()
+        return _merge_sparse(buf_v, buf_g, pos, rows, -vals if negate else vals, new_g, k)
+    return _merge_dense(buf_v, buf_g, -new_v if negate else new_v, new_g, k)
 
 
 class TriggerBuffers:
@@ -83,12 +157,15 @@ class TriggerBuffers:
         self.bot_v = self.top_v.clone()
         self.bot_g = self.top_g.clone()
 
-    def update(self, coef: torch.Tensor, gids: torch.Tensor):
-        """Absorb one batch. coef: (L * d_ffn, N) coefficients of N prefixes; gids: (N,) ascending."""
-        if coef.shape[1] == 0:
+    def update(self, coef: torch.Tensor, gids: torch.Tensor, layer: int | None = None):
+        """Absorb one batch. coef: (N, d_ffn) coefficients of one layer's keys (or (N, L * d_ffn) for all
+        layers when ``layer`` is None) at N prefixes; gids: (N,) ascending."""
+        if coef.shape[0] == 0:
             return
-        self.top_v, self.top_g = merge_topk(self.top_v, self.top_g, coef, gids, self.k)
-        self.bot_v, self.bot_g = merge_topk(self.bot_v, self.bot_g, -coef.float(), gids, self.k)
+        rows = slice(None) if layer is None else slice(layer * self.d_ffn, (layer + 1) * self.d_ffn)
+        for v, g, negate in ((self.top_v, self.top_g, False), (self.bot_v, self.bot_g, True)):
+            nv, ng = merge_topk(v[rows], g[rows], coef, gids, self.k, negate=negate)
+            v[rows], g[rows] = nv, ng
 
     def state(self) -> dict:
         return {"top_v": self.top_v, "top_g": self.top_g, "bot_v": self.bot_v, "bot_g": self.bot_g}
@@ -137,29 +214,28 @@ def forward_module(model):
 
 @torch.no_grad()
 def batch_coefficients(model, ids: torch.Tensor, mask: torch.Tensor, unit_ids: torch.Tensor,
-                       layers: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       layers: list[int] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Coefficients of every real position of a batch, all layers, in one forward pass.
 
-    ids, mask: (B, T); unit_ids: (B,). Returns coef (L * d_ffn, N) float32 (rows layer-major: row
-    ``l * d_ffn + i`` is key i of layer l) and gids (N,) = ``unit << 20 | t``, ascending.
+    ids, mask: (B, T); unit_ids: (B,). Returns one (N, d_ffn) tensor per layer (column i: key i) over the
+    N real positions, and gids (N,) = ``unit << 20 | t``, ascending.
     """
     layers = list(range(model.n_layers)) if layers is None else layers
     with intervene(model, reads=[("coef", l) for l in layers]) as rec:
         forward_module(model)(input_ids=ids, attention_mask=mask)
     B, T = ids.shape
     sel = mask.reshape(-1).nonzero().squeeze(1)
-    coef = torch.stack([rec["coef", l].reshape(B * T, -1).index_select(0, sel) for l in layers])  # (L, N, d)
-    coef = coef.float().transpose(1, 2).reshape(-1, sel.numel())
+    coefs = [rec["coef", l].reshape(B * T, -1).index_select(0, sel) for l in layers]  # (N, d) each
     pos = torch.arange(T, device=ids.device).expand(B, T)
     gids = ((unit_ids.to(ids.device)[:, None] << POSITION_BITS) + pos).reshape(-1).index_select(0, sel)
-    return coef, gids
+    return coefs, gids
 
 
 # --------------------------------------------------------------------------------------------- the run
 def _hyper(spec: CorpusSpec, top_k: int) -> dict:
     return {"corpus": str(Path(spec.path).resolve()), "split": spec.split, "window": spec.window,
             "min_tokens": spec.min_tokens, "text_field": spec.text_field, "max_units": spec.max_units,
-            "top_k": top_k}
+            "docs": spec.docs, "top_k": top_k}
 
 
 def _units_table(units: list[Unit]) -> dict:
@@ -188,6 +264,10 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
         raise FfkvError(f"top_k must be at least 1, got {top_k}", "pass --top-k 25")
     if spec.window >= 1 << POSITION_BITS:
         raise FfkvError(f"window {spec.window} is too long", f"use at most {(1 << POSITION_BITS) - 1} tokens")
+    n_pos = max_positions(model)
+    if n_pos is not None and spec.window > n_pos:
+        raise FfkvError(f"window {spec.window} is longer than the model's context ({n_pos} positions)",
+                        f"pass --window {n_pos} or less")
     files = corpus_files(spec.path)
     out = Path(out)
     state_dir = out / "state"
@@ -195,6 +275,10 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
     identity = model.identity
     meta_path = out / "atlas.json"
     fingerprint = corpus_fingerprint(files)
+    tok = model._require_tokenizer()
+    if next(iter_units(tok, spec, files), None) is None:  # before anything is written
+        raise FfkvError(f"corpus '{spec.path}' yields no units of at least {spec.min_tokens} tokens",
+                        "pass a corpus with text in it (or lower --min-tokens)")
     if meta_path.exists():
         meta = read_json(meta_path)
         _check_same_run(meta, identity, hyper, fingerprint, out)
@@ -215,7 +299,6 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
         buffers.load(tensors)
         _drop_orphan_shards(state_dir, done["shards"])
 
-    tok = model._require_tokenizer()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     stream = (u for u in iter_units(tok, spec, files) if u.unit >= done["units"])
     pending: list[Unit] = []
@@ -226,8 +309,9 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
         for batch in batches(stream, batch_tokens, spec.window):
             ids, mask = encode_units(batch, pad_id, model.device)
             unit_ids = torch.tensor([u.unit for u in batch], dtype=torch.long)
-            coef, gids = batch_coefficients(model, ids, mask, unit_ids)
-            buffers.update(coef if device_buffers else coef.cpu(), gids if device_buffers else gids.cpu())
+            coefs, gids = batch_coefficients(model, ids, mask, unit_ids)
+            for l, c in enumerate(coefs):
+                buffers.update(c if device_buffers else c.cpu(), gids if device_buffers else gids.cpu(), layer=l)
             pending.extend(batch)
             n_tok = int(mask.sum())
             done["units"], done["tokens"], done["batches"] = batch[-1].unit + 1, done["tokens"] + n_tok, \
@@ -249,11 +333,17 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
         done = _checkpoint(state_dir, buffers, pending, done)
     if not finished:
         return {**meta, "status": "partial", "units": done["units"], "tokens": done["tokens"]}
-    if done["tokens"] == 0:
-        raise FfkvError(f"corpus '{spec.path}' yields no units of at least {spec.min_tokens} tokens",
-                        "pass a corpus with text in it (or lower --min-tokens)")
     elapsed = time.perf_counter() - t0
     return _finalize(model, out, buffers, done, meta, tokens_this_call / max(elapsed, 1e-9))
+
+
+def max_positions(model) -> int | None:
+    """The longest input the model takes (absolute position tables), or None if unbounded."""
+    for name in ("n_positions", "max_position_embeddings"):
+        v = getattr(model.config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
 
 
 def _model_path(model) -> str:
@@ -356,7 +446,7 @@ def brute_force_triggers(model, units: list[Unit], top_k: int, batch_tokens: int
     for batch in batches(iter(units), batch_tokens, max(len(u.tokens) for u in units)):
         ids, mask = encode_units(batch, pad_id, model.device)
         c, g = batch_coefficients(model, ids, mask, torch.tensor([u.unit for u in batch]))
-        all_c.append(c.cpu().numpy())
+        all_c.append(torch.cat(c, dim=1).T.float().cpu().numpy())
         all_g.append(g.cpu().numpy())
     C = np.concatenate(all_c, axis=1) + 0.0  # (L*d, N)
     G = np.concatenate(all_g)
@@ -373,3 +463,66 @@ def brute_force_triggers(model, units: list[Unit], top_k: int, batch_tokens: int
             res[kind], res[kind + "_coef"] = np.stack(rows_g), np.stack(rows_c)
         out[l] = res
     return out
+
+
+# --------------------------------------------------------------------------------------------- merging
+def merge_atlases(parts: list[str | Path], out: str | Path) -> dict:
+    """Merge atlases mined with the same model and top_k on different corpora (e.g. shards of a corpus
+    mined on different machines) into one: per key, the top-k / bottom-k of the union.
+
+    Units are renumbered (part p's units are offset by the units of parts 0..p-1), so ties go to the earlier
+    part, then the earlier prefix: merging the atlases of consecutive shards of a corpus gives the atlas of
+    the whole corpus.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .atlas import Atlas
+
+    atlases = [Atlas(p, model=False) for p in parts]
+    if len(atlases) < 2:
+        raise FfkvError("merging needs at least two atlases", "pass two or more atlas folders")
+    first = atlases[0]
+    for a in atlases[1:]:
+        if a.meta["model"].get("fingerprint") != first.meta["model"].get("fingerprint") or a.top_k != first.top_k:
+            raise FfkvError(f"atlas '{a.path}' was mined with another model or top_k than '{first.path}'",
+                            "merge atlases of one model with the same --top-k")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FfkvError(f"output folder '{out}' exists and is not empty", "pass a new --out folder")
+    k = first.top_k
+    offsets = np.cumsum([0] + [int(a.meta["units"]) for a in atlases[:-1]])
+    prov = {key: first.meta[key] for key in ("ffkv_version", "created", "model", "hyperparameters")}
+    prov["hyperparameters"] = {**prov["hyperparameters"], "corpus": [a.meta["hyperparameters"]["corpus"]
+                                                                      for a in atlases]}
+    for l in range(first.n_layers):
+        t = pa.concat_tables([_offset_units(a.triggers(l), off) for a, off in zip(atlases, offsets)]).to_pydict()
+        idx, kind = np.asarray(t["index"]), np.asarray(t["kind"])
+        coef, unit, pos = np.asarray(t["coef"], np.float64) + 0.0, np.asarray(t["unit"]), np.asarray(t["position"])
+        is_top = kind == "top"
+        signed = np.where(is_top, -coef, coef)  # ascending sort = best first for both kinds
+        order = np.lexsort((pos, unit, signed, idx, ~is_top))  # rows as mine() writes them
+        idx_s, top_s = idx[order], is_top[order]
+        group_start = np.r_[True, (idx_s[1:] != idx_s[:-1]) | (top_s[1:] != top_s[:-1])]
+        gid = np.cumsum(group_start) - 1
+        starts = np.flatnonzero(group_start)
+        rank = np.arange(order.size) - starts[gid]
+        keep = order[rank < k]
+        table = {"index": idx[keep].astype(np.int32), "kind": kind[keep], "rank": rank[rank < k].astype(np.int16),
+                 "coef": coef[keep].astype(np.float32), "unit": unit[keep], "position": pos[keep].astype(np.int32)}
+        write_parquet(out / "triggers" / f"layer-{l:03d}.parquet", table, meta={**prov, "layer": l})
+    units = pa.concat_tables([_offset_units(pq.read_table(a.path / "units.parquet"), off)
+                              for a, off in zip(atlases, offsets)])
+    write_parquet(out / "units.parquet", units, meta=prov)
+    meta = {**first.meta, **prov, "status": "complete", "units": int(sum(a.meta["units"] for a in atlases)),
+            "tokens": int(sum(a.meta["tokens"] for a in atlases)), "merged_from": [str(a.path) for a in atlases]}
+    write_json(out / "atlas.json", meta)
+    return meta
+
+
+def _offset_units(table, offset: int):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    i = table.schema.get_field_index("unit")
+    return table.set_column(i, "unit", pc.add(table["unit"], pa.scalar(int(offset), pa.int64())))

@@ -142,6 +142,7 @@ def values_arrow(columns: dict):
         "value_norm": pa.array(columns["value_norm"]),
         "trigger_next_id": pa.array(columns["trigger_next_id"]),
         "trigger_next_rank": pa.array(columns["trigger_next_rank"]),
+        "agrees": pa.array(np.array([int(r[0]) for r in columns["top_ids"]]) == columns["trigger_next_id"]),
     })
 
 

@@ -49,34 +49,56 @@ def answer_margin(logits: torch.Tensor, answer_id: int) -> float:
 
 
 @torch.no_grad()
-def clean_coefficients(model: MemoryModel, prompt: str) -> list[torch.Tensor]:
-    """The coefficients m_l of every layer on the prompt, each (1, T, d_ffn)."""
+def clean_coefficients(model: MemoryModel, prompt: str, off: list[tuple[int, int]] = ()
+                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The coefficients m_l of every layer on the prompt (each (1, T, d_ffn)) with the memories ``off``
+    switched off, and the last position's logits (vocab,) of that run."""
     reads = [("coef", l) for l in range(model.n_layers)]
-    with intervene(model, reads=reads) as rec:
-        model.hf(**model.encode(prompt))
-    return [rec["coef", l] for l in range(model.n_layers)]
+    with intervene(model, reads=reads, edits=ablation_edits(off)) as rec:
+        logits = model.hf(**model.encode(prompt)).logits[0, -1].float()
+    return [rec["coef", l] for l in range(model.n_layers)], logits
 
 
-def memory_attribution(model: MemoryModel, prompt: str, answer_id: int, steps: int = 16) -> torch.Tensor:
+def ablation_edits(off, row: int | None = None) -> list[Intervention]:
+    """Interventions switching the memories ``off`` [(layer, index), ...] off at every position."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, index in off:
+        by_layer.setdefault(int(layer), []).append(int(index))
+    edits = []
+    for layer, indices in by_layer.items():
+        e = switch_memories(layer, indices)
+        e.batch = None if row is None else [row]
+        edits.append(e)
+    return edits
+
+
+def memory_attribution(model: MemoryModel, prompt: str, answer_id: int, steps: int = 16,
+                       off: list[tuple[int, int]] = ()) -> torch.Tensor:
     """Integrated gradients of every memory for the answer's centered logit, (n_layers, d_ffn), float32.
 
     Every layer's coefficients are set to ``α m_l`` (m_l: their clean values, at every position) and α goes
     from 0 to 1 for all layers at once:
-    ``a_{l,i} = Σ_t m_{t,l,i} · (1/K) Σ_k ∂f/∂m_{t,l,i} (α_k m)``, ``f = z_y - mean(z)`` at the last position,
-    ``α_k = (k + 1/2)/K``. By completeness ``Σ a ≈ f(m) - f(0)``. Plain gradient × activation fails where the
+    ``a_{l,i} = Σ_t m_{t,l,i} · Σ_k w_k ∂f/∂m_{t,l,i} (α_k m)``, ``f = z_y - mean(z)`` at the last position;
+    the K intervals have edges ``0, 10^-3, ..., 1`` (geometric) and α_k, w_k are their midpoints and widths,
+    because a memory with a large coefficient saturates the final norm within the first percent of the path.
+    By completeness ``Σ a ≈ f(m) - f(0)``. Plain gradient × activation fails where the
     final norm saturates (a memory that alone writes the answer has ∂f/∂m ≈ 0); scaling one layer at a time
     misses memories whose layer is redundant with another layer. One forward/backward pass, ``steps`` rows.
+    ``off``: memories already switched off (their coefficients are 0 on the whole path).
     """
-    clean = clean_coefficients(model, prompt)
+    clean, _ = clean_coefficients(model, prompt, off)
     batch = model.encode([prompt] * steps)
-    alphas = ((torch.arange(steps, dtype=torch.float32) + 0.5) / steps).to(model.device, model.dtype)
+    edges = torch.cat([torch.zeros(1), torch.logspace(-3, 0, steps)])
+    alphas = ((edges[1:] + edges[:-1]) / 2).to(model.device, model.dtype)
+    widths = (edges[1:] - edges[:-1]).to(model.device, torch.float32)
     edits = [Intervention("coef", l, "set", value=alphas[:, None, None] * m) for l, m in enumerate(clean)]
     reads = [("coef", l) for l in range(model.n_layers)]
     with torch.enable_grad(), intervene(model, reads=reads, edits=edits, keep_grad=True) as rec:
         logits = model.hf(**batch).logits[:, -1].float()
         target = (logits[:, answer_id] - logits.mean(-1)).sum()
         grads = torch.autograd.grad(target, [rec["coef", l] for l in range(model.n_layers)])
-    return torch.stack([(m[0] * g.mean(0)).sum(0).float() for m, g in zip(clean, grads)])
+    w = widths[:, None, None]
+    return torch.stack([(m[0].float() * (g.float() * w).sum(0)).sum(0) for m, g in zip(clean, grads)])
 
 
 def top_memories(attribution: torch.Tensor, k: int) -> list[tuple[int, int]]:
@@ -98,18 +120,48 @@ def ablation_curve(model: MemoryModel, prompt: str, answer_id: int, ranking: lis
     """
     ks = [k for k in ks if k <= len(ranking)]
     batch = model.encode([prompt] * len(ks))
-    edits = []
-    for row, k in enumerate(ks):
-        by_layer: dict[int, list[int]] = {}
-        for layer, index in ranking[:k]:
-            by_layer.setdefault(layer, []).append(index)
-        for layer, indices in by_layer.items():
-            e = switch_memories(layer, indices)
-            e.batch = [row]
-            edits.append(e)
+    edits = [e for row, k in enumerate(ks) for e in ablation_edits(ranking[:k], row)]
     with intervene(model, edits=edits):
         logits = model.hf(**batch).logits[:, -1].float()
     return ks, torch.softmax(logits, -1)[:, answer_id].cpu().numpy()
+
+
+def adaptive_ablation(model: MemoryModel, prompt: str, answer_id: int, ks=DEFAULT_KS, steps: int = 16,
+                      rerank_steps: int = 8, rerank_until: int = 16
+                      ) -> tuple[list[int], np.ndarray, list[tuple[int, int]], torch.Tensor]:
+    """The ablation curve with the ranking recomputed after every ablation step up to ``rerank_until``.
+
+    At grid step j the memories ranked so far are off; integrated gradients on that ablated model
+    (``rerank_steps`` steps) pick the next ``k_{j+1} - k_j`` memories. This follows self-repair: a backup
+    memory that is silent in the clean run (its layer's input is dominated by the fact already written)
+    fires once the first copy is off, and is ranked next. Beyond ``rerank_until`` memories the last ranking
+    is followed (the fact is gone by then for all but the most redundant facts, and each re-rank costs a
+    backward pass). Returns ``(ks, p_k, ranking, first attribution)``.
+    """
+    ks = sorted(set(int(k) for k in ks))
+    d = model.d_ffn
+    off: list[tuple[int, int]] = []
+    ps, first, order = [], None, []
+    for j, k in enumerate(ks):
+        _, logits = clean_coefficients(model, prompt, off[:k])
+        ps.append(float(torch.softmax(logits, -1)[answer_id]))
+        if j + 1 == len(ks):
+            break
+        need = ks[j + 1] - len(off)
+        if need <= 0:
+            continue
+        if first is None or k < rerank_until:
+            a = memory_attribution(model, prompt, answer_id, steps if first is None else rerank_steps, off)
+            first = a if first is None else first
+            flat = a.reshape(-1).clone()
+            for layer, index in off:
+                flat[layer * d + index] = -float("inf")
+            order = [(i // d, i % d) for i in torch.argsort(flat, descending=True).tolist()]
+        taken = set(off)
+        off += [m for m in order if m not in taken][:need]
+    if first is None:
+        first = memory_attribution(model, prompt, answer_id, steps)
+    return ks[:len(ps)], np.array(ps), off, first
 
 
 def survival(p: np.ndarray) -> np.ndarray:
@@ -134,24 +186,27 @@ def k_half(ks: list[int], s: np.ndarray) -> int:
 
 
 def trace_concentration(model: MemoryModel, prompt: str, subject: str, answer_id: int,
-                        samples: int = 10, seed: int = 0) -> dict | None:
+                        samples: int = 10, seed: int = 0, window: int = 1, noise: str | float = "s3"
+                        ) -> dict | None:
     """Concentration of the MLP causal trace, or None when ``ffkv.locate`` is not available.
 
     ``concentration = max_{t,l} IE⁺ / Σ_{t,l} IE⁺`` with ``IE⁺ = max(0, score - low)``; also the peak site and
-    the peak indirect effect as a fraction of ``high - low``.
+    the peak indirect effect as a fraction of ``high - low``. ``window=1`` restores one layer's MLP per cell
+    (ROME's window of 10 would cover every layer of a small model).
     """
     try:
         from ..locate.trace import causal_trace
     except ImportError:
         return None
-    r = causal_trace(model, prompt, subject, kind="mlp", answer=model.decode([answer_id]), samples=samples,
-                     seed=seed)
+    r = causal_trace(model, prompt, subject, kind="mlp", answer=int(answer_id), samples=samples, seed=seed,
+                     window=window, noise=noise)
     scores = np.asarray(r.scores, dtype=float)
     ie = np.maximum(0.0, scores - float(r.low_score))
     total = ie.sum()
     t, l = np.unravel_index(int(ie.argmax()), ie.shape)
     span = float(r.high_score) - float(r.low_score)
-    return {"concentration": float(ie.max() / total) if total > 0 else 0.0,
+    # A corruption that does not move the answer leaves nothing to localize.
+    return {"concentration": float(ie.max() / total) if total > 0 and span > 1e-3 else float("nan"),
             "peak_token": int(t), "peak_layer": int(l),
             "peak_effect": float(ie.max() / span) if abs(span) > 1e-12 else 0.0,
             "high_score": float(r.high_score), "low_score": float(r.low_score)}
@@ -182,19 +237,25 @@ class StorageStrength:
 
 def storage_strength(model: MemoryModel, prompt: str, answer: str | int | None = None,
                      subject: str | None = None, ks=DEFAULT_KS, trace: bool = False,
-                     trace_samples: int = 10) -> StorageStrength:
+                     trace_samples: int = 10, adaptive: bool = True) -> StorageStrength:
     """Storage strength of ``answer`` (text, token id, or None for the greedy answer) after ``prompt``.
 
-    ``trace=True`` (needs ``subject`` and ``ffkv.locate``) adds the causal-trace concentration.
+    ``adaptive=True`` re-ranks the memories after every ablation step (:func:`adaptive_ablation`);
+    ``False`` ranks once on the intact model (one IG pass, one batched ablation pass: faster, but blind to
+    backup memories). ``trace=True`` (needs ``subject`` and ``ffkv.locate``) adds the causal-trace
+    concentration.
     """
     if subject is not None:
         model.find_subject(prompt, subject)  # a subject that is not in the prompt is an error up front
     y = resolve_answer(model, prompt, answer)
     logits = model.next_token_logits(prompt)[0].float()
     p = torch.softmax(logits, -1)
-    attribution = memory_attribution(model, prompt, y)
-    ranking = top_memories(attribution, max(ks))
-    ks_used, curve = ablation_curve(model, prompt, y, ranking, ks)
+    if adaptive:
+        ks_used, curve, ranking, attribution = adaptive_ablation(model, prompt, y, ks)
+    else:
+        attribution = memory_attribution(model, prompt, y)
+        ranking = top_memories(attribution, max(ks))
+        ks_used, curve = ablation_curve(model, prompt, y, ranking, ks)
     s = survival(curve)
     pos = attribution.clamp(min=0)
     tr = None

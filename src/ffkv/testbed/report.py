@@ -8,7 +8,7 @@ token ``o``:
     greedy        [argmax_v p(v | x) = o]                          over the whole vocabulary
     candidates    [argmax_{c ∈ C_r} p(c | x) = o]                  among the relation's candidate objects
     sampled       (1/n) Σ_j [v_j = o],  v_j ~ p(· | x) (temperature 1)
-    self-consistency  [the most frequent of the n samples is o]
+    self-consistency  [o is sampled strictly more often than any other token among the n samples]
     p_object      p(o | x)
 
 Each is averaged over prompts, then over facts, by frequency bucket (1, 2-3, 4-7, 8-15, 16-31, 32+, and
@@ -84,11 +84,12 @@ def score_prompts(probs, object_ids, candidate_ids, n_samples: int, generator) -
     candidates = (cand == object_ids).float()
     samples = torch.multinomial(probs, n_samples, replacement=True, generator=generator)  # (P, n)
     sampled = (samples == object_ids[:, None]).float().mean(-1)
-    mode = torch.mode(samples, dim=-1).values
-    # torch.mode breaks ties toward the smallest id; a tie is not a consensus, so count it only if unique.
-    counts = (samples == mode[:, None]).sum(-1)
-    obj_counts = (samples == object_ids[:, None]).sum(-1)
-    self_consistency = ((obj_counts == counts) & (obj_counts > 0)).float()
+    # Self-consistency: the object is sampled strictly more often than any other token (a tie is no consensus).
+    same = (samples[:, :, None] == samples[:, None, :]).sum(-1)  # (P, n): how often each sample occurs
+    is_obj = samples == object_ids[:, None]
+    obj_counts = is_obj.sum(-1)
+    other_max = same.masked_fill(is_obj, 0).max(-1).values
+    self_consistency = (obj_counts > other_max).float()
     p_object = probs.gather(1, object_ids[:, None]).squeeze(1)
     return {"greedy": greedy, "candidates": candidates, "sampled": sampled,
             "self_consistency": self_consistency, "p_object": p_object}

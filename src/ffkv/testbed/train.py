@@ -43,7 +43,7 @@ TRAIN_PRESETS = {
     "tiny": TrainPreset(n_layer=2, d_model=64, n_head=2, d_ffn=256, context=64, batch_size=16, steps=800,
                         lr=6e-3, warmup=50, min_frequency=8),
     "default": TrainPreset(n_layer=6, d_model=128, n_head=4, d_ffn=512, context=128, batch_size=32,
-                           steps=2000, lr=4e-3, warmup=100),
+                           steps=1500, lr=4e-3, warmup=100),
 }
 
 
@@ -99,11 +99,13 @@ def learning_rate(step: int, preset: TrainPreset) -> float:
 
 
 def train_model(world, arch: str = "gpt2", preset: str | TrainPreset = "default", out: str | Path = "model",
-                seed: int = 0, steps: int | None = None, threads: int = 1, progress: bool = True) -> Path:
+                seed: int = 0, steps: int | None = None, threads: int = 1, progress: bool = True,
+                checkpoint_every: int | None = None) -> Path:
     """Train a tokenizer and an ``arch`` model on ``world``'s text; save a HF model folder at ``out``.
 
     Returns ``out``. The folder holds the model (safetensors), its tokenizer and ``testbed.json``
-    (provenance, hyperparameters, loss curve, training time).
+    (provenance, hyperparameters, loss curve, training time). ``checkpoint_every``: also save the model
+    every that many steps to ``<out>-step<N>`` (for watching recall grow, or a long run cut short).
     """
     import torch
     from tqdm import tqdm
@@ -145,6 +147,10 @@ def train_model(world, arch: str = "gpt2", preset: str | TrainPreset = "default"
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(round(loss.item(), 4))
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < p.steps:
+            out_ck = Path(f"{out}-step{step + 1}")
+            model.save_pretrained(out_ck, safe_serialization=True)
+            tokenizer.save_pretrained(out_ck)
         if step % 10 == 0:
             elapsed = time.time() - t0
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{(step + 1) * p.batch_size * p.context / elapsed:.0f}")

@@ -1,0 +1,104 @@
+"""Sequential editing stress test on a testbed: N edits one after another, curves and collapse points.
+
+    python examples/sequential_stress.py run --testbed DIR --method rome --n 100 --every 10 --out runs/seq-rome
+    python examples/sequential_stress.py run --testbed DIR --method memit --batch 10 --n 1000 --every 50 \
+        --out runs/seq-memit
+    python examples/sequential_stress.py plot runs/seq-rome runs/seq-memit --out runs/sequential.png
+
+The first ``n`` CounterFact cases of the testbed are edited (ROME: one per step; MEMIT: ``--batch`` per step);
+the next ``--probes`` cases are the fixed probe set of facts that are not edited. Curves are saved after every
+measurement (curve.parquet, summary.json, curves.png under --out), so a long run killed half-way still
+leaves its curve up to the last measurement. Run it in the background with one thread:
+
+    OMP_WAIT_POLICY=PASSIVE nohup python examples/sequential_stress.py run ... > /tmp/seq.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def run(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import ffkv
+    from ffkv.evaluate.datasets import load_cases
+    from ffkv.evaluate.metrics import generation_prompts
+    from ffkv.evaluate.run import resolve_hparams
+    from ffkv.evaluate.sequential import probe_pairs, sequential_edits
+
+    testbed = Path(args.testbed) if args.testbed else Path(ffkv.testbed.default_testbed(build_if_missing=False))
+    model = ffkv.load_model(str(testbed / "model"))
+    cases, info = load_cases(testbed / "data" / "counterfact.json", limit=args.n + args.probes)
+    if len(cases) < args.n + 1:
+        raise SystemExit(f"only {len(cases)} cases in {testbed}")
+    edited, probes = cases[:args.n], cases[args.n:]
+    hp = resolve_hparams(model, args.method)
+    for kv in args.set or []:
+        k, v = kv.split("=", 1)
+        hp[k] = json.loads(v)
+    gen = [generation_prompts(c)[0] for c in probes[:args.gen_prompts]]
+    out = Path(args.out)
+
+    def save(res):
+        res.meta["data"] = info
+        res.write(out, title=f"sequential {args.method} (batch {args.batch}) on {testbed.name}")
+        last = res.curve[-1]
+        print(f"[{last['n_edits']:5d} edits, {last['seconds']:7.0f} s] retention ES {last['retention_ES']:.3f} "
+              f"PS {last['retention_PS']:.3f} NS {last['edited_NS']:.3f} probe {last['probe_acc']:.3f} "
+              f"GE {last['GE']:.3f} ppl {last['ppl']:.2f}", flush=True)
+
+    res = sequential_edits(model, edited, method=args.method, hparams=hp, stats_dir=args.stats_dir,
+                           batch_size=args.batch, every=args.every, probes=probe_pairs(probes),
+                           gen_prompts=gen, gen_tokens=args.gen_tokens, on_measure=save, progress=True)
+    res.meta["data"] = info
+    paths = res.write(out, title=f"sequential {args.method} (batch {args.batch}) on {testbed.name}")
+    print(json.dumps({"collapse": res.collapse, "files": {k: str(v) for k, v in paths.items()}}, indent=1))
+
+
+def plot(args):
+    import pyarrow.parquet as pq
+
+    from ffkv.evaluate.sequential import SequentialResult, plot_curves
+
+    results = {}
+    for d in args.runs:
+        d = Path(d)
+        summary = json.loads((d / "summary.json").read_text())
+        curve = pq.read_table(d / "curve.parquet").to_pylist()
+        label = f"{summary.get('method')} b={summary.get('batch_size', 1)}"
+        results[label] = SequentialResult(curve, [], summary.get("baseline", {}), summary.get("collapse", {}),
+                                          {"method": summary.get("method")})
+    path = plot_curves(results, args.out, title=args.title)
+    print(path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--testbed", default=None, help="testbed folder (default: the shipped default)")
+    r.add_argument("--method", choices=["rome", "memit", "kn"], default="rome")
+    r.add_argument("--n", type=int, default=100)
+    r.add_argument("--batch", type=int, default=1)
+    r.add_argument("--every", type=int, default=10)
+    r.add_argument("--probes", type=int, default=100)
+    r.add_argument("--gen-prompts", type=int, default=10)
+    r.add_argument("--gen-tokens", type=int, default=20)
+    r.add_argument("--stats-dir", default=None)
+    r.add_argument("--set", action="append", help="hyperparameter override key=JSON")
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--out", required=True)
+    p = sub.add_parser("plot")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--title", default=None)
+    args = ap.parse_args()
+    run(args) if args.cmd == "run" else plot(args)
+
+
+if __name__ == "__main__":
+    main()

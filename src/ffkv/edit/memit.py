@@ -1,0 +1,62 @@
+"""MEMIT: many edits at once, spread over a range of layers (Meng et al., 2023).
+
+1. Target residuals. For the batch of n requests, optimise δ_i at the residual stream after the last edited
+   layer L (``resid_post``), all requests together (:func:`.compute_value.compute_targets`):
+   z_i = h_i^L + δ_i, Z: (n, d_model).
+2. For each edited layer l = l_1 .. l_m = L, in order (later keys see earlier updates):
+
+       K_l = [k*_1 .. k*_n]                          (d_ffn, n)     keys averaged over context prefixes
+       R_l = (Z - H^L) / (m - j)                     (d_model, n)   the remaining residual, shared by the
+                                                                    layers still to edit
+       ΔW_l = R_l K_l^T (λ C_l + K_l K_l^T)^-1       (d_model, d_ffn)
+
+   solved as ΔW_l = R_l A^T with A = (λ C_l + K_l K_l^T)^-1 K_l by a Cholesky solve (the matrix is
+   symmetric positive definite); λ is ``mom2_update_weight`` and C_l = E[k k^T] the layer's statistics.
+
+Each layer's update is a journal entry of rank n: u = R_l (d_model, n), v = A (d_ffn, n).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .compute_key import compute_keys, context_prefixes, read_at_subject
+from .compute_value import compute_targets
+from .journal import Journal, JournalEntry
+from .requests import EditRequest
+from .stats import SecondMoment, cholesky_factor
+
+
+def memit_layer_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, v) with ΔW = u v^T = R K^T (λ C + K K^T)^-1; C (d_ffn, d_ffn), K (d_ffn, n), R (d_model, n)."""
+    K = K.double().cpu()
+    A = lam * C.double().cpu() + K @ K.T
+    adj = torch.cholesky_solve(K, cholesky_factor(A))  # (d_ffn, n)
+    return R.double().cpu(), adj
+
+
+def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dict[int, SecondMoment],
+               journal: Journal, prefixes: list[str] | None = None) -> list[JournalEntry]:
+    """Apply one MEMIT batch over ``hparams['layers']``; returns the journal entries (one per layer)."""
+    layers = list(hparams["layers"])
+    top = layers[-1]
+    if prefixes is None:
+        prefixes = context_prefixes(model, hparams["prefixes"], hparams["seed"])
+    tgt = compute_targets(model, requests, "resid_post", top, hparams, prefixes)
+    z = tgt.h + tgt.delta  # (n, d_model)
+    reqs = [r.to_json() for r in requests]
+    info_req = [tgt.info(i) for i in range(len(requests))]
+    entries = []
+    for j, layer in enumerate(layers):
+        K = compute_keys(model, requests, layer, prefixes).T  # (d_ffn, n)
+        cur = read_at_subject(model, requests, "resid_post", top)  # (n, d_model)
+        R = (z - cur).T / (len(layers) - j)  # (d_model, n)
+        u, v = memit_layer_update(stats[layer].C, K, R, float(hparams["mom2_update_weight"]))
+        info = {"targets": info_req if j == 0 else None, "residual_norm": float(R.norm()),
+                "stats_tokens": stats[layer].n_tokens, "stats_corpus": stats[layer].corpus}
+        entries.append(journal.record(model, "memit", layer, u.float(), v.float(), reqs, hparams, info,
+                                      max_ratio=hparams["max_update_ratio"], keys=K))
+    return entries

@@ -1,0 +1,163 @@
+"""How memories compose a layer's output (Geva et al. 2021, section 5), measured over sampled prefixes.
+
+Composition (5.1), per layer l and prefix x:
+    active memories   A = {i : memory i is active at x}; the share |A| / d_ffn
+    layer prediction  y^l = argmax E o^l,  o^l = sum_i m_i v_i + b  (the FFN output)
+    memory prediction y_i = argmax E (m_i v_i) = argmax E v_i if m_i > 0, argmin E v_i if m_i < 0
+    zero agreement    y^l differs from y_i for every i in A
+
+"Active" (an explicit, recorded rule): ReLU -> m_i != 0; GELU and other non-gated activations -> m_i > 0,
+i.e. the key's pre-activation is positive (GELU(z) > 0 iff z > 0); gated FFNs -> the gate pre-activation
+``k_i . x > 0`` (read from the FFN input). ``active_threshold=t`` replaces all of these by ``|m_i| > t``.
+
+Refinement (5.2), per layer: the residual before the FFN r^l = resid_post^l - o^l and the layer output
+r^l + o^l are read through the logit lens (final norm, then E); with Y the model's final prediction:
+    residual-is-output  argmax E r^l == Y
+    cases  residual     top(r+o) == top(r) != top(o)
+           ffn          top(r+o) == top(o) != top(r)
+           agreement    top(r+o) == top(r) == top(o)
+           composition  top(r+o) differs from both
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..models.hooks import intervene
+from .corpus import CorpusSpec, iter_units
+from .mining import batches, encode_units
+from .patterns import is_stop_token
+from .values import value_logits
+
+SHORT_PREFIX = 5  # the paper's short prefixes: fewer than 5 tokens
+
+
+def sample_units(model, spec: CorpusSpec, n_units: int = 200, pool: int = 20, seed: int = 0) -> list:
+    """A seeded sample of ``n_units`` units from the first ``n_units * pool`` units of a corpus."""
+    units = []
+    for u in iter_units(model._require_tokenizer(), spec):
+        units.append(u)
+        if len(units) >= n_units * pool:
+            break
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(len(units), size=min(n_units, len(units)), replace=False))
+    return [units[i] for i in keep]
+
+
+def activation_rule(model, layer: int) -> str:
+    """"nonzero" (ReLU), "positive" (GELU-like: m > 0 iff pre-activation > 0) or "gate" (gated FFNs)."""
+    if model.gated:
+        return "gate"
+    act = model.activation(layer)
+    name = type(act).__name__.lower() + str(getattr(act, "act", "")).lower()
+    return "nonzero" if "relu" in name and "gelu" not in name else "positive"
+
+
+@torch.no_grad()
+def memory_tokens(model, norm: bool = False, chunk: int = 1024) -> dict:
+    """Per layer, (d_ffn,) top-1 and bottom-1 token of ``E v_i``: y_i for positive / negative m_i."""
+    out = {}
+    for l in range(model.n_layers):
+        tops, bots = [], []
+        for s in range(0, model.d_ffn, chunk):
+            lg = value_logits(model, l, torch.arange(s, min(s + chunk, model.d_ffn)), norm=norm)
+            tops.append(lg.argmax(-1))
+            bots.append(lg.argmin(-1))
+        out[l] = (torch.cat(tops), torch.cat(bots))
+    return out
+
+
+def _rate(mask: np.ndarray, of: np.ndarray) -> float | None:
+    return float(mask[of].mean()) if of.any() else None
+
+
+@torch.no_grad()
+def composition_and_refinement(model, units: list, norm: bool = False, active_threshold: float | None = None,
+                               batch_tokens: int = 1024, progress: bool = False) -> dict:
+    """Both analyses of section 5 over every position of ``units`` (see module docstring)."""
+    L = model.n_layers
+    mem = memory_tokens(model, norm=norm)
+    rules = {l: activation_rule(model, l) for l in range(L)}
+    tok = model._require_tokenizer()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    stop_of_id: dict[int, bool] = {}
+    acc = {l: {k: [] for k in ("active", "zero", "has_active", "res_is_out", "case")} for l in range(L)}
+    stop_all, short_all = [], []
+    it = batches(iter(units), batch_tokens, max(len(u.tokens) for u in units))
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="composition", unit="batch", file=sys.stderr)
+    reads = [(s, l) for l in range(L) for s in ("coef", "ffn_out", "resid_post")]
+    if any(r == "gate" for r in rules.values()):
+        reads += [("ffn_in", l) for l in range(L)]
+    for batch in it:
+        ids, mask = encode_units(batch, pad, model.device)
+        with intervene(model, reads=reads) as rec:
+            logits = model.hf(input_ids=ids, attention_mask=mask).logits
+        sel = mask.reshape(-1).nonzero().squeeze(1)
+        flat_ids = ids.reshape(-1)[sel].tolist()
+        for t in set(flat_ids) - stop_of_id.keys():
+            stop_of_id[t] = is_stop_token(tok.decode([t]))
+        stop_all.append(np.array([stop_of_id[t] for t in flat_ids]))
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).reshape(-1)[sel]
+        short_all.append((pos + 1 < SHORT_PREFIX).cpu().numpy())
+        final = logits.reshape(-1, logits.shape[-1])[sel].argmax(-1)
+        for l in range(L):
+            take = lambda s: rec[s, l].reshape(-1, rec[s, l].shape[-1])[sel]  # noqa: E731
+            m, o, y = take("coef").float(), take("ffn_out"), take("resid_post")
+            if active_threshold is not None:
+                active = m.abs() > active_threshold
+            elif rules[l] == "nonzero":
+                active = m != 0
+            elif rules[l] == "positive":
+                active = m > 0
+            else:
+                x = take("ffn_in")
+                active = torch.nn.functional.linear(x, model.keys(l), model.key_bias(l)) > 0
+            top1, bot1 = mem[l]
+            y_i = torch.where(m > 0, top1[None, :], bot1[None, :])
+            pred_o = model.unembed(o, norm=norm).argmax(-1)
+            agree = (active & (y_i == pred_o[:, None])).any(1)
+            has = active.any(1)
+            pred_r = model.unembed(y - o, norm=True).argmax(-1)
+            pred_y = model.unembed(y, norm=True).argmax(-1)
+            pred_on = model.unembed(o, norm=True).argmax(-1)
+            case = torch.full_like(pred_y, 3)  # composition
+            case[(pred_y == pred_r) & (pred_y != pred_on)] = 0  # residual
+            case[(pred_y == pred_on) & (pred_y != pred_r)] = 1  # ffn
+            case[(pred_y == pred_r) & (pred_y == pred_on)] = 2  # agreement
+            a = acc[l]
+            a["active"].append(active.float().mean(1).cpu().numpy())
+            a["zero"].append((~agree).cpu().numpy())
+            a["has_active"].append(has.cpu().numpy())
+            a["res_is_out"].append((pred_r == final).cpu().numpy())
+            a["case"].append(case.cpu().numpy())
+    stop, short = np.concatenate(stop_all), np.concatenate(short_all)
+    comp, refine = [], []
+    for l in range(L):
+        a = {k: np.concatenate(v) for k, v in acc[l].items()}
+        has, zero = a["has_active"], a["zero"]
+        zero_cases = zero & has
+        comp.append({
+            "layer": l, "rule": "abs>%g" % active_threshold if active_threshold is not None else rules[l],
+            "active_share": float(a["active"].mean()), "active_share_std": float(a["active"].std()),
+            "no_active": float((~has).mean()),
+            "zero_agreement": _rate(zero, has),
+            "zero_agreement_stop_word": _rate(zero, has & stop),
+            "zero_agreement_content_word": _rate(zero, has & ~stop),
+            "zero_agreement_short": _rate(zero, has & short),
+            "zero_agreement_long": _rate(zero, has & ~short),
+            "zero_cases_stop_word_share": _rate(stop, zero_cases),
+            "zero_cases_short_share": _rate(short, zero_cases),
+        })
+        case = a["case"]
+        refine.append({"layer": l, "residual_is_output": float(a["res_is_out"].mean()),
+                       **{name: float((case == c).mean()) for c, name in
+                          enumerate(("residual", "ffn", "agreement", "composition"))}})
+    return {"n_prefixes": int(stop.size), "n_units": len(units), "norm": norm,
+            "stop_word_share": float(stop.mean()), "short_share": float(short.mean()),
+            "composition": comp, "refinement": refine}

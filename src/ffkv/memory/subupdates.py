@@ -1,0 +1,125 @@
+"""Sub-updates (Geva et al. 2022): an FFN update as a sum of value vectors scaled by their coefficients.
+
+    o^l = sum_i m_i^l v_i^l (+ b^l)         sub-update i:  m_i v_i,  ranked by  |m_i| * ||v_i||
+
+Each sub-update is read through the vocabulary: ``E (m_i v_i)`` promotes the top tokens of ``E v_i``
+when ``m_i > 0`` and its bottom tokens when ``m_i < 0``. Memories can be switched off (``m_i = 0``) or
+forced on (``m_i = value``) at chosen positions or everywhere, also during generation, and the change
+in the next-token distribution is reported.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import FfkvError
+from ..models.hooks import intervene, switch_memories
+from .values import value_logits
+
+
+def _decode(tok, ids) -> list[str]:
+    return [tok.decode([int(i)]) for i in ids]
+
+
+@torch.no_grad()
+def sub_updates(model, prompt: str, top_n: int = 10, value_top: int = 5, position: int = -1,
+                layers: Sequence[int] | None = None, norm: bool = False) -> dict:
+    """The top-n sub-updates of every layer's FFN at one position of ``prompt`` (default: the last).
+
+    Returns {"prompt", "position", "token", "prediction", "layers": [{"layer", "ffn_top_tokens",
+    "sub_updates": [{"memory", "coef", "value_norm", "score", "promotes"}]}]}.
+    """
+    tok = model._require_tokenizer()
+    batch = model.encode(prompt)
+    T = int(batch["attention_mask"].sum())
+    if T == 0:
+        raise FfkvError("the prompt tokenizes to nothing", "pass a non-empty --prompt")
+    if not -T <= position < T:
+        raise FfkvError(f"position {position} is out of range for a {T}-token prompt", f"use 0..{T - 1} or -1")
+    pos = position % T
+    layers = list(range(model.n_layers)) if layers is None else [model.check_layer(l) for l in layers]
+    with intervene(model, reads=[(s, l) for l in layers for s in ("coef", "ffn_out")]) as rec:
+        logits = model.hf(**batch).logits[0, pos]
+    probs = torch.softmax(logits.float(), -1)
+    top = probs.topk(value_top)
+    out = {"prompt": prompt, "position": pos, "token": tok.decode(batch["input_ids"][0, pos: pos + 1]),
+           "prediction": [{"token": t, "p": p} for t, p in zip(_decode(tok, top.indices), top.values.tolist())],
+           "layers": []}
+    for l in layers:
+        m = rec["coef", l][0, pos].float()
+        vnorm = model.values(l).float().norm(dim=0)
+        score = m.abs() * vnorm
+        best = score.topk(min(top_n, score.numel()))
+        lg = value_logits(model, l, best.indices, norm=norm)
+        signed = lg * torch.sign(m[best.indices])[:, None]
+        ffn_top = model.unembed(rec["ffn_out", l][0, pos], norm=norm).float().topk(value_top).indices
+        out["layers"].append({
+            "layer": l, "ffn_top_tokens": _decode(tok, ffn_top),
+            "sub_updates": [{"memory": f"L{l}.{i}", "layer": l, "index": i, "coef": float(m[i]),
+                             "value_norm": float(vnorm[i]), "score": float(s),
+                             "promotes": _decode(tok, signed[j].topk(value_top).indices)}
+                            for j, (s, i) in enumerate(zip(best.values.tolist(), best.indices.tolist()))],
+        })
+    return out
+
+
+def memory_interventions(off: Sequence = (), on: Sequence = (), positions=None) -> list:
+    """Interventions for ``off=[(layer, index), ...]`` and ``on=[(layer, index, value), ...]``."""
+    edits = []
+    for l, i in off:
+        edits.append(switch_memories(l, [i], None, positions))
+    for l, i, v in on:
+        edits.append(switch_memories(l, [i], float(v), positions))
+    return edits
+
+
+def _check(model, off, on):
+    for item in list(off) + [x[:2] for x in on]:
+        l, i = item
+        model.check_layer(l)
+        if not 0 <= i < model.d_ffn:
+            raise FfkvError(f"memory index {i} is out of range (d_ffn = {model.d_ffn})", f"use 0..{model.d_ffn - 1}")
+
+
+@torch.no_grad()
+def switch_effect(model, prompt: str, off: Sequence = (), on: Sequence = (), positions=None,
+                  top: int = 10) -> dict:
+    """Next-token distribution of ``prompt`` before and after switching memories off / on.
+
+    positions: None (all positions) or a list of token positions. Returns before/after top tokens, the
+    KL divergence KL(before || after), and the tokens whose probability changed most.
+    """
+    _check(model, off, on)
+    tok = model._require_tokenizer()
+    before = model.next_token_probs(prompt)[0]
+    with intervene(model, edits=memory_interventions(off, on, positions)):
+        after = model.next_token_probs(prompt)[0]
+    kl = float((before * (before.clamp_min(1e-30).log() - after.clamp_min(1e-30).log())).sum())
+    delta = after - before
+
+    def tops(p):
+        t = p.topk(top)
+        return [{"token": s, "p": v} for s, v in zip(_decode(tok, t.indices), t.values.tolist())]
+
+    up, down = delta.topk(top), (-delta).topk(top)
+    return {"prompt": prompt, "off": [f"L{l}.{i}" for l, i in off], "on": [f"L{l}.{i}={v}" for l, i, v in on],
+            "before": tops(before), "after": tops(after), "kl": kl,
+            "increased": [{"token": s, "delta": v} for s, v in zip(_decode(tok, up.indices), up.values.tolist())],
+            "decreased": [{"token": s, "delta": -v} for s, v in zip(_decode(tok, down.indices), down.values.tolist())]}
+
+
+@torch.no_grad()
+def generate_with_memories(model, prompt: str, off: Sequence = (), on: Sequence = (), max_new_tokens: int = 20) \
+        -> dict:
+    """Greedy continuations of ``prompt`` without and with the memory switches (applied at every step)."""
+    _check(model, off, on)
+    tok = model._require_tokenizer()
+    batch = model.encode(prompt)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    base = model.hf.generate(**batch, **kw)
+    with intervene(model, edits=memory_interventions(off, on, None)):
+        edited = model.hf.generate(**batch, **kw)
+    n = batch["input_ids"].shape[1]
+    return {"prompt": prompt, "before": tok.decode(base[0, n:]), "after": tok.decode(edited[0, n:])}

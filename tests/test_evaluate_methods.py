@@ -1,0 +1,102 @@
+"""The evaluation run end to end with the real edit methods (ffkv.edit) on the default testbed.
+
+Small on purpose (a few cases, short generations, 20k-token statistics): the figures for the README come
+from `ffkv evaluate` runs recorded in docs/evaluate.md, not from here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ffkv.evaluate.datasets import load_cases
+from ffkv.evaluate.run import evaluate_edits, resolve_hparams
+from ffkv.evaluate.sequential import probe_pairs, sequential_edits
+
+FAST = {"stats_tokens": 20_000}
+
+
+@pytest.fixture(scope="module")
+def tb_cases(default_testbed):
+    cases, info = load_cases(default_testbed / "data" / "counterfact.json", limit=12)
+    assert info["layout"] == "rome"
+    return cases
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("stats")
+
+
+def _hp(model, method):
+    return {**resolve_hparams(model, method), **FAST}
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.hf.state_dict().items()}
+
+
+def test_rome_edits_are_measured_and_undone_bit_for_bit(testbed_model, tb_cases, stats_dir):
+    before = _state(testbed_model)
+    res = evaluate_edits(testbed_model, tb_cases[:3], method="rome", hparams=_hp(testbed_model, "rome"),
+                         stats_dir=stats_dir, n_gen_prompts=1, gen_tokens=8, progress=False)
+    pre, post = res.summary["rome"]["pre"], res.summary["rome"]["post"]
+    assert post["ES"]["mean"] > pre["ES"]["mean"]
+    assert post["ES"]["mean"] == 100.0
+    assert post["EM"]["mean"] > pre["EM"]["mean"]
+    assert res.summary["easyedit"]["post"]["reliability"]["mean"] > res.summary["easyedit"]["pre"]["reliability"]["mean"]
+    assert all(0.0 <= r["post_NS"] <= 1.0 and r["post_GE"] > 0 for r in res.rows)
+    assert res.meta["hparams"]["layer"] == resolve_hparams(testbed_model, "rome")["layer"]
+    after = testbed_model.hf.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_memit_batch_is_edited_together(testbed_model, tb_cases, stats_dir):
+    res = evaluate_edits(testbed_model, tb_cases[:4], method="memit", hparams=_hp(testbed_model, "memit"),
+                         stats_dir=stats_dir, n_gen_prompts=0, progress=False)
+    assert res.meta["counts"]["batches"] == 1 and {r["batch"] for r in res.rows} == {0}
+    assert res.summary["rome"]["post"]["ES"]["mean"] > res.summary["rome"]["pre"]["ES"]["mean"]
+
+
+def test_sequential_rome_keeps_a_curve_and_restores_the_model(testbed_model, tb_cases, stats_dir, tmp_path):
+    before = _state(testbed_model)
+    res = sequential_edits(testbed_model, tb_cases[:4], method="rome", hparams=_hp(testbed_model, "rome"),
+                           stats_dir=stats_dir, every=2, probes=probe_pairs(tb_cases[8:]),
+                           gen_prompts=[tb_cases[8].rewrite_prompt], gen_tokens=8, progress=False)
+    assert [r["n_edits"] for r in res.curve] == [0, 2, 4]
+    assert res.curve[-1]["retention_ES"] > res.baseline["pre_ES"]
+    assert all(r["ppl"] > 1 for r in res.curve)
+    paths = res.write(tmp_path / "seq")
+    assert paths["curve"].exists() and paths["figure"].exists()
+    after = testbed_model.hf.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_cli_prints_one_json_object(default_testbed, stats_dir, tmp_path, capsys):
+    from ffkv.cli import main
+
+    main(["evaluate", str(default_testbed), "--method", "rome", "--limit", "2", "--gen-prompts", "1",
+          "--gen-tokens", "5", "--set", "stats_tokens=20000", "--stats-dir", str(stats_dir),
+          "--out", str(tmp_path / "rows.parquet"), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    post = out["rome"]["post"]
+    assert set(post) >= {"ES", "EM", "PS", "PM", "NS", "NM", "S", "GE"}
+    assert set(out["easyedit"]["post"]) >= {"reliability", "generalization", "locality"}
+    assert out["counts"]["cases"] == 2 and out["hparams"]["stats_tokens"] == 20000
+    assert out["provenance"]["model"]["fingerprint"] and (tmp_path / "rows.parquet").exists()
+
+
+@pytest.mark.shared_data
+def test_public_layouts_load_and_score(shared_data, testbed_model):
+    from ffkv.evaluate.metrics import measure_cases
+
+    flat, info = load_cases(shared_data / "counterfact" / "counterfact-val.json", limit=20)
+    assert info["layout"] == "flat" and len(flat) == 20
+    assert all(len(c.paraphrase_prompts) == 1 and len(c.neighborhood) == 1 for c in flat)
+    zsre, zinfo = load_cases(shared_data / "zsre" / "zsre_mend_train-1k.json")
+    assert zinfo["layout"] == "zsre" and zinfo["n_cases"] + zinfo["n_skipped"] == 1000
+    assert zinfo["n_cases"] > 900
+    rows = measure_cases(testbed_model, flat[:4] + zsre[:4], n_gen_prompts=1, gen_tokens=4)
+    assert all(0.0 <= r["ES"] <= 1.0 and 0.0 <= r["NS"] <= 1.0 and r["locality"] == 1.0 for r in rows)

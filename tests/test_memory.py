@@ -1,0 +1,358 @@
+"""The key-value atlas on models with planted memories: mining, values, agreement, sub-updates, queries."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ffkv.errors import FfkvError
+from ffkv.memory import corpus as corpus_mod
+from ffkv.memory.atlas import Atlas, parse_memory
+from ffkv.memory.mining import POSITION_BITS, brute_force_triggers, merge_topk, mine
+from ffkv.testbed.planted import WORDS
+
+
+def _planted_text(path, n_docs=40, seed=0, facts=True):
+    """Random word sentences; with ``facts``, some sentences state the planted facts ("... tower paris")."""
+    rng = random.Random(seed)
+    plain = [w for w in WORDS if w not in ("tower", "castle", "river", "paris", "london", "rome")]
+    lines = []
+    for d in range(n_docs):
+        sents = []
+        for _ in range(rng.randint(1, 4)):
+            words = [rng.choice(plain) for _ in range(rng.randint(2, 8))]
+            if facts and rng.random() < 0.3:
+                trig, targ = rng.choice([("tower", "paris"), ("castle", "london"), ("river", "rome")])
+                words += [trig, targ]
+            sents.append(" ".join(words) + " .")
+        lines += [" ".join(sents), ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+# L1.30/L1.31 (river) never fire in the planted model: the layer-0 river memories already write the fact
+# into the residual, and the layer-1 norm shrinks the trigger channel below the key's bias.
+FIRING = {"tower": [(1, 5)], "castle": [(0, 7)], "river": [(0, 20), (0, 21)]}
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    return _planted_text(tmp_path_factory.mktemp("corpus") / "planted.txt")
+
+
+@pytest.fixture(scope="module")
+def planted_atlas(planted, corpus_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("atlas") / "a"
+    mine(planted.model, corpus_file, out, top_k=8, batch_tokens=96, progress=False)
+    return Atlas(out, model=planted.model)
+
+
+def _dense(atlas, layer, kind):
+    tm = atlas.trigger_matrix(layer, kind)
+    g = np.where(tm["unit"] >= 0, (tm["unit"] << POSITION_BITS) + tm["position"], -1)
+    return g, tm["coef"]
+
+
+# ------------------------------------------------------------------------------------------- top-k merge
+@pytest.mark.parametrize("sparse_share", [0.0, 0.05, 1.0])
+@pytest.mark.parametrize("negate", [False, True])
+def test_merge_topk_is_exact_with_ties(sparse_share, negate):
+    """Quantized values (many ties, -0.0, NaN) merged batch by batch == one full sort by (value, id)."""
+    g = torch.Generator().manual_seed(1)
+    R, k = 7, 5
+    chunks = [torch.randint(-3, 4, (n, R), generator=g).float() / 2 for n in (3, 9, 1, 12, 6, 20)]
+    chunks[1][0, 0], chunks[2][0, 1] = -0.0, float("nan")
+    buf_v = torch.full((R, k), float("-inf"))
+    buf_g = torch.full((R, k), -1, dtype=torch.long)
+    start = 0
+    for c in chunks:
+        ids = torch.arange(start, start + c.shape[0])
+        buf_v, buf_g = merge_topk(buf_v, buf_g, c, ids, k, negate=negate, sparse_share=sparse_share)
+        start += c.shape[0]
+    allv = torch.cat(chunks).numpy()
+    allv = np.where(np.isnan(allv), -np.inf if not negate else np.inf, allv) + 0.0
+    ids = np.arange(allv.shape[0])
+    for r in range(R):
+        v = -allv[:, r] if negate else allv[:, r]
+        order = np.lexsort((ids, -v))[:k]
+        assert buf_g[r].tolist() == ids[order].tolist()
+        assert np.allclose(buf_v[r].numpy(), v[order])
+
+
+# ------------------------------------------------------------------------------------------- mining
+def test_mining_equals_brute_force(planted, planted_atlas, corpus_file):
+    spec = corpus_mod.CorpusSpec(str(corpus_file))
+    units = list(corpus_mod.iter_units(planted.model.tokenizer, spec))
+    ref = brute_force_triggers(planted.model, units, top_k=8, batch_tokens=96)
+    for layer in range(planted.model.n_layers):
+        for kind in ("top", "bottom"):
+            g, c = _dense(planted_atlas, layer, kind)
+            assert (g == ref[layer][kind]).all()
+            assert np.array_equal(c, ref[layer][kind + "_coef"].astype(np.float32))
+    assert planted_atlas.meta["tokens"] == sum(len(u.tokens) for u in units)
+
+
+def test_interrupted_run_resumes_to_the_same_atlas(planted, corpus_file, planted_atlas, tmp_path):
+    out = tmp_path / "resumed"
+    first = mine(planted.model, corpus_file, out, top_k=8, batch_tokens=96, progress=False, max_batches=3,
+                 checkpoint_every=2)
+    assert first["status"] == "partial" and not (out / "triggers").exists()
+    with pytest.raises(FfkvError, match="not complete"):
+        Atlas(out)
+    second = mine(planted.model, corpus_file, out, top_k=8, batch_tokens=96, progress=False, max_batches=2)
+    assert second["units"] > first["units"]
+    mine(planted.model, corpus_file, out, top_k=8, batch_tokens=96, progress=False)
+    for layer in range(planted.model.n_layers):
+        a = pq.read_table(planted_atlas.path / "triggers" / f"layer-{layer:03d}.parquet")
+        b = pq.read_table(out / "triggers" / f"layer-{layer:03d}.parquet")
+        assert a.equals(b)
+    assert pq.read_table(planted_atlas.path / "units.parquet").equals(pq.read_table(out / "units.parquet"))
+    assert not (out / "state").exists()
+    # A finished atlas is returned as it is; a different top_k is refused.
+    assert mine(planted.model, corpus_file, out, top_k=8, batch_tokens=96, progress=False)["status"] == "complete"
+    with pytest.raises(FfkvError, match="different top_k"):
+        mine(planted.model, corpus_file, out, top_k=4, progress=False)
+
+
+def test_killed_between_shard_and_state_resumes_exactly(planted, corpus_file, planted_atlas, tmp_path,
+                                                        monkeypatch):
+    """A crash after the units shard is written but before the buffers: the orphan shard is dropped."""
+    from ffkv.memory import mining
+
+    out = tmp_path / "killed"
+    real = mining.save_safetensors
+    calls = {"n": 0}
+
+    def crash_on_third(path, tensors, meta=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(path, tensors, meta=meta)
+
+    monkeypatch.setattr(mining, "save_safetensors", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        mine(planted.model, corpus_file, out, top_k=8, batch_tokens=96, progress=False, checkpoint_every=1)
+    monkeypatch.setattr(mining, "save_safetensors", real)
+    assert len(list((out / "state").glob("units-*.parquet"))) == 3  # one of them is not committed
+    mine(planted.model, corpus_file, out, top_k=8, batch_tokens=96, progress=False)
+    for layer in range(planted.model.n_layers):
+        assert pq.read_table(planted_atlas.path / "triggers" / f"layer-{layer:03d}.parquet").equals(
+            pq.read_table(out / "triggers" / f"layer-{layer:03d}.parquet"))
+
+
+def test_merged_shards_equal_one_run(planted, tmp_path):
+    from ffkv.memory.mining import merge_atlases
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    _planted_text(folder / "a.txt", n_docs=15, seed=1)
+    _planted_text(folder / "b.txt", n_docs=15, seed=2)
+    opts = dict(top_k=6, batch_tokens=128, progress=False)
+    mine(planted.model, folder, tmp_path / "whole", **opts)
+    mine(planted.model, folder / "a.txt", tmp_path / "pa", **opts)
+    mine(planted.model, folder / "b.txt", tmp_path / "pb", **opts)
+    meta = merge_atlases([tmp_path / "pa", tmp_path / "pb"], tmp_path / "merged")
+    whole = Atlas(tmp_path / "whole", model=planted.model)
+    assert meta["units"] == whole.meta["units"] and meta["tokens"] == whole.meta["tokens"]
+    for layer in range(planted.model.n_layers):
+        a = pq.read_table(tmp_path / "whole" / "triggers" / f"layer-{layer:03d}.parquet")
+        b = pq.read_table(tmp_path / "merged" / "triggers" / f"layer-{layer:03d}.parquet")
+        assert a.to_pydict() == b.to_pydict()
+    merged = Atlas(tmp_path / "merged", model=planted.model)
+    assert merged.memory_triggers(1, 5) == whole.memory_triggers(1, 5)
+    with pytest.raises(FfkvError, match="at least two"):
+        merge_atlases([tmp_path / "pa"], tmp_path / "m2")
+
+
+def test_mining_finds_planted_triggers_first(planted, planted_atlas, corpus_file):
+    text = corpus_file.read_text().split()
+    for fact in planted.facts:
+        n_occ = text.count(fact.trigger)
+        assert n_occ >= 3
+        for layer, index in FIRING[fact.trigger]:
+            trig = planted_atlas.memory_triggers(layer, index)
+            assert len(trig) == 8
+            last = [t["last_token"] for t in trig]
+            assert last[: min(8, n_occ)] == [fact.trigger] * min(8, n_occ), (fact.trigger, last)
+            assert fact.trigger not in last[n_occ:]
+            best = planted_atlas.trigger_matrix(layer, "top")["coef"][:, 0]
+            assert trig[0]["coef"] > 5 * np.median(np.abs(best))
+
+
+def test_gated_model_mining_finds_planted_triggers(planted_llama, corpus_file, tmp_path):
+    mine(planted_llama.model, corpus_file, tmp_path / "g", top_k=4, progress=False)
+    atlas = Atlas(tmp_path / "g", model=planted_llama.model)
+    fact = planted_llama.fact("tower")
+    (layer, index), = fact.memories
+    assert [t["last_token"] for t in atlas.memory_triggers(layer, index)] == ["tower"] * 4
+    bottom = atlas.memory_triggers(layer, index, "bottom")
+    assert all(t["coef"] <= trig["coef"] for t in bottom for trig in atlas.memory_triggers(layer, index))
+
+
+# ------------------------------------------------------------------------------------------- values
+def test_value_projection_ranks_planted_token_first(planted):
+    from ffkv.memory.values import project_values
+
+    for fact in planted.facts:
+        for layer, index in fact.memories:
+            pv = project_values(planted.model, layer, top_n=3, chunk=16)
+            assert pv["top_ids"][index, 0] == fact.target_id
+            assert pv["max_p"][index] > 0.5
+            assert pv["max_p"][index] == pytest.approx(pv["top_p"][index, 0])
+    with_norm = project_values(planted.model, 1, norm=True, top_n=3)
+    assert with_norm["top_ids"][5, 0] == planted.fact("tower").target_id
+
+
+def test_agreement_counts_planted_memories(planted_atlas, planted):
+    from ffkv.memory.analysis import analyze
+
+    res = analyze(planted_atlas, steps=("values",), progress=False)
+    vt = pq.read_table(planted_atlas.path / "values.parquet").to_pydict()
+    d = planted.model.d_ffn
+    for fact in planted.facts:
+        for layer, index in FIRING[fact.trigger]:
+            row = layer * d + index
+            assert vt["layer"][row] == layer and vt["index"][row] == index
+            assert vt["agrees"][row], fact
+            assert vt["trigger_next_rank"][row] == 0
+    for rec in res["values"]["layers"]:
+        rows = [i for i in range(len(vt["layer"])) if vt["layer"][i] == rec["layer"] and vt["trigger_next_id"][i] >= 0]
+        assert rec["agreement"] == pytest.approx(np.mean([vt["agrees"][i] for i in rows]))
+        assert rec["n_keys"] == len(rows)
+        assert 0 <= rec["random"] < 1
+    assert sum(res["values"]["top100_max_p_histogram"]) == 100
+    stored = json.loads((planted_atlas.path / "analysis" / "values.json").read_text())
+    assert stored["model"]["fingerprint"] == planted.model.identity["fingerprint"]
+
+
+def test_agreement_baseline_is_a_permutation():
+    from ffkv.memory.values import agreement
+
+    top1 = np.arange(100)
+    res = agreement(top1, top1.copy(), n_random=50)
+    assert res["rate"] == 1.0 and res["random"] < 0.05
+    assert agreement(top1, np.full(100, -1))["n"] == 0
+
+
+# ------------------------------------------------------------------------------------------- patterns
+def test_planted_keys_are_shallow(planted_atlas, planted):
+    from ffkv.memory.patterns import layer_patterns, removal_effects
+
+    pats = layer_patterns(planted_atlas, 1)
+    assert pats[5]["label"] == "shallow" and pats[5]["last_token"] == "tower" and pats[5]["last_share"] == 1.0
+    assert pats[5]["ngram"] >= 1
+    rem = removal_effects(planted_atlas, keys_per_layer=64, seed=0)
+    assert [l["n"] > 0 for l in rem["layers"]] == [True, True]
+
+
+def test_key_pattern_labels():
+    from ffkv.memory.patterns import key_pattern
+
+    dec = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    shallow = key_pattern([[1, 2, 9], [3, 2, 9], [4, 2, 9], [5, 6]], dec)
+    assert shallow["label"] == "shallow" and shallow["ngram"] == 2 and shallow["pattern"] == "2 9"
+    words = {1: "the", 2: "ocean", 3: "ship", 4: "sailed", 5: "wave", 6: "storm"}
+    sem = key_pattern([[2, 3], [3, 4], [5, 2, 6], [3, 1]], lambda ids: " ".join(words[i] for i in ids))
+    assert sem["label"] == "semantic" and ("ship", 0.75) in sem["topic"]
+
+
+# ------------------------------------------------------------------------------------------- section 5
+def test_composition_and_refinement(planted, corpus_file):
+    from ffkv.memory.composition import composition_and_refinement, sample_units
+
+    units = sample_units(planted.model, corpus_mod.CorpusSpec(str(corpus_file)), n_units=20)
+    res = composition_and_refinement(planted.model, units)
+    assert res["n_prefixes"] == sum(len(u.tokens) for u in units)
+    for c, r in zip(res["composition"], res["refinement"]):
+        assert c["rule"] == "positive"  # GELU: active iff the pre-activation is positive
+        assert 0 < c["active_share"] < 1
+        assert 0 <= c["zero_agreement"] <= 1
+        assert sum(r[k] for k in ("residual", "ffn", "agreement", "composition")) == pytest.approx(1)
+    # The last layer's output is the model's output.
+    last = res["refinement"][-1]
+    assert last["residual"] + last["agreement"] + last["ffn"] + last["composition"] == pytest.approx(1)
+
+
+def test_composition_rules_for_gated_and_threshold(planted_llama, corpus_file):
+    from ffkv.memory.composition import activation_rule, composition_and_refinement, sample_units
+
+    m = planted_llama.model
+    assert activation_rule(m, 0) == "gate"
+    units = sample_units(m, corpus_mod.CorpusSpec(str(corpus_file)), n_units=8)
+    gate = composition_and_refinement(m, units)
+    huge = composition_and_refinement(m, units, active_threshold=1e9)
+    assert all(0 < c["active_share"] < 1 for c in gate["composition"])
+    assert all(c["active_share"] == 0 and c["no_active"] == 1 for c in huge["composition"])
+
+
+# ------------------------------------------------------------------------------------------- sub-updates
+def test_sub_updates_and_switches(planted):
+    from ffkv.memory.subupdates import generate_with_memories, sub_updates, switch_effect
+
+    m, fact = planted.model, planted.fact("tower")
+    res = sub_updates(m, "the old tower", top_n=3)
+    top = res["layers"][1]["sub_updates"][0]
+    assert top["memory"] == "L1.5" and top["promotes"][0] == "paris"
+    assert res["prediction"][0]["token"] == "paris"
+    scores = [s["score"] for s in res["layers"][1]["sub_updates"]]
+    assert scores == sorted(scores, reverse=True)
+    off = switch_effect(m, "the old tower", off=[(1, 5)])
+    assert off["after"][0]["token"] != "paris" and off["kl"] > 1
+    assert off["decreased"][0]["token"] == "paris"
+    on = switch_effect(m, "the old house", on=[(1, 5, 20.0)], positions=[2])
+    assert on["after"][0]["token"] == "paris" and on["before"][0]["token"] != "paris"
+    untouched = switch_effect(m, "the old house", on=[(1, 5, 20.0)], positions=[0])
+    assert untouched["after"][0]["token"] != "paris"  # forced at another position only
+    gen = generate_with_memories(m, "the old tower", off=[(1, 5)], max_new_tokens=3)
+    assert gen["before"].split()[0] == "paris" and gen["after"].split()[0] != "paris"
+    with pytest.raises(FfkvError, match="out of range"):
+        switch_effect(m, "the old tower", off=[(1, 10_000)])
+    with pytest.raises(FfkvError, match="out of range"):
+        sub_updates(m, "the old tower", position=7)
+
+
+# ------------------------------------------------------------------------------------------- queries
+def test_queries(planted_atlas, planted):
+    from ffkv.memory.queries import describe_memory
+    from ffkv.memory.values import nearest_values, promotes
+
+    m = planted.model
+    assert promotes(m, "paris", n=3)[0]["memory"] == "L1.5"
+    rome = {r["memory"] for r in promotes(m, "rome", n=4)}
+    assert rome == {"L0.20", "L0.21", "L1.30", "L1.31"}
+    near = nearest_values(m, m.values(0)[:, 20].detach(), n=4)
+    assert {r["memory"] for r in near} == rome and near[0]["cosine"] == pytest.approx(1, abs=1e-5)
+    info = describe_memory(planted_atlas, 0, 7, n=3)
+    assert info["value_top_tokens"][0] == "london" and info["agrees"]
+    assert [t["last_token"] for t in info["triggers"]] == ["castle"] * 3
+    assert parse_memory("L3.17") == (3, 17) and parse_memory("3.17") == (3, 17)
+    for bad in ("x", "3"):
+        with pytest.raises(FfkvError):
+            parse_memory(bad)
+    with pytest.raises(FfkvError, match="out of range"):
+        planted_atlas.check_memory(2, 0)
+    with pytest.raises(FfkvError, match="out of range"):
+        planted_atlas.check_memory(0, 128)
+    with pytest.raises(FfkvError, match="not in the vocabulary"):
+        promotes(m, "zeppelin")
+    with pytest.raises(FfkvError, match="dimensions"):
+        nearest_values(m, torch.zeros(3))
+
+
+# ------------------------------------------------------------------------------------------- report
+def test_report(planted_atlas):
+    from ffkv.memory.report import write_report
+
+    path = write_report(planted_atlas, progress=False, composition_units=10, removal_keys=8)
+    html = open(path).read()
+    for fig in ("patterns", "agreement", "active", "zero_agreement", "refinement", "top100"):
+        assert (planted_atlas.path / "figures" / f"{fig}.png").stat().st_size > 1000
+        assert f"figures/{fig}.png" in html
+    assert "Sampled memories" in html and "raw measurements" in html
+    for name in ("values", "patterns", "removal", "composition"):
+        assert (planted_atlas.path / "analysis" / f"{name}.json").exists()
