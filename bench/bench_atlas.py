@@ -6,7 +6,7 @@
 For each model the same batches (same units, same padding) go through
     forward   model.hf(**batch)                          (the plain forward, LM head included)
     body      the transformer body without the LM head   (what mining runs)
-    mine      body + coefficient reads of every layer + top-k/bottom-k merge (k=25)
+    mine      body + coefficient reads of every layer + top-k/bottom-k merge (k=25, repeated prefixes once)
     mine_e2e  ffkv.memory.mine() end to end: tokenization, batching, checkpoints, Parquet output
 timed alternately (repeats, median), on one thread. Ratios are mine / forward. Peak memory is the
 resident set size of a child process that runs only that mode, sampled while it runs, also given as the
@@ -63,8 +63,8 @@ def make_batches(model, corpus: str, tokens: int, window: int, batch_tokens: int
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = []
     for b in batches(iter(units), batch_tokens, window):
-        ids, mask = encode_units(b, pad, model.device)
-        out.append((ids, mask, __import__("torch").tensor([u.unit for u in b])))
+        ids, mask, hashes = encode_units(b, pad, model.device, hashes=True)
+        out.append((ids, mask, __import__("torch").tensor([u.unit for u in b]), hashes))
     return units, out, n
 
 
@@ -75,18 +75,18 @@ def run_mode(mode: str, model, batches, k: int):
 
     with torch.no_grad():
         if mode == "forward":
-            for ids, mask, _ in batches:
+            for ids, mask, *_ in batches:
                 model.hf(input_ids=ids, attention_mask=mask)
         elif mode == "body":
             body = forward_module(model)
-            for ids, mask, _ in batches:
+            for ids, mask, *_ in batches:
                 body(input_ids=ids, attention_mask=mask)
         elif mode == "mine":
-            buf = TriggerBuffers(model.n_layers, model.d_ffn, k)
-            for ids, mask, uids in batches:
-                coefs, gids = batch_coefficients(model, ids, mask, uids)
+            buf = TriggerBuffers(model.n_layers, model.d_ffn, k, dedup=True)
+            for ids, mask, uids, hashes in batches:
+                coefs, gids, h = batch_coefficients(model, ids, mask, uids, hashes=hashes)
                 for l, c in enumerate(coefs):
-                    buf.update(c, gids, layer=l)
+                    buf.update(c, gids, layer=l, hashes=h)
 
 
 class RssPeak:
@@ -169,7 +169,7 @@ def bench_model(args, model_arg: str) -> dict:
            "ratio_mine_vs_forward": round(med["mine"] / med["forward"], 3),
            "ratio_mine_vs_body": round(med["mine"] / med["body"], 3),
            "ratio_mine_e2e_vs_forward": round(med["mine_e2e"] / med["forward"], 3),
-           "buffer_mb": round(model.n_layers * model.d_ffn * args.k * 2 * 12 / 2**20, 2)}
+           "buffer_mb": round(model.n_layers * model.d_ffn * args.k * 2 * 20 / 2**20, 2)}
     if not args.no_memory:
         mem = {}
         for m in ("forward", "mine", "mine_e2e"):

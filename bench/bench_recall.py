@@ -46,7 +46,8 @@ def strength_rows(model, facts, rng, adaptive, trace_every, progress, cache):
         cache[id(f)] = (q, st)
         rows.append({"fact_id": f.get("fact_id"), "subject": f["subject"], "relation_id": f["relation_id"],
                      "train_count": int(f["train_count"]), "prompt": q.prompt, "p_answer": st.p_answer,
-                     "rank": st.rank, "margin": st.margin, "strength": st.strength, "redundancy": st.redundancy,
+                     "rank": st.rank, "margin": st.margin, "strength": st.strength, "survival": st.survival,
+                     "redundancy": st.redundancy,
                      "attribution_share": st.attribution_share, "curve": st.curve, "ks": st.ks,
                      "trace_concentration": (st.trace or {}).get("concentration"),
                      "trace_peak_layer": (st.trace or {}).get("peak_layer"),
@@ -143,7 +144,8 @@ def main(argv=None):
     timings["storage_strength_s"] = time.time() - t0
     counts = np.array([r["train_count"] for r in srows])
     strength_summary = {}
-    for key in ("strength", "margin", "p_answer", "redundancy", "attribution_share", "trace_concentration"):
+    for key in ("strength", "survival", "margin", "p_answer", "redundancy", "attribution_share",
+                "trace_concentration"):
         v = np.array([np.nan if r[key] is None else r[key] for r in srows], float)
         m = np.isfinite(v)
         if m.sum() >= 10:
@@ -239,10 +241,10 @@ def plot(results, figures: Path):
     figures.mkdir(parents=True, exist_ok=True)
     # Storage strength by frequency.
     s = results["storage_vs_frequency"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, label in zip(axes, ("strength", "margin", "redundancy"),
-                              ("storage strength (area under ablation curve)", "answer margin (logits)",
-                               "redundancy k50 (memories)")):
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, key, label in zip(axes, ("strength", "survival", "trace_concentration", "redundancy"),
+                              ("storage strength (area under ablation curve)", "survival (relative to intact p)",
+                               "causal-trace concentration", "redundancy k50 (memories)")):
         if key not in s:
             continue
         bb = s[key]["by_bucket"]

@@ -112,7 +112,9 @@ def main():
     cols = ["bucket", "n_sampled", "n_known", "total_effect", "subject_peak_layer", "subject_peak_effect",
             "subject_peak_at_last_subject_token", "mlp_peak_layer_last_subject", "storage_layer", "agreement",
             "n_neurons", "kn_own_relative_change", "kn_own_flip_rate", "kn_unrelated_relative_change",
-            "kn_unrelated_flip_rate", "random_own_relative_change", "kn_precision"]
+            "kn_unrelated_flip_rate", "kn_same_subject_relative_change", "kn_same_subject_flip_rate",
+            "random_own_relative_change", "kn_precision", "filtered_n_neurons", "filtered_own_relative_change",
+            "filtered_unrelated_relative_change", "filtered_unrelated_flip_rate"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for b in gt["by_bucket"] + [{"bucket": "all", **gt["overall"]}]:

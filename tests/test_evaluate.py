@@ -268,9 +268,24 @@ def test_memit_mode_edits_batches_and_each_case_sees_only_its_batch(model, cases
     # With batches of 3, case 0's prompts see edits 0-2 only: its neighbors stay untouched.
     res = evaluate_edits(model, cases, method="memit", batch_size=3, editor=boost_editor(), n_gen_prompts=0,
                          progress=False)
-    assert res.meta["counts"] == {"cases": 6, "batches": 2, "batch_size": 3}
+    assert res.meta["counts"] == {"cases": 6, "batches": 2, "batch_size": 3, "refused": 0}
     assert [r["batch"] for r in res.rows] == [0, 0, 0, 1, 1, 1]
     assert res.summary["rome"]["post"]["ES"]["mean"] == 100.0
+
+
+def test_a_refused_edit_counts_as_failed_and_the_run_goes_on(model, cases):
+    inner = boost_editor()
+
+    def picky(model, batch):
+        if batch[0].case_id == 1:
+            raise FfkvError("the ROME update of layer 1 has norm 54.2, over the limit", "raise max_update_ratio")
+        return inner(model, batch)
+
+    res = evaluate_edits(model, cases[:3], editor=picky, n_gen_prompts=0, progress=False)
+    assert res.meta["counts"]["refused"] == 1 and "norm 54.2" in res.meta["refusals"][0]
+    r = res.rows[1]
+    assert r["refused"] and r["post_ES"] == r["pre_ES"] and r["post_EM"] == pytest.approx(r["pre_EM"])
+    assert res.rows[0]["post_ES"] == res.rows[2]["post_ES"] == 1.0
 
 
 def test_weights_are_restored_and_a_bad_journal_is_caught(model, cases):

@@ -124,6 +124,11 @@ def test_knowledge_neurons_and_interventions(planted, unsaturated):
     assert abs(own["suppress"]["random"]["relative_change"]) < 0.05
     assert own["amplify"]["found"]["prob_after"] >= own["amplify"]["found"]["prob_before"] - 1e-6
     assert abs(eff["unrelated"]["suppress"]["found"]["relative_change"]) < 0.05
+    # the generic-neuron filter: a neuron that other facts also use is dropped, one they do not use is kept
+    kept = knowledge_neurons(m, prompts, " paris", background=[("a big castle", " london"), ("the river", " rome")])
+    assert [(l, i) for l, i, _ in kept.neurons] == [(1, 5)] and kept.dropped == []
+    gone = knowledge_neurons(m, prompts, " paris", background=[("the new tower", " paris")])
+    assert gone.neurons == [] and [(l, i) for l, i, _ in gone.dropped] == [(1, 5)]
     river = unsaturated.fact("river")
     um = unsaturated.model
     kn_r = knowledge_neurons(um, ["the river", "a blue river"], " rome")

@@ -85,16 +85,50 @@ def test_merge_topk_is_exact_with_ties(sparse_share, negate):
 
 
 # ------------------------------------------------------------------------------------------- mining
-def test_mining_equals_brute_force(planted, planted_atlas, corpus_file):
+def test_coefficients_match_the_coef_site_for_every_family(tiny_models):
+    """Mining's reader returns exactly what ``intervene(reads=[("coef", l)])`` records, for every adapter."""
+    from ffkv.memory.mining import TriggerBuffers, batch_coefficients
+    from ffkv.models.hooks import intervene
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 100, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    for mt, m in tiny_models.items():
+        coefs, gids = batch_coefficients(m, ids, mask, torch.tensor([0, 1, 2]))
+        with intervene(m, reads=[("coef", l) for l in range(m.n_layers)]) as rec:
+            m.hf(input_ids=ids, attention_mask=mask)
+        sel = mask.reshape(-1).bool()
+        for l in range(m.n_layers):
+            assert torch.equal(coefs[l], rec["coef", l].reshape(-1, m.d_ffn)[sel]), mt
+        assert gids.tolist()[:8] == [0, 1, 2, 3, 4, 5, 6, 1 << POSITION_BITS]
+        buf = TriggerBuffers(m.n_layers, m.d_ffn, 2)
+        for l, c in enumerate(coefs):
+            buf.update(c, gids, layer=l)
+        top = torch.cat(coefs, 1).max(0)
+        assert torch.equal(buf.top_v[:, 0], top.values), mt
+        assert torch.equal(buf.top_g[:, 0], gids[top.indices]), mt
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+def test_mining_equals_brute_force(planted, planted_atlas, corpus_file, dedup, tmp_path):
     spec = corpus_mod.CorpusSpec(str(corpus_file))
     units = list(corpus_mod.iter_units(planted.model.tokenizer, spec))
-    ref = brute_force_triggers(planted.model, units, top_k=8, batch_tokens=96)
+    ref = brute_force_triggers(planted.model, units, top_k=8, batch_tokens=96, dedup=dedup)
+    if not dedup:
+        mine(planted.model, corpus_file, tmp_path / "nd", top_k=8, batch_tokens=96, progress=False, dedup=False)
+        planted_atlas = Atlas(tmp_path / "nd", model=planted.model)
     for layer in range(planted.model.n_layers):
         for kind in ("top", "bottom"):
             g, c = _dense(planted_atlas, layer, kind)
             assert (g == ref[layer][kind]).all()
             assert np.array_equal(c, ref[layer][kind + "_coef"].astype(np.float32))
     assert planted_atlas.meta["tokens"] == sum(len(u.tokens) for u in units)
+    # Single-token prefixes ("the", "a", ...) repeat in this corpus: with dedup each appears once per key.
+    for layer in range(planted.model.n_layers):
+        tm = planted_atlas.trigger_matrix(layer, "bottom")
+        prefixes = [tuple(planted_atlas.prefix(u, p)) for u, p in zip(tm["unit"][3], tm["position"][3])]
+        assert (len(set(prefixes)) == len(prefixes)) or not dedup
 
 
 def test_interrupted_run_resumes_to_the_same_atlas(planted, corpus_file, planted_atlas, tmp_path):

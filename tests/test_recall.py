@@ -62,6 +62,7 @@ def test_single_memory_fact_is_weak_next_to_a_redundant_one(pm):
     assert river.redundancy == 4
     assert {tuple(t) for t in river.top[:4]} == set(pm.fact("river").memories)
     assert tower.strength < 0.1 < river.strength
+    assert tower.survival == pytest.approx(tower.strength)  # p_0 = 1: absolute and relative areas agree
     assert tower.margin > 0 and tower.rank == 0
 
 

@@ -57,7 +57,8 @@ def test_storage_signals_on_trained_facts(tb):
     missed = [s for s in rows if s.rank > 0]
     assert len(recalled) >= 4, "the tiny testbed should recall most of its training-template facts"
     for s in recalled:
-        assert s.margin > 0 and 0 < s.strength < 1 and s.redundancy >= 1
+        assert s.margin > 0 and 0 < s.strength < 1 and 0 < s.survival < 1 and s.redundancy >= 1
+        assert s.strength <= s.survival + 1e-9  # p_k <= min(p_0, p_k / p_0 * p_0) and p_0 <= 1
         assert s.curve[0] == pytest.approx(s.p_answer, rel=1e-4)
         # Switching off the answer's most attributed memories removes it.
         assert s.curve[-1] < 0.5 * s.curve[0]

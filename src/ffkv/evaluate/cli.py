@@ -152,9 +152,10 @@ def _run_sequential(mm, cases, info, method, hparams, stats_dir, n, batch_size, 
     from rich.table import Table
 
     t = Table(title=f"sequential {method}, {n} edits (batch {batch_size})")
-    cols = ["n_edits", "retention_ES", "retention_PS", "edited_NS", "probe_acc", "GE", "ppl"]
-    for c in cols:
-        t.add_column(c, justify="right")
+    cols = ["n_edits", "retention_ES", "efficacy_at_edit", "retention_PS", "edited_NS", "probe_acc", "GE", "ppl"]
+    heads = ["edits", "ES now", "ES when made", "PS now", "NS", "probe acc", "GE", "ppl"]
+    for h in heads:
+        t.add_column(h, justify="right")
     for r in res.curve:
         t.add_row(*(str(r[c]) if c == "n_edits" else f"{r[c]:.3f}" for c in cols))
     Console(file=sys.stdout).print(t)

@@ -88,7 +88,7 @@ class EvalResult:
     def write_rows(self, path: str | Path) -> Path:
         """Per-case rows to ``.parquet`` (or ``.json``), atomically, with provenance."""
         path = Path(path)
-        cols = ["case_id", "layout", "subject", "target_new", "target_true", "edit_seconds", "batch"]
+        cols = ["case_id", "layout", "subject", "target_new", "target_true", "edit_seconds", "batch", "refused"]
         cols += [f"{s}_{k}" for s in ("pre", "post") for k in (*ROME_KEYS, *EASYEDIT_KEYS, "neighborhood_acc",
                                                                  "GE", "p_new", "p_true")]
         table = {c: [_cell(r.get(c)) for r in self.rows] for c in cols}
@@ -98,7 +98,7 @@ class EvalResult:
                                      **self.meta})
         import pyarrow as pa
 
-        text = ("case_id", "layout", "subject", "target_new", "target_true")
+        text = ("case_id", "layout", "subject", "target_new", "target_true", "refused")
         arrays = {c: pa.array([None if x is None else str(x) for x in v], type=pa.string()) if c in text
                   else pa.array(v) for c, v in table.items()}
         return write_parquet(path, pa.table(arrays), meta=self.meta)
@@ -155,7 +155,12 @@ def evaluate_edits(model, cases: Sequence, method: str = "rome", hparams=None, s
     for b, idx in enumerate(batches):
         sub = [cases[i] for i in idx]
         t1 = time.perf_counter()
-        journal = editor(model, sub)
+        try:
+            journal, refused = editor(model, sub), None
+        except FfkvError as e:
+            # A refused edit (e.g. an update norm over the method's limit) leaves the model unchanged and
+            # counts as a failed edit, as it would for a user; the run goes on.
+            journal, refused = None, e.line()
         dt = time.perf_counter() - t1
         edit_time += dt
         try:
@@ -163,7 +168,8 @@ def evaluate_edits(model, cases: Sequence, method: str = "rome", hparams=None, s
             post = measure_cases(model, sub, pre_locality=[rows[i]["pre_nb_pred"] for i in idx], **gen)
             t_post += time.perf_counter() - t2
         finally:
-            journal.undo(model)
+            if journal is not None:
+                journal.undo(model)
         if check_restore and _fingerprint(model) != before:
             raise FfkvError(f"undoing the edit of case {sub[0].case_id} did not restore the weights",
                             "this is a bug in the edit journal; please report it")
@@ -171,6 +177,7 @@ def evaluate_edits(model, cases: Sequence, method: str = "rome", hparams=None, s
             rows[i].update({f"post_{k}": v for k, v in m.items()})
             rows[i]["edit_seconds"] = dt / len(idx)
             rows[i]["batch"] = b
+            rows[i]["refused"] = refused
         bar.update(len(idx))
     bar.close()
     for r in rows:
@@ -180,7 +187,9 @@ def evaluate_edits(model, cases: Sequence, method: str = "rome", hparams=None, s
     hp = hparams_record(hparams)
     meta = {
         "method": method,
-        "counts": {"cases": len(cases), "batches": len(batches), "batch_size": batch_size},
+        "counts": {"cases": len(cases), "batches": len(batches), "batch_size": batch_size,
+                   "refused": sum(1 for r in rows if r.get("refused"))},
+        "refusals": sorted({r["refused"] for r in rows if r.get("refused")})[:5],
         "data": data_info or {},
         "timing": {"edit_seconds_per_case": edit_time / len(cases), "pre_seconds": t_pre,
                    "post_seconds": t_post},

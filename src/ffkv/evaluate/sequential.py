@@ -10,15 +10,17 @@ gets a row:
 
     retention_ES   mean over all edits so far of ES = [P(new|p) > P(true|p)] on the rewrite prompt
     retention_PS   the same on their paraphrase prompts
-    retention_rel  EasyEdit reliability (top-1 token accuracy of target_new) of all edits so far
+    retention_reliability  EasyEdit reliability (top-1 token accuracy of target_new) of all edits so far
+    efficacy_at_edit  mean ES of the same edits measured right after each was made
     edited_NS      ROME's NS on the neighborhood prompts of all edits so far
     probe_acc      top-1 token accuracy of the true answers of a fixed probe set of facts not edited
     GE             n-gram entropy of greedy generations from fixed prompts (ROME's fluency)
     ppl            perplexity of the probe sentences (prompt + true answer)
 
 Collapse is the first measured step where retention_ES, probe_acc or GE falls below a fraction of its
-reference (1 for retention, the unedited model's value otherwise) or ppl rises above a multiple of the
-unedited value; "onset" uses mild thresholds (10% loss), "collapse" severe ones (50% loss, 2x perplexity).
+reference (efficacy_at_edit for retention, so that a method that never made an edit stick does not count
+as forgetting; the unedited model's value otherwise) or ppl rises above a multiple of the unedited value;
+"onset" uses mild thresholds (10% loss), "collapse" severe ones (50% loss, 2x perplexity).
 At the end the journals are undone in reverse order and the weights checked against the original.
 """
 
@@ -114,7 +116,8 @@ def detect_collapse(curve: list[dict], baseline: dict, th: Thresholds) -> dict:
         return first(lambda r: not math.isnan(r[key]) and r[key] < frac * ref)
 
     out = {
-        "retention_ES": first(lambda r: not math.isnan(r["retention_ES"]) and r["retention_ES"] < th.retention),
+        "retention_ES": first(lambda r: not math.isnan(r["retention_ES"])
+                              and r["retention_ES"] < th.retention * r.get("efficacy_at_edit", 1.0)),
         "probe_acc": below("probe_acc", th.probe),
         "GE": below("GE", th.fluency),
         "ppl": None if math.isnan(baseline.get("ppl", float("nan"))) else
@@ -189,7 +192,8 @@ def sequential_edits(model, cases: Sequence, method: str = "rome", hparams=None,
     base_ret = retention_metrics(model, cases, score_batch)  # pre-edit: how often new already beats true
     baseline = {**base, **{f"pre_{k}": v for k, v in base_ret.items()}}
     curve = [{"n_edits": 0, "retention_ES": float("nan"), "retention_PS": float("nan"),
-              "retention_rel": float("nan"), "edited_NS": float("nan"), **base, "seconds": 0.0}]
+              "retention_reliability": float("nan"), "efficacy_at_edit": float("nan"),
+              "edited_NS": float("nan"), **base, "n_refused": 0, "seconds": 0.0}]
     steps: list[dict] = []
     journals = []
     result = SequentialResult(curve, steps, baseline, {}, meta)
@@ -199,19 +203,27 @@ def sequential_edits(model, cases: Sequence, method: str = "rome", hparams=None,
         for start in range(0, len(cases), batch_size):
             batch = list(cases[start:start + batch_size])
             t1 = time.perf_counter()
-            journals.append(editor(model, batch))
+            try:
+                journals.append(editor(model, batch))
+                refused = None
+            except FfkvError as e:  # refused: the model is unchanged, the edits count as failed
+                refused = e.line()
             dt = time.perf_counter() - t1
             n_done += len(batch)
             latest = retention_metrics(model, batch, score_batch)
-            steps.append({"n_edits": n_done, "latest_ES": latest["ES"], "latest_rel": latest["reliability"],
-                          "edit_seconds": dt})
+            steps.append({"n_edits": n_done, "latest_ES": latest["ES"], "latest_reliability": latest["reliability"],
+                          "n_in_step": len(batch), "edit_seconds": dt, "refused": refused})
             bar.update(len(batch))
             if n_done >= next_measure or n_done == len(cases):
                 next_measure = (n_done // every + 1) * every
                 ret = retention_metrics(model, cases[:n_done], score_batch)
                 health = model_health(model, probes, gen_prompts, gen_tokens, score_batch)
+                at_edit = [s["latest_ES"] * s["n_in_step"] for s in steps if not math.isnan(s["latest_ES"])]
                 curve.append({"n_edits": n_done, "retention_ES": ret["ES"], "retention_PS": ret["PS"],
-                              "retention_rel": ret["reliability"], "edited_NS": ret["NS"], **health,
+                              "retention_reliability": ret["reliability"],
+                              "efficacy_at_edit": sum(at_edit) / n_done if at_edit else float("nan"),
+                              "edited_NS": ret["NS"], **health,
+                              "n_refused": sum(s["n_in_step"] for s in steps if s["refused"]),
                               "seconds": time.perf_counter() - t0})
                 result.collapse = {"onset": detect_collapse(curve, baseline, ONSET),
                                    "collapse": detect_collapse(curve, baseline, COLLAPSE)}
@@ -241,7 +253,8 @@ def plot_curves(results: dict[str, SequentialResult], path: str | Path, title: s
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    panels = [("retention of earlier edits", [("retention_ES", "ES", "-"), ("retention_PS", "PS", "--")]),
+    panels = [("retention of earlier edits", [("retention_ES", "ES now", "-"), ("retention_PS", "PS now", "--"),
+                                              ("efficacy_at_edit", "ES when made", ":")]),
               ("neighborhood / unedited facts", [("edited_NS", "NS (edited cases' neighbors)", "-"),
                                                  ("probe_acc", "probe top-1 acc", "--")]),
               ("fluency: generation entropy", [("GE", "GE", "-")]),
@@ -261,7 +274,11 @@ def plot_curves(results: dict[str, SequentialResult], path: str | Path, title: s
         if len(results) == 1 or name.startswith("retention"):
             ax.legend(fontsize=7)
         if name.startswith("perplexity"):
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
     if title:
         fig.suptitle(title)
     fig.tight_layout()

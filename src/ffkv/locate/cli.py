@@ -171,3 +171,7 @@ def neurons(model, prompts, answer, threshold, share, steps, method, unrelated, 
             click.echo(f"{op}: p(answer) {f['prob_before']:.4f} -> {f['prob_after']:.4f} "
                        f"({100 * f['relative_change']:+.1f}%), flip rate {f['flip_rate']:.2f}; random memories "
                        f"{100 * r.get('relative_change', 0):+.1f}%")
+    unrel = effects.get("unrelated", {}).get("suppress", {}).get("found")
+    if unrel:
+        click.echo(f"unrelated facts under suppression: {100 * unrel['relative_change']:+.1f}%, "
+                   f"flip rate {unrel['flip_rate']:.2f} (n={unrel['n']})")

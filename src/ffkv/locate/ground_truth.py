@@ -14,7 +14,9 @@ from a training template that the model answers correctly:
   key-value view. *Agreement* = the MLP-trace peak layer equals the storage layer;
 - knowledge-neuron precision: the fact's knowledge neurons (over its training-template prompts) switched off
   at the last token: relative change of P(answer) on the fact's own prompts and on facts of other relations;
-  precision = own flip rate / (own flip rate + unrelated flip rate);
+  precision = own flip rate / (own flip rate + unrelated flip rate); also reported on the same subject's facts
+  of other relations (do the neurons hold the fact, or the subject?), and for the neurons left after dropping
+  those that are also coarse neurons of most of ``n_background`` other facts (``filtered_*``);
 - frequency dependence: everything above by frequency bucket (1, 2-3, ..., 32+), with the recall (share of
   sampled facts the model answers) and the total effect.
 """
@@ -82,7 +84,8 @@ def _known(model: MemoryModel, prompt: str, answer_id: int) -> bool:
 
 
 def testbed_ground_truth(model: MemoryModel, facts: list[dict], per_bucket: int = 8, samples: int = 10,
-                         n_prompts: int = 3, n_unrelated: int = 4, seed: int = 0, progress: bool = True) -> dict:
+                         n_prompts: int = 3, n_unrelated: int = 4, n_background: int = 6, seed: int = 0,
+                         progress: bool = True) -> dict:
     """The ground-truth report on a testbed (see the module docstring). ``facts``: dicts of facts.jsonl."""
     from ..testbed.report import BUCKETS, bucket_of
 
@@ -128,16 +131,31 @@ def testbed_ground_truth(model: MemoryModel, facts: list[dict], per_bucket: int 
         ts, ls = np.unravel_index(int(np.argmax(subj)), subj.shape)
         storage = storage_profile(model, prompt, hid.subject_range, answer_id)
         kn = knowledge_neurons(model, known[:n_prompts], " " + f["object"], cost=cost)
-        others = [g for g in facts if g["relation_id"] != f["relation_id"]]
-        unrelated = []
-        for g in rng.sample(others, min(len(others), 4 * n_unrelated)):
+        others = [g for g in facts if g["relation_id"] != f["relation_id"] and g["subject"] != f["subject"]]
+        unrelated, background = [], []
+        for g in rng.sample(others, min(len(others), 8 * n_unrelated)):
             p = _render(g["train_templates"][0], g["subject"])
             if _known(model, p, model.answer_id(" " + g["object"])):
-                unrelated.append((p, " " + g["object"]))
-            if len(unrelated) >= n_unrelated:
+                (unrelated if len(unrelated) < n_unrelated else background).append((p, " " + g["object"]))
+            if len(background) >= n_background:
                 break
         eff = intervention_effects(model, known[:n_prompts], " " + f["object"], kn.neurons, unrelated=unrelated,
                                    random_trials=1, seed=seed) if kn.neurons else {}
+        # The same subject's facts of other relations: do the neurons hold this fact or the subject?
+        siblings = []
+        for g in facts:
+            if g["subject"] == f["subject"] and g["relation_id"] != f["relation_id"]:
+                p = _render(g["train_templates"][0], g["subject"])
+                if _known(model, p, model.answer_id(" " + g["object"])):
+                    siblings.append((p, " " + g["object"]))
+        sib = intervention_effects(model, known[:1], " " + f["object"], kn.neurons, unrelated=siblings,
+                                   random_trials=0) if kn.neurons and siblings else {}
+        # Extension: drop neurons that are also coarse neurons of most background facts (disjoint from the
+        # unrelated facts the effects are measured on).
+        knf = knowledge_neurons(model, known[:n_prompts], " " + f["object"], background=background, cost=cost) \
+            if background else kn
+        efff = intervention_effects(model, known[:n_prompts], " " + f["object"], knf.neurons, unrelated=unrelated,
+                                    random_trials=0) if knf.neurons else {}
         row.update({
             "prompt": prompt, "high_score": hid.high_score, "low_score": hid.low_score,
             "total_effect": hid.total_effect,
@@ -156,6 +174,13 @@ def testbed_ground_truth(model: MemoryModel, facts: list[dict], per_bucket: int 
             "kn_unrelated_relative_change": _get(eff, "unrelated", "suppress", "found", "relative_change"),
             "kn_unrelated_flip_rate": _get(eff, "unrelated", "suppress", "found", "flip_rate"),
             "random_own_relative_change": _get(eff, "own", "suppress", "random", "relative_change"),
+            "filtered_n_neurons": len(knf.neurons),
+            "filtered_own_relative_change": _get(efff, "own", "suppress", "found", "relative_change"),
+            "filtered_own_flip_rate": _get(efff, "own", "suppress", "found", "flip_rate"),
+            "filtered_unrelated_relative_change": _get(efff, "unrelated", "suppress", "found", "relative_change"),
+            "filtered_unrelated_flip_rate": _get(efff, "unrelated", "suppress", "found", "flip_rate"),
+            "kn_same_subject_relative_change": _get(sib, "unrelated", "suppress", "found", "relative_change"),
+            "kn_same_subject_flip_rate": _get(sib, "unrelated", "suppress", "found", "flip_rate"),
             "kn_amplify_relative_change": _get(eff, "own", "amplify", "found", "relative_change"),
         })
     return {"noise_level": level, "facts": rows, "by_bucket": summarize(rows), "overall": summarize(rows, all_=True),
@@ -203,6 +228,13 @@ def summarize(rows: list[dict], all_: bool = False) -> dict | list:
                 "kn_own_flip_rate": own, "kn_unrelated_flip_rate": other,
                 "kn_unrelated_relative_change": _mean(traced, "kn_unrelated_relative_change"),
                 "random_own_relative_change": _mean(traced, "random_own_relative_change"),
+                "kn_same_subject_relative_change": _mean(traced, "kn_same_subject_relative_change"),
+                "filtered_n_neurons": _mean(traced, "filtered_n_neurons"),
+                "filtered_own_relative_change": _mean(traced, "filtered_own_relative_change"),
+                "filtered_own_flip_rate": _mean(traced, "filtered_own_flip_rate"),
+                "filtered_unrelated_relative_change": _mean(traced, "filtered_unrelated_relative_change"),
+                "filtered_unrelated_flip_rate": _mean(traced, "filtered_unrelated_flip_rate"),
+                "kn_same_subject_flip_rate": _mean(traced, "kn_same_subject_flip_rate"),
                 "kn_precision": (own / (own + other)) if own is not None and other is not None and own + other > 0
                 else None}
 

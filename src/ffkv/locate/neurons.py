@@ -44,13 +44,14 @@ class NeuronsResult:
     steps: int
     method: str
     cost: dict = field(default_factory=dict)
+    dropped: list[tuple[int, int, float]] = field(default_factory=list)  # removed as common to background facts
 
     def to_json(self) -> dict:
         return {"answer": self.answer, "prompts": self.prompts,
                 "neurons": [[l, i, a] for l, i, a in self.neurons],
                 "per_prompt": [[[l, i, a] for l, i, a in n] for n in self.per_prompt],
                 "threshold": self.threshold, "share": self.share, "steps": self.steps, "method": self.method,
-                "cost": self.cost}
+                "dropped": [[l, i, a] for l, i, a in self.dropped], "cost": self.cost}
 
 
 def coarse_neurons(attr: torch.Tensor, threshold: float) -> list[tuple[int, int, float]]:
@@ -90,12 +91,17 @@ def screened_attributions(model: MemoryModel, prompt: str, answer, steps: int, c
 
 def knowledge_neurons(model: MemoryModel, prompts: list[str] | str, answer: str, threshold: float = 0.2,
                       share: float = 0.5, steps: int = 20, method: str = "ig", layers=None, rule: str = "left",
-                      candidates: int = 50, cost: Cost | None = None, progress: bool = False) -> NeuronsResult:
+                      candidates: int = 50, background: list[tuple[str, str]] | None = None,
+                      background_share: float = 0.5, cost: Cost | None = None,
+                      progress: bool = False) -> NeuronsResult:
     """Dai et al.'s knowledge neurons of the fact ``prompts -> answer``.
 
     prompts: the fact's paraphrase prompts (one is allowed). threshold: the coarse filter's fraction of the
     per-prompt maximum. share: the fraction of prompts a neuron must be found in (Dai et al.'s p%).
-    method: "ig" (exact, every layer) or "screen" (see the module docstring). Returns :class:`NeuronsResult`.
+    method: "ig" (exact, every layer) or "screen" (see the module docstring).
+    background: optional (prompt, answer) pairs of *other* facts; a neuron that is also a coarse neuron of at
+    least ``background_share`` of them is generic (it serves many facts), not this fact's, and is moved to
+    ``dropped`` (an extension, off by default; Dai et al. do not filter). Returns :class:`NeuronsResult`.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -117,5 +123,15 @@ def knowledge_neurons(model: MemoryModel, prompts: list[str] | str, answer: str,
         else:
             attrs.append(screened_attributions(model, p, answer, steps, candidates, rule, cost))
     per_prompt = [coarse_neurons(a, threshold) for a in attrs]
-    return NeuronsResult(answer, prompts, shared_neurons(per_prompt, attrs, share), per_prompt, threshold, share,
-                         steps, method, cost.as_dict())
+    kept = shared_neurons(per_prompt, attrs, share)
+    dropped = []
+    if background:
+        counts: dict[tuple[int, int], int] = {}
+        for p, a in background:
+            attr = integrated_gradients(model, p, a, steps=steps, layers=layers, rule=rule, cost=cost)
+            for l, i, _ in coarse_neurons(attr, threshold):
+                counts[l, i] = counts.get((l, i), 0) + 1
+        common = {k for k, c in counts.items() if c >= background_share * len(background) - 1e-9}
+        dropped = [n for n in kept if (n[0], n[1]) in common]
+        kept = [n for n in kept if (n[0], n[1]) not in common]
+    return NeuronsResult(answer, prompts, kept, per_prompt, threshold, share, steps, method, cost.as_dict(), dropped)

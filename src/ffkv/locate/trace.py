@@ -224,6 +224,7 @@ def causal_trace(model: MemoryModel, prompt: str, subject: str, kind: str = "hid
     bands: token bands per start layer (more bands: fewer wasted positions, more passes).
     max_rows: the most batch rows in one forward pass. Returns a :class:`TraceResult`.
     """
+    kind = kind or "hidden"  # ROME's kind=None
     _check_args(model, kind, samples, window)
     cost = cost if cost is not None else Cost()
     prep = _prepare(model, prompt, subject, kind, answer, noise, samples, seed, subjects, cost)
@@ -316,6 +317,7 @@ def causal_trace_reference(model: MemoryModel, prompt: str, subject: str, kind: 
     Row 0 is clean; rows 1.. carry the (same) noise; the restored states are copied from row 0 in the same
     pass (ROME's ``trace_with_patch``). Slow by design: the baseline that :func:`causal_trace` must equal.
     """
+    kind = kind or "hidden"
     _check_args(model, kind, samples, window)
     cost = cost if cost is not None else Cost()
     prep = _prepare(model, prompt, subject, kind, answer, noise, samples, seed, subjects, Cost())

@@ -83,17 +83,20 @@ def atlas():
               help="Documents of .txt files: blank-line separated paragraphs, or one per line.")
 @click.option("--batch-tokens", default=2048, show_default=True, help="Padded tokens per forward pass.")
 @click.option("--checkpoint-every", default=200, show_default=True, help="Batches between checkpoints.")
+@click.option("--dedup/--no-dedup", default=True, show_default=True,
+              help="Count a prefix that occurs several times (same tokens) once, at its first occurrence.")
 @click.option("--analyze/--no-analyze", default=False, help="Run the analyses when mining finishes.")
 @click.option("--json", "as_json", is_flag=True)
 @with_model_options
 def mine_cmd(model, corpus, out, top_k, split, window, min_tokens, text_field, max_units, docs, batch_tokens,
-             checkpoint_every, analyze, as_json, dtype, device):
+             checkpoint_every, dedup, analyze, as_json, dtype, device):
     """Record the top-k / bottom-k trigger prefixes of every key in one pass; the same command resumes."""
     from .mining import mine
 
     mm = _load(model, dtype, device)
     meta = mine(mm, corpus, out, top_k=top_k, batch_tokens=batch_tokens, checkpoint_every=checkpoint_every,
-                split=split, window=window, min_tokens=min_tokens, text_field=text_field, max_units=max_units, docs=docs)
+                dedup=dedup, split=split, window=window, min_tokens=min_tokens, text_field=text_field,
+                max_units=max_units, docs=docs)
     if analyze:
         from .analysis import analyze as run
         from .atlas import Atlas
@@ -165,6 +168,20 @@ def report_cmd(directory, norm, composition_units, as_json, dtype, device):
         _echo_json({"report": path})
     else:
         click.echo(f"report written to {path}")
+
+
+@atlas.command("summary")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def summary_cmd(directory, as_json):
+    """Per-layer table of the stored analyses (Markdown, percentages), or JSON."""
+    from .report import format_summary, layer_summary
+
+    rows = layer_summary(_atlas(directory))
+    if as_json:
+        _echo_json({"layers": rows})
+    else:
+        click.echo(format_summary(rows))
 
 
 @atlas.command("memory")

@@ -20,7 +20,7 @@ running it again resumes after the last checkpoint. The finished atlas has ``DIR
 
 from __future__ import annotations
 
-import os
+import contextlib
 import shutil
 import sys
 import time
@@ -31,7 +31,6 @@ import torch
 
 from ..errors import FfkvError
 from ..io import load_safetensors, provenance, read_json, save_safetensors, write_json, write_parquet
-from ..models.hooks import intervene
 from .corpus import CorpusSpec, Unit, corpus_files, corpus_fingerprint, iter_units
 
 POSITION_BITS = 20  # global prefix id g = unit << 20 | position
@@ -82,31 +81,44 @@ def batch_topk(new_v: torch.Tensor, k: int, floor: torch.Tensor | None = None) -
     return vals, cols
 
 
-def _merge_dense(buf_v, buf_g, new_v, new_g, k):
-    """Merge when many prefixes can enter (the start of a run): per-key top-k of the batch, then 2k."""
+def _merge_dense(buf_v, buf_g, buf_h, new_v, new_g, new_h, k):
+    """Merge when many prefixes can enter (the start of a run): per-key top-k of the batch, then 2k.
+
+    A batch candidate whose prefix hash is already in the key's buffer is dropped (set to -inf: it can
+    then only fill a slot after every empty buffer slot, i.e. never)."""
     new_v = _clean(new_v)
     vals, cols = batch_topk(new_v, k, floor=buf_v[:, -1])
+    if buf_h is not None:
+        dup = (new_h[cols][:, :, None] == buf_h[:, None, :]).any(2)
+        vals = vals.masked_fill(dup, float("-inf"))
     cat = torch.cat([buf_v, vals], dim=1)
     order = torch.cat([torch.arange(k, device=cat.device).expand(cat.shape[0], k), k + cols], dim=1)
     key = (ordered_bits(cat) << 32) + ((1 << 32) - 1 - order)
     idx = key.topk(k, dim=1, sorted=True).indices
     v = cat.gather(1, idx)
-    j = (idx - k).clamp(min=0, max=cols.shape[1] - 1)
-    g = torch.where(idx < k, buf_g.gather(1, idx.clamp(max=k - 1)), new_g[cols.gather(1, j)])
-    return v, g
+    in_buf = idx < k
+    bi = idx.clamp(max=k - 1)
+    nj = cols.gather(1, (idx - k).clamp(min=0, max=cols.shape[1] - 1))
+    g = torch.where(in_buf, buf_g.gather(1, bi), new_g[nj])
+    h = None if buf_h is None else torch.where(in_buf, buf_h.gather(1, bi), new_h[nj])
+    return v, g, h
 
 
-def _merge_sparse(buf_v, buf_g, pos, rows, vals, new_g, k):
+def _merge_sparse(buf_v, buf_g, buf_h, pos, rows, vals, new_g, new_h, k):
     """Merge a few candidates (key ``rows[j]`` at batch position ``pos[j]``, value ``vals[j]``).
 
     All buffer entries and candidates are sorted once by the composite key, then stably by key row; the
     first k of each row are the new buffer. Cost O((R k + M) log), independent of the batch size.
     """
+    if buf_h is not None:  # a prefix already in the key's buffer does not enter twice
+        fresh = ~(buf_h[rows] == new_h[pos][:, None]).any(1)
+        pos, rows, vals = pos[fresh], rows[fresh], vals[fresh]
+        if rows.numel() == 0:
+            return buf_v, buf_g, buf_h
     R = buf_v.shape[0]
     dev = buf_v.device
     all_rows = torch.cat([torch.arange(R, device=dev).repeat_interleave(k), rows])
     all_v = torch.cat([buf_v.reshape(-1), vals + 0.0])
-    all_g = torch.cat([buf_g.reshape(-1), new_g[pos]])
     order = torch.cat([torch.arange(k, device=dev).repeat(R), k + pos])
     key = (ordered_bits(all_v) << 32) + ((1 << 32) - 1 - order)
     by_key = key.argsort(descending=True)
@@ -114,68 +126,130 @@ def _merge_sparse(buf_v, buf_g, pos, rows, vals, new_g, k):
     counts = k + torch.bincount(rows, minlength=R)
     start = counts.cumsum(0) - counts
     take = perm[start[:, None] + torch.arange(k, device=dev)]
-    return all_v[take], all_g[take]
+    all_g = torch.cat([buf_g.reshape(-1), new_g[pos]])
+    h = None if buf_h is None else torch.cat([buf_h.reshape(-1), new_h[pos]])[take]
+    return all_v[take], all_g[take], h
 
 
 def merge_topk(buf_v: torch.Tensor, buf_g: torch.Tensor, new_v: torch.Tensor, new_g: torch.Tensor,
-               k: int, negate: bool = False, sparse_share: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+               k: int, negate: bool = False, sparse_share: float = 0.05, buf_h: torch.Tensor | None = None,
+               new_h: torch.Tensor | None = None, col_best: torch.Tensor | None = None):
     """The k largest of ``[buffer ; batch]`` for every key, ties to the earlier prefix.
 
     buf_v (R, k) float32 sorted by (value desc, g asc); buf_g (R, k) int64 (-1 = empty);
     new_v (N, R): the batch's coefficients, one column per key (``-new_v`` is merged if ``negate``);
     new_g (N,) int64, ascending and larger than every id in the buffer.
     Only values above a key's current k-th value (its floor) can enter: equal ones lose the tie to the
-    older prefix. When those candidates are few (< ``sparse_share`` of the batch: the usual case once the
-    buffers fill) they are merged sparsely, otherwise the batch is cut to its k best per key first. Both
-    paths order by the composite key ``bits(v) * 2^32 + (2^32 - 1 - c)``, c = stream order (buffer columns
-    first, then k + batch position), unique per key, so the result is exact.
-    Returns the new (buf_v, buf_g).
+    older prefix. Keys whose batch maximum (``col_best``, computed if not given) is not above their floor
+    are skipped without touching the batch again. Among the others, when the candidates are few
+    (< ``sparse_share`` of the block: the usual case once the buffers fill) they are merged sparsely,
+    otherwise the batch is cut to its k best per key first. Both paths order by the composite key
+    ``bits(v) * 2^32 + (2^32 - 1 - c)``, c = stream order (buffer columns first, then k + batch position),
+    unique per key, so the result is exact.
+    With prefix hashes (buf_h (R, k), new_h (N,), the batch already free of repeats) a prefix whose hash is
+    in a key's buffer is not added again, so each key keeps k distinct prefixes.
+    Returns the new (buf_v, buf_g) or, with hashes, (buf_v, buf_g, buf_h).
     """
-    floor = buf_v[:, -1]
-    mask = (new_v < -floor) if negate else (new_v > floor)
-    m = int(mask.sum())
-    if m == 0:
-        return buf_v, buf_g
-    if m <= sparse_share * mask.numel():
-        pos, rows = mask.nonzero(as_tuple=True)
-        vals = new_v[pos, rows].float()
-        return _merge_sparse(buf_v, buf_g, pos, rows, -vals if negate else vals, new_g, k)
-    return _merge_dense(buf_v, buf_g, -new_v if negate else new_v, new_g, k)
+    R = buf_v.shape[0]
+    if col_best is None:
+        col_best = (-new_v).amax(0) if negate else new_v.amax(0)
+    col_best = torch.nan_to_num(col_best.float(), nan=float("inf"))  # a NaN column takes the exact path
+    keys = (col_best > buf_v[:, -1]).nonzero().squeeze(1)
+    if keys.numel() == 0:
+        return (buf_v, buf_g, buf_h) if buf_h is not None else (buf_v, buf_g)
+    if keys.numel() == R:
+        sub_v, bv, bg, bh = new_v, buf_v, buf_g, buf_h
+    else:
+        sub_v = new_v.index_select(1, keys)
+        bv, bg = buf_v.index_select(0, keys), buf_g.index_select(0, keys)
+        bh = None if buf_h is None else buf_h.index_select(0, keys)
+    floor = bv[:, -1]
+    mask = (sub_v < -floor) if negate else (sub_v > floor)
+    pos, rows = mask.nonzero(as_tuple=True)
+    if pos.numel() <= sparse_share * mask.numel():
+        vals = sub_v[pos, rows].float()
+        out = _merge_sparse(bv, bg, bh, pos, rows, -vals if negate else vals, new_g, new_h, k)
+    else:
+        out = _merge_dense(bv, bg, bh, -sub_v if negate else sub_v, new_g, new_h, k)
+    if keys.numel() != R:
+        out = (buf_v.index_copy(0, keys, out[0]), buf_g.index_copy(0, keys, out[1]),
+               None if buf_h is None else buf_h.index_copy(0, keys, out[2]))
+    return out if buf_h is not None else out[:2]
+
+
+def prefix_hashes(tokens) -> np.ndarray:
+    """A 64-bit hash of every prefix ``tokens[:t+1]`` of a unit, (T,) int64.
+
+    ``h_t = sum_{j<=t} mix(token_j, j)`` (mod 2^64), mix a SplitMix64 finalizer: equal prefixes get equal
+    hashes in any unit; different ones collide with probability about 2^-64.
+    """
+    with np.errstate(over="ignore"):
+        t = np.asarray(tokens, dtype=np.uint64)
+        x = t * np.uint64(0x9E3779B97F4A7C15) + np.arange(t.size, dtype=np.uint64) * np.uint64(0xD6E8FEB86659FD93) \
+            + np.uint64(1)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+        return np.cumsum(x, dtype=np.uint64).view(np.int64)
+
+
+def first_occurrences(h: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: True where ``h[i]`` does not occur in ``h[:i]``."""
+    uniq, inv = torch.unique(h, return_inverse=True)
+    n = torch.arange(h.numel(), device=h.device)
+    first = torch.full((uniq.numel(),), h.numel(), device=h.device, dtype=torch.long).scatter_reduce(
+        0, inv, n, reduce="amin")
+    return first[inv] == n
 
 
 class TriggerBuffers:
     """Running top-k and bottom-k of every key of every layer: tensors of shape (L * d_ffn, k).
 
-    The bottom buffer holds ``-m`` so that one merge serves both.
+    The bottom buffer holds ``-m`` so that one merge serves both. With ``dedup`` each entry also keeps its
+    prefix hash, and a prefix seen again (the same token sequence) does not take a second slot.
     """
 
-    def __init__(self, n_layers: int, d_ffn: int, k: int, device="cpu"):
-        self.n_layers, self.d_ffn, self.k = n_layers, d_ffn, k
+    NAMES = ("top_v", "top_g", "bot_v", "bot_g")
+
+    def __init__(self, n_layers: int, d_ffn: int, k: int, device="cpu", dedup: bool = False):
+        self.n_layers, self.d_ffn, self.k, self.dedup = n_layers, d_ffn, k, dedup
         rows = n_layers * d_ffn
         self.top_v = torch.full((rows, k), float("-inf"), device=device)
         self.top_g = torch.full((rows, k), -1, dtype=torch.int64, device=device)
         self.bot_v = self.top_v.clone()
         self.bot_g = self.top_g.clone()
+        self.top_h = self.top_g.clone() if dedup else None
+        self.bot_h = self.top_g.clone() if dedup else None
 
-    def update(self, coef: torch.Tensor, gids: torch.Tensor, layer: int | None = None):
+    def update(self, coef: torch.Tensor, gids: torch.Tensor, layer: int | None = None,
+               hashes: torch.Tensor | None = None):
         """Absorb one batch. coef: (N, d_ffn) coefficients of one layer's keys (or (N, L * d_ffn) for all
-        layers when ``layer`` is None) at N prefixes; gids: (N,) ascending."""
+        layers when ``layer`` is None) at N prefixes; gids: (N,) ascending; hashes: (N,) prefix hashes,
+        free of repeats (required with dedup)."""
         if coef.shape[0] == 0:
             return
         rows = slice(None) if layer is None else slice(layer * self.d_ffn, (layer + 1) * self.d_ffn)
-        for v, g, negate in ((self.top_v, self.top_g, False), (self.bot_v, self.bot_g, True)):
-            nv, ng = merge_topk(v[rows], g[rows], coef, gids, self.k, negate=negate)
-            v[rows], g[rows] = nv, ng
+        hi, lo = coef.amax(0), coef.amin(0)  # (aminmax along dim 0 is 10x slower on CPU)
+        for kind, negate, best in (("top", False, hi), ("bot", True, -lo)):
+            v, g, h = getattr(self, kind + "_v"), getattr(self, kind + "_g"), getattr(self, kind + "_h")
+            out = merge_topk(v[rows], g[rows], coef, gids, self.k, negate=negate, col_best=best,
+                             buf_h=None if h is None else h[rows], new_h=hashes if self.dedup else None)
+            v[rows], g[rows] = out[0], out[1]
+            if h is not None:
+                h[rows] = out[2]
 
     def state(self) -> dict:
-        return {"top_v": self.top_v, "top_g": self.top_g, "bot_v": self.bot_v, "bot_g": self.bot_g}
+        names = self.NAMES + (("top_h", "bot_h") if self.dedup else ())
+        return {n: getattr(self, n) for n in names}
 
     def load(self, tensors: dict):
-        for name in ("top_v", "top_g", "bot_v", "bot_g"):
-            t = tensors[name]
-            if t.shape != self.top_v.shape:
-                raise FfkvError(f"checkpoint buffer {name} has shape {tuple(t.shape)}, expected "
-                                f"{tuple(self.top_v.shape)}", "delete the atlas folder and mine again")
+        for name in self.NAMES + (("top_h", "bot_h") if self.dedup else ()):
+            t = tensors.get(name)
+            if t is None or t.shape != self.top_v.shape:
+                raise FfkvError(f"checkpoint buffer {name} is missing or has the wrong shape",
+                                "delete the atlas folder and mine again")
             setattr(self, name, t.to(self.top_v.device))
 
 
@@ -195,14 +269,20 @@ def batches(units, batch_tokens: int, max_len: int):
         yield batch
 
 
-def encode_units(units: list[Unit], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask`` (B, T) of a batch of units."""
+def encode_units(units: list[Unit], pad_id: int, device, hashes: bool = False):
+    """Right-padded ``input_ids`` and ``attention_mask`` (B, T) of a batch of units (and, with ``hashes``,
+    the (B, T) int64 prefix hashes, 0 at padding)."""
     T = max(len(u.tokens) for u in units)
     ids = torch.full((len(units), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(units), T), dtype=torch.long)
+    hs = np.zeros((len(units), T), np.int64) if hashes else None
     for b, u in enumerate(units):
         ids[b, : len(u.tokens)] = torch.tensor(u.tokens)
         mask[b, : len(u.tokens)] = 1
+        if hashes:
+            hs[b, : len(u.tokens)] = prefix_hashes(u.tokens)
+    if hashes:
+        return ids.to(device), mask.to(device), torch.from_numpy(hs).to(device)
     return ids.to(device), mask.to(device)
 
 
@@ -212,30 +292,62 @@ def forward_module(model):
     return base if isinstance(base, torch.nn.Module) and base is not model.hf else model.hf
 
 
+@contextlib.contextmanager
+def coefficient_reader(model, layers: list[int]):
+    """Record the coefficients m (the input of W_out, the ``coef`` site of :func:`ffkv.models.hooks.intervene`)
+    of ``layers`` during a forward pass: yields a dict ``layer -> (B, T, d_ffn)``.
+
+    The same modules as the ``coef`` site, read without the copy ``intervene`` makes for sites that may be
+    edited in place downstream (W_out's input is only read by W_out), which saves one pass over every
+    coefficient. Hooks are removed on exit.
+    """
+    rec: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(layer):
+        def pre_hook(module, args, kwargs):
+            rec[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return pre_hook
+
+    try:
+        for l in layers:
+            handles.append(model.module(l, model.spec.value).register_forward_pre_hook(hook_for(l), with_kwargs=True))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def batch_coefficients(model, ids: torch.Tensor, mask: torch.Tensor, unit_ids: torch.Tensor,
-                       layers: list[int] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                       layers: list[int] | None = None, hashes: torch.Tensor | None = None):
     """Coefficients of every real position of a batch, all layers, in one forward pass.
 
     ids, mask: (B, T); unit_ids: (B,). Returns one (N, d_ffn) tensor per layer (column i: key i) over the
-    N real positions, and gids (N,) = ``unit << 20 | t``, ascending.
+    N real positions, and gids (N,) = ``unit << 20 | t``, ascending. With ``hashes`` (B, T), positions
+    whose prefix already occurred earlier in the batch are left out, and their hashes (N,) are returned
+    third.
     """
     layers = list(range(model.n_layers)) if layers is None else layers
-    with intervene(model, reads=[("coef", l) for l in layers]) as rec:
+    with coefficient_reader(model, layers) as rec:
         forward_module(model)(input_ids=ids, attention_mask=mask)
     B, T = ids.shape
     sel = mask.reshape(-1).nonzero().squeeze(1)
-    coefs = [rec["coef", l].reshape(B * T, -1).index_select(0, sel) for l in layers]  # (N, d) each
+    if hashes is not None:
+        h = hashes.reshape(-1).index_select(0, sel)
+        fresh = first_occurrences(h)
+        sel, h = sel[fresh], h[fresh]
+    coefs = [rec[l].reshape(B * T, -1).index_select(0, sel) for l in layers]  # (N, d) each
     pos = torch.arange(T, device=ids.device).expand(B, T)
     gids = ((unit_ids.to(ids.device)[:, None] << POSITION_BITS) + pos).reshape(-1).index_select(0, sel)
-    return coefs, gids
+    return (coefs, gids) if hashes is None else (coefs, gids, h)
 
 
 # --------------------------------------------------------------------------------------------- the run
-def _hyper(spec: CorpusSpec, top_k: int) -> dict:
+def _hyper(spec: CorpusSpec, top_k: int, dedup: bool) -> dict:
     return {"corpus": str(Path(spec.path).resolve()), "split": spec.split, "window": spec.window,
             "min_tokens": spec.min_tokens, "text_field": spec.text_field, "max_units": spec.max_units,
-            "docs": spec.docs, "top_k": top_k}
+            "docs": spec.docs, "top_k": top_k, "dedup": dedup}
 
 
 def _units_table(units: list[Unit]) -> dict:
@@ -250,14 +362,16 @@ def _units_table(units: list[Unit]) -> dict:
 
 def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 25, batch_tokens: int = 2048,
          checkpoint_every: int = 200, progress: bool = True, max_batches: int | None = None,
-         device_buffers: bool = True, **corpus_options) -> dict:
+         device_buffers: bool = True, dedup: bool = True, **corpus_options) -> dict:
     """Mine the top-k / bottom-k trigger prefixes of every key of ``model`` over ``corpus`` into ``out``.
 
     corpus: a path (file or folder) or a :class:`CorpusSpec`; ``corpus_options`` (split, window,
     min_tokens, text_field, max_units) build the spec from a path. Running again on the same ``out``
     resumes after the last checkpoint (and returns at once if the atlas is complete); a different model,
     corpus or top_k is refused. ``max_batches`` stops after that many batches of this call, leaving a
-    checkpoint (for tests of resuming). Returns the atlas metadata (``atlas.json``).
+    checkpoint (for tests of resuming). ``dedup`` (default): a prefix that occurs several times in the
+    corpus (the same token sequence from the start of its unit) counts once, at its first occurrence, so a
+    key's k triggers are k different prefixes. Returns the atlas metadata (``atlas.json``).
     """
     spec = corpus if isinstance(corpus, CorpusSpec) else CorpusSpec(str(corpus), **corpus_options)
     if top_k < 1:
@@ -271,7 +385,7 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
     files = corpus_files(spec.path)
     out = Path(out)
     state_dir = out / "state"
-    hyper = _hyper(spec, top_k)
+    hyper = _hyper(spec, top_k, dedup)
     identity = model.identity
     meta_path = out / "atlas.json"
     fingerprint = corpus_fingerprint(files)
@@ -291,7 +405,8 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
                 "corpus_fingerprint": fingerprint, **provenance(identity, **hyper)}
         write_json(meta_path, meta)
 
-    buffers = TriggerBuffers(model.n_layers, model.d_ffn, top_k, model.device if device_buffers else "cpu")
+    buffers = TriggerBuffers(model.n_layers, model.d_ffn, top_k, model.device if device_buffers else "cpu",
+                             dedup=dedup)
     done = {"units": 0, "tokens": 0, "batches": 0, "shards": []}
     ckpt = state_dir / "state.safetensors"
     if ckpt.exists():
@@ -307,11 +422,13 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
     finished = True
     try:
         for batch in batches(stream, batch_tokens, spec.window):
-            ids, mask = encode_units(batch, pad_id, model.device)
+            ids, mask, hashes = encode_units(batch, pad_id, model.device, hashes=True)
             unit_ids = torch.tensor([u.unit for u in batch], dtype=torch.long)
-            coefs, gids = batch_coefficients(model, ids, mask, unit_ids)
+            coefs, gids, hashes = batch_coefficients(model, ids, mask, unit_ids, hashes=hashes if dedup else None) \
+                if dedup else (*batch_coefficients(model, ids, mask, unit_ids), None)
+            dev = buffers.top_v.device
             for l, c in enumerate(coefs):
-                buffers.update(c if device_buffers else c.cpu(), gids if device_buffers else gids.cpu(), layer=l)
+                buffers.update(c.to(dev), gids.to(dev), layer=l, hashes=None if hashes is None else hashes.to(dev))
             pending.extend(batch)
             n_tok = int(mask.sum())
             done["units"], done["tokens"], done["batches"] = batch[-1].unit + 1, done["tokens"] + n_tok, \
@@ -434,22 +551,29 @@ def _finalize(model, out: Path, buffers: TriggerBuffers, done: dict, meta: dict,
 
 # --------------------------------------------------------------------------------------------- reference
 @torch.no_grad()
-def brute_force_triggers(model, units: list[Unit], top_k: int, batch_tokens: int = 2048) -> dict:
+def brute_force_triggers(model, units: list[Unit], top_k: int, batch_tokens: int = 2048, dedup: bool = True) -> dict:
     """Reference: all coefficients of all prefixes kept, then a full sort per key (small corpora only).
 
+    With ``dedup`` only the first occurrence of each distinct prefix (token sequence) takes part.
     Returns {layer: {"top": (d_ffn, k) gids, "bottom": ..., "top_coef": ..., "bottom_coef": ...}} with
     the order (coefficient desc, g asc) for top and (coefficient asc, g asc) for bottom.
     """
     tok = model._require_tokenizer()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    all_c, all_g = [], []
+    all_c, all_g, seen, keep = [], [], set(), []
     for batch in batches(iter(units), batch_tokens, max(len(u.tokens) for u in units)):
         ids, mask = encode_units(batch, pad_id, model.device)
         c, g = batch_coefficients(model, ids, mask, torch.tensor([u.unit for u in batch]))
         all_c.append(torch.cat(c, dim=1).T.float().cpu().numpy())
         all_g.append(g.cpu().numpy())
-    C = np.concatenate(all_c, axis=1) + 0.0  # (L*d, N)
-    G = np.concatenate(all_g)
+        for u in batch:
+            for t in range(len(u.tokens)):
+                prefix = tuple(u.tokens[: t + 1])
+                keep.append(not dedup or prefix not in seen)
+                seen.add(prefix)
+    keep = np.array(keep)
+    C = np.concatenate(all_c, axis=1)[:, keep] + 0.0  # (L*d, N)
+    G = np.concatenate(all_g)[keep]
     out, d = {}, model.d_ffn
     for l in range(model.n_layers):
         res = {}
@@ -495,6 +619,17 @@ def merge_atlases(parts: list[str | Path], out: str | Path) -> dict:
     prov = {key: first.meta[key] for key in ("ffkv_version", "created", "model", "hyperparameters")}
     prov["hyperparameters"] = {**prov["hyperparameters"], "corpus": [a.meta["hyperparameters"]["corpus"]
                                                                       for a in atlases]}
+    dedup = bool(first.meta["hyperparameters"].get("dedup", False))
+    all_units = pa.concat_tables([_offset_units(pq.read_table(a.path / "units.parquet"), off)
+                                  for a, off in zip(atlases, offsets)])
+    unit_tokens = dict(zip(all_units["unit"].to_pylist(), all_units["tokens"].to_pylist()))
+    cache: dict = {}
+
+    def hashes(u, p_):
+        if u not in cache:
+            cache[u] = prefix_hashes(unit_tokens[u])
+        return cache[u][p_]
+
     for l in range(first.n_layers):
         t = pa.concat_tables([_offset_units(a.triggers(l), off) for a, off in zip(atlases, offsets)]).to_pydict()
         idx, kind = np.asarray(t["index"]), np.asarray(t["kind"])
@@ -505,15 +640,19 @@ def merge_atlases(parts: list[str | Path], out: str | Path) -> dict:
         idx_s, top_s = idx[order], is_top[order]
         group_start = np.r_[True, (idx_s[1:] != idx_s[:-1]) | (top_s[1:] != top_s[:-1])]
         gid = np.cumsum(group_start) - 1
+        if dedup:  # the same prefix from two parts: keep its first occurrence in each key's list
+            h = np.array([hashes(u, p_) for u, p_ in zip(unit[order], pos[order])], np.int64)
+            _, firsts = np.unique(np.stack([gid, h], 1), axis=0, return_index=True)
+            firsts = np.sort(firsts)
+            order, gid = order[firsts], gid[firsts]
+            group_start = np.r_[True, gid[1:] != gid[:-1]]
         starts = np.flatnonzero(group_start)
         rank = np.arange(order.size) - starts[gid]
         keep = order[rank < k]
         table = {"index": idx[keep].astype(np.int32), "kind": kind[keep], "rank": rank[rank < k].astype(np.int16),
                  "coef": coef[keep].astype(np.float32), "unit": unit[keep], "position": pos[keep].astype(np.int32)}
         write_parquet(out / "triggers" / f"layer-{l:03d}.parquet", table, meta={**prov, "layer": l})
-    units = pa.concat_tables([_offset_units(pq.read_table(a.path / "units.parquet"), off)
-                              for a, off in zip(atlases, offsets)])
-    write_parquet(out / "units.parquet", units, meta=prov)
+    write_parquet(out / "units.parquet", all_units, meta=prov)
     meta = {**first.meta, **prov, "status": "complete", "units": int(sum(a.meta["units"] for a in atlases)),
             "tokens": int(sum(a.meta["tokens"] for a in atlases)), "merged_from": [str(a.path) for a in atlases]}
     write_json(out / "atlas.json", meta)

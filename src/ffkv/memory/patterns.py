@@ -8,7 +8,7 @@ into *shallow* (a shared last token or last n-gram) and *semantic* (a shared top
     label   = "shallow" if share_1 >= threshold else "semantic"
 
 and a semantic key is shown with its topic words: content words (no stop words) that occur in at least
-``topic_share`` of its prefixes. The removal experiment (the paper's Figure 3) recomputes a key's
+``topic_share`` of its prefixes. The removal experiment (section 3) recomputes a key's
 coefficient on its top prefixes without their last token and without their first token.
 """
 
@@ -91,7 +91,7 @@ def layer_patterns(atlas, layer: int, n: int | None = None, threshold: float = 0
 
 def pattern_summary(atlas, n: int | None = None, threshold: float = 0.5, topic_share: float = 0.3,
                     examples: int = 3) -> dict:
-    """Share of shallow and semantic keys per layer (the paper's Figure 2), with example keys."""
+    """Share of shallow and semantic keys per layer (section 3), with example keys."""
     layers = []
     for l in range(atlas.n_layers):
         pats = layer_patterns(atlas, l, n, threshold, topic_share)
@@ -117,7 +117,8 @@ def removal_effects(atlas, keys_per_layer: int = 64, triggers_per_key: int = 1, 
     For sampled keys i and their top prefixes x = (x_1..x_t), t >= 2:
         change_last  = (m_i(x_1..x_{t-1}) - m_i(x)) / |m_i(x)|
         change_first = (m_i(x_2..x_t)     - m_i(x)) / |m_i(x)|
-    The paper finds the last token matters most in lower layers and less higher up.
+    The paper finds the last token matters most in lower layers and less higher up. Means are reported
+    with medians: a key whose top coefficient is near 0 makes the relative change of its prefix explode.
     """
     model = atlas.model
     rng = np.random.default_rng(seed)

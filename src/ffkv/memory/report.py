@@ -1,9 +1,9 @@
 """``DIR/report.html``: the paper's tables and figures for the analysed model, from measured atlas data.
 
-Figures (PNG, matplotlib, in ``DIR/figures/``): pattern types by layer and the token-removal effect
-(Geva 2021, Fig. 2-3), value agreement vs random and the top-100 ``max p`` histogram (Fig. 4-5), active
-memories and zero-agreement (section 5.1), refinement cases (Fig. 7 / section 5.2); then trigger examples
-and value top tokens of sampled memories (Table 1-2).
+Figures (PNG and SVG, matplotlib, in ``DIR/figures/``): pattern types by layer and the token-removal effect
+(Geva 2021, section 3), value agreement vs random, the top-100 ``max p`` histogram and trigger ranks
+(section 4), active memories and zero-agreement (section 5.1), refinement cases (section 5.2); then trigger
+examples and value top tokens of sampled memories.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .atlas import Atlas
 
 PAPER = {
     "patterns": "shallow patterns dominate layers 1-9 of 16, semantic ones layers 10-16",
-    "agreement": "agreement rises to ~3.5% in the top layers (WikiText-103 model), far above random",
+    "agreement": "agreement rises in the upper layers, far above the random baseline",
     "active": "10-50% of memories are active per layer",
     "zero": "zero-agreement in at least 68% of prefixes in every layer",
     "refinement": "the residual's top token is often already the final output in upper layers",
@@ -38,8 +38,9 @@ def _fig(path, draw, layers=None):
         ax.set_xticks(layers if len(layers) <= 24 else layers[:: max(1, len(layers) // 12)])
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    for suffix in ("png", "svg"):
+        with atomic_path(path.with_suffix("." + suffix)) as tmp:
+            fig.savefig(tmp, format=suffix)
     plt.close(fig)
 
 
@@ -72,10 +73,10 @@ def figures(atlas: Atlas, res: dict) -> dict:
         _fig(fig_dir / "patterns.png", draw, L); out["patterns"] = "figures/patterns.png"
     if rem:
         def draw(ax):
-            ax.plot(L, [l["change_remove_last"] for l in rem["layers"]], "o-", label="remove last token")
-            ax.plot(L, [l["change_remove_first"] for l in rem["layers"]], "s-", label="remove first token")
+            ax.plot(L, [l["median_change_remove_last"] for l in rem["layers"]], "o-", label="remove last token")
+            ax.plot(L, [l["median_change_remove_first"] for l in rem["layers"]], "s-", label="remove first token")
             ax.axhline(0, color="k", lw=0.6)
-            ax.set_xlabel("layer"); ax.set_ylabel("mean relative change of m"); ax.set_title("Token removal")
+            ax.set_xlabel("layer"); ax.set_ylabel("median relative change of m"); ax.set_title("Token removal")
             ax.legend(fontsize=8)
         _fig(fig_dir / "removal.png", draw, L); out["removal"] = "figures/removal.png"
     if val:
@@ -130,6 +131,50 @@ def figures(atlas: Atlas, res: dict) -> dict:
     return out
 
 
+def layer_summary(atlas: Atlas) -> list[dict]:
+    """One row per layer joining every stored analysis (the numbers behind the report's figures)."""
+    stored = {s: atlas.analysis(s) for s in STEPS}
+    rows = []
+    for l in range(atlas.n_layers):
+        r = {"layer": l}
+        if stored["patterns"]:
+            p = stored["patterns"]["layers"][l]
+            r.update(shallow=p["shallow"], semantic=p["semantic"])
+        if stored["removal"]:
+            p = stored["removal"]["layers"][l]
+            r.update(remove_last=p["median_change_remove_last"], remove_first=p["median_change_remove_first"])
+        if stored["values"]:
+            p = stored["values"]["layers"][l]
+            r.update(agreement=p["agreement"], random=p["random"], median_rank=p["median_trigger_rank"],
+                     top100=p["top100_max_p_count"])
+        if stored["composition"]:
+            c, f = stored["composition"]["composition"][l], stored["composition"]["refinement"][l]
+            r.update(active=c["active_share"], zero_agreement=c["zero_agreement"],
+                     zero_stop=c["zero_agreement_stop_word"], zero_short=c["zero_agreement_short"],
+                     residual_is_output=f["residual_is_output"],
+                     **{f"case_{k}": f[k] for k in ("residual", "ffn", "agreement", "composition")})
+        rows.append(r)
+    return rows
+
+
+def format_summary(rows: list[dict]) -> str:
+    """A Markdown table of :func:`layer_summary` (percentages, one decimal)."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    fmt = {"layer": str, "median_rank": lambda x: "-" if x is None else f"{x:g}", "top100": str,
+           "remove_last": lambda x: "-" if x is None else f"{x:+.2f}",
+           "remove_first": lambda x: "-" if x is None else f"{x:+.2f}"}
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt.get(c, _pct_md)(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _pct_md(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
 def sample_memories(atlas: Atlas, per_layer: int = 2, n_triggers: int = 5, seed: int = 0) -> list[dict]:
     """Seeded sample of memories per layer with their triggers and value top tokens (for the report)."""
     from .values import decode_tokens
@@ -179,9 +224,10 @@ def write_report(atlas: Atlas, analyze_missing: bool = True, progress: bool = Tr
                   _table([{**l, **(rem["layers"][l["layer"]] if rem else {})} for l in pat["layers"]],
                          [("layer", "layer", None), ("shallow", "shallow", _pct), ("semantic", "semantic", _pct),
                           ("semantic with topic words", "semantic_with_topic", _pct),
-                          ("remove last: mean change of m", "change_remove_last",
+                          ("remove last: median change of m", "median_change_remove_last",
                            lambda x: "-" if x is None else f"{x:+.2f}"),
-                          ("remove first", "change_remove_first", lambda x: "-" if x is None else f"{x:+.2f}")])]
+                          ("remove first", "median_change_remove_first",
+                           lambda x: "-" if x is None else f"{x:+.2f}")])]
     if val:
         parts += ["<h2>2. Values (section 4)</h2>",
                   f"<p>Values projected with {'the final norm, ' if val['norm'] else ''}softmax(E v). Agreement: the "

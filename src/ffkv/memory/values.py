@@ -7,7 +7,7 @@ Each value v_i^l (a column of W_out) is read as a distribution over the vocabula
 (``norm`` is an explicit option: the paper projects raw values). Projections are computed ``chunk`` values
 at a time, so a ``d_ffn x vocab`` matrix never exists for more than one chunk of one layer.
 
-Agreement (the paper's Figure 4): how often the top token of p_i^l equals the next token of key i's top
+Agreement (section 4): how often the top token of p_i^l equals the next token of key i's top
 trigger prefix, per layer, against a random baseline that pairs each value with another key's trigger
 (a random permutation of keys within the layer).
 """

@@ -80,15 +80,15 @@ def _table(mm, facts_path, out, per_bucket, seed, as_json):
     chosen = stratified_facts(facts, per_bucket, seed)
     rng = random.Random(f"recall-table-{seed}")
     cols: dict[str, list] = {k: [] for k in ("fact_id", "subject", "relation_id", "object", "train_count", "bucket",
-                                              "prompt", "p_answer", "rank", "margin", "strength", "redundancy",
-                                              "attribution_share")}
+                                              "prompt", "p_answer", "rank", "margin", "strength", "survival",
+                                              "redundancy", "attribution_share")}
     for f in tqdm(chosen, desc="storage strength", file=sys.stderr, mininterval=2):
         q = fact_queries(f, "train", rng)
         st = storage_strength(mm, q.prompt, f["object"], subject=f["subject"])
         for k, v in (("fact_id", f.get("fact_id", -1)), ("subject", f["subject"]), ("relation_id", f["relation_id"]),
                      ("object", f["object"]), ("train_count", int(f["train_count"])),
                      ("bucket", bucket_of(int(f["train_count"]))), ("prompt", q.prompt), ("p_answer", st.p_answer),
-                     ("rank", st.rank), ("margin", st.margin), ("strength", st.strength),
+                     ("rank", st.rank), ("margin", st.margin), ("strength", st.strength), ("survival", st.survival),
                      ("redundancy", st.redundancy), ("attribution_share", st.attribution_share)):
             cols[k].append(v)
     summary = {}

@@ -5,10 +5,12 @@ For a prompt ``P`` (subject ``s``) and an answer token ``y``:
 1. *Attribution* of every memory ``(l, i)``: integrated gradients of the answer's centered logit
    ``f = z_y - mean(z)`` at the last position, along the path that scales every coefficient from 0 to its
    value, summed over positions (:func:`memory_attribution`). Unlike log p, f does not saturate as ``p(y) → 1``.
-2. *Ablation curve*: switch off the top-k memories (at every position) for a grid of k and read
-   ``S(k) = min(1, p_k(y) / p_0(y))``, the fraction of the answer's probability that survives.
-3. *Storage strength* = the area under ``S`` over the grid (index-spaced, so roughly log k), in [0, 1]:
-   near 0 when one memory carries the fact, higher when many do.
+2. *Ablation curve*: switch off the top-k memories (at every position) for a grid of k and read ``p_k(y)``.
+3. *Storage strength* = the area under the ablation curve ``p_k(y)`` over the grid (index-spaced, so
+   roughly log k), in [0, 1]: how much of the answer there is and how much of it survives. Near 0 for a fact
+   the model does not recall or that one memory carries; near 1 for a confident fact that many carry.
+   *Survival* = the area under ``S(k) = min(1, p_k(y) / p_0(y))``, the same curve relative to the intact
+   answer: robustness alone, whatever the confidence.
 4. *Redundancy* = ``k_50``, the fewest top memories whose ablation halves ``p(y)`` (grid max + 1 if none).
 5. *Trace concentration*: the share of the positive indirect effect of the MLP causal trace
    (``ffkv.locate.trace.causal_trace``) at its single best (token, layer) site.
@@ -222,7 +224,8 @@ class StorageStrength:
     p_answer: float
     rank: int  # 0 = greedy
     margin: float
-    strength: float  # area under the ablation survival curve, [0, 1]
+    strength: float  # area under the ablation curve p_k(y), [0, 1]
+    survival: float  # area under S(k) = min(1, p_k / p_0), [0, 1]
     redundancy: int  # k_50
     attribution_top: float  # largest single-memory attribution
     attribution_share: float  # top memory's share of the positive attribution mass
@@ -265,7 +268,8 @@ def storage_strength(model: MemoryModel, prompt: str, answer: str | int | None =
         tr = trace_concentration(model, prompt, subject, y, samples=trace_samples)
     return StorageStrength(
         prompt=prompt, answer=model.decode([y]), answer_id=y, p_answer=float(p[y]),
-        rank=int((logits > logits[y]).sum()), margin=answer_margin(logits, y), strength=curve_area(s),
+        rank=int((logits > logits[y]).sum()), margin=answer_margin(logits, y),
+        strength=curve_area(np.asarray(curve, float)), survival=curve_area(s),
         redundancy=k_half(ks_used, s), attribution_top=float(attribution.max()),
         attribution_share=float(pos.max() / pos.sum()) if pos.sum() > 0 else 0.0,
         ks=ks_used, curve=[float(v) for v in curve], top=[list(m) for m in ranking[:16]], trace=tr)

@@ -5,7 +5,7 @@ The score is a logistic regression on the query's signals, all read for the mode
 
     score = σ(w · (x - μ) / s + b),   verdict = "recall" if score >= threshold else "retrieve"
 
-with x = (log p, margin, entropy, storage strength, log k_50, top-memory share, self-consistency). The
+with x = (log p, margin, entropy, storage strength, survival, log k_50, top-memory share, self-consistency). The
 weights, the standardization (μ, s) and the threshold are fitted on one split of the default testbed's facts
 (training-template prompts) by ``bench/bench_recall.py`` and shipped in ``verdict_default.json`` with their
 provenance, so ``ffkv recall`` gives a verdict without refitting.
@@ -27,7 +27,8 @@ from .consistency import self_consistency
 from .stats import best_threshold, fit_logistic, sigmoid, standardize
 from .strength import DEFAULT_KS, StorageStrength, storage_strength
 
-FEATURES = ("log_p", "margin", "entropy", "strength", "log_redundancy", "attribution_share", "consistency")
+FEATURES = ("log_p", "margin", "entropy", "strength", "survival", "log_redundancy", "attribution_share",
+            "consistency")
 DEFAULT_WEIGHTS = Path(__file__).with_name("verdict_default.json")
 
 
@@ -52,6 +53,7 @@ def query_signals(model: MemoryModel, prompt: str, subject: str | None = None, n
         "margin": st.margin,
         "entropy": float(-(logp.exp() * logp).sum()),
         "strength": st.strength,
+        "survival": st.survival,
         "log_redundancy": math.log(st.redundancy),
         "attribution_share": st.attribution_share,
         "consistency": sc.agreement,
@@ -151,7 +153,8 @@ def judge(model: MemoryModel, prompt: str, subject: str | None = None, answer: s
         ans = storage_strength(model, prompt, answer, subject=subject, trace=False, adaptive=adaptive)
         sc_a = self_consistency(model, prompt, n=n_samples, temperature=temperature, seed=seed, answer=answer)
         out["answer"] = {"text": answer, "token": ans.answer, "p": ans.p_answer, "rank": ans.rank,
-                         "margin": ans.margin, "strength": ans.strength, "redundancy": ans.redundancy,
+                         "margin": ans.margin, "strength": ans.strength, "survival": ans.survival,
+                         "redundancy": ans.redundancy,
                          "sample_agreement": sc_a.answer_agreement,
                          "greedy_matches_answer": ans.answer_id == st.answer_id}
     return out
