@@ -137,7 +137,7 @@ def direct_rome_update(model, request, hp, C, prefixes):
     v_star = W @ kd + (bias.double() if bias is not None else 0) + delta.detach().double()
     Cinv_k = torch.linalg.solve(C.double(), kd)
     residual = v_star - W @ kd - (bias.double() if bias is not None else 0)
-    return torch.outer(residual, Cinv_k / (kd @ Cinv_k))
+    return torch.outer(residual, Cinv_k / (kd @ Cinv_k)).detach()
 
 
 def bench_rome(model, requests, stats_dir):

@@ -25,20 +25,22 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"2x64": dict(n_layer=2, d_model=64, n_head=2, d_ffn=256),
+         "4x64": dict(n_layer=4, d_model=64, n_head=2, d_ffn=256),
          "4x96": dict(n_layer=4, d_model=96, n_head=4, d_ffn=384),
          "4x128": dict(n_layer=4, d_model=128, n_head=4, d_ffn=512),
          "6x128": dict(n_layer=6, d_model=128, n_head=4, d_ffn=512)}
 
 
-def train_sizes(out: Path, sizes: list[str], seed: int, steps: int | None):
-    """Train one model per size on the default world with the default preset's schedule."""
+def train_sizes(out: Path, sizes: list[str], seed: int, steps: int | None, world_preset: str = "default",
+                checkpoint_every: int | None = None):
+    """Train one model per size on the same world with the default preset's schedule."""
     import torch
 
     from ffkv.testbed.train import TRAIN_PRESETS, train_model
     from ffkv.testbed.world import generate_world
 
     torch.set_num_threads(1)
-    world = generate_world(seed, "default")
+    world = generate_world(seed, world_preset)
     for name in sizes:
         target = out / name / "model"
         if (target / "config.json").exists():
@@ -46,8 +48,70 @@ def train_sizes(out: Path, sizes: list[str], seed: int, steps: int | None):
             continue
         preset = replace(TRAIN_PRESETS["default"], **SIZES[name])
         print(f"{name}: training {preset}", flush=True)
-        train_model(world, "gpt2", preset, target, seed=seed, steps=steps, threads=1)
+        train_model(world, "gpt2", preset, target, seed=seed, steps=steps, threads=1,
+                    checkpoint_every=checkpoint_every)
         print(f"{name}: saved {target}", flush=True)
+
+
+def same_frame_accuracy(model, facts: list[dict], others: list[dict], candidates: dict[str, list[str]],
+                        seed: int) -> dict[str, float]:
+    """In-context accuracy when the query repeats the statement's own frame, by bucket.
+
+    ``"X was born in Paris. <distractor> X was born in"`` -> Paris?  (the issue's example; the recall
+    capability's table queries through a held-out frame instead, which needs paraphrase as well as copying)
+    """
+    import random
+    from collections import defaultdict
+
+    from ffkv.recall.data import bucket_of
+    from ffkv.recall.incontext import batched_logits, first_token, statement, top1
+
+    rng = random.Random(f"scale-same-frame-{seed}")
+    prompts, targets, cids, buckets = [], [], [], []
+    cand_first = {r: [first_token(model, o) for o in objs] for r, objs in candidates.items()}
+    for f in facts:
+        t = rng.choice(f["train_templates"])
+        g = rng.choice([o for o in others if o["subject"] != f["subject"]])
+        prompts.append(" ".join([statement(f, t), statement(g, rng.choice(g["train_templates"])),
+                                 t.format(f["subject"])]))
+        targets.append(first_token(model, f["object"]))
+        cids.append(cand_first[f["relation_id"]])
+        buckets.append(bucket_of(int(f["train_count"])))
+    vocab, _ = top1(batched_logits(model, prompts), targets, cids)
+    by = defaultdict(list)
+    for b, v in zip(buckets, vocab):
+        by[b].append(bool(v))
+    return {b: sum(v) / len(v) for b, v in by.items()}
+
+
+def profile_restatement_accuracy(model, world, n: int, seed: int) -> dict[str, float]:
+    """On context-only subjects' own training documents: top-1 of the object at its statement and at its
+    restatement (the document up to the object). Copying shows as restatement >> statement."""
+    import random
+
+    import torch
+
+    from ffkv.recall.incontext import batched_logits, first_token
+
+    groups: dict[str, list] = {}
+    for f in world.context_facts:
+        groups.setdefault(f.subject, []).append(f)
+    if not groups:
+        return {}
+    docs = world.documents()
+    first, again, targets = [], [], []
+    for s in random.Random(f"scale-profile-{seed}").sample(sorted(groups), min(n, len(groups))):
+        d = next(d for d in docs if s in d)
+        f = groups[s][0]
+        i = d.index(f" {f.object}.", d.index(s))
+        j = d.index(f" {f.object}.", d.index(s, i))
+        first.append(d[:i])
+        again.append(d[:j])
+        targets.append(first_token(model, f.object))
+    t = torch.tensor(targets)
+    return {"n": len(targets),
+            "statement": float((batched_logits(model, first).argmax(-1) == t).float().mean()),
+            "restatement": float((batched_logits(model, again).argmax(-1) == t).float().mean())}
 
 
 def evaluate_sizes(args):
@@ -63,15 +127,20 @@ def evaluate_sizes(args):
     from ffkv.testbed.world import generate_world
 
     torch.set_num_threads(1)
-    world = generate_world(args.seed, "default")
+    world = generate_world(args.seed, args.world)
     facts = [f.to_json() for f in world.facts]
+    context_only = [f.to_json() for f in world.context_facts]
     candidates = world.candidates
-    chosen = stratified_facts(facts, args.max_facts // 6, args.seed)
-    unseen = unseen_facts(facts, candidates, 100, args.seed)
+    per_bucket = args.max_facts // 6
+    chosen = stratified_facts(facts, per_bucket, args.seed)
+    # Names are checked against the context-only subjects too, so "0" means never seen anywhere.
+    unseen = unseen_facts(facts + context_only, candidates, args.unseen, args.seed)
     models = {name: args.out / name / "model" for name in args.sizes.split(",")}
     models.update(dict(m.split("=", 1) for m in args.model))
-    results = {"sizes": {}, "provenance": provenance({}, seed=args.seed, world="default",
-                                                       facts_per_bucket=args.max_facts // 6, unseen=100)}
+    results = {"world": world.summary(), "sizes": {},
+               "provenance": provenance({}, seed=args.seed, world=args.world, facts_per_bucket=per_bucket,
+                                        unseen=args.unseen, distractors=1,
+                                        query="held-out template; same_frame: the statement's own template")}
     for name, path in models.items():
         path = Path(path)
         if not (path / "config.json").exists():
@@ -81,13 +150,20 @@ def evaluate_sizes(args):
         meta = read_json(path / "testbed.json") if (path / "testbed.json").exists() else {}
         tab = in_context_table(model, chosen, candidates, unseen=unseen, distractors=1, seed=args.seed,
                                progress=False)
+        same = same_frame_accuracy(model, chosen + unseen, chosen, candidates, args.seed)
+        for b, r in tab["buckets"].items():
+            r["in_context_same_frame"] = same.get(b)
         results["sizes"][name] = {
-            "model": model.identity, "n_parameters": sum(p.numel() for p in model.hf.parameters()),
+            "model": model.identity, "path": str(path),
+            "n_parameters": sum(p.numel() for p in model.hf.parameters()),
             "train_steps": (meta.get("hyperparameters", {}).get("train") or {}).get("steps"),
             "train_seconds": meta.get("train_seconds"), "final_loss": meta.get("final_loss"),
-            "buckets": tab["buckets"]}
-        print(name, json.dumps({b: (round(r["weights"], 3), round(r["in_context"], 3))
-                                for b, r in tab["buckets"].items()}), flush=True)
+            "buckets": tab["buckets"],
+            "context_only_profiles": profile_restatement_accuracy(model, world, args.unseen, args.seed)}
+        print(name, json.dumps({b: [round(r[k], 3) for k in ("weights", "in_context", "in_context_same_frame",
+                                                              "counterfactual_follows", "counterfactual_sticks")]
+                                for b, r in tab["buckets"].items()}),
+              results["sizes"][name]["context_only_profiles"], flush=True)
     out_json = args.figure.with_suffix(".json")
     write_json(out_json, results)
     plot_sizes(results, args.figure)
@@ -130,14 +206,18 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path("/tmp/recall-scale"))
     ap.add_argument("--sizes", default="2x64,4x128")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--world", default="default", choices=["default", "incontext", "incontext-dense"],
+                    help="the world preset: incontext adds profile documents that restate facts")
+    ap.add_argument("--checkpoint-every", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="default: the default preset's steps")
     ap.add_argument("--model", action="append", default=[], help="NAME=PATH of an already trained size")
     ap.add_argument("--max-facts", type=int, default=1500)
+    ap.add_argument("--unseen", type=int, default=100, help="invented, never-seen subjects (bucket 0)")
     ap.add_argument("--figure", type=Path, default=REPO / "docs" / "figures" / "recall_scale.png")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.stage == "train":
-        train_sizes(args.out, args.sizes.split(","), args.seed, args.steps)
+        train_sizes(args.out, args.sizes.split(","), args.seed, args.steps, args.world, args.checkpoint_every)
     else:
         evaluate_sizes(args)
 

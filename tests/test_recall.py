@@ -175,7 +175,7 @@ def planted_weights(planted, tmp_path_factory):
                ("the old", 0), ("a new", 0), ("the big king", 0), ("north of the", 0)]
     X, y = [], []
     for p, label in prompts:
-        f = query_signals(m, p, n_samples=10)["features"]
+        f = query_signals(m, p, subject=p.split()[-1], n_samples=10)["features"]
         X.append([f[k] for k in FEATURES])
         y.append(label)
     vm = fit_verdict(np.array(X), np.array(y), provenance={"note": "test fit on the planted model"},
@@ -191,7 +191,9 @@ def test_verdict_roundtrip_and_scores(planted, planted_weights):
     rep = judge(planted.model, "the old tower", subject="tower", answer="paris", weights=planted_weights)
     assert rep["verdict"] in ("recall", "retrieve") and 0 <= rep["score"] <= 1
     assert rep["answer"]["greedy_matches_answer"] and rep["answer"]["p"] > 0.99
-    weak = judge(planted.model, "a new", weights=planted_weights)
+    weak = judge(planted.model, "a new", subject="new", weights=planted_weights)
+    with pytest.raises(FfkvError, match="subject"):
+        judge(planted.model, "a new", weights=planted_weights)
     assert rep["score"] > weak["score"]
     assert set(rep["signals"]) == set(FEATURES)
 

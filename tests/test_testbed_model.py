@@ -116,7 +116,10 @@ DEFAULT = ASSETS / "default"
 
 
 def test_shipped_default_data_are_the_generators(tmp_path):
+    from ffkv.testbed import default_testbed
+
     assert is_testbed(DEFAULT), f"the default testbed is not shipped at {DEFAULT}"
+    assert default_testbed(build_if_missing=False) == DEFAULT
     generate_world(0, "default").write_datasets(tmp_path)
     for name in ("facts.jsonl", "counterfact.json", "known_facts.json"):
         assert (tmp_path / name).read_bytes() == (DEFAULT / "data" / name).read_bytes(), name

@@ -2,6 +2,7 @@
 
 Each step calls the same public command a user would type (so the demo also checks those interfaces),
 keeps its JSON output under ``OUT/``, and the run ends with ``OUT/summary.md`` and a list of what was made.
+On 2 cores it takes a few minutes; every step's time is recorded in ``OUT/summary.json``.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def demo(out, cases):
     write_json(out / "inspect.json", info)
 
     # 2. The testbed's ground truth: recall by training frequency.
-    rep = step("testbed report", lambda: _json(["testbed", "report", str(tb)]))
+    rep = step("testbed report", lambda: _json(["testbed", "report", str(tb), "--max-facts-per-bucket", "200",
+                                                 "--samples", "5"]))
     write_json(out / "testbed_report.json", rep)
 
     # 3. Read the memories: mine trigger examples over the world's text, write the atlas report.
@@ -102,12 +104,9 @@ def demo(out, cases):
     write_json(out / "subupdates.json", sub)
 
     # 4. Locate the frequent fact: causal trace (hidden, mlp) and knowledge neurons over its paraphrases.
-    traces = {}
-    for kind in ("hidden", "mlp"):
-        traces[kind] = step(f"trace {kind}", lambda kind=kind: _json(
-            ["trace", model, "--prompt", prompt_f, "--subject", frequent["subject"], "--kind", kind,
-             "--plot", str(out / f"trace_{kind}.png")]))
-        write_json(out / f"trace_{kind}.json", traces[kind])
+    traces = step("causal trace", lambda: _json(
+        ["trace", model, "--prompt", prompt_f, "--subject", frequent["subject"], "--kind", "all",
+         "--out", str(out / "trace")]))["kinds"]
     paraphrases = [t.format(frequent["subject"]) for t in frequent["train_templates"][:3]]
     neuron_args = ["neurons", model, "--answer", " " + frequent["object"]]
     for p in paraphrases:
@@ -140,7 +139,7 @@ def demo(out, cases):
     md = _summary_md(info, rep, traces, kn, metrics, verdicts, frequent, rare, summary)
     write_text(out / "summary.md", md)
     click.echo(md)
-    click.echo(f"\nOutputs are in {out.resolve()}/: summary.md, atlas/report.html, trace_*.png, "
+    click.echo(f"\nOutputs are in {out.resolve()}/: summary.md, atlas/report.html, trace/ (heatmaps), "
                f"edit/ (edited model + journal), evaluate_rome.json, recall.json")
 
 
@@ -161,13 +160,18 @@ def _summary_md(info, rep, traces, kn, metrics, verdicts, frequent, rare, summar
     lines.append(f"- Recall by training frequency (held-out paraphrases, greedy top-1): "
                  + _bucket_line(rep))
     h = traces["hidden"]
+    import numpy as np
+
+    peak = {k: np.unravel_index(int(np.argmax(np.asarray(v["scores"]))), np.asarray(v["scores"]).shape)
+            for k, v in traces.items()}
     lines.append(f"- Causal trace of \"{frequent['subject']}\" ({frequent['relation']}, seen "
                  f"{frequent['train_count']}x): clean p={_fmt(h.get('high_score'))}, corrupted "
-                 f"p={_fmt(h.get('low_score'))}.")
+                 f"p={_fmt(h.get('low_score'))}; peaks (token, layer): "
+                 + ", ".join(f"{k} {h['tokens'][t]!r} L{l}" for k, (t, l) in peak.items()) + ".")
     neurons = kn.get("neurons", [])
     lines.append(f"- Knowledge neurons for {frequent['object']!r}: {len(neurons)} found"
-                 + (f", top {neurons[0][0]}.{neurons[0][1]}" if neurons else "") + ".")
-    lines.append(f"- ROME on {summary.get('steps') and 'CounterFact cases'}: " + _metric_line(metrics))
+                 + (": " + ", ".join(f"L{l}.{i}" for l, i, _ in neurons[:5]) if neurons else "") + ".")
+    lines.append("- ROME edits of the testbed's CounterFact, " + _metric_line(metrics))
     for name, fact in (("frequent", frequent), ("rare", rare)):
         v = verdicts[name]
         lines.append(f"- Recall verdict, {name} fact (seen {fact['train_count']}x): {v.get('verdict')} "
@@ -193,8 +197,10 @@ def _bucket_line(rep: dict) -> str:
 
 def _metric_line(metrics: dict) -> str:
     try:
-        post = metrics["summary"]["rome"]["post"] if "summary" in metrics else metrics.get("post", metrics)
-        return ", ".join(f"{k} {_fmt(post[k], pct=True)}" for k in ("ES", "PS", "NS", "S") if k in post)
+        post = metrics["rome"]["post"]
+        return f"{metrics['counts']['cases']} cases: " + ", ".join(
+            f"{k} {_fmt(post[k], pct=True)}" for k in ("ES", "PS", "NS", "S") if k in post) + \
+            f"; fluency (generation entropy) {_fmt(post.get('GE'))}"
     except (KeyError, TypeError):
         return "see evaluate_rome.json"
 

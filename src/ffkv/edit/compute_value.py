@@ -15,7 +15,8 @@ bare prompt; the target value is v* = h + δ.
 
 A batch of requests is optimised together: one forward pass per step holds every request's prompts, each
 request has its own row of δ (n, d_model) and its own loss term, Adam acts element-wise, and a request that
-has converged is frozen, so each row follows the same trajectory as a one-request-at-a-time run.
+has converged leaves the batch (its rows are no longer run) with δ frozen, so each row follows the same
+trajectory as a one-request-at-a-time run and no work is spent on finished requests.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import torch
 
 from ..models.hooks import Intervention, intervene
 from .requests import Batch, EditRequest, render_batch
+
+
+MICRO_BATCH_ROWS = 256
 
 
 @dataclass
@@ -104,7 +108,6 @@ def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: in
     batch = stack_batches(rewrite, kl, pad_id)
     dev = model.device
     B = n * P + n
-    rows = torch.arange(B, device=dev)
     owner = torch.cat([torch.arange(n, device=dev).repeat_interleave(P), torch.arange(n, device=dev)])
     kl_rows = torch.arange(n * P, B, device=dev)
 
@@ -120,28 +123,45 @@ def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: in
     max_norm = hparams["clamp_norm_factor"] * h.norm(dim=1)  # (n,)
     h_sq = h.pow(2).sum(1)
     nll = torch.zeros(n)
-    fn = add_at_rows(rows, batch.subject_last, owner, delta)
-    edit = Intervention(site, layer, "fn", value=fn)
     n_steps = int(hparams["v_num_grad_steps"])
     with frozen_parameters(model):
         for it in range(n_steps):
-            with intervene(model, edits=[edit]):
-                logits = model.hf(**batch.inputs).logits
-            ll = target_log_likelihood(logits, rewrite).view(n, P)
-            nll_r = -ll.mean(1)  # (n,)
-            lp_new = torch.log_softmax(logits[kl_rows, batch.last[kl_rows]].float(), -1)
-            kl_r = (lp_new.exp() * (lp_new - kl_ref)).sum(-1)  # KL(p_new || p_orig), as ROME's kl_div
-            wd_r = hparams["v_weight_decay"] * delta.pow(2).sum(1) / h_sq
-            loss_r = nll_r + hparams["kl_factor"] * kl_r + wd_r
-            nll = nll_r.detach().cpu()
-            done = (loss_r.detach() < hparams["early_stop_loss"]) & active
-            active = active & ~done
+            # Only the requests still optimising run: a converged request leaves the batch, as it would
+            # stop in a one-request-at-a-time run.
+            act_all = torch.nonzero(active).flatten()  # request ids still optimising
+            go_all = torch.zeros(n, dtype=torch.bool, device=dev)
+            opt.zero_grad()
+            # Micro-batches of requests keep the tensors cache-sized on a CPU; the gradients of one step
+            # are accumulated over them before the (single) Adam step, so the result does not depend on it.
+            for act in act_all.split(max(1, MICRO_BATCH_ROWS // (P + 1))):
+                a = len(act)
+                rw_sel = (act[:, None] * P + torch.arange(P, device=dev)).flatten()
+                sel = torch.cat([rw_sel, n * P + act])
+                width = int(batch.attention_mask[sel].sum(1).max())
+                inputs = {"input_ids": batch.input_ids[sel, :width],
+                          "attention_mask": batch.attention_mask[sel, :width]}
+                fn = add_at_rows(torch.arange(len(sel), device=dev), batch.subject_last[sel], owner[sel], delta)
+                with intervene(model, edits=[Intervention(site, layer, "fn", value=fn)]):
+                    logits = model.hf(**inputs).logits
+                sub = Batch(inputs["input_ids"], inputs["attention_mask"], batch.subject_last[sel],
+                            batch.last[sel], rewrite.target_pos[rw_sel], rewrite.target_tok[rw_sel],
+                            rewrite.target_mask[rw_sel])
+                nll_r = -target_log_likelihood(logits, sub).view(a, P).mean(1)  # (a,)
+                kl_pos = torch.arange(a * P, a * P + a, device=dev)
+                lp_new = torch.log_softmax(logits[kl_pos, batch.last[n * P + act]].float(), -1)
+                kl_r = (lp_new.exp() * (lp_new - kl_ref[act])).sum(-1)  # KL(p_new || p_orig), as ROME's kl_div
+                wd_r = hparams["v_weight_decay"] * delta[act].pow(2).sum(1) / h_sq[act]
+                loss_r = nll_r + hparams["kl_factor"] * kl_r + wd_r  # (a,)
+                nll[act.cpu()] = nll_r.detach().cpu()
+                go = loss_r.detach() >= hparams["early_stop_loss"]  # still optimising after this step
+                go_all[act] = go
+                if it < n_steps - 1 and bool(go.any()):
+                    (loss_r * go.float()).sum().backward()
+            active = go_all
             if not bool(active.any()) or it == n_steps - 1:
                 break
             steps[active.cpu()] += 1
             keep = delta.detach().clone()
-            opt.zero_grad()
-            (loss_r * active.float()).sum().backward()
             opt.step()
             with torch.no_grad():
                 delta[~active] = keep[~active]

@@ -273,12 +273,10 @@ def plot_curves(results: dict[str, SequentialResult], path: str | Path, title: s
         ax.set_xlabel("number of edits")
         if len(results) == 1 or name.startswith("retention"):
             ax.legend(fontsize=7)
-        if name.startswith("perplexity"):
-            from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(NullFormatter())
+        ppl = [r.get("ppl", float("nan")) for res in results.values() for r in res.curve]
+        ppl = [p for p in ppl if p == p and p > 0]
+        if name.startswith("perplexity") and ppl and max(ppl) / min(ppl) > 20:
+            ax.set_yscale("log")  # an exploding perplexity spans decades
     if title:
         fig.suptitle(title)
     fig.tight_layout()

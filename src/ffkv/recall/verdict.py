@@ -5,7 +5,9 @@ The score is a logistic regression on the query's signals, all read for the mode
 
     score = σ(w · (x - μ) / s + b),   verdict = "recall" if score >= threshold else "retrieve"
 
-with x = (log p, margin, entropy, storage strength, survival, log k_50, top-memory share, self-consistency). The
+with x = (log p, margin, entropy, storage strength, survival, log k_50, top-memory share, self-consistency,
+subject familiarity). Subject familiarity (the mean log-probability of the subject's own tokens) needs the
+subject; the others need only the prompt. The
 weights, the standardization (μ, s) and the threshold are fitted on one split of the default testbed's facts
 (training-template prompts) by ``bench/bench_recall.py`` and shipped in ``verdict_default.json`` with their
 provenance, so ``ffkv recall`` gives a verdict without refitting.
@@ -28,8 +30,24 @@ from .stats import best_threshold, fit_logistic, sigmoid, standardize
 from .strength import DEFAULT_KS, StorageStrength, storage_strength
 
 FEATURES = ("log_p", "margin", "entropy", "strength", "survival", "log_redundancy", "attribution_share",
-            "consistency")
+            "consistency", "subject_familiarity")
 DEFAULT_WEIGHTS = Path(__file__).with_name("verdict_default.json")
+
+
+@torch.no_grad()
+def subject_familiarity(model: MemoryModel, prompt: str, subject: str) -> float:
+    """How well the model predicts the subject's own tokens: ``(1/(e-s-1)) Σ_{t=s+1}^{e-1} log p(x_t | x_<t)``.
+
+    A name seen often in training is predictable after its first token; one never seen is not. The
+    subject's first token is not scored (nothing before it names the subject). 0.0 for one-token subjects.
+    """
+    s, e = model.find_subject(prompt, subject)
+    if e - s < 2:
+        return 0.0
+    batch = model.encode(prompt)
+    logp = torch.log_softmax(model.hf(**batch).logits[0].float(), -1)
+    ids = batch["input_ids"][0]
+    return float(torch.stack([logp[t - 1, ids[t]] for t in range(s + 1, e)]).mean())
 
 
 def query_signals(model: MemoryModel, prompt: str, subject: str | None = None, n_samples: int = 20,
@@ -58,6 +76,8 @@ def query_signals(model: MemoryModel, prompt: str, subject: str | None = None, n
         "attribution_share": st.attribution_share,
         "consistency": sc.agreement,
     }
+    if subject is not None:
+        feats["subject_familiarity"] = subject_familiarity(model, prompt, subject)
     return {"features": feats, "strength": st, "consistency": sc}
 
 
@@ -83,7 +103,8 @@ class VerdictModel:
     def score_features(self, feats: dict) -> float:
         missing = [f for f in self.features if f not in feats]
         if missing:
-            raise FfkvError(f"the verdict needs signals {missing}", "compute them with query_signals")
+            raise FfkvError(f"the verdict needs signals {missing}",
+                            "pass the subject (--subject) so that subject_familiarity can be read")
         return float(self.score([[feats[f] for f in self.features]])[0])
 
     def verdict(self, score: float) -> str:

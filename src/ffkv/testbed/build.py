@@ -27,7 +27,7 @@ def build(preset: str = "default", out: str | Path = "testbed", seed: int = DEFA
     Returns ``out``. ``world`` overrides the generated world (e.g. :func:`~ffkv.testbed.pararel.pararel_world`).
     """
     from ..io import write_json
-    from .train import TRAIN_PRESETS, model_config, train_model
+    from .train import TRAIN_PRESETS, train_model
     from .world import generate_world
 
     if preset not in TRAIN_PRESETS:

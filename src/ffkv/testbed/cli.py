@@ -71,7 +71,7 @@ def report_cmd(testbed_dir, samples, max_facts_per_bucket, templates_per_fact, a
 
 
 @testbed.command("world")
-@click.option("--preset", type=click.Choice(["tiny", "default"]), default="default", show_default=True)
+@click.option("--preset", type=click.Choice(["tiny", "default", "incontext"]), default="default", show_default=True)
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--text", is_flag=True, help="Also write the training text (train.txt).")
@@ -82,6 +82,9 @@ def world_cmd(preset, out, seed, text):
 
     world = generate_world(seed, preset)
     paths = world.write_datasets(out)
+    if world.context_facts:  # in-context preset: the subjects seen only in their profile document
+        paths["context_facts"] = write_text(out / "context_facts.jsonl", "".join(
+            json.dumps(f.to_json()) + "\n" for f in world.context_facts))
     if text:
         paths["text"] = write_text(out / "train.txt", world.training_text() + "\n")
     click.echo(json.dumps({k: str(v) for k, v in paths.items()} | {"summary": world.summary()}))

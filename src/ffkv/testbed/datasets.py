@@ -4,7 +4,8 @@
   train_templates, heldout_templates, fact_id.
 - ``counterfact.json``: ROME's CounterFact layout. For each case a counterfactual ``target_new`` (another object
   of the same relation), 2 paraphrase prompts rendered from *held-out* templates, 10 neighborhood prompts
-  (other subjects with the same relation and the same true object), attribute prompts (subjects whose true
+  (other subjects with the same relation and the same true object, preferring facts seen >= 16 times, which
+  the model knows), attribute prompts (subjects whose true
   object is ``target_new``) and generation prompts. Extra keys: ``train_count``, ``fact_id``.
 - ``known_facts.json``: ROME's ``known_1000`` layout for causal tracing (known_id, subject, attribute, template,
   prediction, prompt, relation_id), for the facts seen often enough to be known (``train_count >= 30``);
@@ -26,6 +27,10 @@ from ..io import atomic_path, provenance, read_json, write_json
 
 KNOWN_MIN_COUNT = 30
 COUNTERFACT_MIN_COUNT = 4  # cases are facts a model may know; rarer ones are in facts.jsonl
+# Neighborhood prompts test that an edit leaves *known* facts alone, so they are drawn from facts seen often
+# enough to be recalled (the default model: 0.89-0.96 held-out recall from 16 mentions up); with fewer such
+# neighbors the rest are the most frequent others. Unknown neighbors would make NS measure ignorance.
+NEIGHBOR_MIN_COUNT = 16
 N_PARAPHRASE, N_NEIGHBORHOOD, N_ATTRIBUTE, N_GENERATION = 2, 10, 10, 5
 
 
@@ -48,7 +53,10 @@ def counterfact_cases(world, min_count: int = COUNTERFACT_MIN_COUNT) -> list[dic
         template = rng.choice(f.train_templates)
         paraphrases = rng.sample(f.heldout_templates, min(N_PARAPHRASE, len(f.heldout_templates)))
         neighbors = [g for g in by_rel_obj[f.relation_id, f.object] if g.subject != f.subject]
-        neighbors = rng.sample(neighbors, min(N_NEIGHBORHOOD, len(neighbors)))
+        known = [g for g in neighbors if g.train_count >= NEIGHBOR_MIN_COUNT]
+        rest = sorted((g for g in neighbors if g.train_count < NEIGHBOR_MIN_COUNT),
+                      key=lambda g: (-g.train_count, g.fact_id))
+        neighbors = rng.sample(known, min(N_NEIGHBORHOOD, len(known))) + rest[:max(0, N_NEIGHBORHOOD - len(known))]
         attributes = [g for g in by_rel_obj[f.relation_id, target_new] if g.subject != f.subject]
         attributes = rng.sample(attributes, min(N_ATTRIBUTE, len(attributes)))
         own = facts_of_subject[f.subject]

@@ -137,6 +137,11 @@ class WorldPreset:
     max_count: int
     filler_fraction: float  # filler sentences as a fraction of all sentences
     sentences_per_document: int
+    # In-context reading (0 = off, the default and tiny worlds): profile documents state a subject's facts and
+    # restate them later in the same document, so that predicting the restatement rewards copying from context.
+    profile_share: float = 0.0  # share of the world's subjects (seen >= 2 times) with one profile document
+    n_context_subjects: int = 0  # invented people who appear only in their one profile document
+    restate_other_frame: float = 0.0  # share of restatements through another training frame of the relation
 
 
 PRESETS = {
@@ -144,6 +149,15 @@ PRESETS = {
                         max_count=12, filler_fraction=0.15, sentences_per_document=6),
     "default": WorldPreset(n_people=1400, n_companies=350, n_places=250, n_employers=25, zipf_a=1.7,
                            min_count=1, max_count=300, filler_fraction=0.15, sentences_per_document=8),
+    # A smaller world with profile documents, for in-context versus weights and scale studies
+    # (examples/scale_vs_frequency.py --world incontext); the default model is not trained on it.
+    "incontext": WorldPreset(n_people=600, n_companies=150, n_places=100, n_employers=20, zipf_a=1.7,
+                             min_count=1, max_count=300, filler_fraction=0.15, sentences_per_document=8,
+                             profile_share=0.3, n_context_subjects=3000, restate_other_frame=0.25),
+    # The same world with five times the context-only subjects: more of the text rewards copying.
+    "incontext-dense": WorldPreset(n_people=600, n_companies=150, n_places=100, n_employers=20, zipf_a=1.7,
+                                   min_count=1, max_count=300, filler_fraction=0.15, sentences_per_document=8,
+                                   profile_share=0.5, n_context_subjects=15000, restate_other_frame=0.25),
 }
 
 
@@ -180,6 +194,11 @@ class World:
     filler: list[str] = field(default_factory=list)
     source: str = "generated"
     sentences_per_document: int = 8
+    # In-context worlds only: facts of subjects that appear only in their profile document (not in ``facts``;
+    # train_count = the times each is stated there, 2), and the profile documents' plan.
+    context_facts: list[Fact] = field(default_factory=list)
+    profile_subjects: list[str] = field(default_factory=list)  # world subjects that get a profile document
+    restate_other_frame: float = 0.0
 
     # -- views -----------------------------------------------------------------------------------------
     @property
@@ -211,12 +230,69 @@ class World:
         return out
 
     def documents(self) -> list[str]:
-        """The training corpus: statements and filler, shuffled and packed into short documents."""
-        rng = random.Random(f"{self.seed}-documents")
-        sentences = self.statements() + list(self.filler)
+        """The training corpus: statements and filler, shuffled and packed into short documents.
+
+        In an in-context world, profile documents (:meth:`profile_documents`) are added and shuffled in;
+        a profiled world subject's two mentions per fact are taken out of its shuffled statements, so every
+        fact is still stated exactly ``train_count`` times.
+        """
+        if not self.context_facts and not self.profile_subjects:
+            rng = random.Random(f"{self.seed}-documents")
+            sentences = self.statements() + list(self.filler)
+            rng.shuffle(sentences)
+            n = self.sentences_per_document
+            return [" ".join(sentences[i:i + n]) for i in range(0, len(sentences), n)]
+        return self._documents_with_profiles()
+
+    # -- in-context worlds -----------------------------------------------------------------------------
+    def _documents_with_profiles(self) -> list[str]:
+        rng = random.Random(f"{self.seed}-documents-incontext")
+        profiled = set(self.profile_subjects)
+        sentences, by_subject = [], {}
+        srng = random.Random(f"{self.seed}-statements")
+        for f in self.facts:
+            order = list(f.train_templates)
+            srng.shuffle(order)
+            mentions = [f"{f.prompt(order[k % len(order)])} {f.object}." for k in range(f.train_count)]
+            if f.subject in profiled:
+                by_subject.setdefault(f.subject, []).append(f)
+                mentions = mentions[2:]  # its first two mentions are the profile's statement and restatement
+            sentences.extend(mentions)
+        n_filler = len(self.filler)
+        filler = list(self.filler)
+        docs = []
+        profiles = [by_subject[s] for s in self.profile_subjects] + self._context_groups()
+        for group in profiles:
+            docs.append(self.profile_document(group, rng, filler[rng.randrange(n_filler)] if n_filler else ""))
+        sentences += filler
         rng.shuffle(sentences)
         n = self.sentences_per_document
-        return [" ".join(sentences[i:i + n]) for i in range(0, len(sentences), n)]
+        docs += [" ".join(sentences[i:i + n]) for i in range(0, len(sentences), n)]
+        rng.shuffle(docs)
+        return docs
+
+    def _context_groups(self) -> list[list[Fact]]:
+        groups: dict[str, list[Fact]] = {}
+        for f in self.context_facts:
+            groups.setdefault(f.subject, []).append(f)
+        return list(groups.values())
+
+    def profile_document(self, facts: list[Fact], rng: random.Random, filler: str) -> str:
+        """``"X was born in Paris. X works as a chemist. <filler> X was born in Paris. X works as a chemist."``
+
+        Statement of each fact through a training template, one filler sentence, then each fact restated in
+        the same order: through the same frame, or (share ``restate_other_frame``) another training frame
+        of the relation, so that copying has to find the object, not only repeat a string. Each profile
+        holds two statements of each of its facts.
+        """
+        first, again = [], []
+        for f in facts:
+            t = rng.choice(f.train_templates)
+            first.append(f"{f.prompt(t)} {f.object}.")
+            if rng.random() < self.restate_other_frame and len(f.train_templates) > 1:
+                t = rng.choice([u for u in f.train_templates if u != t])
+            again.append(f"{f.prompt(t)} {f.object}.")
+        return " ".join(first + ([filler] if filler else []) + again)
 
     def training_text(self, eos: str = "\n") -> str:
         return eos.join(self.documents())
@@ -235,7 +311,10 @@ class World:
             "statements": sum(counts), "filler_sentences": len(self.filler),
             "facts_seen_1": sum(c == 1 for c in counts), "facts_seen_30_plus": sum(c >= 30 for c in counts),
             "max_train_count": max(counts) if counts else 0,
-        }
+        } | ({"profile_subjects": len(self.profile_subjects),
+              "context_subjects": len({f.subject for f in self.context_facts}),
+              "context_facts": len(self.context_facts), "restate_other_frame": self.restate_other_frame}
+             if self.context_facts or self.profile_subjects else {})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -354,8 +433,36 @@ def generate_world(seed: int = 0, preset: str = "default") -> World:
     filler = filler_sentences(rng, n_filler)
     world = World(seed=seed, preset=preset, facts=facts, candidates=candidates, filler=filler,
                   sentences_per_document=p.sentences_per_document)
+    if p.profile_share or p.n_context_subjects:
+        add_profiles(world, p, taken)
     check_templates(world)
     return world
+
+
+def add_profiles(world: World, p: WorldPreset, taken: set[str]) -> None:
+    """Plan the profile documents of an in-context world (its own seeded stream; the facts are unchanged).
+
+    A share ``profile_share`` of the subjects seen at least twice get one profile document (two of each
+    fact's mentions); ``n_context_subjects`` invented people appear in one profile document each, with 1-3
+    person facts and random objects, and nowhere else: their restatement can only be predicted by reading the
+    context. Their facts (train_count 2) are kept in ``world.context_facts``, apart from the fact table.
+    """
+    rng = random.Random(f"ffkv-testbed-{world.seed}-{world.preset}-incontext")
+    eligible = [s for s in world.subjects if min(f.train_count for f in world.facts if f.subject == s) >= 2]
+    world.profile_subjects = sorted(rng.sample(eligible, round(p.profile_share * len(eligible))),
+                                    key=world.subjects.index)
+    world.restate_other_frame = p.restate_other_frame
+    people = invent_names(rng, p.n_context_subjects,
+                          lambda r: f"{_word(r, r.choice([1, 2]))} {_word(r, 2)}", taken)
+    person_rels = [r for r in RELATIONS if r.subject_type == "person" and world.candidates.get(r.relation_id)]
+    out = []
+    for s in people:
+        for rel in sorted(rng.sample(person_rels, rng.choice([1, 1, 2, 3])), key=lambda r: r.index):
+            out.append(Fact(subject=s, subject_type="person", relation_id=rel.relation_id, relation=rel.name,
+                            object=rng.choice(world.candidates[rel.relation_id]), train_count=2,
+                            train_templates=list(rel.train_templates),
+                            heldout_templates=list(rel.heldout_templates), fact_id=-1 - len(out)))
+    world.context_facts = out
 
 
 def check_templates(world: World) -> None:
