@@ -6,6 +6,11 @@ number of steps, then measures, for each size and each training-frequency bucket
 in-context accuracy (the fact stated in the prompt first, as the world's own sentences). Writes a results JSON
 (with provenance) and ``docs/figures/recall_scale.png``.
 
+``--world incontext`` trains and evaluates on the in-context world preset (profile documents that restate facts,
+and people who appear only in their profile), so that reading facts from the context is rewarded in training;
+``evaluate`` then also reports the same-frame in-context accuracy and, on the context-only people's own
+training documents, accuracy at the statement against the restatement.
+
     OMP_WAIT_POLICY=PASSIVE nohup python examples/scale_vs_frequency.py train --out /tmp/recall-scale \
         > /tmp/recall-scale.log 2>&1 &
     python examples/scale_vs_frequency.py evaluate --out /tmp/recall-scale \
