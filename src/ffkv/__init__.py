@@ -9,6 +9,8 @@
 Heavy imports (torch, transformers) happen on first use so that ``ffkv --help`` is instant.
 """
 
+from ._lazy import lazy_getattr
+
 from ._version import __version__
 from .errors import FfkvError
 
@@ -25,9 +27,4 @@ _LAZY = {
 __all__ = ["__version__", "FfkvError", *_LAZY]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ffkv' has no attribute {name!r}")
+__getattr__ = lazy_getattr(_LAZY, __name__)

@@ -8,6 +8,8 @@
 Heavy imports happen on first use.
 """
 
+from .._lazy import lazy_getattr
+
 _LAZY = {
     "EvalCase": "ffkv.evaluate.datasets",
     "load_cases": "ffkv.evaluate.datasets",
@@ -30,9 +32,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ffkv.evaluate' has no attribute {name!r}")
+__getattr__ = lazy_getattr(_LAZY, __name__)

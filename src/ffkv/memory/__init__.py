@@ -8,6 +8,8 @@
     atlas.memory_triggers(3, 17)                         # what triggers memory L3.17
 """
 
+from .._lazy import lazy_getattr
+
 _LAZY = {
     "mine": "ffkv.memory.mining", "brute_force_triggers": "ffkv.memory.mining", "merge_topk": "ffkv.memory.mining",
     "TriggerBuffers": "ffkv.memory.mining",
@@ -28,9 +30,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ffkv.memory' has no attribute {name!r}")
+__getattr__ = lazy_getattr(_LAZY, __name__)

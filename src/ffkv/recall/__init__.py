@@ -9,6 +9,8 @@
 Heavy imports happen on first use.
 """
 
+from .._lazy import lazy_getattr
+
 _LAZY = {
     "storage_strength": "ffkv.recall.strength",
     "StorageStrength": "ffkv.recall.strength",
@@ -35,9 +37,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ffkv.recall' has no attribute {name!r}")
+__getattr__ = lazy_getattr(_LAZY, __name__)
