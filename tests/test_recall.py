@@ -18,12 +18,7 @@ from ffkv.recall.verdict import FEATURES, VerdictModel, fit_verdict, judge, quer
 PROMPTS = {"tower": "the old tower", "castle": "the old castle", "river": "the old river"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])

@@ -21,12 +21,7 @@ from ffkv.testbed.world import generate_world
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pararel"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -249,14 +249,11 @@ def case_metrics(case, scores: dict[str, list[ContinuationScore]], pre_locality:
     return m
 
 
-def measure_cases(model, cases, pre_locality: list | None = None, n_gen_prompts: int = 2,
-                  gen_tokens: int = 20, batch_size: int = 32) -> list[dict]:
-    """ROME + EasyEdit metrics (and generation entropy GE) of every case, with the model as it is now.
+def score_case_groups(model, cases: Sequence, batch_size: int = 64) -> list[dict[str, list]]:
+    """Score every (prompt, continuation) pair of every case in one batched pass.
 
-    All cases' pairs go through :func:`score_continuations` together. ``pre_locality``: per case, the
-    ``nb_pred`` of the unedited model (None when this *is* the unedited model). GE is computed on the
-    first ``n_gen_prompts`` generation prompts of each case (its rewrite and paraphrase prompts when the
-    data has none), ``gen_tokens`` new tokens each; ``n_gen_prompts=0`` skips it.
+    Returns, per case, ``{group: [score, ...]}`` with the groups of :func:`case_pairs` (rewrite, paraphrase,
+    neighborhood, ...), so that all cases share the batches instead of scoring one case at a time.
     """
     triples, owner = [], []
     for ci, c in enumerate(cases):
@@ -267,6 +264,19 @@ def measure_cases(model, cases, pre_locality: list | None = None, n_gen_prompts:
     grouped: list[dict[str, list]] = [dict() for _ in cases]
     for (group, _, _), ci, s in zip(triples, owner, scores):
         grouped[ci].setdefault(group, []).append(s)
+    return grouped
+
+
+def measure_cases(model, cases, pre_locality: list | None = None, n_gen_prompts: int = 2,
+                  gen_tokens: int = 20, batch_size: int = 32) -> list[dict]:
+    """ROME + EasyEdit metrics (and generation entropy GE) of every case, with the model as it is now.
+
+    All cases' pairs go through :func:`score_continuations` together. ``pre_locality``: per case, the
+    ``nb_pred`` of the unedited model (None when this *is* the unedited model). GE is computed on the
+    first ``n_gen_prompts`` generation prompts of each case (its rewrite and paraphrase prompts when the
+    data has none), ``gen_tokens`` new tokens each; ``n_gen_prompts=0`` skips it.
+    """
+    grouped = score_case_groups(model, cases, batch_size)
     rows = []
     for ci, c in enumerate(cases):
         rows.append(case_metrics(c, grouped[ci], None if pre_locality is None else pre_locality[ci]))

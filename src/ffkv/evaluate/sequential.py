@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import FfkvError
 from ..io import atomic_path, provenance, write_json, write_parquet
-from .metrics import case_pairs, greedy_generate, ngram_entropy, perplexity, score_continuations
+from .metrics import greedy_generate, ngram_entropy, perplexity, score_case_groups, score_continuations
 from .run import Editor, hparams_record, make_editor, resolve_hparams
 
 
@@ -65,15 +65,7 @@ def probe_pairs(cases: Sequence, neighbors: bool = False) -> list[tuple[str, str
 
 def retention_metrics(model, cases: Sequence, score_batch: int = 64) -> dict:
     """ES, PS, reliability and NS (ROME) of all ``cases`` with the model as it is (fractions)."""
-    triples, owner = [], []
-    for ci, c in enumerate(cases):
-        for t in case_pairs(c):
-            triples.append(t)
-            owner.append(ci)
-    scores = score_continuations(model, [(p, t) for _, p, t in triples], batch_size=score_batch)
-    groups: list[dict] = [dict() for _ in cases]
-    for (g, _, _), ci, s in zip(triples, owner, scores):
-        groups[ci].setdefault(g, []).append(s)
+    groups = score_case_groups(model, cases, score_batch)
     es, ps, rel, ns = [], [], [], []
     for g in groups:
         if g.get("rw_true"):
