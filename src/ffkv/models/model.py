@@ -223,6 +223,10 @@ class MemoryModel:
         return self.unembedding(x)
 
     # ----------------------------------------------------------------------------- text
+    def require_tokenizer(self):
+        """The tokenizer, or one FfkvError saying how to give the model one."""
+        return self._require_tokenizer()
+
     def _require_tokenizer(self):
         if self.tokenizer is None:
             raise FfkvError(f"model '{self.name_or_path}' has no tokenizer",
@@ -247,12 +251,28 @@ class MemoryModel:
     def token_ids(self, text: str) -> list[int]:
         return self._require_tokenizer()(text, add_special_tokens=False)["input_ids"]
 
-    def answer_id(self, answer: str) -> int:
-        """The first token id of an answer continuation (give it with its leading space: ``" Paris"``)."""
-        ids = self.token_ids(answer)
+    def answer_tokens(self, answer: str, leading_space: bool = True) -> list[int]:
+        """Token ids of an answer as a continuation of a prompt: **the one answer rule of ffkv**.
+
+        An answer follows a prompt that ends in a word ("... is located in" -> " Paris"), so ffkv adds one
+        leading space unless the answer already starts with whitespace (``leading_space=False`` keeps it
+        as given). A tokenizer that encodes that space as a token of its own (SentencePiece's lone "▁") has
+        it dropped. Every command and API entry point (``trace``, ``neurons``, ``recall``, ``edit``,
+        ``evaluate``) uses this rule, so ``--answer Paris`` and ``--answer " Paris"`` name the same token.
+        """
+        if not isinstance(answer, str) or not answer.strip():
+            raise FfkvError(f"answer {answer!r} is empty", "give a non-empty answer, e.g. --answer Paris")
+        text = answer if (not leading_space or answer[:1].isspace()) else " " + answer
+        ids = self.token_ids(text)
+        if len(ids) > 1 and not self.decode([ids[0]]).strip():
+            ids = ids[1:]
         if not ids:
             raise FfkvError(f"answer {answer!r} tokenizes to nothing", "give a non-empty answer")
-        return ids[0]
+        return ids
+
+    def answer_id(self, answer: str, leading_space: bool = True) -> int:
+        """The first token of an answer under :meth:`answer_tokens`' rule (``"Paris"`` == ``" Paris"``)."""
+        return self.answer_tokens(answer, leading_space)[0]
 
     def decode(self, ids) -> str:
         return self._require_tokenizer().decode(ids)
