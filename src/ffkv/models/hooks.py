@@ -128,17 +128,12 @@ def _normalize_site(model: MemoryModel, site, layer=None):
 
 
 def _module_for(model: MemoryModel, site: str, layer: int | None):
-    """The module and hook kind ('pre' rewrites its first input, 'post' its first output) of a site."""
-    s = model.spec
-    return {
-        "embed": lambda: (model.embedding, "post"),
-        "resid_pre": lambda: (model.layer(layer), "pre"),
-        "resid_post": lambda: (model.layer(layer), "post"),
-        "attn_out": lambda: (model.module(layer, s.attn), "post"),
-        "ffn_in": lambda: (model.module(layer, s.mlp), "pre"),
-        "coef": lambda: (model.module(layer, s.value), "pre"),
-        "ffn_out": lambda: (model.module(layer, s.value), "post"),
-    }[site]()
+    """The module and hook kind ('pre' rewrites its first input, 'post' its first output) of a site.
+
+    The adapter owns this mapping (:meth:`MemoryModel.site_module`): where coefficients are read and where
+    the memory writes into the residual stream are facts about a family, not about hooks.
+    """
+    return model.site_module(site, layer)
 
 
 def _make_hook(kind: str, key, edits: list[Intervention], rec: Recording | None, keep_grad: bool,

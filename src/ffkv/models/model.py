@@ -144,6 +144,23 @@ class MemoryModel:
     def final_norm(self) -> nn.Module | None:
         return get_path(self.hf, self.spec.final_norm)
 
+    def site_module(self, site: str, layer: int | None) -> tuple[nn.Module, str]:
+        """``(module, kind)`` where a hook site lives: kind "pre" reads/rewrites the module's first input,
+        "post" its first output. See :data:`ffkv.models.hooks.SITES` for the sites."""
+        s = self.spec
+        table = {
+            "embed": lambda: (self.embedding, "post"),
+            "resid_pre": lambda: (self.layer(layer), "pre"),
+            "resid_post": lambda: (self.layer(layer), "post"),
+            "attn_out": lambda: (self.module(layer, s.attn), "post"),
+            "ffn_in": lambda: (self.module(layer, s.mlp), "pre"),
+            "coef": lambda: (self.module(layer, s.value), "pre"),
+            "ffn_out": lambda: (self.module(layer, s.value), "post"),
+        }
+        if site not in table:
+            raise FfkvError(f"unknown site '{site}'", f"use one of {', '.join(table)}")
+        return table[site]()
+
     # ----------------------------------------------------------------------------- keys and values
     def _weight(self, layer: int, path: str) -> torch.Tensor:
         """A projection's weight as (out_features, in_features), a view (no copy) of the parameter."""
