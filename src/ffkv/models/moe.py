@@ -500,11 +500,13 @@ def _routed_forward(model: MoEModel, experts: nn.Module, layer: int, reads: set,
                     keep_grad: bool, outputs: bool):
     """The experts module's forward: transformers' eager per-expert loop, with reads and edits of m^e."""
     spec = model.moe_spec
-    gu_all, down_all = getattr(experts, spec.gate_up), getattr(experts, spec.down)
-    act = getattr(experts, spec.act)
-    n_exp = down_all.shape[0]
+    keep = (lambda z: z) if keep_grad else (lambda z: z.detach())
 
     def forward(hidden_states, top_k_index, top_k_weights):
+        # read at call time: an edit may have replaced the parameters inside the block
+        gu_all, down_all = getattr(experts, spec.gate_up), getattr(experts, spec.down)
+        act = getattr(experts, spec.act)
+        n_exp = down_all.shape[0]
         final = torch.zeros_like(hidden_states)
         n_tok = hidden_states.shape[0]
         B, T = shape.get("BT", (1, n_tok))
@@ -515,7 +517,7 @@ def _routed_forward(model: MoEModel, experts: nn.Module, layer: int, reads: set,
         with torch.no_grad():
             # (E+1, k, N) like the eager loop, so tokens are visited in the same order and sums are bitwise equal
             expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=n_exp + 1).permute(2, 1, 0)
-            hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().reshape(-1).tolist()
+            hit = set(torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().reshape(-1).tolist())
         for e in range(n_exp):
             key = (layer, e)
             if e not in hit:
@@ -533,8 +535,7 @@ def _routed_forward(model: MoEModel, experts: nn.Module, layer: int, reads: set,
                     m = ed.apply(m, b, t)
             y = nn.functional.linear(m, down_all[e])
             if key in reads:
-                order = torch.argsort(tok, stable=True)
-                keep = (lambda z: z) if keep_grad else (lambda z: z.detach())
+                order = torch.argsort(tok, stable=True)  # rows in token order, whatever the top-k slot
                 rec[key] = ExpertCapture(layer, e, keep(m[order]), b[order], t[order], tok[order],
                                          keep(top_k_weights[tok, slot][order]), slot[order], (B, T),
                                          keep(y[order]) if outputs else None)
@@ -692,6 +693,9 @@ def check_moe(model: MoEModel, seq_len: int = 8, batch: int = 2, seed: int = 0, 
         checks.append(("residual_error", "resid_post != resid_pre + attn_out + ffn_out", resid))
         try:
             if model.is_moe_layer(l):
+                worst_e, exp_err = _per_expert_error(model, l, x.reshape(-1, D))
+                checks.append(("expert_error", f"expert {worst_e}'s sum_i m_i v_i from the spec differs from "
+                               f"the model's own experts module run on that expert alone", exp_err))
                 checks.append(("ffn_error", "the spec's sum over routed experts of w_e sum_i m_i v_i "
                                "(+ shared expert) differs from the block's output",
                                _err(model.moe_output_from_input(l, x), out.reshape(-1, D))))
@@ -730,22 +734,36 @@ def check_moe(model: MoEModel, seq_len: int = 8, batch: int = 2, seed: int = 0, 
             if err > tol * scale:
                 passed = False
                 if raise_on_fail:
-                    fail(l, what, err)
+                    fail(l, what, err / scale)
         rows.append(row)
     lg = _err(logits_eng, logits_ref)
     if lg[0] > tol * lg[1]:
         passed = False
         if raise_on_fail:
-            fail(L - 1, "the engine's logits differ from the model's own", lg[0])
+            fail(L - 1, "the engine's logits differ from the model's own", lg[0] / lg[1])
     worst = max(worst, lg[0])
     return {"passed": passed, "max_abs_error": worst, "relative_tolerance": tol, "layers": rows,
             "logits_error": lg[0]}
 
 
+def _per_expert_error(model: MoEModel, layer: int, x: torch.Tensor) -> tuple[int, tuple[float, float]]:
+    """Each expert alone: the model's experts module with every token routed to e with weight 1 (its own
+    implementation, whatever the dispatch) against ``W_out^e m^e(x)`` from the spec. Returns the worst expert."""
+    ex = model.experts_module(layer)
+    worst = (0, (0.0, 1.0))
+    for e in range(model.n_experts(layer)):
+        only_e = torch.full((x.shape[0], 1), e, dtype=torch.long, device=x.device)
+        own = ex(x, only_e, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device))
+        err = _err(model.ffn_output_from_coefficients(layer, model.coefficients_from_input(layer, x, e), e), own)
+        if err[0] / err[1] > worst[1][0] / worst[1][1]:
+            worst = (e, err)
+    return worst
+
+
 def _fail_check(model: MoEModel, layer: int, what: str, err: float, tol: float):
     raise AdapterCheckFailed(
         f"MoE adapter check failed for family '{model.family}' at layer {layer}: {what} "
-        f"(error {err:.3g}, relative tolerance {tol:g})",
+        f"(relative error {err:.3g}, tolerance {tol:g})",
         "the model's mixture-of-experts block does not match ffkv's spec for this family; please report it")
 
 
