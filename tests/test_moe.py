@@ -316,3 +316,44 @@ def test_load_model_builds_a_checked_moe_model_from_a_folder(moe_models, tmp_pat
     assert isinstance(m, MoEModel) and m.adapter_check["passed"]
     assert torch.equal(m.values(1, 2), src.values(1, 2))
     assert m.identity["n_experts"] == [4, 4] and m.identity["top_k"] == 2
+
+
+PUBLISHED = {  # model card figures: (total, active) parameters in billions
+    "mixtral-8x7b": ("MixtralConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                           num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                           num_local_experts=8, num_experts_per_tok=2), 46.7, 12.9),
+    "qwen1.5-moe-a2.7b": ("Qwen2MoeConfig", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                                                 num_key_value_heads=16, vocab_size=151936, intermediate_size=5632,
+                                                 moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                                                 num_experts=60, num_experts_per_tok=4), 14.3, 2.7),
+    "olmoe-1b-7b": ("OlmoeConfig", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                                        intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
+                                        vocab_size=50304), 6.9, 1.3),
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                                             num_key_value_heads=4, head_dim=128, moe_intermediate_size=768,
+                                             num_experts=128, num_experts_per_tok=8, vocab_size=151936,
+                                             intermediate_size=6144), 30.5, 3.3),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_census_matches_published_total_and_active_parameters(name):
+    import transformers
+
+    cls, kw, total, active = PUBLISHED[name]
+    c = moe_census(getattr(transformers, cls)(**kw))
+    assert c["total_params"] / 1e9 == pytest.approx(total, abs=0.06)  # cards round to 0.1B (3.35 -> "3.3B")
+    assert c["active_params"] / 1e9 == pytest.approx(active, abs=0.06)
+
+
+def test_gradients_flow_through_expert_coefficients(moe_models):
+    m = moe_models["olmoe"]
+    ids = _ids(m)
+    alpha = torch.tensor(1.0, requires_grad=True)
+    with expert_intervene(m, reads=[(1, 2)], edits=[ExpertEdit(1, 2, "scale", value=alpha, indices=[0, 1, 2])],
+                          keep_grad=True) as caps:
+        logits = m.hf(input_ids=ids).logits
+    assert caps[1, 2].coef.requires_grad
+    logits[:, -1].logsumexp(-1).sum().backward()
+    assert alpha.grad is not None and alpha.grad.abs() > 0
+    m.hf.zero_grad(set_to_none=True)
