@@ -183,10 +183,10 @@ class MoEModel(MemoryModel):
         if n == 0:
             raise FfkvError(f"layer {layer} of this {self.family} model has no experts",
                             "drop the E<expert> part of the memory name")
-        if not isinstance(expert, int) or not 0 <= expert < n:
+        if isinstance(expert, bool) or not hasattr(expert, "__index__") or not 0 <= int(expert) < n:
             raise FfkvError(f"expert {expert!r} is out of range for layer {layer} ({n} experts)",
                             f"use experts 0..{n - 1}")
-        return expert
+        return int(expert)
 
     def check_memory(self, mid) -> MemoryId:
         """Refuse a memory the model does not have (the width depends on the layer and expert)."""
