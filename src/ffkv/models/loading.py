@@ -17,6 +17,7 @@ import torch
 from ..errors import FfkvError
 from .adapters import get_spec
 from .model import MemoryModel
+from .moe import MoEModel, is_moe  # h6: mixture-of-experts families (own spec and check)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -139,7 +140,9 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device
         dtype = DTYPES[dtype]
     name = str(name_or_path)
     config = load_config(name, trust_remote_code=trust_remote_code)
-    get_spec(config)  # refuse unsupported families before reading weights
+    moe = is_moe(config)  # h6: MoE families have their spec in models/moe.py
+    if not moe:
+        get_spec(config)  # refuse unsupported families before reading weights
     if name in SHIPPED_CONFIGS:
         raise FfkvError(f"'{name}' is a shipped config without weights",
                         "use it with `ffkv census`, or pass the model's folder or hub name")
@@ -155,7 +158,8 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device
         hf = hf.to(device)
     tok = _load_tokenizer(tokenizer if isinstance(tokenizer, str) else name, trust_remote_code) \
         if tokenizer else None
-    return MemoryModel.from_hf_checked(hf, tok, name, check)
+    wrapper = MoEModel if moe else MemoryModel  # h6
+    return wrapper.from_hf_checked(hf, tok, name, check)
 
 
 def _has_safetensors(name: str) -> bool | None:
