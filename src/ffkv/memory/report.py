@@ -16,6 +16,7 @@ import numpy as np
 from ..io import atomic_path, write_text
 from .analysis import STEPS, analyze
 from .atlas import Atlas
+from .values import decode_tokens
 
 PAPER = {
     "patterns": "shallow patterns dominate layers 1-9 of 16, semantic ones layers 10-16",
@@ -42,6 +43,17 @@ def _fig(path, draw, layers=None):
         with atomic_path(path.with_suffix("." + suffix)) as tmp:
             fig.savefig(tmp, format=suffix)
     plt.close(fig)
+
+
+def _model_name(name_or_path: str) -> str:
+    """A readable model name for titles: a hub name as is, a folder by its last parts, never a long absolute path."""
+    p = str(name_or_path).rstrip("/")
+    if not p.startswith(("/", ".", "~")):
+        return p
+    parts = [q for q in p.split("/") if q]
+    if parts and parts[-1] == "model" and len(parts) > 1:  # testbed and edit folders call their model "model"
+        return "/".join(parts[-2:])
+    return parts[-1] if parts else p
 
 
 def _pct(x):
@@ -177,8 +189,6 @@ def _pct_md(x):
 
 def sample_memories(atlas: Atlas, per_layer: int = 2, n_triggers: int = 5, seed: int = 0) -> list[dict]:
     """Seeded sample of memories per layer with their triggers and value top tokens (for the report)."""
-    from .values import decode_tokens
-
     rng = np.random.default_rng(seed)
     tok = atlas.model.tokenizer
     vt = atlas.values_table()
@@ -194,6 +204,103 @@ def sample_memories(atlas: Atlas, per_layer: int = 2, n_triggers: int = 5, seed:
     return out
 
 
+INDEX_TRIGGERS = 3  # trigger examples per memory in the report's searchable index
+INDEX_CONTEXT = 10  # tokens of context before the firing token in the index
+
+
+def memory_index(atlas: Atlas, n_triggers: int = INDEX_TRIGGERS, context: int = INDEX_CONTEXT,
+                 n_tokens: int = 8) -> list[list[dict]]:
+    """Every memory of every layer, for the report's search: ``[layer][index] -> {m, t, v, p}``.
+
+    ``t``: its top ``n_triggers`` trigger examples as ``[context text, firing token, next token, coef]`` (the
+    firing token is the prefix's last token, where the key fired); ``v``: the value's top tokens; ``p``: its
+    ``max p``. Built with whole-layer array reads and one batched decode per layer, not a loop over keys
+    calling the tokenizer.
+    """
+    tok = atlas.model.tokenizer if atlas._model is not False else None
+    vt = atlas.values_table()
+    vrows = vt.to_pydict() if vt is not None else None
+    units = atlas.units
+    out = []
+    for l in range(atlas.n_layers):
+        tm = atlas.trigger_matrix(l, "top")
+        k = min(n_triggers, atlas.top_k)
+        ctx_ids, fire_ids, next_ids, where = [], [], [], []
+        for i in range(atlas.d_ffn):
+            for r in range(k):
+                u = int(tm["unit"][i, r])
+                if u < 0:
+                    break
+                pos = int(tm["position"][i, r])
+                toks, nxt = units[u]
+                ctx_ids.append(toks[max(0, pos - context):pos])
+                fire_ids.append([toks[pos]])
+                nx = toks[pos + 1] if pos + 1 < len(toks) else int(nxt)
+                next_ids.append([nx] if nx >= 0 else [])
+                where.append((i, float(tm["coef"][i, r])))
+        dec = (lambda ids: tok.batch_decode(ids)) if tok is not None else (lambda ids: [" ".join(map(str, x)) for x in ids])
+        ctx, full, nxt = dec(ctx_ids), dec([c + f for c, f in zip(ctx_ids, fire_ids)]), dec(next_ids)
+        # the firing token as it reads after its context (word tokenizers join with a space)
+        fire = [w[len(c):] if w.startswith(c) else f for w, c, f in zip(full, ctx, dec(fire_ids))]
+        layer_rows = [{"m": f"L{l}.{i}", "t": []} for i in range(atlas.d_ffn)]
+        for (i, coef), c, f, n in zip(where, ctx, fire, nxt):
+            layer_rows[i]["t"].append([c, f, n, round(coef, 4)])
+        if vrows is not None:
+            base = l * atlas.d_ffn
+            top = vrows["top_ids"][base: base + atlas.d_ffn]
+            flat = [ids[:n_tokens] for ids in top]
+            words = [dec([[t] for t in ids]) for ids in flat] if tok is not None else flat
+            for i in range(atlas.d_ffn):
+                layer_rows[i]["v"] = words[i]
+                layer_rows[i]["p"] = round(float(vrows["max_p"][base + i]), 4)
+        out.append(layer_rows)
+    return out
+
+
+_SEARCH_JS = """
+(function(){
+  const box = document.getElementById('q'), res = document.getElementById('results');
+  const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
+  function card(r){
+    const trig = r.t.map(t => '<li><code>' + esc(t[0]) + '<mark>' + esc(t[1]) + '</mark></code>' +
+      (t[2] ? ' &rarr; ' + esc(JSON.stringify(t[2])) : '') + ' (m = ' + t[3] + ')</li>').join('');
+    const vals = r.v ? '<p>value top tokens: ' + r.v.map(v => esc(JSON.stringify(v))).join(', ') +
+      (r.p !== undefined ? ' (max p ' + r.p + ')' : '') + '</p>' : '';
+    return '<div class="mem" id="' + r.m + '"><h3><a href="#' + r.m + '">' + r.m + '</a></h3>' + vals +
+      '<ol>' + trig + '</ol></div>';
+  }
+  function all(){ return (window.FFKV_MEMORIES || []).flat(); }
+  function search(){
+    const q = box.value.trim().toLowerCase();
+    if (!q){ res.innerHTML = ''; return; }
+    const m = q.match(/^l?(\d+)[.:](\d+)$/);
+    let hits;
+    if (m){ const L = window.FFKV_MEMORIES[+m[1]]; hits = L && L[+m[2]] ? [L[+m[2]]] : []; }
+    else hits = all().filter(r => (r.v || []).some(v => v.toLowerCase().trim() === q.replace(/^"|"$/g,'').trim()) ||
+      r.t.some(t => (t[0] + t[1]).toLowerCase().includes(q)));
+    res.innerHTML = '<p>' + hits.length + ' memories' + (hits.length > 200 ? ' (first 200 shown)' : '') + '</p>' +
+      hits.slice(0, 200).map(card).join('');
+  }
+  box.addEventListener('input', search);
+  function fromHash(){ const h = decodeURIComponent(location.hash.slice(1));
+    if (/^L\d+\.\d+$/.test(h) && !document.getElementById(h)){ box.value = h; search();
+      const el = document.getElementById(h); if (el) el.scrollIntoView(); } }
+  window.addEventListener('hashchange', fromHash); fromHash();
+})();
+"""
+
+
+def _write_index(atlas: Atlas, index: list[list[dict]]) -> list[str]:
+    """One script per layer under ``report-data/`` (a script tag loads from file:// where fetch() cannot)."""
+    names = []
+    for l, rows in enumerate(index):
+        name = f"report-data/memories-{l:03d}.js"
+        write_text(atlas.path / name, f"(window.FFKV_MEMORIES = window.FFKV_MEMORIES || [])[{l}] = "
+                   + json.dumps(rows, separators=(",", ":")) + ";\n")
+        names.append(name)
+    return names
+
+
 def write_report(atlas: Atlas, analyze_missing: bool = True, progress: bool = True, **analyze_options) -> str:
     """Write ``DIR/report.html`` (+ figures), running any analysis not yet stored; returns its path."""
     stored = {s: atlas.analysis(s) for s in STEPS}
@@ -205,7 +312,8 @@ def write_report(atlas: Atlas, analyze_missing: bool = True, progress: bool = Tr
     meta = atlas.meta
     ident = meta["model"]
     h = meta["hyperparameters"]
-    parts = [f"<h1>Key-value atlas of {html.escape(ident.get('name_or_path', '?'))}</h1>",
+    model_name = _model_name(ident.get("name_or_path", "?"))
+    parts = [f"<h1>Key-value atlas of {html.escape(model_name)}</h1>",
              f"<p>{ident.get('family')} model, {atlas.n_layers} layers, d_ffn = {atlas.d_ffn}, "
              f"vocab {ident.get('vocab_size')}; corpus <code>{html.escape(str(h['corpus']))}</code> "
              f"({h['split']} units, {meta['units']} units, {meta['tokens']} prefixes), top-k = {atlas.top_k}; "
@@ -216,7 +324,7 @@ def write_report(atlas: Atlas, analyze_missing: bool = True, progress: bool = Tr
 
     val, pat, rem, comp = (stored.get(s) for s in STEPS)
     if pat:
-        parts += ["<h2>1. Trigger patterns (Geva et al. 2021, section 3)</h2>",
+        parts += ["<h2 id='patterns'>1. Trigger patterns (Geva et al. 2021, section 3)</h2>",
                   f"<p>Automatic label: <b>shallow</b> when at least {pat['threshold']:.0%} of a key's top "
                   f"{pat['n_triggers']} prefixes end in the same token, otherwise <b>semantic</b> (topic words: "
                   f"content words in at least {pat['topic_share']:.0%} of them). Paper: {PAPER['patterns']}.</p>",
@@ -229,7 +337,7 @@ def write_report(atlas: Atlas, analyze_missing: bool = True, progress: bool = Tr
                           ("remove first", "median_change_remove_first",
                            lambda x: "-" if x is None else f"{x:+.2f}")])]
     if val:
-        parts += ["<h2>2. Values (section 4)</h2>",
+        parts += ["<h2 id='values'>2. Values (section 4)</h2>",
                   f"<p>Values projected with {'the final norm, ' if val['norm'] else ''}softmax(E v). Agreement: the "
                   f"value's top token equals the next token of its key's top trigger; random: the same with keys "
                   f"permuted within the layer (chance 1/|V| = {val['chance']:.2e}). Paper: {PAPER['agreement']}.</p>",
@@ -240,7 +348,7 @@ def write_report(atlas: Atlas, analyze_missing: bool = True, progress: bool = Tr
                                          ("next token in value top-10", "trigger_in_top10", _pct),
                                          ("top-100 max p count", "top100_max_p_count", None)])]
     if comp:
-        parts += ["<h2>3. Composition (section 5.1)</h2>",
+        parts += ["<h2 id='composition'>3. Composition (section 5.1)</h2>",
                   f"<p>{comp['n_prefixes']} prefixes from {comp['n_units']} sampled units; active rule per "
                   f"layer in the table. Paper: {PAPER['active']}; {PAPER['zero']}.</p>",
                   img("active"), img("zero_agreement"),
@@ -251,28 +359,51 @@ def write_report(atlas: Atlas, analyze_missing: bool = True, progress: bool = Tr
                                                ("content-word prefixes", "zero_agreement_content_word", _pct),
                                                ("short prefixes", "zero_agreement_short", _pct),
                                                ("long prefixes", "zero_agreement_long", _pct)]),
-                  "<h2>4. Refinement across layers (section 5.2)</h2>", f"<p>Paper: {PAPER['refinement']}.</p>",
+                  "<h2 id='refinement'>4. Refinement across layers (section 5.2)</h2>", f"<p>Paper: {PAPER['refinement']}.</p>",
                   img("refinement"),
                   _table(comp["refinement"], [("layer", "layer", None),
                                               ("residual top = output", "residual_is_output", _pct),
                                               ("residual", "residual", _pct), ("ffn", "ffn", _pct),
                                               ("agreement", "agreement", _pct),
                                               ("composition", "composition", _pct)])]
-    parts.append("<h2>5. Sampled memories: trigger examples and value top tokens</h2>")
+    parts.append("<h2 id='sampled'>5. Sampled memories: trigger examples and value top tokens</h2>"
+                 "<p>The firing token (the prefix's last token, where the key fired) is <mark>marked</mark>.</p>")
     for mem in sample_memories(atlas):
-        trig = "".join(f"<li><code>{html.escape(t['prefix'][-120:])}</code> &rarr; m = {t['coef']:.3g}"
+        trig = "".join(f"<li><code>{html.escape(t['prefix'][: len(t['prefix']) - len(t['last_token'])][-120:])}"
+                       f"<mark>{html.escape(t['last_token'])}</mark></code> &rarr; m = {t['coef']:.3g}"
                        f"{' (next: ' + html.escape(repr(t['next_token'])) + ')' if t['next_token'] else ''}</li>"
                        for t in mem["triggers"])
         toks = ", ".join(html.escape(repr(t)) for t in mem.get("top_tokens", []))
-        parts.append(f"<h3>{mem['memory']}</h3><p>value top tokens: {toks}"
+        parts.append(f"<h3 id='{mem['memory']}'><a href='#{mem['memory']}'>{mem['memory']}</a></h3>"
+                     f"<p>value top tokens: {toks}"
                      f"{' (max p %.3g)' % mem['max_p'] if 'max_p' in mem else ''}</p><ol>{trig}</ol>")
+    index = memory_index(atlas)
+    scripts = _write_index(atlas, index)
+    n_mem = sum(len(rows) for rows in index)
+    parts.append("<h2 id='memories'>6. Every memory</h2>"
+                 f"<p>All {n_mem} memories ({atlas.n_layers} layers x {atlas.d_ffn}) are in this report's index. "
+                 "Search by name (<code>L3.17</code>), by a token a value promotes (<code>Paris</code>), or by "
+                 "trigger text; a link <code>report.html#L3.17</code> opens that memory.</p>"
+                 "<input id='q' placeholder='L3.17, a token, or trigger text' size='40'>"
+                 "<div id='results'></div>"
+                 + "<p>By layer: " + " ".join(f"<a href='#L{l}.0'>L{l}</a>" for l in range(atlas.n_layers))
+                 + "</p>")
     parts.append("<details><summary>raw measurements (JSON)</summary><pre>"
                  + html.escape(json.dumps({k: v for k, v in stored.items() if v}, indent=1)[:200000])
                  + "</pre></details>")
     style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:48%;margin:4px}")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>ffkv atlas report</title><style>{style}"
-            f"</style></head><body>{''.join(parts)}</body></html>")
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:48%;margin:4px}"
+             "mark{background:#ffe08a}nav ol{columns:2}.mem{border-top:1px solid #ddd}")
+    toc = [(i, t) for i, t in (("patterns", "Trigger patterns"), ("values", "Values"),
+                               ("composition", "Composition"), ("refinement", "Refinement"),
+                               ("sampled", "Sampled memories"), ("memories", "Every memory (search)"))
+           if f"id='{i}'" in "".join(parts)]
+    nav = "<nav><b>Contents</b><ol>" + "".join(f"<li><a href='#{i}'>{t}</a></li>" for i, t in toc) + "</ol></nav>"
+    body = parts[:2] + [nav] + parts[2:]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>ffkv atlas: {html.escape(model_name)}"
+            f"</title><style>{style}</style></head><body>{''.join(body)}"
+            + "".join(f"<script src='{n}'></script>" for n in scripts)
+            + f"<script>{_SEARCH_JS}</script></body></html>")
     path = atlas.path / "report.html"
     write_text(path, page)
     return str(path)
