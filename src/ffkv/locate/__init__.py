@@ -5,7 +5,7 @@
     r.scores            # (tokens, layers) restored P(answer)
 
     from ffkv.locate.neurons import knowledge_neurons
-    kn = knowledge_neurons(model, paraphrases, " Paris")
+    kn = knowledge_neurons(model, paraphrases, "Paris")
     kn.neurons          # [(layer, index, attribution)]
 
 Sub-modules: trace (tracing and its ROME reference), average (data-set averages by token group),
