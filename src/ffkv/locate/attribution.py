@@ -40,12 +40,16 @@ so they come from the clean run's key/value cache, and the layers below l are no
 (:func:`ffkv.locate._run.run_tail`). :func:`integrated_gradients_reference` is Dai et al.'s loop, for the test and
 the benchmark.
 
+As a locator (:func:`locate_attribution`, registry name "integrated-gradients"): the site "coef" with
+``scores[0, T-1, l] = sum_i IG_i^(l)``, a layer's total attribution at the prediction position.
+
 Screens (one forward and one backward pass): ``grad_x_activation`` = ``m_i dP/dm_i`` and ``attribution_patching``
 = ``(0 - m_i) dP/dm_i``, the first-order estimate of the effect of zeroing memory i (Syed et al. 2023).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -56,6 +60,7 @@ from ..models.hooks import Intervention, intervene, switch_memories
 from ..models.memory_id import MemoryId, parse_memories
 from ..models.model import MemoryModel
 from ._run import Cost, reference_run, run_tail
+from .result import LocateResult
 
 RULES = ("left", "right", "midpoint", "linspace", "geometric")
 TARGETS = ("prob", "centered_logit")
@@ -297,3 +302,30 @@ def top_memories(attribution: torch.Tensor, k: int) -> list[MemoryId]:
     flat = attribution.reshape(-1)
     idx = torch.topk(flat, min(k, flat.numel())).indices.tolist()
     return [MemoryId.from_flat(i, attribution.shape[1]) for i in idx]
+
+
+def locate_attribution(model: MemoryModel, prompt: str, subject: str | None = None, answer: str | int | None = None,
+                       **options) -> LocateResult:
+    """Integrated gradients as a locator: site "coef", ``scores[0, T-1, l] = sum_i IG_i^(l)`` (the prediction
+    position; NaN at other tokens and at layers not attributed). options: of :func:`integrated_gradients`.
+    answer None: the model's top prediction. ``detail`` holds the (n_layers, d_ffn) attribution."""
+    ids = model.encode(prompt)["input_ids"]
+    p = model.next_token_probs(prompt)[0]
+    if answer is None:
+        answer = int(p.argmax())
+    cost = options.pop("cost", None) or Cost()
+    attr = integrated_gradients(model, prompt, answer, cost=cost, **options)
+    answer_id = answer if isinstance(answer, int) else model.answer_id(answer)
+    T, L = ids.shape[1], model.n_layers
+    scores = torch.full((1, T, L), float("nan"), dtype=torch.float64)
+    lays = _layers(model, options.get("layers"))
+    scores[0, T - 1, lays] = attr[lays].sum(1).double()
+    defaults = {k: v.default for k, v in inspect.signature(integrated_gradients).parameters.items()
+                if v.default is not inspect.Parameter.empty and k not in ("max_rows", "groups", "cost", "off")}
+    used = {**defaults, **{k: v for k, v in options.items() if k not in ("max_rows", "groups")}}
+    return LocateResult("integrated-gradients", prompt, subject, answer if isinstance(answer, str)
+                        else model.decode([answer_id]), answer_id, [model.decode([int(i)]) for i in ids[0]],
+                        ["coef"], scores.numpy(), f"IG of p({model.decode([answer_id]).strip()}), sum over memories",
+                        model.find_subject(prompt, subject) if subject else None, float(p[answer_id]), None,
+                        {k: list(v) if isinstance(v, (tuple, range)) else v for k, v in used.items()},
+                        cost.as_dict(), attr)
