@@ -2,8 +2,8 @@
 
 Records are read in ROME's ``known_1000`` layout (``known_id, subject, attribute, template, prediction, prompt,
 relation_id``), as ``../shared/data/known_facts/known_1000.json`` and the testbed's ``data/known_facts.json`` are
-written. A prompt the model gets wrong (its top next token is not the first token of the attribute, ``model.answer_id``) is
-skipped and counted, so that every averaged trace explains a fact the model knows.
+written. A prompt the model gets wrong (its top next token is not the attribute's first token, ``model.answer_id``)
+is skipped and counted, so that every averaged trace explains a fact the model knows.
 
 Token groups (ROME, Fig. 2 / Table of average indirect effects), for a prompt of T tokens with subject [s, e):
 

@@ -12,7 +12,8 @@ token ``o``:
     p_object      p(o | x)
 
 Each is averaged over prompts, then over facts, by frequency bucket (:mod:`ffkv.testbed.buckets`: 1, 2-3, 4-7,
-8-15, 16-31, 32+, and "frequent" = seen 30 times or more), separately for training templates and held-out paraphrase templates.
+8-15, 16-31, 32+, and "frequent" = seen 30 times or more), separately for training templates and held-out
+paraphrase templates.
 Prompts are batched (right-padded, logits read at the last real token).
 """
 
