@@ -11,11 +11,12 @@ import torch
 
 from ffkv.locate._run import Cost
 from ffkv.locate.attribution import (attribution_patching, grad_x_activation, integrated_gradients,
-                                     integrated_gradients_reference)
+                                     integrated_gradients_reference, riemann_path)
 from ffkv.locate.interventions import ablation_curve, intervention_effects
 from ffkv.locate.neurons import knowledge_neurons
 from ffkv.models.hooks import Intervention, intervene
 from ffkv.models.model import MemoryModel
+from ffkv.testbed.buckets import bucket_of
 from ffkv.testbed.planted import planted_model, word_tokenizer
 
 
@@ -60,6 +61,18 @@ def test_ig_equals_dai_loop_and_is_cheaper(planted):
     torch.testing.assert_close(fast, ref, atol=1e-6 * float(ref.abs().max()), rtol=1e-4)
     assert c_fast.forward_passes < c_ref.forward_passes
     assert c_fast.layer_tokens + c_fast.backward_layer_tokens < (c_ref.layer_tokens + c_ref.backward_layer_tokens) / 2
+
+
+def test_ig_rules_equal_the_loop_and_eleutherai_linspace(unsaturated):
+    m = unsaturated.model
+    alphas, weights = riemann_path(5, "linspace")
+    torch.testing.assert_close(alphas, torch.linspace(0, 1, 5, dtype=torch.float64))  # EleutherAI's scaled_input
+    assert torch.allclose(weights, torch.full((5,), 0.2, dtype=torch.float64))
+    for rule in ("linspace", "right", "geometric"):
+        fast = integrated_gradients(m, "the old tower", "paris", steps=5, rule=rule)
+        ref = integrated_gradients_reference(m, "the old tower", "paris", steps=5, rule=rule)
+        assert float(ref.abs().max()) > 1e-3
+        torch.testing.assert_close(fast, ref, atol=1e-6 * float(ref.abs().max()), rtol=1e-4, msg=rule)
 
 
 def test_ig_equals_dai_loop_multi_token_every_family(tiny_models):
@@ -192,8 +205,6 @@ def test_neurons_and_ground_truth_on_the_testbed():
     torch.testing.assert_close(fast, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-3)
     kn = knowledge_neurons(m, [r["prompt"]], answer, steps=5)
     assert kn.neurons and all(0 <= l < m.n_layers for l, _, _ in kn.neurons)
-    from ffkv.testbed.report import bucket_of
-
     facts = sorted(load_testbed_facts(tb), key=lambda f: -f["train_count"])[:40]
     gt = testbed_ground_truth(m, facts, per_bucket=1, samples=2, n_prompts=1, n_unrelated=1, progress=False)
     row = gt["facts"][0]

@@ -11,8 +11,9 @@ import torch
 from ffkv.errors import FfkvError
 from ffkv.recall.consistency import self_consistency, temperature_table, tempered_probs
 from ffkv.recall.stats import auroc, best_threshold, bootstrap_ci, fit_logistic, ranks, sigmoid, spearman
-from ffkv.recall.strength import (ablation_curve, curve_area, k_half, memory_attribution, storage_strength,
-                                  survival, trace_concentration)
+from ffkv.locate.interventions import ablation_curve
+from ffkv.recall.strength import (curve_area, k_half, memory_attribution, storage_strength, survival,
+                                  trace_concentration)
 from ffkv.recall.verdict import FEATURES, VerdictModel, fit_verdict, judge, query_signals
 
 PROMPTS = {"tower": "the old tower", "castle": "the old castle", "river": "the old river"}
@@ -31,9 +32,9 @@ def pm(request, planted, planted_llama):
 
 def test_ablating_the_planted_memory_kills_the_fact(pm):
     m, f = pm.model, pm.fact("tower")
-    ks, p = ablation_curve(m, PROMPTS["tower"], f.target_id, f.memories, ks=(0, 1))
-    assert ks == [0, 1]
-    assert p[0] > 0.99 and p[1] < 0.01
+    curve = ablation_curve(m, PROMPTS["tower"], f.target_id, f.memories, ks=(0, 1), positions="all")
+    assert [c["k"] for c in curve] == [0, 1]
+    assert curve[0]["prob"] > 0.99 and curve[1]["prob"] < 0.01 and curve[1]["flip_rate"] == 1.0
 
 
 def test_attribution_ranks_the_planted_memory_first(pm):
@@ -75,7 +76,6 @@ def test_greedy_answer_is_the_default(planted):
 def test_trace_concentration_peaks_at_the_planted_layer(planted):
     f = planted.fact("tower")
     tr = trace_concentration(planted.model, PROMPTS["tower"], "tower", f.target_id, noise=3.0)
-    assert tr is not None, "ffkv.locate.trace is part of the project"
     assert tr["peak_layer"] == 1 and tr["peak_token"] == 2
     assert tr["high_score"] > tr["low_score"] + 0.3
     assert 0.5 < tr["concentration"] <= 1.0

@@ -1,52 +1,93 @@
 """Attribution of a prediction to FFN memories: integrated gradients (Dai et al., ACL 2022) and one-pass screens.
 
-Integrated gradients over the memory coefficients ``m^(l)`` of layer l at the prediction position, zero baseline,
-attribution of the answer probability ``P(o | prompt)`` (Dai et al.'s knowledge attribution):
+:func:`integrated_gradients` is the one implementation of integrated gradients over memory coefficients in
+ffkv (``ffkv neurons``, the KN edit, ground truth and ``ffkv recall`` all call it). Its defaults are Dai et al.'s
+knowledge attribution: integrated gradients over the memory coefficients ``m^(l)`` of layer l at the prediction
+position, zero baseline, attribution of the answer probability ``P(o | prompt)``:
 
-    IG_i^(l) = m_i^(l) * (1/n) * sum_{k=0}^{n-1} dP(o | m^(l) := alpha_k m^(l)) / dm_i |_{alpha_k m^(l)}
+    IG_i^(l) = m_i^(l) * sum_k w_k dF(m^(l) := alpha_k m^(l)) / dm_i |_{alpha_k m^(l)}
 
-with ``alpha_k = k / n`` (Dai et al.'s ``scaled_input``: a left Riemann sum over [0, 1), n = 20). Only layer l is
-scaled; every other layer computes as usual. Completeness (up to the Riemann-sum error):
+with F = P(o | prompt) and the Riemann sum ``alpha_k = k / n``, ``w_k = 1 / n`` (k = 0..n-1, n = 20: Dai et
+al.'s ``scaled_input``, a left sum over [0, 1)). Only layer l is scaled; every other layer computes as usual.
+Completeness (up to the Riemann-sum error):
 
-    sum_i IG_i^(l) ~= P(o | m^(l)) - P(o | m^(l) = 0)
+    sum_i IG_i^(l) ~= F(m^(l)) - F(m^(l) = 0)
+
+Variants (named options; each a deliberate departure from Dai et al.):
+
+- ``rule``: "left" (Dai et al.), "right" (``(k+1)/n``), "midpoint" (``(k+1/2)/n``), "linspace"
+  (EleutherAI/knowledge-neurons' ``torch.linspace(0, 1, n)``: ``k/(n-1)``, weights ``1/n``), "geometric"
+  (``K`` intervals with edges ``0, 10^-3, ..., 1`` log-spaced; alpha_k and w_k their midpoints and widths: a memory
+  with a large coefficient saturates the final norm within the first percent of the path).
+- ``target``: "prob" (F = P(o), Dai et al.) or "centered_logit" (F = z_o - mean(z), which does not saturate as
+  P(o) -> 1; ``ffkv recall``'s storage strength).
+- ``path``: "layer" (Dai et al.: one path per layer) or "joint" (one path that scales every layer of ``layers``
+  at once: ``IG_i^(l) = m_i^(l) sum_k w_k dF(alpha_k m)/dm_i^(l)``, so that completeness holds for the whole
+  network, ``sum_{l,i} IG ~= F(m) - F(0)``; a layer redundant with another is not missed).
+- ``positions``: "last" (the prediction position, Dai et al.) or "all" (the coefficients of every prompt
+  position are scaled, and a memory's attribution is summed over positions; needs ``path="joint"``).
+- ``off``: memories switched off (``m_i := 0`` at every position) in every run, on the whole path.
+
+Multi-token answers (``model.answer_tokens``) are teacher-forced: the prompt is extended with the gold answer tokens
+and the attribution is the mean over answer tokens j of the attribution of ``F(o_j | prompt, o_<j)`` at the
+position that predicts o_j.
 
 Dai et al.'s code runs, per prompt, ``L`` forward passes (one per layer, for the coefficients) and ``L`` batches of
-``n`` scaled rows forward and backward, each over the whole prompt. :func:`integrated_gradients` computes the
-same numbers with rows for all layers in one batch (row block l scales layer l only; one backward gives every
-gradient), and runs only the prediction position: scaling coefficients at the last token changes nothing at the
-earlier tokens, so they come from the clean run's key/value cache, and the layers below l are not run either
+``n`` scaled rows forward and backward, each over the whole prompt. With ``path="layer"`` the same numbers come
+from rows for all layers in one batch (row block l scales layer l only; one backward gives every gradient), and
+only the prediction position runs: scaling coefficients at the last token changes nothing at the earlier tokens,
+so they come from the clean run's key/value cache, and the layers below l are not run either
 (:func:`ffkv.locate._run.run_tail`). :func:`integrated_gradients_reference` is Dai et al.'s loop, for the test and
 the benchmark.
 
+As a locator (:func:`locate_attribution`, registry name "integrated-gradients"): the site "coef" with
+``scores[0, T-1, l] = sum_i IG_i^(l)``, a layer's total attribution at the prediction position.
+
 Screens (one forward and one backward pass): ``grad_x_activation`` = ``m_i dP/dm_i`` and ``attribution_patching``
 = ``(0 - m_i) dP/dm_i``, the first-order estimate of the effect of zeroing memory i (Syed et al. 2023).
-
-Multi-token answers are teacher-forced: the prompt is extended with the gold answer tokens and the attribution is
-the mean over answer tokens j of the attribution of ``P(o_j | prompt, o_<j)`` at the position that predicts o_j.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
 from ..errors import FfkvError
-from ..models.hooks import Intervention, intervene
+from ..models.hooks import Intervention, intervene, switch_memories
+from ..models.memory_id import MemoryId, parse_memories
 from ..models.model import MemoryModel
 from ._run import Cost, reference_run, run_tail
+from .result import LocateResult
 
-RULES = ("left", "right", "midpoint")
+RULES = ("left", "right", "midpoint", "linspace", "geometric")
+TARGETS = ("prob", "centered_logit")
+PATHS = ("layer", "joint")
+POSITIONS = ("last", "all")
 
 
-def riemann_alphas(steps: int, rule: str = "left") -> torch.Tensor:
-    """Scaling factors of the Riemann sum, (steps,): left = k/n (Dai et al.), right = (k+1)/n, midpoint."""
+def riemann_path(steps: int, rule: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(alpha, w)``, each (steps,): the scaling factors of the path and the weight of each step."""
     if steps < 1:
         raise FfkvError(f"steps must be at least 1, got {steps}", "use --steps 20 (Dai et al.'s default)")
     if rule not in RULES:
         raise FfkvError(f"unknown Riemann rule {rule!r}", f"use one of {', '.join(RULES)}")
+    if rule == "geometric":
+        edges = torch.cat([torch.zeros(1), torch.logspace(-3, 0, steps)])
+        return (edges[1:] + edges[:-1]) / 2, edges[1:] - edges[:-1]
     k = torch.arange(steps, dtype=torch.float64)
-    return {"left": k, "right": k + 1, "midpoint": k + 0.5}[rule] / steps
+    if rule == "linspace":
+        alpha = torch.linspace(0, 1, steps, dtype=torch.float64)
+    else:
+        alpha = {"left": k, "right": k + 1, "midpoint": k + 0.5}[rule] / steps
+    return alpha, torch.full((steps,), 1.0 / steps, dtype=torch.float64)
+
+
+def riemann_alphas(steps: int, rule: str = "left") -> torch.Tensor:
+    """Scaling factors of the Riemann sum, (steps,): left = k/n (Dai et al.), right = (k+1)/n, midpoint, ..."""
+    return riemann_path(steps, rule)[0]
 
 
 @dataclass
@@ -58,11 +99,17 @@ class _Targets:
 
 
 def answer_targets(model: MemoryModel, prompt: str, answer: str | int) -> _Targets:
-    """``prompt + answer[:-1]`` tokens and the (position, gold token) pairs the attribution explains."""
+    """``prompt + answer[:-1]`` tokens and the (position, gold token) pairs the attribution explains.
+
+    answer: a token id, or text tokenized by the model's answer rule (:meth:`MemoryModel.answer_tokens`).
+    """
     ids = model.encode(prompt)["input_ids"]
-    gold = [answer] if isinstance(answer, int) else model.token_ids(answer)
-    if not gold:
-        raise FfkvError(f"answer {answer!r} tokenizes to nothing", "give a non-empty answer, e.g. ' Paris'")
+    if isinstance(answer, int):
+        if not 0 <= answer < model.vocab_size:
+            raise FfkvError(f"answer token id {answer} is outside the vocabulary", "pass text or a valid id")
+        gold = [answer]
+    else:
+        gold = model.answer_tokens(answer)
     T = ids.shape[1]
     if len(gold) > 1:
         ids = torch.cat([ids, torch.tensor([gold[:-1]], device=ids.device)], 1)
@@ -82,33 +129,66 @@ def _chunks(layers: list[int], steps: int, max_rows: int, groups: int) -> list[l
     return [layers[i:i + per] for i in range(0, len(layers), per)]
 
 
-def integrated_gradients(model: MemoryModel, prompt: str, answer: str | int, steps: int = 20, layers=None,
-                         rule: str = "left", max_rows: int = 256, groups: int = 4,
-                         cost: Cost | None = None) -> torch.Tensor:
-    """Dai et al.'s integrated gradients of P(answer) for every memory, (n_layers, d_ffn) float32 on CPU.
+def _objective(logits: torch.Tensor, gold: int, target: str) -> torch.Tensor:
+    """F per row of (B, vocab) logits: P(gold) or the centered logit ``z_gold - mean(z)``; (B,) float32."""
+    z = logits.float()
+    if target == "prob":
+        return torch.softmax(z, -1)[:, gold]
+    return z[:, gold] - z.mean(-1)
 
-    Rows of layers not in ``layers`` are zero. max_rows bounds the batch (steps rows per layer); groups: layer
-    groups, one forward and one backward pass each.
+
+def off_edits(off: Iterable) -> list[Intervention]:
+    """Interventions switching the memories ``off`` (MemoryIds, "L3.17" or (layer, index)) off at every
+    position, one :func:`ffkv.models.hooks.switch_memories` per layer."""
+    by_layer: dict[int, list[int]] = {}
+    for mid in parse_memories(off):
+        by_layer.setdefault(mid.layer, []).append(mid.index)
+    return [switch_memories(layer, indices) for layer, indices in sorted(by_layer.items())]
+
+
+def _check_options(rule: str, target: str, path: str, positions: str):
+    for name, value, allowed in (("rule", rule, RULES), ("target", target, TARGETS), ("path", path, PATHS),
+                                 ("positions", positions, POSITIONS)):
+        if value not in allowed:
+            raise FfkvError(f"unknown integrated-gradients {name} {value!r}", f"use one of {', '.join(allowed)}")
+    if positions == "all" and path != "joint":
+        raise FfkvError("integrated gradients over all positions need one joint path",
+                        "pass path='joint' with positions='all'")
+
+
+def integrated_gradients(model: MemoryModel, prompt: str, answer: str | int, steps: int = 20, layers=None,
+                         rule: str = "left", target: str = "prob", path: str = "layer", positions: str = "last",
+                         off: Iterable = (), max_rows: int = 256, groups: int = 4,
+                         cost: Cost | None = None) -> torch.Tensor:
+    """Integrated gradients of the answer for every memory, (n_layers, d_ffn) float32 on CPU.
+
+    Defaults: Dai et al.'s attribution (see the module docstring for the options rule, target, path, positions,
+    off). Rows of layers not in ``layers`` are zero. max_rows bounds the batch (steps rows per layer) and groups
+    is the number of layer groups (one forward and one backward pass each) of ``path="layer"``.
     """
+    _check_options(rule, target, path, positions)
     cost = cost if cost is not None else Cost()
     lays = _layers(model, layers)
-    alphas = riemann_alphas(steps, rule)
+    alphas, weights = riemann_path(steps, rule)
     tg = answer_targets(model, prompt, answer)
+    off = off_edits(off)
+    if path == "joint":
+        return _joint_path(model, tg, lays, alphas, weights, target, positions, off, cost)
     L = model.n_layers
     reads = [("coef", l) for l in range(L)] + [("resid_pre", l) for l in range(L)]
-    _, rec, cache = reference_run(model, tg.ids, reads=reads, cost=cost)
+    _, rec, cache = reference_run(model, tg.ids, edits=off, reads=reads, cost=cost)
     out = torch.zeros(L, model.d_ffn, dtype=torch.float32)
     for pos, gold in tg.targets:
         for chunk in _chunks(lays, steps, max_rows, groups):
-            grads = _scaled_gradients(model, tg.ids, rec, cache, pos, gold, chunk, alphas, cost)
+            grads = _scaled_gradients(model, tg.ids, rec, cache, pos, gold, chunk, alphas, target, off, cost)
             for l, g in zip(chunk, grads):
                 m = rec["coef", l][0, pos].float().cpu()
-                out[l] += m * g.float().cpu().mean(0)
+                out[l] += m * (g.float().cpu() * weights.float()[:, None]).sum(0)
     return out / len(tg.targets)
 
 
-def _scaled_gradients(model, ids, rec, cache, pos, gold, chunk, alphas, cost) -> list[torch.Tensor]:
-    """dP(gold)/dm at ``alpha_k m^(l)`` for each layer l of ``chunk``: a list of (steps, d_ffn) tensors.
+def _scaled_gradients(model, ids, rec, cache, pos, gold, chunk, alphas, target, off, cost) -> list[torch.Tensor]:
+    """dF/dm at ``alpha_k m^(l)`` for each layer l of ``chunk``: a list of (steps, d_ffn) tensors.
 
     One batch: row block b scales layer ``chunk[b]`` only. Only position ``pos`` and layers >= chunk[0] run;
     since layers below l are untouched, the coefficient of layer l in its rows is exactly ``alpha_k m^(l)``.
@@ -116,7 +196,7 @@ def _scaled_gradients(model, ids, rec, cache, pos, gold, chunk, alphas, cost) ->
     steps = len(alphas)
     start = chunk[0]
     B = steps * len(chunk)
-    leaves, edits = [], []
+    leaves, edits = [], list(off)
     for b, l in enumerate(chunk):
         m = rec["coef", l][0, pos]
         x = (alphas.to(m.device, m.dtype)[:, None] * m[None]).requires_grad_(True)
@@ -127,17 +207,44 @@ def _scaled_gradients(model, ids, rec, cache, pos, gold, chunk, alphas, cost) ->
     with torch.enable_grad():
         logits, _ = run_tail(model, ids[:, pos:pos + 1].expand(B, 1), start, resid, cache, pos,
                              torch.zeros(B, dtype=torch.long), edits=edits, cost=cost, backward=True)
-        p = torch.softmax(logits.float(), -1)[:, gold]
-        return list(torch.autograd.grad(p.sum(), leaves))
+        return list(torch.autograd.grad(_objective(logits, gold, target).sum(), leaves))
+
+
+def _joint_path(model, tg: _Targets, lays, alphas, weights, target, positions, off, cost) -> torch.Tensor:
+    """One path scaling every layer of ``lays`` at once: ``steps`` rows, one forward and one backward pass per
+    answer token. Coefficients of the scaled positions are ``alpha_k m`` (m: the clean run's, with ``off``)."""
+    L, T = model.n_layers, tg.ids.shape[1]
+    steps = len(alphas)
+    with torch.no_grad(), intervene(model, reads=[("coef", l) for l in lays], edits=off) as rec:
+        model.hf(input_ids=tg.ids)
+    cost.add(1, T, L)
+    clean = {l: rec["coef", l] for l in lays}  # (1, T, d_ffn)
+    a = alphas.to(model.device, model.dtype)[:, None, None]
+    w = weights.to(model.device, torch.float32)[:, None, None]
+    out = torch.zeros(L, model.d_ffn, dtype=torch.float32)
+    for pos, gold in tg.targets:
+        sel = slice(None) if positions == "all" else slice(pos, pos + 1)
+        at = None if positions == "all" else [pos]
+        edits = list(off) + [Intervention("coef", l, "set", value=a * m[:, sel], positions=at)
+                             for l, m in clean.items()]
+        with torch.enable_grad(), intervene(model, reads=[("coef", l) for l in lays], edits=edits,
+                                            keep_grad=True) as crec:
+            logits = model.hf(input_ids=tg.ids.expand(steps, T)).logits[:, pos]
+            grads = torch.autograd.grad(_objective(logits, gold, target).sum(), [crec["coef", l] for l in lays])
+        cost.add(steps, T, L, backward=True)
+        for l, g in zip(lays, grads):
+            m = clean[l][0, sel].float()
+            out[l] += (m * (g[:, sel].float() * w).sum(0)).sum(0).cpu()
+    return out / len(tg.targets)
 
 
 def integrated_gradients_reference(model: MemoryModel, prompt: str, answer: str | int, steps: int = 20,
                                    layers=None, rule: str = "left", cost: Cost | None = None) -> torch.Tensor:
     """Dai et al.'s loop, written directly: per layer, one forward pass for the coefficients, then one batch of
     ``steps`` rows over the whole prompt with that layer's coefficients at the prediction position scaled,
-    forward and backward. Same result as :func:`integrated_gradients`, (n_layers, d_ffn)."""
+    forward and backward. Same result as :func:`integrated_gradients` with its defaults, (n_layers, d_ffn)."""
     cost = cost if cost is not None else Cost()
-    alphas = riemann_alphas(steps, rule)
+    alphas, weights = riemann_path(steps, rule)
     tg = answer_targets(model, prompt, answer)
     L, T = model.n_layers, tg.ids.shape[1]
     out = torch.zeros(L, model.d_ffn, dtype=torch.float32)
@@ -154,7 +261,7 @@ def integrated_gradients_reference(model: MemoryModel, prompt: str, answer: str 
                 p = torch.softmax(logits.float(), -1)[:, gold]
                 (g,) = torch.autograd.grad(p.sum(), [x])
             cost.add(steps, T, L, backward=True)
-            out[l] += m.float().cpu() * g.float().cpu().mean(0)
+            out[l] += m.float().cpu() * (g.float().cpu() * weights.float()[:, None]).sum(0)
     return out / len(tg.targets)
 
 
@@ -171,9 +278,8 @@ def _coefficient_gradients(model: MemoryModel, prompt: str, answer, cost: Cost |
             logits, crec = run_tail(model, tg.ids[:, pos:pos + 1], 0, rec["resid_pre", 0][:, pos:pos + 1], cache,
                                     pos, torch.zeros(1, dtype=torch.long),
                                     reads=[("coef", l) for l in range(L)], keep_grad=True, cost=cost, backward=True)
-            p = torch.softmax(logits.float(), -1)[0, gold]
             coefs = [crec["coef", l] for l in range(L)]
-            grads = torch.autograd.grad(p, coefs)
+            grads = torch.autograd.grad(_objective(logits, gold, "prob")[0], coefs)
         ms.append(torch.stack([c[0, 0].detach().float().cpu() for c in coefs]))
         gs.append(torch.stack([g[0, 0].float().cpu() for g in grads]))
     return torch.stack(ms), torch.stack(gs)
@@ -189,3 +295,37 @@ def attribution_patching(model: MemoryModel, prompt: str, answer, cost: Cost | N
     """First-order estimate of the change of P(answer) when memory i is zeroed: ``(0 - m_i) dP/dm_i``."""
     m, g = _coefficient_gradients(model, prompt, answer, cost)
     return (-m * g).mean(0)
+
+
+def top_memories(attribution: torch.Tensor, k: int) -> list[MemoryId]:
+    """The k memories with the largest attribution (n_layers, d_ffn), largest first."""
+    flat = attribution.reshape(-1)
+    idx = torch.topk(flat, min(k, flat.numel())).indices.tolist()
+    return [MemoryId.from_flat(i, attribution.shape[1]) for i in idx]
+
+
+def locate_attribution(model: MemoryModel, prompt: str, subject: str | None = None, answer: str | int | None = None,
+                       **options) -> LocateResult:
+    """Integrated gradients as a locator: site "coef", ``scores[0, T-1, l] = sum_i IG_i^(l)`` (the prediction
+    position; NaN at other tokens and at layers not attributed). options: of :func:`integrated_gradients`.
+    answer None: the model's top prediction. ``detail`` holds the (n_layers, d_ffn) attribution."""
+    ids = model.encode(prompt)["input_ids"]
+    p = model.next_token_probs(prompt)[0]
+    if answer is None:
+        answer = int(p.argmax())
+    cost = options.pop("cost", None) or Cost()
+    attr = integrated_gradients(model, prompt, answer, cost=cost, **options)
+    answer_id = answer if isinstance(answer, int) else model.answer_id(answer)
+    T, L = ids.shape[1], model.n_layers
+    scores = torch.full((1, T, L), float("nan"), dtype=torch.float64)
+    lays = _layers(model, options.get("layers"))
+    scores[0, T - 1, lays] = attr[lays].sum(1).double()
+    defaults = {k: v.default for k, v in inspect.signature(integrated_gradients).parameters.items()
+                if v.default is not inspect.Parameter.empty and k not in ("max_rows", "groups", "cost", "off")}
+    used = {**defaults, **{k: v for k, v in options.items() if k not in ("max_rows", "groups")}}
+    return LocateResult("integrated-gradients", prompt, subject, answer if isinstance(answer, str)
+                        else model.decode([answer_id]), answer_id, [model.decode([int(i)]) for i in ids[0]],
+                        ["coef"], scores.numpy(), f"IG of p({model.decode([answer_id]).strip()}), sum over memories",
+                        model.find_subject(prompt, subject) if subject else None, float(p[answer_id]), None,
+                        {k: list(v) if isinstance(v, (tuple, range)) else v for k, v in used.items()},
+                        cost.as_dict(), attr)

@@ -2,8 +2,8 @@
 
 Records are read in ROME's ``known_1000`` layout (``known_id, subject, attribute, template, prediction, prompt,
 relation_id``), as ``../shared/data/known_facts/known_1000.json`` and the testbed's ``data/known_facts.json`` are
-written. A prompt the model gets wrong (its top next token is not the first token of ``" " + attribute``) is
-skipped and counted, so that every averaged trace explains a fact the model knows.
+written. A prompt the model gets wrong (its top next token is not the attribute's first token, ``model.answer_id``)
+is skipped and counted, so that every averaged trace explains a fact the model knows.
 
 Token groups (ROME, Fig. 2 / Table of average indirect effects), for a prompt of T tokens with subject [s, e):
 
@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ..errors import FfkvError
 from ..io import read_json
@@ -65,7 +66,7 @@ def group_rows(scores: np.ndarray, subject_range: tuple[int, int]) -> dict[str, 
 
 def knows(model: MemoryModel, record: dict) -> tuple[bool, int]:
     """Whether the model's top next token is the first token of the record's answer; and that token."""
-    answer_id = model.answer_id(" " + record["attribute"].strip())
+    answer_id = model.answer_id(record["attribute"].strip())
     top = int(model.next_token_probs(record["prompt"])[0].argmax())
     return top == answer_id, answer_id
 
@@ -87,12 +88,7 @@ def average_traces(model: MemoryModel, records: list[dict], kinds=("hidden", "ml
     counts = {k: {g: 0 for g in GROUPS} for k in kinds}
     ate = {k: [] for k in kinds}
     skipped, traces = [], []
-    it = records
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(records, desc="tracing", file=sys.stderr, leave=False)
-    for r in it:
+    for r in tqdm(records, desc="tracing", file=sys.stderr, leave=False, disable=not progress):
         ok, answer_id = knows(model, r)
         if not ok:
             skipped.append(r.get("known_id"))

@@ -31,10 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.hooks import Intervention, intervene
+from tqdm import tqdm
+
+from ..models.hooks import intervene, switch_memories
 from ..models.model import MemoryModel
+from ..testbed.buckets import BUCKETS, bucket_of, group_by_bucket
+from ..testbed.datasets import load_facts
 from ._run import Cost
-from .attribution import integrated_gradients
+from .attribution import integrated_gradients, top_memories
 from .average import group_rows
 from .interventions import intervention_effects
 from .neurons import knowledge_neurons
@@ -51,9 +55,8 @@ def planted_ground_truth(pm, samples: int = 10, seed: int = 0) -> list[dict]:
         tr = causal_trace(m, prompt, f"old {f.trigger}", kind="mlp", window=1, noise=3.0, samples=samples,
                           seed=seed)
         t, l = tr.peak()
-        attr = integrated_gradients(m, prompt, " " + f.target)
-        top = attr.flatten().topk(len(f.memories)).indices.tolist()
-        found = {(j // m.d_ffn, j % m.d_ffn) for j in top}
+        attr = integrated_gradients(m, prompt, f.target)
+        found = {(mid.layer, mid.index) for mid in top_memories(attr, len(f.memories))}
         rows.append({"fact": f"{f.trigger} -> {f.target}", "planted": f.memories,
                      "trace_peak_token": tr.tokens[t], "trace_peak_layer": l,
                      "trace_agrees": tr.tokens[t] == f.trigger and l in {ly for ly, _ in f.memories},
@@ -68,7 +71,11 @@ def storage_profile(model: MemoryModel, prompt: str, subject_range: tuple[int, i
     ids = model.encode(prompt)["input_ids"]
     L = model.n_layers
     s, e = subject_range
-    edits = [Intervention("coef", l, "off", positions=list(range(s, e)), batch=[l + 1]) for l in range(L)]
+    edits = []
+    for l in range(L):  # row l + 1: every memory of layer l off at the subject tokens
+        off = switch_memories(l, range(model.d_ffn), positions=list(range(s, e)))
+        off.batch = [l + 1]
+        edits.append(off)
     with intervene(model, edits=edits):
         logits = model.hf(input_ids=ids.expand(L + 1, ids.shape[1])).logits[:, -1]
     p = torch.softmax(logits.float(), -1)[:, answer_id].cpu().numpy()
@@ -87,12 +94,8 @@ def testbed_ground_truth(model: MemoryModel, facts: list[dict], per_bucket: int 
                          n_prompts: int = 3, n_unrelated: int = 4, n_background: int = 6, seed: int = 0,
                          progress: bool = True) -> dict:
     """The ground-truth report on a testbed (see the module docstring). ``facts``: dicts of facts.jsonl."""
-    from ..testbed.report import BUCKETS, bucket_of
-
     rng = random.Random(f"{seed}-locate-ground-truth")
-    by_bucket = defaultdict(list)
-    for f in facts:
-        by_bucket[bucket_of(f["train_count"])].append(f)
+    by_bucket = group_by_bucket(facts)
     sample = []
     for name, _, _ in BUCKETS:
         group = by_bucket.get(name, [])
@@ -100,13 +103,8 @@ def testbed_ground_truth(model: MemoryModel, facts: list[dict], per_bucket: int 
     level, _ = noise_level(model, "s3", [f["subject"] for f in facts])
     cost = Cost()
     rows = []
-    it = sample
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(sample, desc="ground truth", file=sys.stderr, leave=False)
-    for f in it:
-        answer_id = model.answer_id(" " + f["object"])
+    for f in tqdm(sample, desc="ground truth", file=sys.stderr, leave=False, disable=not progress):
+        answer_id = model.answer_id(f["object"])
         prompts = [_render(t, f["subject"]) for t in f["train_templates"]]
         known = [p for p in prompts if _known(model, p, answer_id)]
         row = {"fact_id": f.get("fact_id"), "subject": f["subject"], "relation_id": f["relation_id"],
@@ -130,31 +128,31 @@ def testbed_ground_truth(model: MemoryModel, facts: list[dict], per_bucket: int 
         subj = hid.indirect_effects[s:e]
         ts, ls = np.unravel_index(int(np.argmax(subj)), subj.shape)
         storage = storage_profile(model, prompt, hid.subject_range, answer_id)
-        kn = knowledge_neurons(model, known[:n_prompts], " " + f["object"], cost=cost)
+        kn = knowledge_neurons(model, known[:n_prompts], f["object"], cost=cost)
         others = [g for g in facts if g["relation_id"] != f["relation_id"] and g["subject"] != f["subject"]]
         unrelated, background = [], []
         for g in rng.sample(others, min(len(others), 8 * n_unrelated)):
             p = _render(g["train_templates"][0], g["subject"])
-            if _known(model, p, model.answer_id(" " + g["object"])):
-                (unrelated if len(unrelated) < n_unrelated else background).append((p, " " + g["object"]))
+            if _known(model, p, model.answer_id(g["object"])):
+                (unrelated if len(unrelated) < n_unrelated else background).append((p, g["object"]))
             if len(background) >= n_background:
                 break
-        eff = intervention_effects(model, known[:n_prompts], " " + f["object"], kn.neurons, unrelated=unrelated,
+        eff = intervention_effects(model, known[:n_prompts], f["object"], kn.neurons, unrelated=unrelated,
                                    random_trials=1, seed=seed) if kn.neurons else {}
         # The same subject's facts of other relations: do the neurons hold this fact or the subject?
         siblings = []
         for g in facts:
             if g["subject"] == f["subject"] and g["relation_id"] != f["relation_id"]:
                 p = _render(g["train_templates"][0], g["subject"])
-                if _known(model, p, model.answer_id(" " + g["object"])):
-                    siblings.append((p, " " + g["object"]))
-        sib = intervention_effects(model, known[:1], " " + f["object"], kn.neurons, unrelated=siblings,
+                if _known(model, p, model.answer_id(g["object"])):
+                    siblings.append((p, g["object"]))
+        sib = intervention_effects(model, known[:1], f["object"], kn.neurons, unrelated=siblings,
                                    random_trials=0) if kn.neurons and siblings else {}
         # Extension: drop neurons that are also coarse neurons of most background facts (disjoint from the
         # unrelated facts the effects are measured on).
-        knf = knowledge_neurons(model, known[:n_prompts], " " + f["object"], background=background, cost=cost) \
+        knf = knowledge_neurons(model, known[:n_prompts], f["object"], background=background, cost=cost) \
             if background else kn
-        efff = intervention_effects(model, known[:n_prompts], " " + f["object"], knf.neurons, unrelated=unrelated,
+        efff = intervention_effects(model, known[:n_prompts], f["object"], knf.neurons, unrelated=unrelated,
                                     random_trials=0) if knf.neurons else {}
         row.update({
             "prompt": prompt, "high_score": hid.high_score, "low_score": hid.low_score,
@@ -202,8 +200,6 @@ def _mean(rows, key):
 
 def summarize(rows: list[dict], all_: bool = False) -> dict | list:
     """Per frequency bucket (or over all rows): recall, effects, agreement, neuron counts and precision."""
-    from ..testbed.report import BUCKETS
-
     def one(group: list[dict]) -> dict:
         traced = [r for r in group if r["known"]]
         own = _mean(traced, "kn_own_flip_rate")
@@ -249,6 +245,5 @@ def summarize(rows: list[dict], all_: bool = False) -> dict | list:
 
 
 def load_testbed_facts(path: str | Path) -> list[dict]:
-    from ..testbed.datasets import load_facts
-
+    """The facts of a testbed folder (or its data folder, or facts.jsonl)."""
     return load_facts(path)[0]

@@ -8,7 +8,12 @@ For a set N of memories and a prompt with answer o, at the prediction position (
 and report the change of P(o), absolute and relative ``(P_after - P_before) / P_before`` (Dai et al. report the
 relative one), and the *flip rate*: how often the top-1 prediction changes. Each effect is measured on the fact's
 own prompts, on unrelated facts (other relations) and, as the control, for random memories matched by layer
-(the same number of memories in each layer). :func:`ablation_curve` removes the top-k memories, k = 0..N.
+(the same number of memories in each layer).
+
+:func:`ablation_curve` is the one ablation curve of ffkv: P(o) as the first k memories of a ranking are switched
+off, for a grid of k (default 0..N), at the prediction position (Dai et al.'s suppression) or, with
+``positions="all"``, at every position (``ffkv recall``'s storage strength). Every "switch these memories off" in
+locate and recall is :func:`memories_off`, built from :func:`ffkv.models.hooks.switch_memories`.
 """
 
 from __future__ import annotations
@@ -20,23 +25,46 @@ import numpy as np
 import torch
 
 from ..errors import FfkvError
-from ..models.hooks import Intervention, intervene
+from ..models.hooks import Intervention, intervene, switch_memories
+from ..models.memory_id import MemoryId
 from ..models.model import MemoryModel
 
 OPS = {"suppress": ("off", None), "amplify": ("scale", 2.0)}
+POSITIONS = ("last", "all")
 
 
-def neuron_edits(neurons, op: str, position: int, row: int, factor: float | None = None) -> list[Intervention]:
-    """Edits applying ``op`` ("suppress" / "amplify" / "scale") to the memories ``[(l, i, ...)]`` at one
-    position of one batch row."""
+def _by_layer(memories) -> dict[int, list[int]]:
+    """{layer: [index, ...]} of memories given as MemoryIds, "L3.17", (layer, index) or (layer, index, score)."""
     by_layer: dict[int, list[int]] = defaultdict(list)
-    for n in neurons:
-        by_layer[int(n[0])].append(int(n[1]))
-    kind, value = OPS.get(op, ("scale", factor))
-    if kind == "scale" and factor is not None:
+    for n in memories:
+        mid = MemoryId.parse(n) if isinstance(n, (str, MemoryId)) else MemoryId(int(n[0]), int(n[1]))
+        by_layer[mid.layer].append(mid.index)
+    return dict(sorted(by_layer.items()))
+
+
+def memories_off(memories, positions=None, row: int | None = None) -> list[Intervention]:
+    """Switch ``memories`` off (``m_i := 0``) at ``positions`` (None: every position) of batch ``row`` (None:
+    every row): one :func:`ffkv.models.hooks.switch_memories` per layer."""
+    edits = []
+    for layer, indices in _by_layer(memories).items():
+        e = switch_memories(layer, indices, positions=positions)
+        e.batch = None if row is None else [row]
+        edits.append(e)
+    return edits
+
+
+def neuron_edits(neurons, op: str, position: int | None, row: int | None, factor: float | None = None
+                 ) -> list[Intervention]:
+    """Edits applying ``op`` ("suppress" / "amplify" / "scale") to the memories ``neurons`` at one position
+    (None: every position) of one batch row (None: every row)."""
+    if op == "suppress":
+        return memories_off(neurons, None if position is None else [position], row)
+    _, value = OPS.get(op, ("scale", factor))
+    if factor is not None:
         value = factor
-    return [Intervention("coef", l, kind, value=value, indices=idx, positions=[position], batch=[row])
-            for l, idx in sorted(by_layer.items())]
+    return [Intervention("coef", l, "scale", value=value, indices=idx,
+                         positions=None if position is None else [position], batch=None if row is None else [row])
+            for l, idx in _by_layer(neurons).items()]
 
 
 @torch.no_grad()
@@ -118,25 +146,32 @@ def intervention_effects(model: MemoryModel, prompts: list[str], answer: str, ne
     return out
 
 
-def ablation_curve(model: MemoryModel, prompts: list[str] | str, answer: str, neurons, max_k: int | None = None,
-                   op: str = "suppress") -> list[dict]:
-    """P(answer) and flip rate as the top-k ``neurons`` (in the given order) are suppressed, k = 0..N.
+def ablation_curve(model: MemoryModel, prompts: list[str] | str, answer: str | int, neurons, ks=None,
+                   max_k: int | None = None, op: str = "suppress", positions: str = "last") -> list[dict]:
+    """P(answer) and flip rate as the first k ``neurons`` (in the given order) are suppressed, for each k.
 
-    Returns ``[{"k", "prob", "relative_change", "flip_rate"}]`` averaged over ``prompts``.
+    ks: the grid of k (default 0..N, N = len(neurons) or max_k); ks larger than N are dropped. positions:
+    "last" (the prediction position, Dai et al.) or "all" (every position). One forward pass per prompt: row r
+    has the first ``ks[r]`` memories off. Returns ``[{"k", "prob", "relative_change", "flip_rate"}]``
+    averaged over ``prompts``; relative change and flips are against the intact model.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
         raise FfkvError("no prompts given", "pass at least one prompt")
+    if positions not in POSITIONS:
+        raise FfkvError(f"unknown ablation positions {positions!r}", f"use one of {', '.join(POSITIONS)}")
+    neurons = list(neurons)
     N = len(neurons) if max_k is None else min(max_k, len(neurons))
+    grid = list(range(N + 1)) if ks is None else [int(k) for k in ks if 0 <= int(k) <= N]
     probs, tops = [], []
     for prompt in prompts:
-        last = model.encode(prompt)["input_ids"].shape[1] - 1
-        variants = [neuron_edits(neurons[:k], op, last, 0) if k else [] for k in range(N + 1)]
+        last = None if positions == "all" else model.encode(prompt)["input_ids"].shape[1] - 1
+        variants = [[]] + [neuron_edits(neurons[:k], op, last, 0) if k else [] for k in grid]
         p, top = variant_probs(model, prompt, answer, variants)
         probs.append(p)
         tops.append(top)
     P, Tp = np.stack(probs), np.stack(tops)
-    return [{"k": k, "prob": float(P[:, k].mean()),
-             "relative_change": float(((P[:, k] - P[:, 0]) / np.maximum(P[:, 0], 1e-12)).mean()),
-             "flip_rate": float((Tp[:, k] != Tp[:, 0]).mean())} for k in range(N + 1)]
+    return [{"k": k, "prob": float(P[:, j + 1].mean()),
+             "relative_change": float(((P[:, j + 1] - P[:, 0]) / np.maximum(P[:, 0], 1e-12)).mean()),
+             "flip_rate": float((Tp[:, j + 1] != Tp[:, 0]).mean())} for j, k in enumerate(grid)]

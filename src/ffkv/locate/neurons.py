@@ -19,11 +19,15 @@ attribution of memories outside those layers is taken as 0.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
 
 import torch
+from tqdm import tqdm
 
 from ..errors import FfkvError
+from ..models.memory_id import MemoryId
 from ..models.model import MemoryModel
 from ._run import Cost
 from .attribution import grad_x_activation, integrated_gradients
@@ -31,49 +35,71 @@ from .attribution import grad_x_activation, integrated_gradients
 METHODS = ("ig", "screen")
 
 
+class Neuron(NamedTuple):
+    """One knowledge neuron: the memory ``(layer, index)`` and its (mean) attribution.
+
+    Unpacks as ``layer, index, attribution``; :attr:`memory` is its :class:`MemoryId` (``str()`` -> "L1.5").
+    """
+
+    layer: int
+    index: int
+    attribution: float
+
+    @property
+    def memory(self) -> MemoryId:
+        return MemoryId(self.layer, self.index)
+
+
 @dataclass
 class NeuronsResult:
-    """Knowledge neurons of one fact. neurons: [(layer, index, mean attribution)], largest first."""
+    """Knowledge neurons of one fact. neurons: [Neuron(layer, index, mean attribution)], largest first."""
 
-    answer: str
+    answer: str | int | list
     prompts: list[str]
-    neurons: list[tuple[int, int, float]]
-    per_prompt: list[list[tuple[int, int, float]]]
+    neurons: list[Neuron]
+    per_prompt: list[list[Neuron]]
     threshold: float
     share: float
     steps: int
     method: str
     cost: dict = field(default_factory=dict)
-    dropped: list[tuple[int, int, float]] = field(default_factory=list)  # removed as common to background facts
+    dropped: list[Neuron] = field(default_factory=list)  # removed as common to background facts
+    max_neurons: int | None = None
+
+    @property
+    def memories(self) -> list[MemoryId]:
+        return [n.memory for n in self.neurons]
 
     def to_json(self) -> dict:
         return {"answer": self.answer, "prompts": self.prompts,
-                "neurons": [[l, i, a] for l, i, a in self.neurons],
-                "per_prompt": [[[l, i, a] for l, i, a in n] for n in self.per_prompt],
+                "neurons": [list(n) for n in self.neurons],
+                "memories": [str(m) for m in self.memories],
+                "per_prompt": [[list(n) for n in ns] for ns in self.per_prompt],
                 "threshold": self.threshold, "share": self.share, "steps": self.steps, "method": self.method,
-                "dropped": [[l, i, a] for l, i, a in self.dropped], "cost": self.cost}
+                "max_neurons": self.max_neurons, "dropped": [list(n) for n in self.dropped], "cost": self.cost}
 
 
-def coarse_neurons(attr: torch.Tensor, threshold: float) -> list[tuple[int, int, float]]:
-    """``{(l, i): A[l, i] > threshold * max A}`` of one prompt's attributions (n_layers, d_ffn)."""
+def coarse_neurons(attr: torch.Tensor, threshold: float, max_neurons: int | None = None) -> list[Neuron]:
+    """``{(l, i): A[l, i] > threshold * max A}`` of one prompt's attributions (n_layers, d_ffn), largest first;
+    at most ``max_neurons`` of them (the largest) when given."""
     top = float(attr.max())
     if top <= 0:
         return []
     idx = (attr > threshold * top).nonzero().tolist()
-    return sorted(((l, i, float(attr[l, i])) for l, i in idx), key=lambda x: -x[2])
+    found = sorted((Neuron(l, i, float(attr[l, i])) for l, i in idx), key=lambda n: -n.attribution)
+    return found if max_neurons is None else found[:max_neurons]
 
 
-def shared_neurons(per_prompt: list[list[tuple[int, int, float]]], attrs: list[torch.Tensor],
-                   share: float) -> list[tuple[int, int, float]]:
+def shared_neurons(per_prompt: list[list[Neuron]], attrs: list[torch.Tensor], share: float) -> list[Neuron]:
     """Neurons in at least ``share`` of the prompts' sets, with their mean attribution, largest first."""
     counts: dict[tuple[int, int], int] = {}
     for ns in per_prompt:
-        for l, i, _ in ns:
-            counts[l, i] = counts.get((l, i), 0) + 1
+        for n in ns:
+            counts[n.layer, n.index] = counts.get((n.layer, n.index), 0) + 1
     need = share * len(per_prompt)
     mean = torch.stack(attrs).mean(0)
-    kept = [(l, i, float(mean[l, i])) for (l, i), c in counts.items() if c >= need - 1e-9]
-    return sorted(kept, key=lambda x: -x[2])
+    kept = [Neuron(l, i, float(mean[l, i])) for (l, i), c in counts.items() if c >= need - 1e-9]
+    return sorted(kept, key=lambda n: -n.attribution)
 
 
 def screened_attributions(model: MemoryModel, prompt: str, answer, steps: int, candidates: int, rule: str,
@@ -82,23 +108,37 @@ def screened_attributions(model: MemoryModel, prompt: str, answer, steps: int, c
     activation; zero elsewhere. (n_layers, d_ffn)."""
     gxa = grad_x_activation(model, prompt, answer, cost=cost)
     top = gxa.flatten().topk(min(candidates, gxa.numel())).indices
-    layers = sorted({int(j) // model.d_ffn for j in top})
+    layers = sorted({MemoryId.from_flat(int(j), model.d_ffn).layer for j in top})
     ig = integrated_gradients(model, prompt, answer, steps=steps, layers=layers, rule=rule, cost=cost)
     keep = torch.zeros_like(ig, dtype=torch.bool).flatten()
     keep[top] = True
     return ig * keep.reshape(ig.shape)
 
 
-def knowledge_neurons(model: MemoryModel, prompts: list[str] | str, answer: str, threshold: float = 0.2,
-                      share: float = 0.5, steps: int = 20, method: str = "ig", layers=None, rule: str = "left",
-                      candidates: int = 50, background: list[tuple[str, str]] | None = None,
-                      background_share: float = 0.5, cost: Cost | None = None,
-                      progress: bool = False) -> NeuronsResult:
-    """Dai et al.'s knowledge neurons of the fact ``prompts -> answer``.
+def _answers(prompts: list[str], answer) -> list:
+    """One answer per prompt: a shared answer (text or token id) or a list with one per prompt."""
+    if isinstance(answer, (list, tuple)):
+        if len(answer) != len(prompts):
+            raise FfkvError(f"{len(answer)} answers for {len(prompts)} prompts", "give one answer, or one per prompt")
+        return list(answer)
+    return [answer] * len(prompts)
 
-    prompts: the fact's paraphrase prompts (one is allowed). threshold: the coarse filter's fraction of the
-    per-prompt maximum. share: the fraction of prompts a neuron must be found in (Dai et al.'s p%).
+
+def knowledge_neurons(model: MemoryModel, prompts: Sequence[str] | str, answer: str | int | Sequence,
+                      threshold: float = 0.2, share: float = 0.5, steps: int = 20, method: str = "ig", layers=None,
+                      rule: str = "left", candidates: int = 50, max_neurons: int | None = None,
+                      background: Sequence[tuple[str, str]] | None = None, background_share: float = 0.5,
+                      cost: Cost | None = None, progress: bool = False) -> NeuronsResult:
+    """Dai et al.'s knowledge neurons of the fact ``prompts -> answer``: the one implementation in ffkv
+    (``ffkv neurons``, ``ffkv edit --method kn``, relation erasing and the ground-truth report call it).
+
+    prompts: the fact's paraphrase prompts (one is allowed). answer: text (the model's answer rule), a token
+    id, or one of those per prompt (relation erasing: each prompt's own object). threshold: the coarse filter's
+    fraction of the per-prompt maximum. share: the fraction of prompts a neuron must be found in (Dai et al.'s
+    p%). steps, layers, rule: of :func:`ffkv.locate.attribution.integrated_gradients`.
     method: "ig" (exact, every layer) or "screen" (see the module docstring).
+    max_neurons: keep at most this many coarse neurons per prompt, the largest (None: all; Dai et al.'s code
+    instead tunes the threshold until 2-5 remain; the KN edit caps them, 8 by default).
     background: optional (prompt, answer) pairs of *other* facts; a neuron that is also a coarse neuron of at
     least ``background_share`` of them is generic (it serves many facts), not this fact's, and is moved to
     ``dropped`` (an extension, off by default; Dai et al. do not filter). Returns :class:`NeuronsResult`.
@@ -110,28 +150,28 @@ def knowledge_neurons(model: MemoryModel, prompts: list[str] | str, answer: str,
         raise FfkvError(f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
     if not 0 <= threshold <= 1 or not 0 < share <= 1:
         raise FfkvError(f"threshold {threshold} / share {share} out of range", "use 0 <= threshold <= 1, 0 < share <= 1")
+    if max_neurons is not None and max_neurons < 1:
+        raise FfkvError(f"max_neurons must be at least 1, got {max_neurons}", "pass max_neurons >= 1 or None")
+    answers = _answers(prompts, answer)
     cost = cost if cost is not None else Cost()
-    it = prompts
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(prompts, desc="attribution", file=__import__("sys").stderr, leave=False)
     attrs = []
-    for p in it:
+    for p, a in tqdm(list(zip(prompts, answers)), desc="attribution", file=sys.stderr, leave=False,
+                     disable=not progress):
         if method == "ig":
-            attrs.append(integrated_gradients(model, p, answer, steps=steps, layers=layers, rule=rule, cost=cost))
+            attrs.append(integrated_gradients(model, p, a, steps=steps, layers=layers, rule=rule, cost=cost))
         else:
-            attrs.append(screened_attributions(model, p, answer, steps, candidates, rule, cost))
-    per_prompt = [coarse_neurons(a, threshold) for a in attrs]
+            attrs.append(screened_attributions(model, p, a, steps, candidates, rule, cost))
+    per_prompt = [coarse_neurons(a, threshold, max_neurons) for a in attrs]
     kept = shared_neurons(per_prompt, attrs, share)
     dropped = []
     if background:
         counts: dict[tuple[int, int], int] = {}
         for p, a in background:
             attr = integrated_gradients(model, p, a, steps=steps, layers=layers, rule=rule, cost=cost)
-            for l, i, _ in coarse_neurons(attr, threshold):
-                counts[l, i] = counts.get((l, i), 0) + 1
+            for n in coarse_neurons(attr, threshold, max_neurons):
+                counts[n.layer, n.index] = counts.get((n.layer, n.index), 0) + 1
         common = {k for k, c in counts.items() if c >= background_share * len(background) - 1e-9}
-        dropped = [n for n in kept if (n[0], n[1]) in common]
-        kept = [n for n in kept if (n[0], n[1]) not in common]
-    return NeuronsResult(answer, prompts, kept, per_prompt, threshold, share, steps, method, cost.as_dict(), dropped)
+        dropped = [n for n in kept if (n.layer, n.index) in common]
+        kept = [n for n in kept if (n.layer, n.index) not in common]
+    return NeuronsResult(answer if not isinstance(answer, tuple) else list(answer), prompts, kept, per_prompt,
+                         threshold, share, steps, method, cost.as_dict(), dropped, max_neurons)

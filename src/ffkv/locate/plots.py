@@ -1,4 +1,5 @@
-"""Figures of causal traces (ROME's heatmaps and averaged curves) and ablation curves, as PNG or SVG."""
+"""Figures of locators (any :class:`~ffkv.locate.result.LocateResult`: ROME's heatmaps, attribution by layer),
+averaged traces and ablation curves, as PNG or SVG."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
-CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
-TITLES = {"hidden": "single restored layer", "mlp": "center of {w} restored MLP layers",
-          "attn": "center of {w} restored attention layers"}
+from ..io import atomic_path
+from .result import LocateResult, from_trace
+from .trace import TraceResult
+
+CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds", "coef": "Blues"}
+XLABELS = {"hidden": "single restored layer", "mlp": "center of {w} restored MLP layers",
+           "attn": "center of {w} restored attention layers", "coef": "layer (memories' summed attribution)"}
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # a heavy import, made only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -21,8 +26,6 @@ def _plt():
 
 
 def _save(fig, path: str | Path) -> Path:
-    from ..io import atomic_path
-
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
@@ -30,25 +33,47 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_trace(result, path: str | Path) -> Path:
-    """ROME's heatmap of one trace: tokens (subject tokens starred) x layers, colour = restored P(answer)."""
+def locate_title(result: LocateResult) -> str:
+    """``'PROMPT' -> 'ANSWER'`` with the clean and corrupted probabilities where the method has them."""
+    parts = [f"{result.prompt!r} -> {result.answer.strip()!r}"]
+    if result.clean is not None:
+        parts.append(f"clean p={result.clean:.3f}")
+    if result.corrupted is not None:
+        parts.append(f"corrupted p={result.corrupted:.3f}")
+    return ", ".join(parts)
+
+
+def plot_locate(result: LocateResult, path: str | Path) -> Path:
+    """One heatmap per site: tokens (subject tokens starred) x layers, colour = score (NaN cells blank).
+
+    The title states the prompt, the answer and the clean and corrupted probabilities where they exist; a
+    trace's colour scale starts at the corrupted probability (ROME's figures).
+    """
     plt = _plt()
-    scores = np.asarray(result.scores)
     labels = list(result.tokens)
-    for i in range(*result.subject_range):
-        labels[i] = labels[i] + "*"
-    fig, ax = plt.subplots(figsize=(max(3.5, 1.5 + 0.35 * scores.shape[1]), 1.0 + 0.3 * len(labels)), dpi=150)
-    h = ax.pcolor(scores, cmap=CMAPS.get(result.kind, "Purples"), vmin=result.low_score)
-    ax.invert_yaxis()
-    ax.set_yticks([0.5 + i for i in range(len(labels))])
-    ax.set_yticklabels(labels)
-    ax.set_xticks([0.5 + i for i in range(scores.shape[1])])
-    ax.set_xticklabels(range(scores.shape[1]))
-    ax.set_xlabel(TITLES.get(result.kind, "").format(w=result.window))
-    ax.set_title(f"restoring {result.kind} after corrupted subject", fontsize=9)
-    cb = fig.colorbar(h)
-    cb.ax.set_title(f"p({result.answer.strip()})", y=-0.08, fontsize=8, va="top")
+    if result.subject_range:
+        for i in range(*result.subject_range):
+            labels[i] = labels[i] + "*"
+    S, T, L = result.scores.shape
+    fig, axes = plt.subplots(1, S, figsize=(S * max(3.5, 1.5 + 0.35 * L), 1.2 + 0.3 * T), dpi=150, squeeze=False)
+    window = result.options.get("window", 1)
+    for ax, site, scores in zip(axes[0], result.sites, result.scores):
+        h = ax.pcolor(np.ma.masked_invalid(scores), cmap=CMAPS.get(site, "Purples"), vmin=result.corrupted)
+        ax.invert_yaxis()
+        ax.set_yticks([0.5 + i for i in range(T)])
+        ax.set_yticklabels(labels)
+        ax.set_xticks([0.5 + i for i in range(L)])
+        ax.set_xticklabels(range(L))
+        ax.set_xlabel(XLABELS.get(site, "layer").format(w=window))
+        cb = fig.colorbar(h, ax=ax)
+        cb.ax.set_title(result.score, y=-0.08, fontsize=7, va="top")
+    fig.suptitle(f"{result.method}: {locate_title(result)}", fontsize=8)
     return _save(fig, path)
+
+
+def plot_trace(result: TraceResult | LocateResult, path: str | Path) -> Path:
+    """ROME's heatmap of one causal trace: :func:`plot_locate` of the trace."""
+    return plot_locate(from_trace(result) if isinstance(result, TraceResult) else result, path)
 
 
 def plot_average(avg: dict, path: str | Path) -> Path:

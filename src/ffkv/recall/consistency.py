@@ -18,6 +18,7 @@ import torch
 from ..errors import FfkvError
 from ..models.model import MemoryModel
 from .stats import expected_calibration_error
+from .strength import resolve_answer
 
 TEMPERATURES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
@@ -70,8 +71,6 @@ def self_consistency(model: MemoryModel, prompt: str, n: int = 20, temperature: 
     dist = {model.decode([t]): c / n for t, c in counts.most_common()}
     given = None
     if answer is not None:
-        from .strength import resolve_answer
-
         a = resolve_answer(model, prompt, answer)
         given = counts.get(a, 0) / n
     return SelfConsistency(prompt=prompt, temperature=temperature, n=n, greedy=model.decode([greedy]),

@@ -1,4 +1,8 @@
-"""Facts to judge: testbed facts, frequency buckets, queries, and subjects the model never saw."""
+"""Facts to judge: testbed facts as queries, and subjects the model never saw.
+
+Frequency buckets are the testbed's (:mod:`ffkv.testbed.buckets`); their names are re-exported here for the
+callers of this module.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FfkvError
+from ..testbed.buckets import BUCKET_NAMES, bucket_of, stratified_facts
+from ..testbed.datasets import load_facts
+from ..testbed.world import _word
 
-# Training-frequency buckets (times a fact was stated in training); "0" holds invented, never-seen subjects.
-BUCKETS = ((0, 0, "0"), (1, 1, "1"), (2, 3, "2-3"), (4, 7, "4-7"), (8, 15, "8-15"), (16, 31, "16-31"),
-           (32, 10 ** 9, "32+"))
-BUCKET_NAMES = [b[2] for b in BUCKETS]
-
-
-def bucket_of(train_count: int) -> str:
-    """The frequency bucket name of a training count."""
-    for lo, hi, name in BUCKETS:
-        if lo <= train_count <= hi:
-            return name
-    raise FfkvError(f"train_count {train_count} is negative", "check the facts file")
+__all__ = ["Query", "load_testbed_facts", "fact_queries", "unseen_facts", "BUCKET_NAMES", "bucket_of",
+           "stratified_facts"]
 
 
 @dataclass
@@ -42,22 +39,7 @@ class Query:
 
 def load_testbed_facts(path: str | Path) -> tuple[list[dict], dict[str, list[str]]]:
     """``(facts, candidates)`` from a testbed folder (``data/facts.jsonl``), its data folder or the file."""
-    from ..testbed.datasets import load_facts
-
     return load_facts(path)
-
-
-def stratified_facts(facts: list[dict], per_bucket: int, seed: int = 0) -> list[dict]:
-    """Up to ``per_bucket`` facts from every frequency bucket (seeded), in fact order."""
-    rng = random.Random(seed)
-    by_bucket: dict[str, list[dict]] = {}
-    for f in facts:
-        by_bucket.setdefault(bucket_of(f["train_count"]), []).append(f)
-    chosen = []
-    for name in BUCKET_NAMES:
-        group = by_bucket.get(name, [])
-        chosen.extend(rng.sample(group, min(per_bucket, len(group))))
-    return sorted(chosen, key=lambda f: f.get("fact_id", 0))
 
 
 def fact_queries(fact: dict, kind: str, rng: random.Random) -> Query:
@@ -76,8 +58,6 @@ def unseen_facts(facts: list[dict], candidates: dict[str, list[str]], n: int, se
     Names are made the way the testbed makes them (syllables), checked against every known subject, so
     the model cannot know them; each gets a relation of a real fact (same templates) and a random object.
     """
-    from ..testbed.world import _word
-
     rng = random.Random(f"recall-unseen-{seed}")
     taken = {f["subject"].lower() for f in facts}
     taken |= {w.split()[0].lower() for f in facts for w in [f["subject"]]}

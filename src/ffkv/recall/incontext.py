@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..models.model import MemoryModel
-from .data import BUCKET_NAMES, bucket_of
+from ..testbed.buckets import BUCKET_NAMES, bucket_of
 
 
 def statement(fact: dict, template: str, obj: str | None = None) -> str:
@@ -52,7 +52,8 @@ def batched_logits(model: MemoryModel, prompts: list[str], batch_size: int = 64,
 
 
 def first_token(model: MemoryModel, obj: str) -> int:
-    return model.answer_id(" " + obj)
+    """The object's first token as the query's continuation (the model's answer rule)."""
+    return model.answer_id(obj)
 
 
 def top1(logits: torch.Tensor, target_ids, candidate_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

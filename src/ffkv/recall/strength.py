@@ -4,8 +4,10 @@ For a prompt ``P`` (subject ``s``) and an answer token ``y``:
 
 1. *Attribution* of every memory ``(l, i)``: integrated gradients of the answer's centered logit
    ``f = z_y - mean(z)`` at the last position, along the path that scales every coefficient from 0 to its
-   value, summed over positions (:func:`memory_attribution`). Unlike log p, f does not saturate as ``p(y) → 1``.
-2. *Ablation curve*: switch off the top-k memories (at every position) for a grid of k and read ``p_k(y)``.
+   value, summed over positions (:func:`memory_attribution`, ffkv's one integrated gradients with the options
+   :data:`ATTRIBUTION`). Unlike log p, f does not saturate as ``p(y) → 1``.
+2. *Ablation curve*: switch off the top-k memories (at every position) for a grid of k and read ``p_k(y)``
+   (:func:`ffkv.locate.interventions.ablation_curve` with ``positions="all"``).
 3. *Storage strength* = the area under the ablation curve ``p_k(y)`` over the grid (index-spaced, so
    roughly log k), in [0, 1]: how much of the answer there is and how much of it survives. Near 0 for a fact
    the model does not recall or that one memory carries; near 1 for a confident fact that many carry.
@@ -25,21 +27,27 @@ import numpy as np
 import torch
 
 from ..errors import FfkvError
-from ..models.hooks import Intervention, intervene, switch_memories
+from ..locate.attribution import integrated_gradients, top_memories
+from ..locate.interventions import ablation_curve, memories_off, variant_probs
+from ..locate.trace import causal_trace
+from ..models.memory_id import MemoryId
 from ..models.model import MemoryModel
 
 DEFAULT_KS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+# Storage strength's integrated gradients (ffkv.locate.attribution's options): one joint path over every layer
+# and position, the centered logit, 16 geometric steps. See memory_attribution.
+ATTRIBUTION = {"rule": "geometric", "target": "centered_logit", "path": "joint", "positions": "all"}
 
 
 def resolve_answer(model: MemoryModel, prompt: str, answer: str | int | None) -> int:
-    """The answer's first token id; ``None`` means the model's own greedy answer."""
+    """The answer's first token id (the model's answer rule); ``None`` means the model's own greedy answer."""
     if answer is None:
         return int(model.next_token_logits(prompt)[0].argmax())
     if isinstance(answer, int):
         if not 0 <= answer < model.vocab_size:
             raise FfkvError(f"answer token id {answer} is outside the vocabulary", "pass text or a valid id")
         return answer
-    return model.answer_id(answer if answer.startswith(" ") else " " + answer)
+    return model.answer_id(answer)
 
 
 def answer_margin(logits: torch.Tensor, answer_id: int) -> float:
@@ -50,33 +58,10 @@ def answer_margin(logits: torch.Tensor, answer_id: int) -> float:
     return float(z[answer_id] - other.max())
 
 
-@torch.no_grad()
-def clean_coefficients(model: MemoryModel, prompt: str, off: list[tuple[int, int]] = ()
-                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The coefficients m_l of every layer on the prompt (each (1, T, d_ffn)) with the memories ``off``
-    switched off, and the last position's logits (vocab,) of that run."""
-    reads = [("coef", l) for l in range(model.n_layers)]
-    with intervene(model, reads=reads, edits=ablation_edits(off)) as rec:
-        logits = model.hf(**model.encode(prompt)).logits[0, -1].float()
-    return [rec["coef", l] for l in range(model.n_layers)], logits
-
-
-def ablation_edits(off, row: int | None = None) -> list[Intervention]:
-    """Interventions switching the memories ``off`` [(layer, index), ...] off at every position."""
-    by_layer: dict[int, list[int]] = {}
-    for layer, index in off:
-        by_layer.setdefault(int(layer), []).append(int(index))
-    edits = []
-    for layer, indices in by_layer.items():
-        e = switch_memories(layer, indices)
-        e.batch = None if row is None else [row]
-        edits.append(e)
-    return edits
-
-
 def memory_attribution(model: MemoryModel, prompt: str, answer_id: int, steps: int = 16,
-                       off: list[tuple[int, int]] = ()) -> torch.Tensor:
-    """Integrated gradients of every memory for the answer's centered logit, (n_layers, d_ffn), float32.
+                       off: list[MemoryId] = ()) -> torch.Tensor:
+    """Integrated gradients of every memory for the answer's centered logit, (n_layers, d_ffn), float32:
+    :func:`ffkv.locate.attribution.integrated_gradients` with the options :data:`ATTRIBUTION`.
 
     Every layer's coefficients are set to ``α m_l`` (m_l: their clean values, at every position) and α goes
     from 0 to 1 for all layers at once:
@@ -88,49 +73,18 @@ def memory_attribution(model: MemoryModel, prompt: str, answer_id: int, steps: i
     misses memories whose layer is redundant with another layer. One forward/backward pass, ``steps`` rows.
     ``off``: memories already switched off (their coefficients are 0 on the whole path).
     """
-    clean, _ = clean_coefficients(model, prompt, off)
-    batch = model.encode([prompt] * steps)
-    edges = torch.cat([torch.zeros(1), torch.logspace(-3, 0, steps)])
-    alphas = ((edges[1:] + edges[:-1]) / 2).to(model.device, model.dtype)
-    widths = (edges[1:] - edges[:-1]).to(model.device, torch.float32)
-    edits = [Intervention("coef", l, "set", value=alphas[:, None, None] * m) for l, m in enumerate(clean)]
-    reads = [("coef", l) for l in range(model.n_layers)]
-    with torch.enable_grad(), intervene(model, reads=reads, edits=edits, keep_grad=True) as rec:
-        logits = model.hf(**batch).logits[:, -1].float()
-        target = (logits[:, answer_id] - logits.mean(-1)).sum()
-        grads = torch.autograd.grad(target, [rec["coef", l] for l in range(model.n_layers)])
-    w = widths[:, None, None]
-    return torch.stack([(m[0].float() * (g.float() * w).sum(0)).sum(0) for m, g in zip(clean, grads)])
+    return integrated_gradients(model, prompt, int(answer_id), steps=steps, off=off, **ATTRIBUTION)
 
 
-def top_memories(attribution: torch.Tensor, k: int) -> list[tuple[int, int]]:
-    """The k memories ``(layer, index)`` with the largest attribution, largest first."""
-    flat = attribution.reshape(-1)
-    k = min(k, flat.numel())
-    idx = torch.topk(flat, k).indices.tolist()
-    d = attribution.shape[1]
-    return [(i // d, i % d) for i in idx]
-
-
-@torch.no_grad()
-def ablation_curve(model: MemoryModel, prompt: str, answer_id: int, ranking: list[tuple[int, int]],
-                   ks=DEFAULT_KS) -> tuple[list[int], np.ndarray]:
-    """``p_k(y)`` after switching off the first k memories of ``ranking`` at every position, for each k.
-
-    One forward pass: row r of the batch has the top-``ks[r]`` memories off. Returns ``(ks, p)`` with
-    ``p`` of shape (len(ks),); ks larger than the ranking are dropped.
-    """
-    ks = [k for k in ks if k <= len(ranking)]
-    batch = model.encode([prompt] * len(ks))
-    edits = [e for row, k in enumerate(ks) for e in ablation_edits(ranking[:k], row)]
-    with intervene(model, edits=edits):
-        logits = model.hf(**batch).logits[:, -1].float()
-    return ks, torch.softmax(logits, -1)[:, answer_id].cpu().numpy()
+def _p_answer(model: MemoryModel, prompt: str, answer_id: int, off: list[MemoryId]) -> float:
+    """P(answer) at the last position with the memories ``off`` switched off at every position."""
+    p, _ = variant_probs(model, prompt, answer_id, [memories_off(off)])
+    return float(p[0])
 
 
 def adaptive_ablation(model: MemoryModel, prompt: str, answer_id: int, ks=DEFAULT_KS, steps: int = 16,
                       rerank_steps: int = 8, rerank_until: int = 16
-                      ) -> tuple[list[int], np.ndarray, list[tuple[int, int]], torch.Tensor]:
+                      ) -> tuple[list[int], np.ndarray, list[MemoryId], torch.Tensor]:
     """The ablation curve with the ranking recomputed after every ablation step up to ``rerank_until``.
 
     At grid step j the memories ranked so far are off; integrated gradients on that ablated model
@@ -142,11 +96,10 @@ def adaptive_ablation(model: MemoryModel, prompt: str, answer_id: int, ks=DEFAUL
     """
     ks = sorted(set(int(k) for k in ks))
     d = model.d_ffn
-    off: list[tuple[int, int]] = []
+    off: list[MemoryId] = []
     ps, first, order = [], None, []
     for j, k in enumerate(ks):
-        _, logits = clean_coefficients(model, prompt, off[:k])
-        ps.append(float(torch.softmax(logits, -1)[answer_id]))
+        ps.append(_p_answer(model, prompt, answer_id, off[:k]))
         if j + 1 == len(ks):
             break
         need = ks[j + 1] - len(off)
@@ -156,9 +109,9 @@ def adaptive_ablation(model: MemoryModel, prompt: str, answer_id: int, ks=DEFAUL
             a = memory_attribution(model, prompt, answer_id, steps if first is None else rerank_steps, off)
             first = a if first is None else first
             flat = a.reshape(-1).clone()
-            for layer, index in off:
-                flat[layer * d + index] = -float("inf")
-            order = [(i // d, i % d) for i in torch.argsort(flat, descending=True).tolist()]
+            for mid in off:
+                flat[mid.flat(d)] = -float("inf")
+            order = [MemoryId.from_flat(i, d) for i in torch.argsort(flat, descending=True).tolist()]
         taken = set(off)
         off += [m for m in order if m not in taken][:need]
     if first is None:
@@ -189,17 +142,13 @@ def k_half(ks: list[int], s: np.ndarray) -> int:
 
 def trace_concentration(model: MemoryModel, prompt: str, subject: str, answer_id: int,
                         samples: int = 10, seed: int = 0, window: int = 1, noise: str | float = "s3"
-                        ) -> dict | None:
-    """Concentration of the MLP causal trace, or None when ``ffkv.locate`` is not available.
+                        ) -> dict:
+    """Concentration of the MLP causal trace (:func:`ffkv.locate.trace.causal_trace`).
 
     ``concentration = max_{t,l} IE⁺ / Σ_{t,l} IE⁺`` with ``IE⁺ = max(0, score - low)``; also the peak site and
     the peak indirect effect as a fraction of ``high - low``. ``window=1`` restores one layer's MLP per cell
     (ROME's window of 10 would cover every layer of a small model).
     """
-    try:
-        from ..locate.trace import causal_trace
-    except ImportError:
-        return None
     r = causal_trace(model, prompt, subject, kind="mlp", answer=int(answer_id), samples=samples, seed=seed,
                      window=window, noise=noise)
     scores = np.asarray(r.scores, dtype=float)
@@ -231,7 +180,7 @@ class StorageStrength:
     attribution_share: float  # top memory's share of the positive attribution mass
     ks: list[int] = field(default_factory=list)
     curve: list[float] = field(default_factory=list)  # p_k(y)
-    top: list[list[int]] = field(default_factory=list)  # top memories (layer, index)
+    top: list[list[int]] = field(default_factory=list)  # top memories [layer, index]
     trace: dict | None = None
 
     def to_json(self) -> dict:
@@ -245,7 +194,7 @@ def storage_strength(model: MemoryModel, prompt: str, answer: str | int | None =
 
     ``adaptive=True`` re-ranks the memories after every ablation step (:func:`adaptive_ablation`);
     ``False`` ranks once on the intact model (one IG pass, one batched ablation pass: faster, but blind to
-    backup memories). ``trace=True`` (needs ``subject`` and ``ffkv.locate``) adds the causal-trace
+    backup memories). ``trace=True`` (needs ``subject``) adds the causal-trace
     concentration.
     """
     if subject is not None:
@@ -258,7 +207,8 @@ def storage_strength(model: MemoryModel, prompt: str, answer: str | int | None =
     else:
         attribution = memory_attribution(model, prompt, y)
         ranking = top_memories(attribution, max(ks))
-        ks_used, curve = ablation_curve(model, prompt, y, ranking, ks)
+        points = ablation_curve(model, prompt, y, ranking, ks=ks, positions="all")
+        ks_used, curve = [c["k"] for c in points], np.array([c["prob"] for c in points])
     s = survival(curve)
     pos = attribution.clamp(min=0)
     tr = None
@@ -272,4 +222,4 @@ def storage_strength(model: MemoryModel, prompt: str, answer: str | int | None =
         strength=curve_area(np.asarray(curve, float)), survival=curve_area(s),
         redundancy=k_half(ks_used, s), attribution_top=float(attribution.max()),
         attribution_share=float(pos.max() / pos.sum()) if pos.sum() > 0 else 0.0,
-        ks=ks_used, curve=[float(v) for v in curve], top=[list(m) for m in ranking[:16]], trace=tr)
+        ks=ks_used, curve=[float(v) for v in curve], top=[[m.layer, m.index] for m in ranking[:16]], trace=tr)

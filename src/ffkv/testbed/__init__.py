@@ -7,6 +7,7 @@
     path = testbed.default_testbed()                            # the shipped default (GPT-2, 6 x 128)
     facts, candidates = testbed.load_facts(path)
     report = testbed.recall_report(ffkv.load_model(path / "model"), facts, candidates)
+    testbed.bucket_of(12)                                       # "8-15": the one frequency-bucket rule
 
 Heavy imports happen on first use.
 """
@@ -25,6 +26,11 @@ _LAZY = {
     "train_tokenizer": "ffkv.testbed.tokenizer",
     "train_model": "ffkv.testbed.train",
     "TRAIN_PRESETS": "ffkv.testbed.train",
+    "BUCKETS": "ffkv.testbed.buckets",
+    "BUCKET_NAMES": "ffkv.testbed.buckets",
+    "bucket_of": "ffkv.testbed.buckets",
+    "group_by_bucket": "ffkv.testbed.buckets",
+    "stratified_facts": "ffkv.testbed.buckets",
     "recall_report": "ffkv.testbed.report",
     "format_table": "ffkv.testbed.report",
     "build": "ffkv.testbed.build",

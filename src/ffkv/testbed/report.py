@@ -11,8 +11,9 @@ token ``o``:
     self-consistency  [o is sampled strictly more often than any other token among the n samples]
     p_object      p(o | x)
 
-Each is averaged over prompts, then over facts, by frequency bucket (1, 2-3, 4-7, 8-15, 16-31, 32+, and
-"frequent" = seen 30 times or more), separately for training templates and held-out paraphrase templates.
+Each is averaged over prompts, then over facts, by frequency bucket (:mod:`ffkv.testbed.buckets`: 1, 2-3, 4-7,
+8-15, 16-31, 32+, and "frequent" = seen 30 times or more), separately for training templates and held-out
+paraphrase templates.
 Prompts are batched (right-padded, logits read at the last real token).
 """
 
@@ -22,15 +23,18 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from ..errors import FfkvError
+from ..models.loading import load_model
+from .buckets import BUCKETS, FREQUENT, OPEN, bucket_of, group_by_bucket
+from .datasets import load_facts
 
-BUCKETS = [("1", 1, 1), ("2-3", 2, 3), ("4-7", 4, 7), ("8-15", 8, 15), ("16-31", 16, 31), ("32+", 32, 10**9)]
-FREQUENT = ("frequent (>=30)", 30, 10**9)
+__all__ = ["BUCKETS", "FREQUENT", "bucket_of", "select_facts", "prompt_rows", "next_token_distributions",
+           "score_prompts", "recall_report", "format_table"]
+
 METRICS = ("greedy", "candidates", "sampled", "self_consistency", "p_object")
-
-
-def bucket_of(count: int) -> str:
-    return next(name for name, lo, hi in BUCKETS if lo <= count <= hi)
 
 
 def select_facts(facts: list[dict], max_per_bucket: int | None, seed: int = 0) -> list[dict]:
@@ -38,14 +42,11 @@ def select_facts(facts: list[dict], max_per_bucket: int | None, seed: int = 0) -
     if not max_per_bucket:
         return list(facts)
     rng = random.Random(f"{seed}-report")
-    by_bucket = defaultdict(list)
-    for f in facts:
-        by_bucket[bucket_of(f["train_count"])].append(f)
     keep = set()
-    for name, group in by_bucket.items():
+    for name, group in group_by_bucket(facts).items():
         chosen = group if len(group) <= max_per_bucket else rng.sample(group, max_per_bucket)
         keep.update(id(f) for f in chosen)
-    keep.update(id(f) for f in facts if f["train_count"] >= FREQUENT[1])
+    keep.update(id(f) for f in facts if FREQUENT.holds(f["train_count"]))
     return [f for f in facts if id(f) in keep]
 
 
@@ -65,9 +66,6 @@ def prompt_rows(facts: list[dict], templates_per_fact: int | None, seed: int = 0
 
 def next_token_distributions(model, prompts: list[str], batch_size: int = 256, progress: bool = True):
     """Next-token probabilities after each prompt, (len(prompts), vocab), float32, in batches."""
-    import torch
-    from tqdm import tqdm
-
     out = []
     with torch.no_grad():
         for s in tqdm(range(0, len(prompts), batch_size), desc="recall", disable=not progress, leave=False):
@@ -77,8 +75,6 @@ def next_token_distributions(model, prompts: list[str], batch_size: int = 256, p
 
 def score_prompts(probs, object_ids, candidate_ids, n_samples: int, generator) -> dict:
     """Per-prompt scores. probs (P, V); object_ids (P,); candidate_ids: list of P lists of token ids."""
-    import torch
-
     greedy = (probs.argmax(-1) == object_ids).float()
     cand = torch.tensor([ids[int(probs[i, ids].argmax())] for i, ids in enumerate(candidate_ids)])
     candidates = (cand == object_ids).float()
@@ -104,28 +100,19 @@ def recall_report(model, facts: list[dict] | str | Path, candidates: dict[str, l
     Returns ``{"buckets": [{bucket, n_facts, train: {metric: value}, heldout: {...}}, ...],
     "by_relation": {...}, "n_prompts", "settings"}``.
     """
-    import torch
-
-    from .datasets import load_facts
-    from .tokenizer import object_token_ids
-
     if isinstance(facts, (str, Path)):
         facts, candidates = load_facts(facts)
     if candidates is None:
         raise FfkvError("recall_report needs each relation's candidate objects", "pass candidates=...")
     if isinstance(model, (str, Path)):
-        from ..models.loading import load_model
-
         model = load_model(str(model))
-    tok = model.tokenizer
-    if tok is None:
-        raise FfkvError("the model has no tokenizer", "load a testbed model folder, which has one")
+    model.require_tokenizer()
 
     chosen = select_facts(facts, max_facts_per_bucket, seed)
     rows = prompt_rows(chosen, templates_per_fact, seed)
     first = {}  # relation -> {object: first token id}
     for rid, objs in candidates.items():
-        first[rid] = {o: ids[0] for o, ids in object_token_ids(tok, objs).items()}
+        first[rid] = {o: model.answer_id(o) for o in objs}
     object_ids = torch.tensor([first[chosen[i]["relation_id"]][chosen[i]["object"]] for i, _, _ in rows])
     cand_ids = [sorted(set(first[chosen[i]["relation_id"]].values())) for i, _, _ in rows]
 
@@ -147,17 +134,17 @@ def recall_report(model, facts: list[dict] | str | Path, candidates: dict[str, l
         return out
 
     buckets = []
-    for name, lo, hi in BUCKETS + [FREQUENT]:
+    for name, lo, hi in (*BUCKETS, FREQUENT):
         idx = [i for i, f in enumerate(chosen) if lo <= f["train_count"] <= hi]
-        buckets.append({"bucket": name, "min_count": lo, "max_count": None if hi >= 10**9 else hi,
+        buckets.append({"bucket": name, "min_count": lo, "max_count": None if hi >= OPEN else hi,
                         **summarize(idx)})
     by_relation = {}
     for rid in candidates:
-        idx = [i for i, f in enumerate(chosen) if f["relation_id"] == rid and f["train_count"] >= FREQUENT[1]]
+        idx = [i for i, f in enumerate(chosen) if f["relation_id"] == rid and FREQUENT.holds(f["train_count"])]
         by_relation[rid] = {"relation": next((f.get("relation", rid) for f in chosen if f["relation_id"] == rid),
                                              rid), "frequent": summarize(idx)}
     multi = sorted(o for rid, objs in candidates.items()
-                   for o, ids in object_token_ids(tok, objs).items() if len(ids) > 1)
+                   for o in objs if len(model.answer_tokens(o)) > 1)
     return {
         "buckets": buckets,
         "by_relation_frequent": by_relation,
