@@ -354,22 +354,30 @@ def test_cli_refuses_a_bad_request_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "ed").exists()
 
 
-def test_causal_tracing_picks_the_layer_that_stores_the_fact(corpus, stats_dir):
-    from ffkv.edit import apply_edits
-    from ffkv.edit.trace import ffn_indirect_effects
+def test_layer_trace_picks_the_peak_of_ffkv_trace_mlp(corpus, stats_dir):
+    # NEEDS h3's ffkv.locate.layer_choice (merged with h3's branch). `ffkv edit --layer trace` must pick the
+    # peak of `ffkv trace --kind mlp` at the subject's last token, averaged over the requests.
+    import numpy as np
 
-    # tower -> paris is planted in layer 1 alone, castle -> london in layer 0 alone (3-layer model: top excluded)
+    from ffkv.edit import apply_edits
+    from ffkv.locate.layer_choice import trace_layer
+    from ffkv.locate.trace import causal_trace
     from ffkv.testbed.planted import PlantedFact, planted_model
 
+    # tower -> paris is planted in layer 1 alone, castle -> london in layer 0 alone
     m = planted_model(facts=(PlantedFact("tower", "paris", [(1, 5)]), PlantedFact("castle", "london", [(0, 7)])),
                       n_layers=3).model
+    reqs = [request("castle", " rome"), request("tower", " oslo")]
     # a planted key reads one channel with gain 3: only large noise hides the trigger
-    ie_tower = ffn_indirect_effects(m, request("tower", " rome"), noise=100.0)
-    ie_castle = ffn_indirect_effects(m, request("castle", " rome"), noise=100.0)
-    assert int(ie_tower.argmax()) == 1 and int(ie_castle.argmax()) == 0
-    j = apply_edits(m, [request("castle", " rome")], "rome", {**FAST, "layer": "trace", "trace_noise": 100.0}, stats_dir=stats_dir,
-                    corpus=corpus, progress=False)
-    assert j[0].layer == 0
+    hp = {**FAST, "layer": "trace", "trace_noise": "s100", "seed": 0}
+    scores = []
+    for r in reqs:
+        t = causal_trace(m, r.text, r.subject, kind="mlp", noise="s100", seed=0)
+        scores.append(t.scores[t.subject_range[1] - 1])
+    peak = int(np.mean(scores, 0).argmax())
+    assert trace_layer(m, reqs, noise="s100", seed=0) == peak
+    j = apply_edits(m, reqs, "rome", hp, stats_dir=stats_dir, corpus=corpus, progress=False)
+    assert {e.layer for e in j} == {peak} and j[0].hparams["layer"] == peak
 
 
 def test_requests_from_counterfact_and_files(tmp_path):

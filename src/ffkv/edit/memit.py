@@ -21,9 +21,11 @@ W_out's output y (at each request's subject's last token) whose normed write giv
 
     Δy = argmin ||N(y + Δy) - N(y) - R_l||^2 / ||R_l||^2 + ε ||Δy||^2 / ||y||^2      (per request)
 
-(L-BFGS; ε = 1e-8 keeps Δy finite where N cannot reach N(y) + R_l, since a norm's output is bounded:
-the layers after this one, which see the residual left, then make up the rest) and Δy takes R_l's place
-in ΔW_l. Dense families (no post norm) use R_l itself.
+(L-BFGS from Δy = R_l; ε = 1e-8 keeps Δy finite). A norm's output has an (almost) fixed size, so
+N(y) + R_l is reached exactly only where it lies on that surface; elsewhere Δy gives the closest write
+(``write_error`` in the journal entry's info: ||achieved - R_l|| / ||R_l||), and the layers after this one,
+which see the residual left, make up the rest. Δy takes R_l's place in ΔW_l. Dense families (no post
+norm) use R_l itself.
 """
 
 from __future__ import annotations
