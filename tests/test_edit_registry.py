@@ -242,3 +242,13 @@ def test_edit_and_evaluate_override_hyperparameters_the_same_way(tmp_path):
         resolve_hparams(m, "memit", {"layers": [1, 0], "mom2_update_weight": 100})
     with pytest.raises(FfkvError, match="--set expects key=value"):
         parse_settings(["v_lr"])
+
+
+def test_the_docs_table_lists_every_registered_method():
+    from pathlib import Path
+
+    from ffkv.edit.registry import METHODS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "edit.md").read_text()
+    for name, m in METHODS.items():
+        assert f"| `{name}` | {'yes' if m.batched else 'no'} | {m.summary} |" in text, name

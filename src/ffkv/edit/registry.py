@@ -14,13 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from ..errors import FfkvError
+from ..models.model import MemoryModel
 from .methods import kn, memit, rome
-
-if TYPE_CHECKING:
-    from ..models.model import MemoryModel
 
 
 @dataclass(frozen=True)
@@ -29,7 +27,7 @@ class EditMethod:
 
     name: str
     summary: str                                   # one line, for --help and docs tables
-    defaults: Callable[["MemoryModel"], dict]      # default hyperparameters on this model (a fresh dict)
+    defaults: Callable[[MemoryModel], dict]        # default hyperparameters on this model (a fresh dict)
     layers: Callable[[dict], list[int]]            # the layers an hparams dict edits ([]: not known before)
     apply: Callable                                # apply(model, requests, hp, journal, context) -> None
     batched: bool                                  # True: one update for many requests (MEMIT)
