@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 import torch
 
 
@@ -55,10 +54,10 @@ def test_memit_on_gemma2_reaches_its_residual_target(monkeypatch, tmp_path):
 
     monkeypatch.setattr(memit_eq, "compute_targets", spy)
     req = EditRequest("the old {}", "tower", " rome")
-    # bare prompt only (no prefixes) and a tiny lambda: the update then maps k* to the requested write exactly
-    # a residual delta the normed write can reach (its norm is bounded): a small clamp
-    hp = {"layers": [1], "prefixes": [], "mom2_update_weight": 1e-6, "clamp_norm_factor": 0.2, "stats_tokens": 1500, "v_num_grad_steps": 5,
-          "max_update_ratio": 1e6}
+    # bare prompt only (no prefixes) and a tiny lambda: the update then maps k* to the requested write; a
+    # small clamp: a residual delta the normed write can (nearly) reach, since a norm's output size is bounded
+    hp = {"layers": [1], "prefixes": [], "mom2_update_weight": 1e-6, "clamp_norm_factor": 0.2, "stats_tokens": 1500,
+          "v_num_grad_steps": 5, "max_update_ratio": 1e6}
 
     def residual_error():
         z = seen["t"].h + seen["t"].delta  # (1, d_model) the residual target after layer 1
