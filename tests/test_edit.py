@@ -88,8 +88,12 @@ def test_rome_update_is_rank_one_and_uses_the_averaged_key(corpus, stats_dir):
     dW = m.values(1).double() - W0
     s = torch.linalg.svdvals(dW)
     assert s[1] < 1e-5 * s[0]
-    # the right singular direction is C^-1 k*, with the same averaged k* that W' maps to v*
-    C = layer_stats(m, 1, corpus=corpus, n_tokens=FAST["stats_tokens"], stats_dir=stats_dir, progress=False)[1].C
+    # the right singular direction is C^-1 k*, with the same averaged k* that W' maps to v*; the edited
+    # model's statistics are its base's, which the journal's context knows (nothing is kept on the model)
+    C = j.context.using(stats_dir=stats_dir, progress=False).layer_stats(
+        m, [1], {"corpus": corpus, "stats_tokens": FAST["stats_tokens"]})[1].C
+    assert torch.equal(C, layer_stats(fresh(), 1, corpus=corpus, n_tokens=FAST["stats_tokens"],
+                                      stats_dir=stats_dir, progress=False)[1].C)
     direction = torch.cholesky_solve(j[0].keys.double(), cholesky_factor(C))[:, 0]
     cos = torch.nn.functional.cosine_similarity(dW.T @ (dW @ direction), direction, dim=0)
     assert cos > 0.999
@@ -229,13 +233,22 @@ def test_stats_match_a_direct_computation_are_cached_and_refuse_another_model(co
 
 
 def test_stats_of_an_edited_model_are_those_of_its_base(corpus, stats_dir):
-    from ffkv.edit import apply_edits, layer_stats
+    from ffkv.edit import EditContext, apply_edits, layer_stats
 
     m = fresh()
-    apply_edits(m, [request()], "rome", {**FAST, "layer": 1}, stats_dir=stats_dir, corpus=corpus, progress=False)
+    base = layer_stats(m, [1], corpus=corpus, n_tokens=FAST["stats_tokens"], stats_dir=stats_dir, progress=False)
+    ctx = EditContext(stats_dir=stats_dir, progress=False)
+    apply_edits(m, [request()], "rome", {**FAST, "layer": 1}, corpus=corpus, context=ctx)
+    assert ctx.base_identity["fingerprint"] == fresh().identity["fingerprint"]
+    assert not hasattr(m, "_ffkv_base_identity")  # the journal's base identity lives in the context
     # the edited model's fingerprint differs, but the cached statistics of its base are reused, not refused
-    st = layer_stats(m, [1], corpus=corpus, n_tokens=FAST["stats_tokens"], stats_dir=stats_dir, progress=False)
-    assert st[1].path.exists()
+    fresh_ctx = EditContext(base_identity=ctx.base_identity, stats_dir=stats_dir, progress=False)
+    st = fresh_ctx.layer_stats(m, [1], {"corpus": corpus, "stats_tokens": FAST["stats_tokens"]})
+    assert st[1].path == base[1].path and torch.equal(st[1].C, base[1].C)
+    # a second edit in the same context reuses the memo: the very same statistics object
+    apply_edits(m, [request("castle", " paris")], "rome", {**FAST, "layer": 1}, corpus=corpus, context=ctx)
+    assert ctx.layer_stats(m, [1], {"corpus": corpus, "stats_tokens": FAST["stats_tokens"]})[1] is \
+        ctx.layer_stats(m, [1], {"corpus": corpus, "stats_tokens": FAST["stats_tokens"]})[1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -341,22 +354,30 @@ def test_cli_refuses_a_bad_request_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "ed").exists()
 
 
-def test_causal_tracing_picks_the_layer_that_stores_the_fact(corpus, stats_dir):
-    from ffkv.edit import apply_edits
-    from ffkv.edit.trace import ffn_indirect_effects
+def test_layer_trace_picks_the_peak_of_ffkv_trace_mlp(corpus, stats_dir):
+    # NEEDS h3's ffkv.locate.layer_choice (merged with h3's branch). `ffkv edit --layer trace` must pick the
+    # peak of `ffkv trace --kind mlp` at the subject's last token, averaged over the requests.
+    import numpy as np
 
-    # tower -> paris is planted in layer 1 alone, castle -> london in layer 0 alone (3-layer model: top excluded)
+    from ffkv.edit import apply_edits
+    from ffkv.locate.layer_choice import trace_layer
+    from ffkv.locate.trace import causal_trace
     from ffkv.testbed.planted import PlantedFact, planted_model
 
+    # tower -> paris is planted in layer 1 alone, castle -> london in layer 0 alone
     m = planted_model(facts=(PlantedFact("tower", "paris", [(1, 5)]), PlantedFact("castle", "london", [(0, 7)])),
                       n_layers=3).model
+    reqs = [request("castle", " rome"), request("tower", " oslo")]
     # a planted key reads one channel with gain 3: only large noise hides the trigger
-    ie_tower = ffn_indirect_effects(m, request("tower", " rome"), noise=100.0)
-    ie_castle = ffn_indirect_effects(m, request("castle", " rome"), noise=100.0)
-    assert int(ie_tower.argmax()) == 1 and int(ie_castle.argmax()) == 0
-    j = apply_edits(m, [request("castle", " rome")], "rome", {**FAST, "layer": "trace", "trace_noise": 100.0}, stats_dir=stats_dir,
-                    corpus=corpus, progress=False)
-    assert j[0].layer == 0
+    hp = {**FAST, "layer": "trace", "trace_noise": "s100", "seed": 0}
+    scores = []
+    for r in reqs:
+        t = causal_trace(m, r.text, r.subject, kind="mlp", noise="s100", seed=0)
+        scores.append(t.scores[t.subject_range[1] - 1])
+    peak = int(np.mean(scores, 0).argmax())
+    assert trace_layer(m, reqs, noise="s100", seed=0) == peak
+    j = apply_edits(m, reqs, "rome", hp, stats_dir=stats_dir, corpus=corpus, progress=False)
+    assert {e.layer for e in j} == {peak} and j[0].hparams["layer"] == peak
 
 
 def test_requests_from_counterfact_and_files(tmp_path):

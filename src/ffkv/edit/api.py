@@ -1,4 +1,4 @@
-"""The edit API: ``apply_edits`` dispatches to ROME, MEMIT or a knowledge-neuron edit and keeps the journal.
+"""The edit API: ``apply_edits`` runs a registered edit method (:mod:`.registry`) and keeps the journal.
 
     from ffkv.edit import EditRequest, apply_edits
     journal = apply_edits(model, [EditRequest("{} is located in", "Eiffel Tower", " Rome")], method="rome")
@@ -16,74 +16,64 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import FfkvError
+from ..io import atomic_path, provenance
+from ..locate.layer_choice import trace_layer
+from ..models.loading import load_model
+from .context import EditContext
 from .hparams import resolve_hparams
 from .journal import Journal
+from .registry import EditMethod, get_method
 from .requests import EditRequest, as_requests, render_batch, target_ids
+
+__all__ = ["EditContext", "apply_edits", "check_requests", "edit_layers", "save_edited", "model_folder",
+           "undo_folder"]
 
 
 def check_requests(model, requests: Sequence[EditRequest]) -> None:
     """Refuse requests this model cannot edit: no tokenizer, subject or target without tokens."""
-    model._require_tokenizer()
+    model.require_tokenizer()
     for r in requests:
         target_ids(model, r)
         render_batch(model, [("", r)])
 
 
 def edit_layers(hp: dict) -> list[int]:
-    if hp["method"] == "rome":
-        return [hp["layer"]]
-    if hp["method"] == "memit":
-        return list(hp["layers"])
-    return []
+    """The layers a resolved hparams dict edits (its method's ``layers``)."""
+    return get_method(hp["method"]).layers(hp)
 
 
-def apply_edits(model, requests: EditRequest | Sequence[EditRequest], method: str = "rome",
-                hparams: dict | None = None, stats_dir: str | Path | None = None,
-                journal: Journal | None = None, corpus=None, progress: bool = True) -> Journal:
-    """Edit ``model`` in place and return the journal (``journal`` extended when given).
+def apply_edits(model, requests: EditRequest | Sequence[EditRequest], method: str | EditMethod = "rome",
+                hparams=None, stats_dir: str | Path | None = None, journal: Journal | None = None, corpus=None,
+                progress: bool = True, context: EditContext | None = None) -> Journal:
+    """Edit ``model`` in place with a registered method and return the journal (``journal`` extended when given).
 
-    method: "rome" applies the requests one after another, each a rank-one update of one layer; "memit"
-    applies them as one batch spread over its layers; "kn" moves the requests' knowledge neurons' values
-    from the old object toward the new one. hparams: overrides of :func:`default_hparams`. Statistics
-    C = E[k k^T] come from :func:`layer_stats` (cached under ``stats_dir``; ``corpus`` overrides the
-    hyperparameter of the same name).
+    method: a name in :data:`ffkv.edit.registry.METHODS` ("rome": one rank-one update per request; "memit":
+    one batch spread over its layers; "kn": the requests' knowledge neurons' values moved) or an
+    :class:`EditMethod`. hparams: overrides of the method's defaults (a dict, JSON string or .json/.yaml
+    file; :func:`.hparams.resolve_hparams`); ``layer="trace"`` picks the layer by causal tracing
+    (:func:`ffkv.locate.layer_choice.trace_layer`). Statistics C = E[k k^T] come from
+    :func:`.stats.layer_stats`, cached under ``stats_dir``; ``corpus`` (texts or a spec) overrides the
+    hyperparameter of the same name. context: the :class:`EditContext` shared with other calls on this
+    model (default: the journal's, else a new one), so sequential edits reuse statistics and prefixes.
     """
+    m = get_method(method)
     requests = as_requests(requests)
-    hp = resolve_hparams(model, method, hparams)
-    if corpus is not None:
-        hp["corpus"] = corpus if isinstance(corpus, (str, Path)) else "texts"
+    hp = resolve_hparams(model, m, hparams)
+    if corpus is not None and "corpus" in hp:
+        hp["corpus"] = str(corpus) if isinstance(corpus, (str, Path)) else "texts"
     check_requests(model, requests)
-    if method == "rome" and hp["layer"] == "trace":
-        from .trace import trace_layer
-
+    if hp.get("layer") == "trace":
         hp["layer"] = trace_layer(model, requests, noise=hp["trace_noise"], seed=hp["seed"])
     journal = journal if journal is not None else Journal()
-    journal.attach(model)
+    if context is None:
+        context = journal.context if journal.context is not None else EditContext()
+    journal.attach(model, context.base_identity)
+    context.base_identity = journal.base_identity
+    journal.context = context
+    run = context.using(stats_dir=stats_dir, corpus=corpus, progress=progress)
     start = len(journal)
     try:
-        if method == "kn":
-            from .kn_edit import kn_edit
-
-            for r in requests:
-                kn_edit(model, r, hp, journal)
-            return journal
-        from .compute_key import context_prefixes
-        from .stats import layer_stats
-
-        stats = layer_stats(model, edit_layers(hp), corpus=corpus if corpus is not None else hp["corpus"],
-                            n_tokens=hp["stats_tokens"], stats_dir=stats_dir, progress=progress)
-        prefixes = context_prefixes(model, hp["prefixes"], hp["seed"])
-        if method == "rome":
-            from tqdm import tqdm
-
-            from .rome import rome_edit
-
-            for r in tqdm(requests, desc="ROME", disable=not progress or len(requests) < 2, leave=False):
-                rome_edit(model, r, hp, stats[hp["layer"]], journal, prefixes)
-        elif method == "memit":
-            from .memit import memit_edit
-
-            memit_edit(model, requests, hp, stats, journal, prefixes)
+        m.apply(model, requests, hp, journal, run)
     except BaseException:
         journal.undo(model, len(journal) - start)
         raise
@@ -96,8 +86,6 @@ def apply_edits(model, requests: EditRequest | Sequence[EditRequest], method: st
 
 def save_edited(model, journal: Journal, out: str | Path) -> Path:
     """Write ``out/model`` (``save_pretrained``, safetensors, tokenizer, ``ffkv_edit.json``) and ``out/journal``."""
-    from ..io import atomic_path, provenance
-
     out = Path(out)
     with atomic_path(out / "model", is_dir=True) as tmp:
         model.hf.save_pretrained(tmp, safe_serialization=True)
@@ -127,8 +115,6 @@ def model_folder(path: str | Path) -> Path:
 def undo_folder(src: str | Path, out: str | Path, n: int | None = None, progress: bool = True) -> dict:
     """Load ``src/model`` and ``src/journal``, undo ``n`` edits (all by default), write ``out/model`` and
     ``out/journal`` (the remaining edits). Returns a summary."""
-    from ..models.loading import load_model
-
     src = Path(src)
     journal = Journal.load(src)
     model = load_model(model_folder(src), check=False)

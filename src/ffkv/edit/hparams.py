@@ -1,146 +1,234 @@
-"""Hyperparameters of every edit method, with per-family defaults.
+"""Hyperparameters of the edit methods: read them (a dict, JSON, YAML), map ROME's and EasyEdit's names,
+check them against the method's defaults.
 
-Names follow ROME's and MEMIT's hyperparameter files so that published settings can be pasted in:
+    from ffkv.edit.hparams import load_hparams, resolve_hparams, parse_settings
+    load_hparams("hparams/ROME/gpt2-xl.yaml")          # -> dict (a dict, JSON string, .json/.yaml/.yml file)
+    hp = resolve_hparams(model, "rome", "my.yaml", parse_settings(["v_lr=0.1"]), {"layer": 5})
 
-    layer / layers              the FFN layer(s) whose W_out is rewritten (ROME: layer="trace" picks it by
-                                causal tracing of the requests, :mod:`.trace`)
-    v_num_grad_steps, v_lr      Adam steps and learning rate of the target residual delta
-    v_weight_decay              weight of ||delta||^2 / ||h||^2 in the loss
-    clamp_norm_factor           ||delta|| <= clamp_norm_factor * ||h|| after every step
-    kl_factor                   weight of KL(p_orig || p_new) on the essence prompt "{subject} is a"
-    mom2_update_weight          MEMIT's lambda in (lambda C + K K^T)
-    prefixes                    [[length, count], ...] generated context prefixes (ROME: [[5, 10], [10, 10]])
-    stats_tokens, corpus        tokens and text of the second-moment statistics C = E[k k^T]
-    max_update_ratio            refuse an update with ||dW||_F > max_update_ratio * ||W||_F
+:func:`resolve_hparams` is THE way to override hyperparameters (``ffkv edit --hparams`` and
+``ffkv evaluate --hparams/--set`` both call it): the method's defaults (:mod:`ffkv.edit.registry`), updated
+by each override in order, every name known and every value checked. Each method's names and meanings are
+its ``hparam_docs`` (``ffkv edit --help``, docs/edit.md).
 
-Published layers: ROME edits GPT-2 XL at layer 17 of 48, GPT-J at 5 of 28; MEMIT spreads over GPT-2 XL
-13-17 and GPT-J 3-8. Other depths use the same relative depth. The ffkv testbed (6 layers, GPT-2 and LLaMA
-architectures) has its own entries, tuned on its held-out CounterFact cases.
+ROME / MEMIT / EasyEdit files paste in: their names are ffkv's where they mean the same, and
+
+    context_template_length_params  -> prefixes
+    layers: [17] (ROME)              -> layer: 17
+    steps, adaptive_threshold (KN)   -> ig_steps, threshold
+    alg_name                         must name the method; v_loss_layer must be the last layer (ffkv's loss is
+                                     on the model's output); mom2_adjustment must be true (ffkv always uses C)
+    model_name, device, stats_dir, fp16, model_parallel, max_length, batch_size, layer_selection,
+    *_module_tmp, ln_f_module, lm_head_module, mom2_dataset, mom2_n_samples, mom2_dtype
+                                     say where a module or file is, or how the reference ran: ffkv finds the
+                                     modules from the model, so they are dropped, with a warning naming them
+                                     (the statistics corpus is ``corpus`` / ``stats_tokens``: ROME's
+                                     mom2_n_samples counts Wikipedia records, not tokens)
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import json
+import math
+import re
+import warnings
 from pathlib import Path
+from typing import Sequence
+
+import yaml
 
 from ..errors import FfkvError
 
-METHODS = ("rome", "memit", "kn")
-
-COMMON = {
-    "seed": 0,
-    "prefixes": [[5, 10]],
-    "fact_token": "subject_last",
-    "kl_prompt": "{} is a",
-    "v_num_grad_steps": 20,
-    "v_lr": 0.5,
-    "v_weight_decay": 0.5,
-    "kl_factor": 0.0625,
-    "early_stop_loss": 0.05,
-    "corpus": "auto",
-    "stats_tokens": 100_000,
-    "max_update_ratio": 100.0,
-}
-
-ROME = {**COMMON, "layer": None, "clamp_norm_factor": 4.0, "trace_noise": 3.0}
-MEMIT = {**COMMON, "layers": None, "clamp_norm_factor": 0.75, "mom2_update_weight": 15000.0}
-KN = {"neurons": None, "layers": None, "ig_steps": 10, "threshold": 0.2, "max_neurons": 8,
-      "kn_lambda": 1.0, "seed": 0, "max_update_ratio": 100.0}
-
-# (family, n_layers) -> layer; published choices and the testbed's.
-ROME_LAYER = {("gpt2", 48): 17, ("gpt2", 36): 12, ("gpt2", 24): 8, ("gpt2", 12): 4, ("gpt-j", 28): 5,
-              ("llama", 32): 5, ("gpt-neox", 32): 5, ("gpt2", 6): 0, ("llama", 6): 0}
-# (family, n_layers) -> layers
-MEMIT_LAYERS = {("gpt2", 48): [13, 14, 15, 16, 17], ("gpt-j", 28): [3, 4, 5, 6, 7, 8],
-                ("llama", 32): [4, 5, 6, 7, 8], ("gpt-neox", 32): [3, 4, 5, 6, 7, 8],
-                ("gpt2", 6): [0, 1, 2], ("llama", 6): [0, 1, 2]}
-# relative depth of the ROME layer when no entry matches (GPT-2 XL: 17 / 48)
-RELATIVE_DEPTH = 17 / 48
-# per-(family, n_layers) overrides of other hyperparameters (the testbed's tuned values)
-OVERRIDES = {
-    ("gpt2", 6): {"rome": {"v_num_grad_steps": 30, "v_weight_decay": 0.1, "kl_factor": 0.5},
-                  # Tuned on testbed cases of distinct subjects: clamp 4 (ROME's) instead of GPT-J's 0.75
-                  # (ES 56 -> 90); lambda trades efficacy for specificity: one batch of 50, lambda 300 / 500 /
-                  # 1000 / 3000: ES 100 / 100 / 98 / 56, PS 96 / 95 / 86 / 44, NS 82 / 85 / 89 / 97; 250 cases
-                  # in batches of 50, lambda 400 / 500: ES 99.6 / 98.8, PS 96.2 / 95.2, NS 81.5 / 82.6.
-                  "memit": {"mom2_update_weight": 400.0, "clamp_norm_factor": 4.0}},
-    ("llama", 6): {"rome": {"v_num_grad_steps": 30, "v_weight_decay": 0.1, "kl_factor": 0.5},
-                   "memit": {"mom2_update_weight": 300.0}},
-}
+# name in ROME / MEMIT / EasyEdit files -> ffkv's name (used when the method has the ffkv name)
+ALIASES = {"context_template_length_params": "prefixes", "steps": "ig_steps", "adaptive_threshold": "threshold"}
+# names of the reference's plumbing: dropped with a warning
+PLUMBING = ("model_name", "device", "stats_dir", "fp16", "model_parallel", "max_length", "batch_size",
+            "layer_selection", "rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp",
+            "ln_f_module", "lm_head_module", "mom2_dataset", "mom2_n_samples", "mom2_dtype")
+# integer hyperparameters that may be 0 (every other integer one must be positive)
+NONNEGATIVE_INTS = ("seed",)
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
-def rome_layer(model) -> int:
-    key = (model.family, model.n_layers)
-    if key in ROME_LAYER:
-        return ROME_LAYER[key]
-    # below the top layer: an edit at the subject's last token must reach the prediction through attention
-    return max(0, min(model.n_layers - 2, round(RELATIVE_DEPTH * model.n_layers)))
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
-def memit_layers(model) -> list[int]:
-    key = (model.family, model.n_layers)
-    if key in MEMIT_LAYERS:
-        return list(MEMIT_LAYERS[key])
-    top = rome_layer(model)
-    n = max(1, min(5, top + 1, round(model.n_layers * 5 / 48)))
-    return list(range(top - n + 1, top + 1))
+def load_hparams(spec) -> dict:
+    """Hyperparameter overrides from a dict, a JSON object string, or a ``.json`` / ``.yaml`` / ``.yml`` file.
 
-
-def default_hparams(model, method: str) -> dict:
-    """The hyperparameters ``method`` uses on ``model`` when none are given (a fresh dict)."""
-    if method not in METHODS:
-        raise FfkvError(f"unknown edit method {method!r}", f"use one of {', '.join(METHODS)}")
-    hp = copy.deepcopy({"rome": ROME, "memit": MEMIT, "kn": KN}[method])
-    if method == "rome":
-        hp["layer"] = rome_layer(model)
-    elif method == "memit":
-        hp["layers"] = memit_layers(model)
-    hp.update(copy.deepcopy(OVERRIDES.get((model.family, model.n_layers), {}).get(method, {})))
-    hp["method"] = method
-    return hp
-
-
-def resolve_hparams(model, method: str, hparams: dict | str | Path | None) -> dict:
-    """Defaults updated by ``hparams`` (a dict, a JSON string or a JSON file); unknown names are refused."""
-    hp = default_hparams(model, method)
-    if hparams is None:
-        return hp
-    if isinstance(hparams, (str, Path)):
-        p = Path(hparams)
+    None gives {}. Anything but a mapping (a JSON list, invalid JSON or YAML, a missing file) is one FfkvError.
+    """
+    if spec is None:
+        return {}
+    if isinstance(spec, dict):
+        return dict(spec)
+    if not isinstance(spec, (str, Path)):
+        raise FfkvError(f"hyperparameters must be a dict, a JSON object or a JSON/YAML file, got "
+                        f"{type(spec).__name__}", "pass a dict or a file")
+    text, where = str(spec), "hyperparameters"
+    path = Path(text)
+    is_file = isinstance(spec, Path) or path.suffix.lower() in (".json", ".yaml", ".yml")
+    try:
+        is_file = is_file or path.is_file()
+    except OSError:  # a JSON string too long for a file name
+        pass
+    if is_file:
+        if not path.is_file():
+            raise FfkvError(f"no hyperparameter file {text}", "pass an existing .json, .yaml or .yml file")
+        where, text = str(path), path.read_text()
+    if is_file and path.suffix.lower() in (".yaml", ".yml"):
         try:
-            hparams = json.loads(p.read_text()) if p.exists() else json.loads(str(hparams))
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise FfkvError(f"{where} is not valid YAML ({_one_line(e)})", "fix the file") from None
+        # YAML 1.1 reads 5e-1 as a string; a number-shaped string is a number
+        if isinstance(data, dict):
+            data = {k: float(v) if isinstance(v, str) and _NUMBER.match(v) else v for k, v in data.items()}
+    else:
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise FfkvError(f"hyperparameters {str(hparams)[:80]!r} are not JSON ({e})",
-                            "pass a JSON object or a JSON file") from None
-    unknown = set(hparams) - set(hp)
-    if unknown:
-        raise FfkvError(f"unknown {method} hyperparameters: {', '.join(sorted(unknown))}",
-                        f"known: {', '.join(sorted(hp))}")
-    hp.update(hparams)
-    hp["method"] = method
-    for name in ("v_lr", "v_weight_decay", "kl_factor", "clamp_norm_factor", "mom2_update_weight",
-                 "max_update_ratio", "early_stop_loss", "kn_lambda", "threshold"):
-        if name in hp:
-            try:
-                ok = math.isfinite(float(hp[name])) and float(hp[name]) >= 0
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise FfkvError(f"hyperparameter {name}={hp[name]!r} must be a finite number >= 0",
-                                f"pass a number (default {default_hparams(model, method).get(name)})")
-    for name in ("v_num_grad_steps", "stats_tokens", "ig_steps", "max_neurons"):
-        if name in hp and (not isinstance(hp[name], int) or hp[name] < 1):
-            raise FfkvError(f"hyperparameter {name}={hp[name]!r} must be a positive integer",
-                            f"pass an integer (default {default_hparams(model, method).get(name)})")
-    if method == "rome" and hp["layer"] != "trace":  # "trace": chosen by causal tracing in apply_edits
-        hp["layer"] = model.check_layer(hp["layer"])
-    if method == "memit":
-        layers = hp["layers"]
-        if isinstance(layers, int):
-            layers = [layers]
-        if not layers:
-            raise FfkvError("MEMIT needs at least one layer", "pass layers=[...]")
-        hp["layers"] = sorted({model.check_layer(layer) for layer in layers})
+            raise FfkvError(f"{where} {'' if is_file else repr(text[:60]) + ' '}is not valid JSON ({e})",
+                            "pass a JSON object, e.g. '{\"v_lr\": 0.1}', or a .json/.yaml file") from None
+    if not isinstance(data, dict):
+        raise FfkvError(f"{where} must hold an object of name: value, not a {type(data).__name__}",
+                        "write the hyperparameters as {\"name\": value, ...}")
+    return data
+
+
+def parse_settings(settings: Sequence[str]) -> dict:
+    """``["key=value", ...]`` (``--set``) as a dict; a value is read as JSON when it parses, else a string."""
+    out = {}
+    for s in settings or ():
+        if "=" not in s:
+            raise FfkvError(f"--set expects key=value, got {s!r}", "e.g. --set v_num_grad_steps=30")
+        k, v = s.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def default_hparams(model, method) -> dict:
+    """The hyperparameters ``method`` uses on ``model`` when none are given (a fresh dict)."""
+    from .registry import get_method  # noqa: PLC0415 - same folder; a top import would cycle through kn_edit
+
+    m = get_method(method)
+    hp = m.defaults(model)
+    hp["method"] = m.name
     return hp
+
+
+def _translate(model, method_name: str, known: dict, over: dict) -> dict:
+    """ROME / MEMIT / EasyEdit names -> ffkv's (module docstring)."""
+    over = dict(over)
+    alg = over.pop("alg_name", None)
+    if alg is not None and str(alg).lower() != method_name:
+        raise FfkvError(f"these hyperparameters are for {alg}, not {method_name}",
+                        f"pass {alg}'s hyperparameters with method {str(alg).lower()}, or drop alg_name")
+    dropped = [k for k in PLUMBING if k in over and k not in known]
+    for k in dropped:
+        over.pop(k)
+    if dropped:
+        warnings.warn(f"hyperparameters {', '.join(dropped)} locate modules or files of the reference "
+                      "implementation; ffkv reads them from the model and ignores them", stacklevel=4)
+    for src, dst in ALIASES.items():
+        if src in over and src not in known and dst in known:
+            over[dst] = over.pop(src)
+    if "v_loss_layer" in over and "v_loss_layer" not in known:
+        vl = over.pop("v_loss_layer")
+        if vl not in (model.n_layers - 1, -1):
+            raise FfkvError(f"v_loss_layer={vl}: ffkv's target loss is on the model's output (layer "
+                            f"{model.n_layers - 1})", "drop v_loss_layer or set it to the last layer")
+    if "mom2_adjustment" in over and "mom2_adjustment" not in known:
+        if not over.pop("mom2_adjustment"):
+            raise FfkvError("mom2_adjustment=false (an update without the key statistics C) is not ffkv's "
+                            f"{method_name}: it always uses C = E[k k^T]", "drop mom2_adjustment or set it true")
+    if "layers" in over and "layers" not in known and "layer" in known:
+        ls = over.pop("layers")
+        ls = ls if isinstance(ls, (list, tuple)) else [ls]
+        if len(ls) != 1:
+            raise FfkvError(f"{method_name} edits one layer, got layers={list(ls)}",
+                            "pass one layer, or use memit for several")
+        over["layer"] = ls[0]
+    if "layer" in over and "layer" not in known and "layers" in known:
+        if over["layer"] == "trace":
+            raise FfkvError(f"layer='trace' chooses one layer; {method_name} edits layers=[...]",
+                            "pass layers, or use rome with layer='trace'")
+        over["layers"] = [over.pop("layer")]
+    return over
+
+
+def _bad(name, value, what, default):
+    return FfkvError(f"hyperparameter {name}={value!r} must be {what}", f"pass {what} (default {default!r})")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_hparams(model, method, hp: dict) -> dict:
+    """Check types and ranges against the method's defaults (the type of each default), normalise the layers;
+    returns ``hp``. Numbers >= 0 and finite, integers positive (``seed`` >= 0), layers in range."""
+    from .registry import get_method  # noqa: PLC0415 - same folder; a top import would cycle through kn_edit
+
+    m = get_method(method)
+    ref = m.defaults(model)
+    for name, d in ref.items():
+        v = hp.get(name)
+        if name in ("layer", "layers", "neurons") or (d is None and v is None):
+            continue
+        if name == "trace_noise":
+            if not (isinstance(v, str) or (_is_number(v) and math.isfinite(v) and v >= 0)):
+                raise _bad(name, v, "a noise spec (s3) or a finite number >= 0", d)
+        elif isinstance(d, bool):
+            if not isinstance(v, bool):
+                raise _bad(name, v, "true or false", d)
+        elif isinstance(d, int):
+            low = 0 if name in NONNEGATIVE_INTS else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise _bad(name, v, "an integer >= 0" if low == 0 else "a positive integer", d)
+        elif isinstance(d, float):
+            if not (_is_number(v) and math.isfinite(float(v)) and float(v) >= 0):
+                raise _bad(name, v, "a finite number >= 0", d)
+            hp[name] = float(v)
+        elif isinstance(d, str) and name != "corpus" and not isinstance(v, str):
+            raise _bad(name, v, "a string", d)
+    if "kl_prompt" in hp and hp["kl_prompt"].count("{}") != 1:
+        raise _bad("kl_prompt", hp["kl_prompt"], "a prompt with one '{}' for the subject", ref.get("kl_prompt"))
+    if "fact_token" in hp and hp["fact_token"] != "subject_last":
+        raise _bad("fact_token", hp["fact_token"], "subject_last (the only token ffkv edits at)", "subject_last")
+    if "prefixes" in hp:
+        p = hp["prefixes"]
+        if not (isinstance(p, (list, tuple)) and all(isinstance(s, (list, tuple)) and len(s) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in s) for s in p)):
+            raise _bad("prefixes", p, "[[length, count], ...] of positive integers", ref.get("prefixes"))
+    if "layer" in hp and hp["layer"] != "trace":  # "trace": chosen by causal tracing in apply_edits
+        hp["layer"] = model.check_layer(hp["layer"])
+    if "layers" in hp and not (hp["layers"] is None and ref.get("layers") is None):
+        layers = hp["layers"]
+        layers = [layers] if isinstance(layers, int) else layers
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise FfkvError(f"{m.name} needs at least one layer, got layers={hp['layers']!r}", "pass layers=[...]")
+        hp["layers"] = sorted({model.check_layer(layer) for layer in layers})
+    for layer in m.layers(hp):
+        model.check_layer(layer)
+    return hp
+
+
+def resolve_hparams(model, method, *overrides) -> dict:
+    """The method's defaults on ``model`` updated by each override in order (a dict, a JSON string, a
+    .json/.yaml/.yml file, or None), then checked (:func:`check_hparams`). Unknown names are refused in one
+    line that names them and the known ones."""
+    hp = default_hparams(model, method)
+    name = hp["method"]
+    for spec in overrides:
+        over = _translate(model, name, hp, load_hparams(spec))
+        unknown = sorted(set(over) - set(hp))
+        if unknown:
+            raise FfkvError(f"unknown {name} hyperparameters: {', '.join(unknown)}",
+                            f"known: {', '.join(sorted(k for k in hp if k != 'method'))}")
+        hp.update(over)
+    hp["method"] = name
+    return check_hparams(model, name, hp)

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from ..errors import FfkvError
-from ..io import atomic_path, load_safetensors, provenance, save_safetensors
+from ..io import _jsonable, atomic_path, load_safetensors, provenance, save_safetensors
+from .stats import base_identity as stats_base_identity
 
 JOURNAL_VERSION = 1
 
@@ -105,6 +106,7 @@ class Journal:
         self.base: dict[int, torch.Tensor] = {}  # layer -> W_out parameter before the first edit (model dtype)
         self.base_identity: dict | None = None
         self.param_layout: str = ""
+        self.context = None  # the EditContext of the edits recorded here (in memory only; see apply_edits)
 
     def __len__(self):
         return len(self.entries)
@@ -123,16 +125,12 @@ class Journal:
         return sorted({e.layer for e in self.entries})
 
     # ------------------------------------------------------------------------------------------------
-    def attach(self, model) -> None:
-        """Remember the unedited model's identity (once); statistics keep using it after edits."""
+    def attach(self, model, base_identity: dict | None = None) -> None:
+        """Remember the unedited model's identity (once): ``base_identity`` when given (an
+        :class:`~ffkv.edit.context.EditContext`'s), else the model's own (its base model's for an edited
+        folder). The statistics of later edits belong to it. Nothing is stored on the model."""
         if self.base_identity is None:
-            ident = getattr(model, "_ffkv_base_identity", None)
-            if ident is None:
-                from .stats import base_identity
-
-                ident = base_identity(model)
-            self.base_identity = ident
-        model._ffkv_base_identity = self.base_identity
+            self.base_identity = base_identity if base_identity is not None else stats_base_identity(model)
 
     def record(self, model, method: str, layer: int, u: torch.Tensor, v: torch.Tensor, requests: list[dict],
                hparams: dict, info: dict | None = None, max_ratio: float = float("inf"),
@@ -277,6 +275,4 @@ class Journal:
 
 
 def _plain(obj):
-    from ..io import _jsonable
-
     return _jsonable(obj)

@@ -14,6 +14,18 @@
    symmetric positive definite); λ is ``mom2_update_weight`` and C_l = E[k k^T] the layer's statistics.
 
 Each layer's update is a journal entry of rank n: u = R_l (d_model, n), v = A (d_ffn, n).
+
+Post-norm families (Gemma-2/3, OLMo-2) add N(W_out m + b) to the residual, N the post-FFN norm, so a
+residual delta R_l is not a change of W_out's output. For those layers R_l is mapped to the change Δy of
+W_out's output y (at each request's subject's last token) whose normed write gives it,
+
+    Δy = argmin ||N(y + Δy) - N(y) - R_l||^2 / ||R_l||^2 + ε ||Δy||^2 / ||y||^2      (per request)
+
+(L-BFGS from Δy = R_l; ε = 1e-8 keeps Δy finite). A norm's output has an (almost) fixed size, so
+N(y) + R_l is reached exactly only where it lies on that surface; elsewhere Δy gives the closest write
+(``write_error`` in the journal entry's info: ||achieved - R_l|| / ||R_l||), and the layers after this one,
+which see the residual left, make up the rest. Δy takes R_l's place in ΔW_l. Dense families (no post
+norm) use R_l itself.
 """
 
 from __future__ import annotations
@@ -37,6 +49,33 @@ def memit_layer_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: f
     A = lam * C.double().cpu() + K @ K.T
     adj = torch.cholesky_solve(K, cholesky_factor(A))  # (d_ffn, n)
     return R.double().cpu(), adj
+
+
+def ffn_out_delta(write, y: torch.Tensor, R: torch.Tensor, max_iter: int = 100) -> torch.Tensor:
+    """Δy (n, d_model) with write(y + Δy) ≈ write(y) + R, for each row; y, R: (n, d_model).
+
+    write: the post-FFN write N(·) of one layer, applied row-wise (module docstring).
+    """
+    y = y.detach().float()
+    R = R.detach().float().to(y.device)
+    with torch.no_grad():
+        target = write(y).float() + R
+    r_sq = R.pow(2).sum(1).clamp_min(1e-30)
+    y_sq = y.pow(2).sum(1).clamp_min(1e-30)
+    delta = R.clone().requires_grad_(True)  # the dense answer is the starting point
+    opt = torch.optim.LBFGS([delta], max_iter=max_iter, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-12, tolerance_change=1e-14)
+
+    def loss():
+        opt.zero_grad()
+        out = write(y + delta).float()
+        val = ((out - target).pow(2).sum(1) / r_sq + 1e-8 * delta.pow(2).sum(1) / y_sq).sum()
+        val.backward()
+        return val
+
+    with torch.enable_grad():
+        opt.step(loss)
+    return delta.detach()
 
 
 def shared_subject_groups(requests: Sequence[EditRequest]) -> list[list[int]]:
@@ -71,13 +110,24 @@ def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dic
     reqs = [r.to_json() for r in requests]
     info_req = [tgt.info(i) for i in range(len(requests))]
     entries = []
+    # TRANSITION: getattr until h2's MemoryModel.post_norm is merged; then model.post_norm(layer).
+    post_norm = getattr(model, "post_norm", None)
     for j, layer in enumerate(layers):
         K = compute_keys(model, requests, layer, prefixes).T  # (d_ffn, n)
         cur = read_at_subject(model, requests, "resid_post", top)  # (n, d_model)
-        R = (z - cur).T / (len(layers) - j)  # (d_model, n)
+        R = (z - cur).T / (len(layers) - j)  # (d_model, n) residual delta
+        info = {}
+        if post_norm is not None and post_norm(layer) is not None:
+            y = read_at_subject(model, requests, "ffn_out", layer)  # (n, d_model) W_out's output
+            write = lambda x, layer=layer: model.write_from_ffn_out(layer, x)  # noqa: E731
+            dy = ffn_out_delta(write, y, R.T)
+            with torch.no_grad():
+                got = write(y + dy).float() - write(y).float()
+            info["write_error"] = float((got - R.T.to(got.device)).norm() / R.norm().clamp_min(1e-30))
+            R = dy.T.to(R.device)  # (d_model, n) in W_out's output space
         u, v = memit_layer_update(stats[layer].C, K, R, float(hparams["mom2_update_weight"]))
-        info = {"targets": info_req if j == 0 else None, "residual_norm": float(R.norm()),
-                "stats_tokens": stats[layer].n_tokens, "stats_corpus": stats[layer].corpus}
+        info.update({"targets": info_req if j == 0 else None, "residual_norm": float(R.norm()),
+                     "stats_tokens": stats[layer].n_tokens, "stats_corpus": stats[layer].corpus})
         entries.append(journal.record(model, "memit", layer, u.float(), v.float(), reqs, hparams, info,
                                       max_ratio=hparams["max_update_ratio"], keys=K))
     return entries

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from ..errors import FfkvError
+from ..io import read_json
 
 
 @dataclass
@@ -111,8 +112,6 @@ def _continuation(obj: str) -> str:
 
 def load_requests(path: str | Path) -> list[EditRequest]:
     """Requests from a JSON list or a JSONL file of request dicts or CounterFact records."""
-    from ..io import read_json
-
     data = read_json(path)
     if isinstance(data, dict):
         data = [data]
@@ -142,7 +141,7 @@ def target_ids(model, request: EditRequest) -> list[int]:
     tokenized as the model sees the whole string, the rule ``ffkv.evaluate`` scores with); otherwise the
     target tokenized alone.
     """
-    tok = model._require_tokenizer()
+    tok = model.require_tokenizer()
     p = tok(request.text)["input_ids"]
     full = tok(request.text + request.target)["input_ids"]
     ids = full[len(p):] if len(full) > len(p) and full[: len(p)] == p else model.token_ids(request.target)
@@ -179,7 +178,7 @@ def render_batch(model, rows: Sequence[tuple[str, EditRequest]], with_target: bo
     With ``with_target`` the target's tokens but the last are appended, so the logits at ``target_pos``
     predict ``target_tok`` (teacher forcing, as in ROME's ``compute_v``).
     """
-    tok = model._require_tokenizer()
+    tok = model.require_tokenizer()
     texts, ends = [], []
     for prefix, req in rows:
         texts.append(prefix + req.text)

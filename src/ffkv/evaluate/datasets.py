@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..edit.requests import EditRequest
 from ..errors import FfkvError
 from ..io import read_json
 
@@ -49,10 +50,8 @@ class EvalCase:
     def rewrite_prompt(self) -> str:
         return self.prompt.format(self.subject)
 
-    def edit_request(self):
+    def edit_request(self) -> EditRequest:
         """The case as an :class:`ffkv.edit.EditRequest`."""
-        from ..edit import EditRequest
-
         return EditRequest(prompt=self.prompt, subject=self.subject, target=self.target_new,
                            target_true=self.target_true,
                            case_id=self.case_id if isinstance(self.case_id, int) else None)

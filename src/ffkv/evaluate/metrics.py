@@ -23,6 +23,7 @@ EasyEdit (Yao et al. 2023), per case, teacher-forced token-level top-1 accuracy:
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections import Counter
@@ -86,7 +87,7 @@ def score_continuations(model, pairs: Sequence[tuple[str, str]], batch_size: int
     Batches are right-padded (positions of real tokens are unchanged) and sorted by length so that
     padding stays small; the result is in the input order.
     """
-    tok = model._require_tokenizer()
+    tok = model.require_tokenizer()
     ids = [pair_token_ids(tok, p, t) for p, t in pairs]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i][0]) + len(ids[i][1]))
@@ -153,14 +154,12 @@ def greedy_generate(model, prompts: Sequence[str], max_new_tokens: int = 20) -> 
     """
     if not prompts:
         return []
-    tok = model._require_tokenizer()
+    tok = model.require_tokenizer()
     batch = model.encode(list(prompts), padding_side="left")
     ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     new = max_new_tokens if ctx is None else max(0, min(max_new_tokens, ctx - batch["input_ids"].shape[1]))
     if new == 0:
         return [tok.decode(ids, skip_special_tokens=True) for ids in batch["input_ids"]]
-    import copy
-
     # As ROME's generate_fast: a fixed number of tokens, no stop at end-of-text.
     cfg = copy.deepcopy(model.hf.generation_config)
     cfg.update(max_new_tokens=new, do_sample=False, num_beams=1, eos_token_id=None,

@@ -5,7 +5,8 @@
     result.summary["rome"]["post"]["ES"]   # {"mean": 100.0, "ci95": 0.0, "n": 50}
 
 Every case is measured on the unedited model first (ROME's "pre" row), then edited through
-:func:`ffkv.edit.apply_edits` (ROME and KN: one case at a time; MEMIT: ``batch_size`` cases at once),
+:func:`ffkv.edit.apply_edits` (a method of :data:`ffkv.edit.registry.METHODS`: a batched one such as MEMIT
+takes ``batch_size`` cases of distinct subjects at once, the others one case at a time),
 measured again ("post"), and the edit is undone through its journal before the next case, so each case
 sees the original weights. A fingerprint of the weights is checked after every undo.
 """
@@ -18,32 +19,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from tqdm.auto import tqdm
+
+from ..edit.api import apply_edits
+from ..edit.context import EditContext
+from ..edit.hparams import resolve_hparams as resolve_edit_hparams
+from ..edit.registry import EditMethod, get_method
 from ..errors import FfkvError
 from ..io import provenance, write_json, write_parquet
+from ..models.loading import weights_fingerprint
 from .datasets import repeated_subjects, subject_batches
 from .metrics import EASYEDIT_KEYS, ROME_KEYS, measure_cases, summarize
-
-METHODS = ("rome", "memit", "kn")
 
 # editor(model, cases) -> a journal with .undo(model): how an evaluation makes its edits.
 Editor = Callable[[object, Sequence], object]
 
 
-def make_editor(method: str, hparams=None, stats_dir=None, shared_journal: bool = False) -> Editor:
+def make_editor(method: str | EditMethod, hparams=None, stats_dir=None, shared_journal: bool = False,
+                context: EditContext | None = None) -> Editor:
     """An editor that applies ``cases`` with :func:`ffkv.edit.apply_edits` (edits in place).
 
-    shared_journal: every call extends one journal (and returns it), so that a long run of sequential
-    edits keeps one copy of each layer's base weights instead of one per edit.
+    All its calls share one :class:`ffkv.edit.context.EditContext` (``context``, else a new one): the
+    statistics and context prefixes are computed once. shared_journal: every call extends one journal (and
+    returns it), so that a long run of sequential edits keeps one copy of each layer's base weights instead
+    of one per edit.
     """
-    if method not in METHODS:
-        raise FfkvError(f"unknown edit method '{method}'", f"use one of {', '.join(METHODS)}")
-    state = {"journal": None}
+    m = get_method(method)
+    state = {"journal": None, "context": context if context is not None else EditContext()}
 
     def edit(model, cases):
-        from ..edit import apply_edits
-
-        journal = apply_edits(model, [c.edit_request() for c in cases], method=method, hparams=hparams,
-                              stats_dir=stats_dir, journal=state["journal"], progress=False)
+        journal = apply_edits(model, [c.edit_request() for c in cases], method=m, hparams=hparams,
+                              stats_dir=stats_dir, journal=state["journal"], progress=False,
+                              context=state["context"])
         if shared_journal:
             state["journal"] = journal
         return journal
@@ -51,15 +58,13 @@ def make_editor(method: str, hparams=None, stats_dir=None, shared_journal: bool 
     return edit
 
 
-def resolve_hparams(model, method: str, hparams=None):
-    """``hparams`` or the method's defaults for this model (None when ffkv.edit has none)."""
-    if hparams is not None:
-        return hparams
-    try:
-        from ..edit import default_hparams
-    except ImportError:
-        return None
-    return default_hparams(model, method)
+def resolve_hparams(model, method: str | EditMethod, hparams=None):
+    """The method's hyperparameters on ``model``: its defaults updated by ``hparams`` (a dict, JSON string or
+    .json/.yaml file) and checked, as ``ffkv edit`` does (:func:`ffkv.edit.hparams.resolve_hparams`).
+    Any other container (an external editor's config object) is returned as it is."""
+    if hparams is None or isinstance(hparams, (dict, str, Path)):
+        return resolve_edit_hparams(model, method, hparams)
+    return hparams
 
 
 def hparams_record(hparams) -> dict | None:
@@ -110,33 +115,32 @@ def _cell(v):
 
 
 def _fingerprint(model) -> str:
-    from ..models.loading import weights_fingerprint
-
     return weights_fingerprint(model.hf)
 
 
-def evaluate_edits(model, cases: Sequence, method: str = "rome", hparams=None, stats_dir=None,
+def evaluate_edits(model, cases: Sequence, method: str | EditMethod = "rome", hparams=None, stats_dir=None,
                    batch_size: int | None = None, editor: Editor | None = None, n_gen_prompts: int = 2,
                    gen_tokens: int = 20, score_batch: int = 32, check_restore: bool = True,
                    progress: bool = True, data_info: dict | None = None) -> EvalResult:
     """Edit each case (or each batch of ``batch_size`` cases), measure it, undo it; summarize.
 
-    method: "rome" | "kn" (``batch_size`` 1) or "memit" (default: all cases in one batch).
+    method: a registered edit method (:data:`ffkv.edit.registry.METHODS`); a batched one (MEMIT) edits
+    ``batch_size`` cases at once (default: all, in batches of distinct subjects), the others one at a time
+    (default ``batch_size`` 1). hparams: overrides of the method's defaults (:func:`resolve_hparams`).
     editor: ``editor(model, cases) -> journal`` (``journal.undo(model)`` restores the weights); default
     :func:`make_editor`. Generation entropy uses ``n_gen_prompts`` prompts x ``gen_tokens`` tokens per case.
     """
     if not cases:
         raise FfkvError("no cases to evaluate", "pass a non-empty edit-data file or a larger --limit")
-    if method not in METHODS:
-        raise FfkvError(f"unknown edit method '{method}'", f"use one of {', '.join(METHODS)}")
+    m = get_method(method)
     if batch_size is None:
-        batch_size = len(cases) if method == "memit" else 1
+        batch_size = len(cases) if m.batched else 1
     if batch_size < 1:
         raise FfkvError(f"batch size must be at least 1, got {batch_size}", "pass --batch-size 1 or more")
     if editor is None:
-        hparams = resolve_hparams(model, method, hparams)
-        editor = make_editor(method, hparams, stats_dir)
-    from tqdm.auto import tqdm
+        hparams = resolve_hparams(model, m, hparams)
+        editor = make_editor(m, hparams, stats_dir)
+    method = m.name
 
     gen = dict(n_gen_prompts=n_gen_prompts, gen_tokens=gen_tokens, batch_size=score_batch)
     t0 = time.perf_counter()

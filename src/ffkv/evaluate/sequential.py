@@ -33,9 +33,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from ..edit.registry import EditMethod, get_method
 from ..errors import FfkvError
 from ..io import atomic_path, provenance, write_json, write_parquet
+from ..models.loading import weights_fingerprint
 from .metrics import greedy_generate, ngram_entropy, perplexity, score_case_groups, score_continuations
 from .run import Editor, hparams_record, make_editor, resolve_hparams
 
@@ -150,7 +153,7 @@ def _columns(rows: list[dict]) -> dict:
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
-def sequential_edits(model, cases: Sequence, method: str = "rome", hparams=None, stats_dir=None,
+def sequential_edits(model, cases: Sequence, method: str | EditMethod = "rome", hparams=None, stats_dir=None,
                      batch_size: int = 1, every: int = 10, probes: Sequence[tuple[str, str]] = (),
                      gen_prompts: Sequence[str] = (), gen_tokens: int = 20, editor: Editor | None = None,
                      score_batch: int = 64, undo: bool = True, progress: bool = True,
@@ -165,13 +168,11 @@ def sequential_edits(model, cases: Sequence, method: str = "rome", hparams=None,
         raise FfkvError("no cases to edit", "pass a non-empty edit-data file")
     if batch_size < 1 or every < 1:
         raise FfkvError("batch size and measurement interval must be at least 1", "pass positive values")
+    m = get_method(method)
     if editor is None:
-        hparams = resolve_hparams(model, method, hparams)
-        editor = make_editor(method, hparams, stats_dir, shared_journal=True)
-    from tqdm.auto import tqdm
-
-    from ..models.loading import weights_fingerprint
-
+        hparams = resolve_hparams(model, m, hparams)
+        editor = make_editor(m, hparams, stats_dir, shared_journal=True)
+    method = m.name
     original = weights_fingerprint(model.hf)
     hp = hparams_record(hparams)
     meta = {"method": method, "batch_size": batch_size, "every": every, "n_cases": len(cases),

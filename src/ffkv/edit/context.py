@@ -1,0 +1,76 @@
+"""The edit context: what edits of one model share between calls, kept here and not on the model object.
+
+    ctx = EditContext(stats_dir="stats")
+    apply_edits(model, reqs1, "rome", context=ctx)     # statistics computed (or read from stats_dir)
+    apply_edits(model, reqs2, "rome", context=ctx)     # the same statistics and context prefixes, reused
+
+It holds the statistics memo (``{(spec, layer): SecondMoment}``, :func:`ffkv.edit.stats.layer_stats`),
+the context-prefix cache (``{(spec, seed): [prefix, ...]}``, generated once per run on the unedited
+model, as ROME's global cache) and the base identity: the unedited model's, which the statistics of an
+edited model belong to. One context serves one model (and its edited states).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .compute_key import context_prefixes
+from .stats import SecondMoment, layer_stats
+
+# TRANSITION (remove when h1's engine branch is merged): layer_stats(..., base_identity=, memo=) and
+# context_prefixes(..., cache=) take the context's state; the older signatures keep theirs elsewhere.
+_STATS_TAKE_CONTEXT = {"base_identity", "memo"} <= set(inspect.signature(layer_stats).parameters)
+_PREFIXES_TAKE_CACHE = "cache" in inspect.signature(context_prefixes).parameters
+
+
+@dataclass
+class EditContext:
+    """State shared by the edits of one model. ``stats_dir``, ``corpus`` and ``progress`` are the settings
+    of the statistics pass (``corpus``: texts or a spec overriding the ``corpus`` hyperparameter)."""
+
+    base_identity: dict | None = None
+    memo: dict = field(default_factory=dict)
+    prefix_cache: dict = field(default_factory=dict)
+    stats_dir: str | Path | None = None
+    corpus: object = None
+    progress: bool = True
+
+    def using(self, **settings) -> "EditContext":
+        """A view with other settings (``stats_dir``, ``corpus``, ``progress``) sharing this context's state."""
+        return dataclasses.replace(self, **{k: v for k, v in settings.items() if v is not None})
+
+    def layer_stats(self, model, layers: Sequence[int], hp: dict) -> dict[int, SecondMoment]:
+        """C = E[k k^T] of ``layers`` for the hyperparameters ``hp`` (``corpus``, ``stats_tokens``)."""
+        corpus = self.corpus if self.corpus is not None else hp["corpus"]
+        kw = dict(corpus=corpus, n_tokens=hp["stats_tokens"], stats_dir=self.stats_dir, progress=self.progress)
+        if _STATS_TAKE_CONTEXT:
+            return layer_stats(model, list(layers), base_identity=self.base_identity, memo=self.memo, **kw)
+        with _legacy_identity(model, self.base_identity):
+            return layer_stats(model, list(layers), **kw)
+
+    def context_prefixes(self, model, spec, seed: int) -> list[str]:
+        """ROME's context prefixes, generated once per context (see :func:`.compute_key.context_prefixes`)."""
+        if _PREFIXES_TAKE_CACHE:
+            return context_prefixes(model, spec, seed, cache=self.prefix_cache)
+        key = (tuple(tuple(int(x) for x in s) for s in spec), int(seed))
+        if key not in self.prefix_cache:
+            self.prefix_cache[key] = context_prefixes(model, spec, seed)
+        return list(self.prefix_cache[key])
+
+
+@contextlib.contextmanager
+def _legacy_identity(model, identity):
+    # TRANSITION (remove with h1's merge): the older layer_stats reads the base identity from the model.
+    if identity is None:
+        yield
+        return
+    model.__dict__["_ffkv_base_identity"] = identity
+    try:
+        yield
+    finally:
+        model.__dict__.pop("_ffkv_base_identity", None)
