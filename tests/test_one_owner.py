@@ -189,10 +189,11 @@ def test_each_method_is_defined_once():
     assert defined_in(r"^def trace_layer\(") == {"locate/layer_choice.py"}
     assert defined_in(r"^def bucket_of\(") == {"testbed/buckets.py"}
     assert defined_in(r"^BUCKETS\s*=") == {"testbed/buckets.py"}
-    # Gradients of a model's output w.r.t. memory coefficients are taken in one file; ROME's value optimisation
-    # and the testbed's training are the other backward passes.
+    # Gradients of a model's output w.r.t. memory coefficients are taken in one file; ROME's value optimisation,
+    # MEMIT's post-norm target mapping (a solve through one norm, no model run) and the testbed's training are
+    # the other backward passes.
     assert defined_in(r"autograd\.grad\(|\.backward\(") <= {"locate/attribution.py", "edit/compute_value.py",
-                                                           "testbed/train.py"}
+                                                           "edit/memit.py", "testbed/train.py"}
     # Memories are switched off by ffkv.models.hooks.switch_memories only.
     assert defined_in(r"Intervention\(\s*\"coef\"[^)]*\"off\"") == {"models/hooks.py"}
 
