@@ -13,7 +13,10 @@ import torch
 from ffkv.errors import FfkvError
 from ffkv.memory import corpus as corpus_mod
 from ffkv.memory.atlas import Atlas, parse_memory
-from ffkv.memory.mining import POSITION_BITS, brute_force_triggers, merge_topk, mine
+from ffkv.memory.merge import merge_atlases
+from ffkv.memory.miner import POSITION_BITS, batch_coefficients, mine
+from ffkv.memory.oracle import brute_force_triggers
+from ffkv.memory.topk import TriggerBuffers, merge_topk
 from ffkv.testbed.planted import WORDS
 
 
@@ -87,7 +90,6 @@ def test_merge_topk_is_exact_with_ties(sparse_share, negate):
 # ------------------------------------------------------------------------------------------- mining
 def test_coefficients_match_the_coef_site_for_every_family(tiny_models):
     """Mining's reader returns exactly what ``intervene(reads=[("coef", l)])`` records, for every adapter."""
-    from ffkv.memory.mining import TriggerBuffers, batch_coefficients
     from ffkv.models.hooks import intervene
 
     g = torch.Generator().manual_seed(0)
@@ -156,7 +158,7 @@ def test_interrupted_run_resumes_to_the_same_atlas(planted, corpus_file, planted
 def test_killed_between_shard_and_state_resumes_exactly(planted, corpus_file, planted_atlas, tmp_path,
                                                         monkeypatch):
     """A crash after the units shard is written but before the buffers: the orphan shard is dropped."""
-    from ffkv.memory import mining
+    from ffkv.memory import miner as mining
 
     out = tmp_path / "killed"
     real = mining.save_safetensors
@@ -180,7 +182,6 @@ def test_killed_between_shard_and_state_resumes_exactly(planted, corpus_file, pl
 
 
 def test_merged_shards_equal_one_run(planted, tmp_path):
-    from ffkv.memory.mining import merge_atlases
 
     folder = tmp_path / "corpus"
     folder.mkdir()

@@ -1,6 +1,6 @@
 """An atlas folder, read back: trigger examples of any memory, prefixes as text, the model that made it.
 
-Layout (written by :func:`ffkv.memory.mining.mine` and :func:`ffkv.memory.analysis.analyze`)::
+Layout (written by :func:`ffkv.memory.miner.mine` and :func:`ffkv.memory.analysis.analyze`)::
 
     DIR/atlas.json               metadata: provenance, model path, corpus, status
     DIR/triggers/layer-LLL.parquet  index, kind (top|bottom), rank, coef, unit, position
