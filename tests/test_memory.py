@@ -391,3 +391,45 @@ def test_report(planted_atlas):
     assert "Sampled memories" in html and "raw measurements" in html
     for name in ("values", "patterns", "removal", "composition"):
         assert (planted_atlas.path / "analysis" / f"{name}.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- one corpus reader
+def test_one_corpus_reader_for_atlas_and_statistics(planted, corpus_file, tmp_path):
+    """``--corpus`` is parsed by one function for ``ffkv atlas mine`` and the statistics of ``ffkv edit``."""
+    from ffkv.edit.stats import resolve_corpus
+
+    m = planted.model
+    name, texts = resolve_corpus(m, str(corpus_file))
+    assert name == corpus_file.name
+    assert texts == [t for _, t in corpus_mod.documents(corpus_mod.corpus_files(corpus_file))]
+    source = corpus_mod.open_corpus(str(corpus_file), m)
+    assert source.spec == str(corpus_file.resolve()) and source.fingerprint == corpus_mod.corpus_fingerprint(
+        corpus_mod.corpus_files(corpus_file))
+    (tmp_path / "d.raw").write_text("the old\ncastle .\n\nthe new bridge\n")
+    assert resolve_corpus(m, tmp_path / "d.raw")[1] == ["the old castle .", "the new bridge"]
+    listed = corpus_mod.open_corpus(["a b", " ", "c"])
+    assert listed.texts_list() == ["a b", "c"] and listed.name == "texts"
+    with pytest.raises(FfkvError, match="not a testbed model"):
+        corpus_mod.open_corpus("testbed", m)
+    with pytest.raises(FfkvError, match="does not exist"):
+        resolve_corpus(m, tmp_path / "missing.txt")
+    with pytest.raises(FfkvError, match="empty"):
+        corpus_mod.open_corpus([])
+
+
+@pytest.mark.shared_data
+def test_named_corpora_resolve_alike(planted, shared_data):
+    m = planted.model
+    auto, wiki = corpus_mod.open_corpus("auto", m), corpus_mod.open_corpus("wikitext")
+    assert auto == wiki and auto.name == "wikitext-2" and auto.spec == "wikitext"
+    assert {f.name for f in wiki.files} <= {"train.txt", "valid.txt", "test.txt"} and wiki.files
+
+
+def test_the_testbed_world_is_a_corpus_for_both(testbed_model):
+    from ffkv.edit.stats import resolve_corpus, testbed_world_of
+
+    world = testbed_world_of(testbed_model)
+    auto = corpus_mod.open_corpus("auto", testbed_model)
+    assert auto.name == f"testbed-{world.seed}-{world.preset}" and auto.texts_list() == world.documents()
+    assert corpus_mod.open_corpus(auto.spec) == auto  # what an atlas records resolves again without the model
+    assert resolve_corpus(testbed_model, "testbed") == (auto.name, auto.texts_list())

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ..errors import FfkvError
 from ..io import load_safetensors, provenance, read_json, save_safetensors, write_json, write_parquet
 from ..models.engine import capture_coefficients
-from .corpus import CorpusSpec, Unit, corpus_files, corpus_fingerprint, iter_units
+from .corpus import Corpus, CorpusSpec, Unit, iter_units, open_corpus
 from .topk import TriggerBuffers, first_occurrences, prefix_hashes
 
 POSITION_BITS = 20  # global prefix id g = unit << 20 | position
@@ -97,8 +97,8 @@ def batch_coefficients(model, ids: torch.Tensor, mask: torch.Tensor, unit_ids: t
     return (coefs, gids) if hashes is None else (coefs, gids, h)
 
 
-def _hyper(spec: CorpusSpec, top_k: int, dedup: bool) -> dict:
-    return {"corpus": str(Path(spec.path).resolve()), "split": spec.split, "window": spec.window,
+def _hyper(spec: CorpusSpec, source: Corpus, top_k: int, dedup: bool) -> dict:
+    return {"corpus": source.spec, "split": spec.split, "window": spec.window,
             "min_tokens": spec.min_tokens, "text_field": spec.text_field, "max_units": spec.max_units,
             "docs": spec.docs, "top_k": top_k, "dedup": dedup}
 
@@ -116,7 +116,8 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
          device_buffers: bool = True, dedup: bool = True, **corpus_options) -> dict:
     """Mine the top-k / bottom-k trigger prefixes of every key of ``model`` over ``corpus`` into ``out``.
 
-    corpus: a path (file or folder) or a :class:`CorpusSpec`; ``corpus_options`` (split, window,
+    corpus: a corpus spec (a file or folder, "wikitext", "testbed", "auto": :func:`ffkv.memory.corpus.open_corpus`,
+    the same specs as the statistics of ``ffkv edit``) or a :class:`CorpusSpec`; ``corpus_options`` (split, window,
     min_tokens, text_field, max_units) build the spec from a path. Running again on the same ``out``
     resumes after the last checkpoint (and returns at once if the atlas is complete); a different model,
     corpus or top_k is refused. ``max_batches`` stops after that many batches of this call, leaving a
@@ -133,15 +134,15 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
     if n_pos is not None and spec.window > n_pos:
         raise FfkvError(f"window {spec.window} is longer than the model's context ({n_pos} positions)",
                         f"pass --window {n_pos} or less")
-    files = corpus_files(spec.path)
+    source = open_corpus(spec.path, model)
     out = Path(out)
     state_dir = out / "state"
-    hyper = _hyper(spec, top_k, dedup)
+    hyper = _hyper(spec, source, top_k, dedup)
     identity = model.identity
     meta_path = out / "atlas.json"
-    fingerprint = corpus_fingerprint(files)
-    tok = model._require_tokenizer()
-    if next(iter_units(tok, spec, files), None) is None:  # before anything is written
+    fingerprint = source.fingerprint
+    tok = model.require_tokenizer()
+    if next(iter_units(tok, spec, source=source), None) is None:  # before anything is written
         raise FfkvError(f"corpus '{spec.path}' yields no units of at least {spec.min_tokens} tokens",
                         "pass a corpus with text in it (or lower --min-tokens)")
     if meta_path.exists():
@@ -166,7 +167,7 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
         _drop_orphan_shards(state_dir, done["shards"])
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    stream = (u for u in iter_units(tok, spec, files) if u.unit >= done["units"])
+    stream = (u for u in iter_units(tok, spec, source=source) if u.unit >= done["units"])
     pending: list[Unit] = []
     bar = _progress(progress, done["tokens"])
     t0, tokens_this_call, n_batches = time.perf_counter(), 0, 0

@@ -17,7 +17,7 @@ def brute_force_triggers(model, units: list[Unit], top_k: int, batch_tokens: int
     Returns {layer: {"top": (d_ffn, k) gids, "bottom": ..., "top_coef": ..., "bottom_coef": ...}} with
     the order (coefficient desc, g asc) for top and (coefficient asc, g asc) for bottom.
     """
-    tok = model._require_tokenizer()
+    tok = model.require_tokenizer()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     all_c, all_g, seen, keep = [], [], set(), []
     for batch in batches(iter(units), batch_tokens, max(len(u.tokens) for u in units)):
