@@ -164,14 +164,15 @@ def test_cost_counts_the_layer_tokens_actually_run(tiny_models):
 
 
 def test_no_deprecation_warnings_from_ffkv_calls(tiny_models):
-    m = tiny_models["gpt2"]
-    ids = _ids(m)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        logits, rec, cache = reference_run(m, ids, reads=[("resid_pre", 1)])
-        run_tail(m, ids[:, 2:], 1, rec["resid_pre", 1][:, 2:], cache, 2, torch.arange(2))
-        run(m, ids, head=(torch.tensor([0]), torch.tensor([3])))
-        capture_coefficients(m, ids)
+    """transformers 5 renamed ``past_key_values`` to ``cache``; the engine uses the new names everywhere."""
+    for mt, m in tiny_models.items():
+        ids = _ids(m)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            logits, rec, cache = reference_run(m, ids, reads=[("resid_pre", 1)])
+            run_tail(m, ids[:, 2:], 1, rec["resid_pre", 1][:, 2:], cache, 2, torch.arange(2))
+            run(m, ids, head=(torch.tensor([0]), torch.tensor([3])))
+            capture_coefficients(m, ids)
 
 
 def test_ffn_write_is_a_site(tiny_models, monkeypatch):

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from ..errors import FfkvError
 from ..io import load_safetensors, provenance, read_json, save_safetensors, write_json, write_parquet
 from ..models.engine import capture_coefficients
+from ..models.memory_id import MemoryId
 from .corpus import Corpus, CorpusSpec, Unit, iter_units, open_corpus
 from .topk import TriggerBuffers, first_occurrences, prefix_hashes
 
@@ -267,8 +268,9 @@ def _finalize(model, out: Path, buffers: TriggerBuffers, done: dict, meta: dict,
         cols = {}
         for kind, v, g, sign in (("top", buffers.top_v, buffers.top_g, 1.0),
                                  ("bottom", buffers.bot_v, buffers.bot_g, -1.0)):
-            vv = (v[l * d:(l + 1) * d] * sign).cpu().numpy()
-            gg = g[l * d:(l + 1) * d].cpu().numpy()
+            block = slice(MemoryId(l, 0).flat(d), MemoryId(l + 1, 0).flat(d))  # the rows of layer l's keys
+            vv = (v[block] * sign).cpu().numpy()
+            gg = g[block].cpu().numpy()
             idx, rank = np.nonzero(gg >= 0)
             cols.setdefault("index", []).append(idx.astype(np.int32))
             cols.setdefault("kind", []).append(np.full(idx.size, kind))

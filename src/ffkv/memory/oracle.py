@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..models.memory_id import MemoryId
 from .corpus import Unit
 from .miner import batch_coefficients, batches, encode_units
 
@@ -39,7 +40,7 @@ def brute_force_triggers(model, units: list[Unit], top_k: int, batch_tokens: int
         for kind, sgn in (("top", -1.0), ("bottom", 1.0)):
             rows_g, rows_c = [], []
             for i in range(d):
-                c = C[l * d + i]
+                c = C[MemoryId(l, i).flat(d)]
                 order = np.lexsort((G, sgn * c))[:top_k]
                 rows_g.append(G[order])
                 rows_c.append(c[order])

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import FfkvError
+from ..models.memory_id import MemoryId
 
 
 def ordered_bits(x: torch.Tensor) -> torch.Tensor:
@@ -210,7 +211,8 @@ class TriggerBuffers:
         free of repeats (required with dedup)."""
         if coef.shape[0] == 0:
             return
-        rows = slice(None) if layer is None else slice(layer * self.d_ffn, (layer + 1) * self.d_ffn)
+        rows = slice(None) if layer is None else slice(MemoryId(layer, 0).flat(self.d_ffn),
+                                                        MemoryId(layer + 1, 0).flat(self.d_ffn))
         hi, lo = coef.amax(0), coef.amin(0)  # (aminmax along dim 0 is 10x slower on CPU)
         for kind, negate, best in (("top", False, hi), ("bot", True, -lo)):
             v, g, h = getattr(self, kind + "_v"), getattr(self, kind + "_g"), getattr(self, kind + "_h")
