@@ -26,13 +26,15 @@ def test_partial_run_from_a_layer_and_position_equals_the_full_run(tiny_models):
     for mt, m in tiny_models.items():
         ids = _ids(m)
         L = m.n_layers
-        for start, prefix in [(1, 3), (0, 4), (L - 1, 6), (1, 0)]:
+        for start, prefix in [(L - 1, 3), (0, 4), (1, 0)]:
             logits, rec, cache = reference_run(m, ids, reads=[("resid_pre", start), ("resid_post", L - 1)])
             out = run(m, ids[:, prefix:], start_layer=start, start_resid=rec["resid_pre", start][:, prefix:],
                       cache=cache, prefix_len=prefix, cache_rows=torch.arange(2), reads=[("resid_post", L - 1)])
             assert out.logits.shape == (2, 7 - prefix, m.vocab_size), mt
             assert torch.allclose(out.logits, logits[:, prefix:], atol=1e-5, rtol=1e-5), (mt, start, prefix)
             assert torch.allclose(out.rec["resid_post", L - 1], rec["resid_post", L - 1][:, prefix:], atol=1e-5)
+            if prefix != 3:
+                continue
             # the same cells as the last-position shorthand
             tail, _ = run_tail(m, ids[:, prefix:], start, rec["resid_pre", start][:, prefix:], cache, prefix,
                                torch.arange(2))
