@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ffkv.errors import FfkvError
-from ffkv.locate._run import check_tail
+from ffkv.models.engine import check_tail
 from ffkv.locate.trace import causal_trace, causal_trace_reference, restore_states
 from ffkv.models.model import MemoryModel
 from ffkv.testbed.planted import word_tokenizer

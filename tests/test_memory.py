@@ -13,7 +13,10 @@ import torch
 from ffkv.errors import FfkvError
 from ffkv.memory import corpus as corpus_mod
 from ffkv.memory.atlas import Atlas, parse_memory
-from ffkv.memory.mining import POSITION_BITS, brute_force_triggers, merge_topk, mine
+from ffkv.memory.merge import merge_atlases
+from ffkv.memory.miner import POSITION_BITS, batch_coefficients, mine
+from ffkv.memory.oracle import brute_force_triggers
+from ffkv.memory.topk import TriggerBuffers, merge_topk
 from ffkv.testbed.planted import WORDS
 
 
@@ -87,7 +90,6 @@ def test_merge_topk_is_exact_with_ties(sparse_share, negate):
 # ------------------------------------------------------------------------------------------- mining
 def test_coefficients_match_the_coef_site_for_every_family(tiny_models):
     """Mining's reader returns exactly what ``intervene(reads=[("coef", l)])`` records, for every adapter."""
-    from ffkv.memory.mining import TriggerBuffers, batch_coefficients
     from ffkv.models.hooks import intervene
 
     g = torch.Generator().manual_seed(0)
@@ -156,7 +158,7 @@ def test_interrupted_run_resumes_to_the_same_atlas(planted, corpus_file, planted
 def test_killed_between_shard_and_state_resumes_exactly(planted, corpus_file, planted_atlas, tmp_path,
                                                         monkeypatch):
     """A crash after the units shard is written but before the buffers: the orphan shard is dropped."""
-    from ffkv.memory import mining
+    from ffkv.memory import miner as mining
 
     out = tmp_path / "killed"
     real = mining.save_safetensors
@@ -180,7 +182,6 @@ def test_killed_between_shard_and_state_resumes_exactly(planted, corpus_file, pl
 
 
 def test_merged_shards_equal_one_run(planted, tmp_path):
-    from ffkv.memory.mining import merge_atlases
 
     folder = tmp_path / "corpus"
     folder.mkdir()
@@ -390,3 +391,45 @@ def test_report(planted_atlas):
     assert "Sampled memories" in html and "raw measurements" in html
     for name in ("values", "patterns", "removal", "composition"):
         assert (planted_atlas.path / "analysis" / f"{name}.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- one corpus reader
+def test_one_corpus_reader_for_atlas_and_statistics(planted, corpus_file, tmp_path):
+    """``--corpus`` is parsed by one function for ``ffkv atlas mine`` and the statistics of ``ffkv edit``."""
+    from ffkv.edit.stats import resolve_corpus
+
+    m = planted.model
+    name, texts = resolve_corpus(m, str(corpus_file))
+    assert name == corpus_file.name
+    assert texts == [t for _, t in corpus_mod.documents(corpus_mod.corpus_files(corpus_file))]
+    source = corpus_mod.open_corpus(str(corpus_file), m)
+    assert source.spec == str(corpus_file.resolve()) and source.fingerprint == corpus_mod.corpus_fingerprint(
+        corpus_mod.corpus_files(corpus_file))
+    (tmp_path / "d.raw").write_text("the old\ncastle .\n\nthe new bridge\n")
+    assert resolve_corpus(m, tmp_path / "d.raw")[1] == ["the old castle .", "the new bridge"]
+    listed = corpus_mod.open_corpus(["a b", " ", "c"])
+    assert listed.texts_list() == ["a b", "c"] and listed.name == "texts"
+    with pytest.raises(FfkvError, match="not a testbed model"):
+        corpus_mod.open_corpus("testbed", m)
+    with pytest.raises(FfkvError, match="does not exist"):
+        resolve_corpus(m, tmp_path / "missing.txt")
+    with pytest.raises(FfkvError, match="empty"):
+        corpus_mod.open_corpus([])
+
+
+@pytest.mark.shared_data
+def test_named_corpora_resolve_alike(planted, shared_data):
+    m = planted.model
+    auto, wiki = corpus_mod.open_corpus("auto", m), corpus_mod.open_corpus("wikitext")
+    assert auto == wiki and auto.name == "wikitext-2" and auto.spec == "wikitext"
+    assert {f.name for f in wiki.files} <= {"train.txt", "valid.txt", "test.txt"} and wiki.files
+
+
+def test_the_testbed_world_is_a_corpus_for_both(testbed_model):
+    from ffkv.edit.stats import resolve_corpus, testbed_world_of
+
+    world = testbed_world_of(testbed_model)
+    auto = corpus_mod.open_corpus("auto", testbed_model)
+    assert auto.name == f"testbed-{world.seed}-{world.preset}" and auto.texts_list() == world.documents()
+    assert corpus_mod.open_corpus(auto.spec) == auto  # what an atlas records resolves again without the model
+    assert resolve_corpus(testbed_model, "testbed") == (auto.name, auto.texts_list())

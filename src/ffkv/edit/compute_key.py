@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..models.hooks import intervene
+from ..models.engine import run
 from .requests import EditRequest, render_batch
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
@@ -25,7 +25,7 @@ PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
 @torch.no_grad()
 def generate_prefix(model, start: str, length: int, generator: torch.Generator, top_k: int = 5) -> str:
     """One context prefix: ``length`` tokens sampled top-k from the model after ``start``, plus ``". "``."""
-    tok = model._require_tokenizer()
+    tok = model.require_tokenizer()
     ids = tok(start, add_special_tokens=True)["input_ids"]
     n0 = len(ids)
     specials = set(tok.all_special_ids)
@@ -42,14 +42,16 @@ def generate_prefix(model, start: str, length: int, generator: torch.Generator, 
     return text + ". "
 
 
-def context_prefixes(model, spec: Sequence[Sequence[int]] = ((5, 10),), seed: int = 0) -> list[str]:
+def context_prefixes(model, spec: Sequence[Sequence[int]] = ((5, 10),), seed: int = 0,
+                     cache: dict | None = None) -> list[str]:
     """``[""] +`` generated prefixes: for each ``(length, count)`` in ``spec``, ``count`` of ``length`` tokens.
 
-    Seeded and cached on the model object (ROME generates them once per run): sequential edits use the
-    same prefixes, as ROME's global cache does.
+    Seeded, so the same model, spec and seed give the same prefixes. ROME generates them once per run and
+    sequential edits reuse them (its global cache): pass the same ``cache`` dict (an ``EditContext``'s) to
+    every call; None generates them afresh. Nothing is stored on the model.
     """
     key = (tuple(tuple(int(x) for x in s) for s in spec), int(seed))
-    cache = model.__dict__.setdefault("_ffkv_prefix_cache", {})
+    cache = cache if cache is not None else {}
     if key not in cache:
         g = torch.Generator().manual_seed(int(seed))
         out = [""]
@@ -64,14 +66,13 @@ def context_prefixes(model, spec: Sequence[Sequence[int]] = ((5, 10),), seed: in
 def compute_keys(model, requests: Sequence[EditRequest], layer: int, prefixes: Sequence[str]) -> torch.Tensor:
     """k* of each request at ``layer``, averaged over ``prefixes``: (n_requests, d_ffn) float32.
 
-    One forward pass over all ``len(requests) * len(prefixes)`` texts (right-padded; positions are
-    unaffected by padding in a causal model).
+    One engine run over all ``len(requests) * len(prefixes)`` texts (right-padded; positions are
+    unaffected by padding in a causal model), stopping after ``layer``.
     """
     rows = [(p, r) for r in requests for p in prefixes]
     batch = render_batch(model, rows)
-    with intervene(model, reads=[("coef", layer)]) as rec:
-        model.hf(**batch.inputs)
-    coef = rec["coef", layer]  # (B, T, d_ffn)
+    coef = run(model, batch.inputs["input_ids"], attention_mask=batch.inputs["attention_mask"],
+               reads=[("coef", layer)], head="none", copy_reads=False).rec["coef", layer]  # (B, T, d_ffn)
     k = coef[torch.arange(len(rows), device=coef.device), batch.subject_last].float()
     return k.view(len(requests), len(prefixes), -1).mean(1)
 
@@ -80,7 +81,6 @@ def compute_keys(model, requests: Sequence[EditRequest], layer: int, prefixes: S
 def read_at_subject(model, requests: Sequence[EditRequest], site: str, layer: int, prefix: str = "") -> torch.Tensor:
     """The activation at ``(site, layer)`` at the subject's last token of each bare prompt: (n, D) float32."""
     batch = render_batch(model, [(prefix, r) for r in requests])
-    with intervene(model, reads=[(site, layer)]) as rec:
-        model.hf(**batch.inputs)
-    h = rec[site, layer]
+    h = run(model, batch.inputs["input_ids"], attention_mask=batch.inputs["attention_mask"],
+            reads=[(site, layer)], head="none").rec[site, layer]
     return h[torch.arange(len(requests), device=h.device), batch.subject_last].float()

@@ -17,6 +17,10 @@ A batch of requests is optimised together: one forward pass per step holds every
 request has its own row of δ (n, d_model) and its own loss term, Adam acts element-wise, and a request that
 has converged leaves the batch (its rows are no longer run) with δ frozen, so each row follows the same
 trajectory as a one-request-at-a-time run and no work is spent on finished requests.
+
+The loss reads a few positions per row, and the LM head over every position of every row would be most of
+the work (B x T x V logits): each step is one engine run with the head only at those positions
+(``head=(rows, positions)`` of :func:`ffkv.models.engine.run`: the family's real head, soft-capping included).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import Sequence
 
 import torch
 
-from ..models.hooks import Intervention, intervene
+from ..models.engine import run
+from ..models.hooks import Intervention
 from .requests import Batch, EditRequest, render_batch
 
 
@@ -95,29 +100,11 @@ def target_log_likelihood(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return (tok_lp * m).sum(1) / m.sum(1)
 
 
-def logits_at(model, inputs: dict, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Vocabulary logits at ``(rows, positions)`` only: positions (n, ...) -> logits (n, ..., V).
-
-    The loss reads a few positions per row, and the LM head over every position of every row would be most
-    of the work (B x T x V floats, far out of cache on a CPU); so the transformer body runs alone and the
-    unembedding (final projection and LM head, from the architecture spec) is applied where it is read.
-    The body's output already has the final norm applied.
-    """
-    from ..memory.mining import forward_module
-
-    body = forward_module(model)
-    if body is model.hf:  # no separate body known: the full forward pass, then the positions
-        logits = model.hf(**inputs).logits
-        return logits[rows.view(-1, *[1] * (positions.dim() - 1)), positions]
-    h = body(**inputs).last_hidden_state
-    return model.unembed(h[rows.view(-1, *[1] * (positions.dim() - 1)), positions], norm=False)
-
-
 def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: int, hparams: dict,
                     prefixes: Sequence[str], progress: bool = False) -> TargetResult:
     """Optimise δ for every request together (see the module docstring); returns a :class:`TargetResult`."""
     n, P = len(requests), len(prefixes)
-    tok = model._require_tokenizer()
+    tok = model.require_tokenizer()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     rewrite = render_batch(model, [(p, r) for r in requests for p in prefixes], with_target=True)
     kl_reqs = [EditRequest(hparams["kl_prompt"], r.subject, r.target) for r in requests]
@@ -128,8 +115,10 @@ def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: in
     owner = torch.cat([torch.arange(n, device=dev).repeat_interleave(P), torch.arange(n, device=dev)])
     kl_rows = torch.arange(n * P, B, device=dev)
 
-    with torch.no_grad(), intervene(model, reads=[(site, layer)]) as rec:
-        logits = model.hf(**batch.inputs).logits
+    with torch.no_grad():
+        ref = run(model, batch.inputs["input_ids"], attention_mask=batch.inputs["attention_mask"],
+                  reads=[(site, layer)])
+    logits, rec = ref.logits, ref.rec
     h = rec[site, layer][torch.arange(0, n * P, P, device=dev), batch.subject_last[: n * P: P]].float()
     kl_ref = torch.log_softmax(logits[kl_rows, batch.last[kl_rows]].float(), -1)  # (n, V)
 
@@ -167,8 +156,9 @@ def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: in
                 rows = torch.cat([torch.arange(n_rw, device=dev).repeat_interleave(L),
                                   torch.arange(n_rw, n_rw + a, device=dev)])
                 pos = torch.cat([sub.target_pos.flatten(), batch.last[n * P + act]])
-                with intervene(model, edits=[Intervention(site, layer, "fn", value=fn)]):
-                    logits = logits_at(model, inputs, rows, pos)  # (n_rw * L + a, V)
+                # the family's real head, only where the loss reads: (n_rw * L + a, V)
+                logits = run(model, inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                             edits=[Intervention(site, layer, "fn", value=fn)], head=(rows, pos)).logits
                 nll_r = -target_log_likelihood(logits[: n_rw * L].view(n_rw, L, -1), sub).view(a, P).mean(1)
                 lp_new = torch.log_softmax(logits[n_rw * L:].float(), -1)  # (a, V)
                 kl_r = (lp_new.exp() * (lp_new - kl_ref[act])).sum(-1)  # KL(p_new || p_orig), as ROME's kl_div

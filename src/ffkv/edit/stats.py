@@ -9,9 +9,13 @@ batch products in float32 and running sums in float64, whatever the model's dtyp
 disk as safetensors, one file per layer, with the model's identity, the layer, the corpus and the token
 count in the metadata; a cached file that belongs to another model is refused.
 
-The corpus (``corpus=``): ``"auto"`` is the testbed world's training text for a testbed model (its
-``testbed.json`` names the world) and WikiText-2 from ``../shared/data`` otherwise; ``"wikitext"``; a
-path to a ``.txt`` / ``.jsonl`` (``"text"`` field) file or a folder of them; or a list of strings.
+The corpus (``corpus=``) is read by ffkv's one corpus reader, :func:`ffkv.memory.corpus.open_corpus`, so
+``--corpus`` means the same here as to ``ffkv atlas mine``: ``"auto"`` (the testbed world's training text for
+a testbed model, whose ``testbed.json`` names the world, WikiText-2 from the shared data otherwise),
+``"testbed"``, ``"wikitext"``, a text/JSONL/Parquet/Arrow file or a folder of them, or a list of strings.
+
+No state is kept on the model: a caller that edits many times (an ``EditContext``) passes ``memo`` (a dict
+that keeps the results in memory between calls) and ``base_identity`` (the unedited model's identity).
 """
 
 from __future__ import annotations
@@ -25,11 +29,16 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from ..errors import FfkvError
-from ..io import load_safetensors, save_safetensors
+from ..io import load_safetensors, provenance, save_safetensors
+from ..memory.corpus import SHARED_DATA, open_corpus, testbed_world_of
+from ..models.engine import capture_coefficients
 
-SHARED_DATA = Path(os.environ.get("FFKV_SHARED_DATA", Path(__file__).resolve().parents[3].parent / "shared" / "data"))
+__all__ = ["SHARED_DATA", "SecondMoment", "accumulate_second_moments", "base_identity", "cholesky_factor",
+           "default_stats_dir", "layer_stats", "load_second_moment", "resolve_corpus", "testbed_world_of",
+           "token_windows"]
 
 
 @dataclass
@@ -43,10 +52,6 @@ class SecondMoment:
     path: Path | None = None
 
 
-class _StopForward(Exception):
-    """Raised by a hook after the deepest requested layer: the rest of the model is not needed."""
-
-
 def default_stats_dir() -> Path:
     return Path(os.environ.get("FFKV_STATS_DIR", Path.home() / ".cache" / "ffkv" / "stats"))
 
@@ -56,15 +61,13 @@ def default_stats_dir() -> Path:
 
 
 def base_identity(model) -> dict:
-    """The identity the statistics belong to: the unedited model's.
+    """The identity the statistics belong to: the unedited model's, as far as the model folder tells.
 
     Edits change W_out, not the keys that C is computed from at the edited layer, and ROME/MEMIT reuse the
-    statistics of the unedited model across edits, so an edited model (in memory, or saved by
-    ``ffkv edit`` with ``ffkv_edit.json`` beside its weights) uses its base model's statistics.
+    statistics of the unedited model across edits, so an edited model saved by ``ffkv edit`` (with
+    ``ffkv_edit.json`` beside its weights) uses its base model's statistics. A model edited in memory does
+    not know its base: its journal does, and the caller passes ``layer_stats(..., base_identity=...)``.
     """
-    ident = getattr(model, "_ffkv_base_identity", None)
-    if ident is not None:
-        return ident
     p = Path(str(model.name_or_path)) / "ffkv_edit.json"
     if p.exists():
         try:
@@ -72,6 +75,9 @@ def base_identity(model) -> dict:
         except (json.JSONDecodeError, KeyError):
             pass
     return model.identity
+
+
+_identity_of = base_identity  # layer_stats' keyword of the same name hides the function
 
 
 def _model_key(identity: dict) -> str:
@@ -86,81 +92,18 @@ def _model_key(identity: dict) -> str:
 # Corpus
 
 
-def testbed_world_of(model):
-    """The testbed world a model was trained on (from its folder's ``testbed.json``), or None."""
-    p = Path(str(model.name_or_path))
-    for meta_path in (p / "testbed.json", p.parent / "model" / "testbed.json"):
-        if meta_path.exists():
-            try:
-                world = json.loads(meta_path.read_text())["hyperparameters"]["world"]
-                from ..testbed.world import generate_world
-
-                return generate_world(int(world["seed"]), world["preset"])
-            except (KeyError, ValueError, json.JSONDecodeError, FfkvError):
-                return None
-    return None
-
-
-def resolve_corpus(model, corpus: str | Path | Sequence[str] = "auto") -> tuple[str, Iterable[str]]:
-    """``(name, texts)`` of a corpus spec (see the module docstring)."""
-    if not isinstance(corpus, (str, Path)):
-        texts = list(corpus)
-        if not texts:
-            raise FfkvError("the statistics corpus is empty", "pass a non-empty list of texts")
-        return "texts", texts
-    spec = str(corpus)
-    if spec == "auto":
-        world = testbed_world_of(model)
-        if world is not None:
-            return f"testbed-{world.seed}-{world.preset}", world.documents()
-        spec = "wikitext"
-    if spec in ("testbed",):
-        world = testbed_world_of(model)
-        if world is None:
-            raise FfkvError(f"model '{model.name_or_path}' is not a testbed model (no testbed.json)",
-                            "pass corpus='wikitext' or a text file")
-        return f"testbed-{world.seed}-{world.preset}", world.documents()
-    if spec == "wikitext":
-        folder = SHARED_DATA / "text" / "wikitext-2"
-        if not folder.exists():
-            raise FfkvError(f"no corpus for the statistics: WikiText-2 is not at {folder}",
-                            "pass corpus=<text file or folder> (--corpus), or set FFKV_SHARED_DATA")
-        return "wikitext-2", _read_texts(folder, prefer="train")
-    p = Path(spec)
-    if not p.exists():
-        raise FfkvError(f"statistics corpus '{spec}' not found", "pass 'auto', 'wikitext', or a text file/folder")
-    return p.name, _read_texts(p)
-
-
-def _read_texts(path: Path, prefer: str | None = None) -> list[str]:
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*")
-                                                  if f.suffix in (".txt", ".jsonl", ".raw", ".tokens", ".parquet"))
-    if prefer and any(prefer in f.name for f in files):
-        files = [f for f in files if prefer in f.name]
-    texts: list[str] = []
-    for f in files:
-        if f.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(f)
-            col = "text" if "text" in table.column_names else table.column_names[0]
-            texts.extend(str(t) for t in table.column(col).to_pylist() if t and str(t).strip())
-        elif f.suffix == ".jsonl":
-            for line in f.read_text(errors="replace").splitlines():
-                if line.strip():
-                    d = json.loads(line)
-                    texts.append(d.get("text", "") if isinstance(d, dict) else str(d))
-        else:
-            texts.extend(t for t in re.split(r"\n\s*\n", f.read_text(errors="replace")) if t.strip())
-    texts = [t for t in texts if t.strip()]
+def resolve_corpus(model, corpus: str | Path | Sequence[str] = "auto") -> tuple[str, list[str]]:
+    """``(name, texts)`` of a corpus spec, read by :func:`ffkv.memory.corpus.open_corpus`."""
+    source = open_corpus(corpus, model)
+    texts = source.texts_list()
     if not texts:
-        raise FfkvError(f"statistics corpus {path} has no text", "pass a folder or file with text in it")
-    return texts
+        raise FfkvError(f"statistics corpus '{source.name}' has no text", "pass a corpus with text in it")
+    return source.name, texts
 
 
 def token_windows(model, texts: Iterable[str], n_tokens: int, window: int) -> torch.Tensor:
     """The first ``n_tokens`` tokens of the texts, joined by eos, as windows: (n_windows, window) long."""
-    tok = model._require_tokenizer()
+    tok = model.require_tokenizer()
     sep = [tok.eos_token_id] if tok.eos_token_id is not None else []
     stream: list[int] = []
     for t in texts:
@@ -193,33 +136,20 @@ def accumulate_second_moments(model, windows: torch.Tensor, layers: Sequence[int
                               progress: bool = True) -> tuple[dict[int, torch.Tensor], int]:
     """Σ_t k_t k_t^T for each layer over all tokens of ``windows`` (n, T), in one forward pass per batch.
 
-    Returns ``({layer: S (d_ffn, d_ffn) float64}, N)``; C = S / N.
+    Returns ``({layer: S (d_ffn, d_ffn) float64}, N)``; C = S / N. Each batch is one engine run that reads
+    the coefficients without copying them and stops after the deepest requested layer.
     """
-    from tqdm import tqdm
-
-    from ..models.hooks import Intervention, intervene
-
     layers = sorted(set(layers))
     sums = {l: torch.zeros(model.d_ffn, model.d_ffn, dtype=torch.float64, device=model.device) for l in layers}
     count = 0
-
-    def stop(h):
-        raise _StopForward
-
-    deepest = layers[-1]
     bar = tqdm(total=windows.numel(), desc=f"C=E[kk^T] L{','.join(map(str, layers))}", unit="tok",
                disable=not progress, file=None, mininterval=1.0, leave=False)
     with torch.no_grad():
         for i in range(0, windows.shape[0], batch_size):
             ids = windows[i:i + batch_size].to(model.device)
-            with intervene(model, reads=[("coef", l) for l in layers],
-                           edits=[Intervention("ffn_out", deepest, "fn", value=stop)]) as rec:
-                try:
-                    model.hf(input_ids=ids)
-                except _StopForward:
-                    pass
+            coef = capture_coefficients(model, ids, layers=layers)
             for l in layers:
-                k = rec["coef", l].reshape(-1, model.d_ffn).float()
+                k = coef[l].reshape(-1, model.d_ffn).float()
                 sums[l] += (k.T @ k).double()
             count += ids.numel()
             bar.update(ids.numel())
@@ -253,21 +183,24 @@ def load_second_moment(path: str | Path, identity: dict | None = None, layer: in
 def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequence[str] = "auto",
                 n_tokens: int = 100_000, stats_dir: str | Path | None = None, window: int | None = None,
                 batch_size: int = 8, recompute: bool = False, cache: bool = True,
-                progress: bool = True) -> dict[int, SecondMoment]:
+                progress: bool = True, base_identity: dict | None = None,
+                memo: dict | None = None) -> dict[int, SecondMoment]:
     """C = E[k k^T] of each layer in ``layers``, from the cache or computed in one pass over ``corpus``.
 
     Returns ``{layer: SecondMoment}``; C is (d_ffn, d_ffn) float64 on the CPU. ``n_tokens`` is the number of
     corpus tokens (fewer if the corpus is shorter); windows of ``window`` tokens (default: min(256, the
     model's context)). Cached under ``stats_dir`` (default ``$FFKV_STATS_DIR`` or ``~/.cache/ffkv/stats``).
+    base_identity: the identity the statistics belong to (an edited model's base, from its journal;
+    default :func:`base_identity` of the model). memo: a dict that keeps results between calls (sequential
+    edits); None keeps nothing.
     """
     if isinstance(layers, int):
         layers = [layers]
     layers = sorted({model.check_layer(l) for l in layers})
     if not layers:
         raise FfkvError("no layers given for the statistics", "pass layers=[...]")
-    identity = base_identity(model)
-    # Sequential edits call this once per edit: keep the results on the model object as well.
-    memo = model.__dict__.setdefault("_ffkv_stats_memo", {})
+    identity = base_identity if base_identity is not None else _identity_of(model)
+    memo = memo if memo is not None else {}
     spec = str(corpus) if isinstance(corpus, (str, Path)) else \
         "texts-" + hashlib.sha256("\x00".join(corpus).encode()).hexdigest()[:16]
     memo_key = (spec, int(n_tokens), window, str(stats_dir), identity.get("fingerprint"))
@@ -295,8 +228,6 @@ def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequenc
             C = sums[l] / count
             path = _stats_path(stats_dir, identity, corpus_key, l, n)
             if cache:
-                from ..io import provenance
-
                 meta = provenance(identity, layer=l, corpus=name, corpus_key=corpus_key, n_tokens=count,
                                   window=window)
                 meta.update(layer=l, corpus=name, n_tokens=count)

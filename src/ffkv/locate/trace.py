@@ -24,7 +24,7 @@ Speed. ROME runs one forward pass of ``1 + samples`` rows over every token and l
    token (score = p_clean there, p_* elsewhere);
 2. window cells that restore the same set of states are run once;
 3. a restore at (t, l) changes only positions >= t from layer l (hidden: l + 1) on: each cell runs that block
-   alone (:func:`ffkv.locate._run.run_tail`), on the corrupted run's cache and residual stream;
+   alone (:func:`ffkv.models.engine.run_tail`), on the corrupted run's cache and residual stream;
 4. many cells share one forward pass (``samples`` rows each), grouped by start layer and token band; the clean
    row is not repeated in every pass.
 :func:`causal_trace_reference` is ROME's per-cell loop, kept for the equality test and the benchmark.
@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from ..errors import FfkvError
+from ..models.engine import Cost, reference_run, run, run_tail
 from ..models.hooks import Intervention, intervene
 from ..models.model import MemoryModel
-from ._run import Cost, reference_run, run_tail
 
 KINDS = ("hidden", "mlp", "attn")
 SITE_OF_KIND = {"hidden": "resid_post", "mlp": "ffn_out", "attn": "attn_out"}
@@ -329,9 +329,7 @@ def causal_trace_reference(model: MemoryModel, prompt: str, subject: str, kind: 
     def trace_with_patch(states: list[tuple[int, int]]) -> float:
         edits = [corrupt] + [Intervention(SITE_OF_KIND[kind], l, "fn", positions=[t],
                                           value=lambda h: h[:1].expand_as(h)) for t, l in states]
-        with intervene(model, edits=edits):
-            logits = model.hf(input_ids=ids).logits
-        cost.add(samples + 1, T, L)
+        logits = run(model, ids, edits=edits, cost=cost).logits
         return torch.softmax(logits[1:, -1].float(), -1)[:, prep.answer_id].mean().item()
 
     low = trace_with_patch([])
@@ -357,6 +355,5 @@ def restore_states(model: MemoryModel, prompt: str, subject: str, states: list[t
     for t, l in states:
         edits.append(Intervention(SITE_OF_KIND[kind], model.check_layer(l), "fn", positions=[t],
                                   value=lambda h: h[:1].expand_as(h)))
-    with intervene(model, edits=edits):
-        logits = model.hf(input_ids=prep.ids.expand(samples + 1, T)).logits
+    logits = run(model, prep.ids.expand(samples + 1, T), edits=edits).logits
     return torch.softmax(logits[1:, -1].float(), -1)[:, prep.answer_id].mean().item()

@@ -1,6 +1,6 @@
 """An atlas folder, read back: trigger examples of any memory, prefixes as text, the model that made it.
 
-Layout (written by :func:`ffkv.memory.mining.mine` and :func:`ffkv.memory.analysis.analyze`)::
+Layout (written by :func:`ffkv.memory.miner.mine` and :func:`ffkv.memory.analysis.analyze`)::
 
     DIR/atlas.json               metadata: provenance, model path, corpus, status
     DIR/triggers/layer-LLL.parquet  index, kind (top|bottom), rank, coef, unit, position
@@ -17,19 +17,33 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from ..errors import FfkvError
 from ..io import read_json
+from ..models.loading import load_model
+from ..models.memory_id import MemoryId
 
 _MEMORY = re.compile(r"^[Ll]?(-?\d+)[.:](\d+)$")
 
 
-def parse_memory(text: str) -> tuple[int, int]:
-    """``"L3.17"`` / ``"3.17"`` -> (3, 17)."""
-    m = _MEMORY.match(str(text).strip())
-    if not m:
-        raise FfkvError(f"'{text}' is not a memory name", "write it as LAYER.INDEX, e.g. 3.17 or L3.17")
-    return int(m.group(1)), int(m.group(2))
+def parse_memory(text) -> tuple[int, int]:
+    """``"L3.17"`` / ``"3.17"`` / ``MemoryId(3, 17)`` -> (3, 17), the (layer, index) of a dense memory."""
+    if isinstance(text, MemoryId):
+        mid = text
+    else:
+        m = _MEMORY.match(str(text).strip())
+        if not m:
+            return _dense(MemoryId.parse(str(text)))  # "L3.E2.17": one error for an expert's memory
+        mid = MemoryId(int(m.group(1)), int(m.group(2)))
+    return _dense(mid)
+
+
+def _dense(mid: MemoryId) -> tuple[int, int]:
+    if mid.expert is not None:
+        raise FfkvError(f"memory {mid} belongs to an expert, and this atlas has no expert axis",
+                        "name a dense memory as L<layer>.<index>")
+    return mid.layer, mid.index
 
 
 class Atlas:
@@ -65,8 +79,6 @@ class Atlas:
         if self._model is False:
             raise FfkvError("this atlas was opened without its model", "open it with Atlas(path)")
         if self._model is None:
-            from ..models.loading import load_model
-
             self._model = load_model(self.meta["model_path"])
             if self._model.identity["fingerprint"] != self.meta["model"].get("fingerprint"):
                 raise FfkvError(f"the model at '{self.meta['model_path']}' has changed since the atlas was mined",
@@ -85,8 +97,6 @@ class Atlas:
     # ------------------------------------------------------------------ tables
     def triggers(self, layer: int):
         """The trigger table of one layer (pyarrow Table: index, kind, rank, coef, unit, position)."""
-        import pyarrow.parquet as pq
-
         layer = self.check_memory(layer, 0)[0]
         if layer not in self._tables:
             f = self.path / "triggers" / f"layer-{layer:03d}.parquet"
@@ -110,8 +120,6 @@ class Atlas:
     @cached_property
     def units(self) -> dict:
         """``unit -> (tokens list, next_id)`` for every unit a trigger cites."""
-        import pyarrow.parquet as pq
-
         t = pq.read_table(self.path / "units.parquet", columns=["unit", "tokens", "next_id"]).to_pydict()
         return {u: (toks, nxt) for u, toks, nxt in zip(t["unit"], t["tokens"], t["next_id"])}
 
@@ -150,8 +158,6 @@ class Atlas:
         return rows
 
     def values_table(self):
-        import pyarrow.parquet as pq
-
         f = self.path / "values.parquet"
         if not f.exists():
             return None

@@ -5,23 +5,43 @@ A unit is the token sequence the model reads from its start; every position ``t`
 ``unit[:t+1]``. The stream is a pure function of (files, tokenizer, split options), so a resumed run can
 skip the units it has already consumed and see exactly the same batches again.
 
-Readers: plain text (``.txt``: documents are paragraphs separated by blank lines), JSONL (``.jsonl``, one
-object per line with a text field), Parquet (``.parquet``, a text column) and the Arrow files of a
-``datasets.save_to_disk`` folder (``.arrow``). A folder is read recursively in sorted path order.
+**The one corpus reader of ffkv.** ``--corpus`` means the same to ``ffkv atlas mine`` and to the statistics of
+``ffkv edit`` (:func:`open_corpus`):
+
+    a path        a file or a folder of files (read recursively in sorted path order):
+                  plain text (``.txt``, ``.raw``, ``.tokens``: documents are paragraphs separated by blank
+                  lines, a paragraph's lines joined by one space), JSONL (``.jsonl``, one object per line
+                  with a text field), Parquet (``.parquet``, a text column) and the Arrow files of a
+                  ``datasets.save_to_disk`` folder (``.arrow``)
+    "wikitext"    WikiText-2 from the shared data folder (``$FFKV_SHARED_DATA/text/wikitext-2``; its train
+                  split when present, else all its files)
+    "testbed"     the training text of the testbed world a model was trained on (its ``testbed.json``)
+    "auto"        "testbed" for a testbed model, "wikitext" otherwise
+    "testbed-S-P" the training text of testbed world seed S, preset P (what "testbed" resolves to)
+    a list of strings (Python API only): those documents
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..errors import FfkvError
+from ..testbed.world import generate_world
 
-SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
+SHARED_DATA = Path(os.environ.get("FFKV_SHARED_DATA", Path(__file__).resolve().parents[3].parent / "shared" / "data"))
+TEXT_SUFFIXES = (".txt", ".raw", ".tokens")
+SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet", ".arrow")
+NAMED = ("auto", "testbed", "wikitext")
+_TESTBED_NAME = re.compile(r"^testbed-(\d+)-([A-Za-z0-9_]+)$")
 SPLITS = ("sentence", "window")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -62,7 +82,8 @@ def corpus_files(path: str | Path) -> list[Path]:
     """The readable files of a corpus path (a file or a folder), in a fixed order."""
     p = Path(path)
     if not p.exists():
-        raise FfkvError(f"corpus path '{path}' does not exist", "pass a text/JSONL/Parquet file or a folder of them")
+        raise FfkvError(f"corpus path '{path}' does not exist",
+                        f"pass a text/JSONL/Parquet file, a folder of them, or one of {', '.join(NAMED)}")
     if p.is_file():
         if p.suffix not in SUFFIXES:
             raise FfkvError(f"corpus file '{path}' has an unsupported type '{p.suffix}'",
@@ -123,9 +144,6 @@ def _jsonl_documents(f: Path, field: str) -> Iterator[str]:
 
 
 def _table_documents(f: Path, field: str) -> Iterator[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         if f.suffix == ".parquet":
             pf = pq.ParquetFile(f)
@@ -151,7 +169,7 @@ def _table_documents(f: Path, field: str) -> Iterator[str]:
 def documents(files: list[Path], text_field: str = "text", by_line: bool = False) -> Iterator[tuple[str, str]]:
     """``(source, text)`` for every document of every file, in order."""
     for f in files:
-        if f.suffix == ".txt":
+        if f.suffix in TEXT_SUFFIXES:
             docs = _text_documents(f, by_line)
         elif f.suffix == ".jsonl":
             docs = _jsonl_documents(f, text_field)
@@ -167,16 +185,19 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
 
 
-def iter_units(tokenizer, spec: CorpusSpec, files: list[Path] | None = None) -> Iterator[Unit]:
+def iter_units(tokenizer, spec: CorpusSpec, files: list[Path] | None = None,
+               source: "Corpus | None" = None) -> Iterator[Unit]:
     """The units of a corpus, numbered from 0, each at most ``spec.window`` tokens long.
 
     split="sentence": one unit per sentence (truncated to ``window``); ``next_id`` is the token after it
     (the next sentence's first token, or the token after the truncation). split="window": the document's
     tokens in consecutive windows of ``window`` tokens. Units shorter than ``min_tokens`` are dropped.
     """
-    files = files if files is not None else corpus_files(spec.path)
+    if source is None:
+        source = Corpus(Path(spec.path).name, tuple(files), None, "", spec.path) if files is not None \
+            else open_corpus(spec.path)
     unit = 0
-    for doc, (source, text) in enumerate(documents(files, spec.text_field, spec.docs == "line")):
+    for doc, (name, text) in enumerate(source.documents(spec.text_field, spec.docs == "line")):
         if spec.split == "sentence":
             sents = split_sentences(text)
             ids = tokenizer(sents, add_special_tokens=False)["input_ids"] if sents else []
@@ -192,7 +213,95 @@ def iter_units(tokenizer, spec: CorpusSpec, files: list[Path] | None = None) -> 
         for toks, nxt in pieces:
             if len(toks) < spec.min_tokens:
                 continue
-            yield Unit(unit, doc, list(toks), int(nxt), source)
+            yield Unit(unit, doc, list(toks), int(nxt), name)
             unit += 1
             if spec.max_units is not None and unit >= spec.max_units:
                 return
+
+
+# --------------------------------------------------------------------------------------------- named corpora
+@dataclass(frozen=True)
+class Corpus:
+    """A resolved corpus: files to read (``files``) or documents given directly (``texts``).
+
+    name: "wikitext-2", "testbed-SEED-PRESET", the file or folder name, or "texts". fingerprint: names and
+    sizes of the files, or a hash of the texts (a resumed run on a changed corpus is refused). spec: what
+    :func:`open_corpus` resolves to this corpus again ("wikitext", "testbed-S-P", a resolved path; "texts"
+    for a list of strings, which is not resolvable).
+    """
+
+    name: str
+    files: tuple[Path, ...]
+    texts: tuple[str, ...] | None
+    fingerprint: str
+    spec: str = ""
+
+    def documents(self, text_field: str = "text", by_line: bool = False) -> Iterator[tuple[str, str]]:
+        """``(source, text)`` of every document, in order (see :func:`documents`)."""
+        if self.texts is None:
+            yield from documents(list(self.files), text_field, by_line)
+            return
+        for text in self.texts:
+            if text.strip():
+                yield self.name, text
+
+    def texts_list(self, text_field: str = "text") -> list[str]:
+        """Every document's text, in order."""
+        return [t for _, t in self.documents(text_field)]
+
+
+def testbed_world_of(model):
+    """The testbed world a model was trained on (from its folder's ``testbed.json``), or None."""
+    if model is None:
+        return None
+    p = Path(str(model.name_or_path))
+    for meta_path in (p / "testbed.json", p.parent / "model" / "testbed.json"):
+        if meta_path.exists():
+            try:
+                world = json.loads(meta_path.read_text())["hyperparameters"]["world"]
+                return generate_world(int(world["seed"]), world["preset"])
+            except (KeyError, ValueError, json.JSONDecodeError, FfkvError):
+                return None
+    return None
+
+
+def _texts_corpus(name: str, texts: Sequence[str]) -> Corpus:
+    texts = tuple(str(t) for t in texts)
+    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+    return Corpus(name, (), texts, digest, name)
+
+
+def open_corpus(corpus: str | Path | Sequence[str], model=None) -> Corpus:
+    """Resolve a corpus spec (see the module docstring) to a :class:`Corpus`; ``model`` for "auto"/"testbed"."""
+    if not isinstance(corpus, (str, Path)):
+        texts = list(corpus)
+        if not any(str(t).strip() for t in texts):
+            raise FfkvError("the corpus is empty", "pass a non-empty list of texts")
+        return _texts_corpus("texts", texts)
+    spec = str(corpus)
+    named = _TESTBED_NAME.match(spec)
+    if named:
+        world = generate_world(int(named.group(1)), named.group(2))
+        return _texts_corpus(f"testbed-{world.seed}-{world.preset}", world.documents())
+    if spec in ("auto", "testbed"):
+        world = testbed_world_of(model)
+        if world is not None:
+            return _texts_corpus(f"testbed-{world.seed}-{world.preset}", world.documents())
+        if spec == "testbed":
+            name = getattr(model, "name_or_path", None)
+            raise FfkvError(f"model '{name}' is not a testbed model (no testbed.json)" if model is not None
+                            else "corpus 'testbed' needs the model it was trained for",
+                            "pass --corpus wikitext or a text file or folder")
+        spec = "wikitext"
+    if spec == "wikitext":
+        folder = SHARED_DATA / "text" / "wikitext-2"
+        if not folder.exists():
+            raise FfkvError(f"WikiText-2 is not at {folder}",
+                            "pass --corpus with a text file or folder, or set FFKV_SHARED_DATA")
+        files = corpus_files(folder)
+        train = [f for f in files if "train" in f.name]
+        files = train or files
+        return Corpus("wikitext-2", tuple(files), None, corpus_fingerprint(files), "wikitext")
+    p = Path(spec)
+    files = corpus_files(p)
+    return Corpus(p.name, tuple(files), None, corpus_fingerprint(files), str(p.resolve()))

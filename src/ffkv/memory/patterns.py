@@ -20,9 +20,9 @@ from collections import Counter
 import numpy as np
 import torch
 
-from ..models.hooks import intervene
-from .mining import encode_units, forward_module
+from ..models.engine import capture_coefficients
 from .corpus import Unit
+from .miner import encode_units
 
 STOP_WORDS = frozenset("""
 a about above after again against all am an and any are as at be because been before being below between
@@ -138,11 +138,10 @@ def removal_effects(atlas, keys_per_layer: int = 64, triggers_per_key: int = 1, 
     for s in range(0, len(variants), batch_size):
         chunk = variants[s: s + batch_size]
         ids, mask = encode_units([Unit(j, 0, v, -1, "") for j, (_, v) in enumerate(chunk)], pad, model.device)
-        with intervene(model, reads=[("coef", l) for l in range(model.n_layers)]) as rec:
-            forward_module(model)(input_ids=ids, attention_mask=mask)
+        coef = capture_coefficients(model, ids, mask, sorted({l for (l, _, _), _ in chunk}))
         last = mask.sum(1) - 1
         for b, ((l, i, _), _) in enumerate(chunk):
-            coefs[s + b] = rec["coef", l][b, last[b], i].float().item()
+            coefs[s + b] = coef[l][b, last[b], i].float().item()
     c = coefs.reshape(-1, 3)
     layers = []
     lay = np.array([it[0] for it in items])

@@ -14,26 +14,33 @@ Sites (``layer`` is None for ``embed``):
     attn_out     attention output of layer l                     (B, T, d_model)
     ffn_in       FFN input (after its norm) of layer l           (B, T, d_model)
     coef         memory coefficients m, the input of W_out       (B, T, d_ffn)
-    ffn_out      FFN output W_out m + b                          (B, T, d_model)
+    ffn_out      FFN output W_out m + b = sum_i m_i v_i + b      (B, T, d_model)
+    ffn_write    what the FFN adds to the residual stream        (B, T, d_model)
+                 (= ffn_out, or post_ffn_norm(ffn_out) in families that normalise the FFN output)
 
 Operations: ``set`` / ``patch`` (write a value or a stored activation), ``scale``, ``add``,
 ``off`` (zero chosen memories), ``on`` (force chosen memories to a value) and ``fn`` (any function of
 the selected slice). Each acts on the slice ``[batch, positions, indices]`` (``None`` = all). Hooks are
 removed when the block exits, also on error, so the model is left exactly as it was.
+
+Where each site lives is the adapter's business (:meth:`MemoryModel.site_module`). Partial runs (start at a
+layer, stop after one, a head at chosen positions) are :mod:`ffkv.models.engine`, built on :func:`intervene`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Sequence
 
 import torch
 
 from ..errors import FfkvError
-from .model import MemoryModel
 
-SITES = ("embed", "resid_pre", "resid_post", "attn_out", "ffn_in", "coef", "ffn_out")
+if TYPE_CHECKING:  # hooks must not import the model at run time (model -> check -> hooks)
+    from .model import MemoryModel
+
+SITES = ("embed", "resid_pre", "resid_post", "attn_out", "ffn_in", "coef", "ffn_out", "ffn_write")
 OPS = ("set", "patch", "scale", "add", "off", "on", "fn")
 
 Index = None | int | Sequence[int] | torch.Tensor
@@ -105,8 +112,13 @@ class Recording(dict):
     """Activations read during an :func:`intervene` block, keyed by ``(site, layer)``.
 
     Each value is the site's tensor (B, T, D) as the model used it, i.e. after any edits at that site.
-    Detached unless ``keep_grad=True``. ``rec["coef", 3]`` or ``rec[("coef", 3)]``.
+    Detached unless ``keep_grad=True``. ``rec["coef", 3]`` or ``rec[("coef", 3)]``. ``versions`` holds the
+    version counter of every read that was kept without a copy (see ``copy`` of :func:`intervene`).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.versions: dict = {}
 
     def __getitem__(self, key):
         if key not in self:
@@ -114,7 +126,8 @@ class Recording(dict):
         return super().__getitem__(key)
 
 
-def _normalize_site(model: MemoryModel, site, layer=None):
+def normalize_site(model: "MemoryModel", site, layer=None) -> tuple[str, int | None]:
+    """``(site, layer)`` from ``("coef", 3)``, ``"coef@3"`` or ``("embed", None)``; the layer made non-negative."""
     if isinstance(site, str) and "@" in site:  # "coef@3"
         site, layer = site.split("@")
         layer = int(layer)
@@ -127,7 +140,7 @@ def _normalize_site(model: MemoryModel, site, layer=None):
     return site, model.check_layer(layer)
 
 
-def _module_for(model: MemoryModel, site: str, layer: int | None):
+def _module_for(model: "MemoryModel", site: str, layer: int | None):
     """The module and hook kind ('pre' rewrites its first input, 'post' its first output) of a site.
 
     The adapter owns this mapping (:meth:`MemoryModel.site_module`): where coefficients are read and where
@@ -137,7 +150,7 @@ def _module_for(model: MemoryModel, site: str, layer: int | None):
 
 
 def _make_hook(kind: str, key, edits: list[Intervention], rec: Recording | None, keep_grad: bool,
-               shape: dict):
+               shape: dict, copy: bool = True):
     def rewrite(h: torch.Tensor) -> torch.Tensor:
         flat = h.dim() == 2  # OPT runs its FFN on (B*T, D): present it as (B, T, D)
         if flat:
@@ -145,10 +158,13 @@ def _make_hook(kind: str, key, edits: list[Intervention], rec: Recording | None,
         for e in edits:
             h = e.apply(h)
         if rec is not None:
-            # Some models update sub-block outputs in place (Falcon: mlp_out += attn_out), so the model
-            # gets a copy and the recording keeps the tensor as it was at this site.
             rec[key] = h if keep_grad else h.detach()
-            h = h.clone()
+            if copy:
+                # Some models update sub-block outputs in place (Falcon: mlp_out += attn_out), so the model
+                # gets a copy and the recording keeps the tensor as it was at this site.
+                h = h.clone()
+            else:
+                rec.versions[key] = h._version
         return h.reshape(-1, h.shape[-1]) if flat else h
 
     if kind == "pre":
@@ -169,23 +185,27 @@ def _make_hook(kind: str, key, edits: list[Intervention], rec: Recording | None,
 
 
 @contextlib.contextmanager
-def intervene(model: MemoryModel, reads: Iterable = (), edits: Iterable[Intervention] = (),
-              keep_grad: bool = False):
+def intervene(model: "MemoryModel", reads: Iterable = (), edits: Iterable[Intervention] = (),
+              keep_grad: bool = False, copy: bool | Collection[str] = True):
     """Record ``reads`` and apply ``edits`` during every forward pass inside the block.
 
     reads: sites as ``(site, layer)`` tuples or ``"site@layer"`` strings. Hooks are always removed on
     exit. The forward pass(es) run inside the block; generation works too (the edits apply at every step,
     so use ``positions=None`` for "everywhere").
+    copy: True (default) gives the model a copy of every read tensor, so the recording keeps the value at
+    the site even if the model later updates that tensor in place; False keeps the very tensor the model
+    produced (no copy, no extra memory; exact unless something updates it in place later, which
+    ``Recording.versions`` lets a caller check); or the names of the sites to copy.
     """
     rec = Recording()
     groups: dict[tuple, list[Intervention]] = {}
     read_keys = set()
     for r in reads:
-        key = _normalize_site(model, *r) if isinstance(r, tuple) else _normalize_site(model, r)
+        key = normalize_site(model, *r) if isinstance(r, tuple) else normalize_site(model, r)
         read_keys.add(key)
         groups.setdefault(key, [])
     for e in edits:
-        key = _normalize_site(model, e.site, e.layer)
+        key = normalize_site(model, e.site, e.layer)
         groups.setdefault(key, []).append(e)
     handles = []
     shape: dict = {}
@@ -201,7 +221,8 @@ def intervene(model: MemoryModel, reads: Iterable = (), edits: Iterable[Interven
         handles.append(model.hf.register_forward_pre_hook(remember_shape, with_kwargs=True))
         for key, group in groups.items():
             module, kind = _module_for(model, *key)
-            hook = _make_hook(kind, key, group, rec if key in read_keys else None, keep_grad, shape)
+            site_copy = copy if isinstance(copy, bool) else key[0] in copy
+            hook = _make_hook(kind, key, group, rec if key in read_keys else None, keep_grad, shape, site_copy)
             if kind == "pre":
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             else:
@@ -212,7 +233,7 @@ def intervene(model: MemoryModel, reads: Iterable = (), edits: Iterable[Interven
             h.remove()
 
 
-def run_with_hooks(model: MemoryModel, batch: dict, reads: Iterable = (),
+def run_with_hooks(model: "MemoryModel", batch: dict, reads: Iterable = (),
                    edits: Iterable[Intervention] = (), keep_grad: bool = False):
     """One forward pass with reads and edits; returns ``(logits, recording)``. logits: (B, T, vocab)."""
     with intervene(model, reads, edits, keep_grad=keep_grad) as rec:

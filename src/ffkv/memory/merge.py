@@ -1,0 +1,84 @@
+"""Merging atlases mined on different corpora (shards of one corpus, other machines) into one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..errors import FfkvError
+from ..io import write_json, write_parquet
+from .atlas import Atlas
+from .topk import prefix_hashes
+
+
+def merge_atlases(parts: list[str | Path], out: str | Path) -> dict:
+    """Merge atlases mined with the same model and top_k on different corpora (e.g. shards of a corpus
+    mined on different machines) into one: per key, the top-k / bottom-k of the union.
+
+    Units are renumbered (part p's units are offset by the units of parts 0..p-1), so ties go to the earlier
+    part, then the earlier prefix: merging the atlases of consecutive shards of a corpus gives the atlas of
+    the whole corpus.
+    """
+    atlases = [Atlas(p, model=False) for p in parts]
+    if len(atlases) < 2:
+        raise FfkvError("merging needs at least two atlases", "pass two or more atlas folders")
+    first = atlases[0]
+    for a in atlases[1:]:
+        if a.meta["model"].get("fingerprint") != first.meta["model"].get("fingerprint") or a.top_k != first.top_k:
+            raise FfkvError(f"atlas '{a.path}' was mined with another model or top_k than '{first.path}'",
+                            "merge atlases of one model with the same --top-k")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FfkvError(f"output folder '{out}' exists and is not empty", "pass a new --out folder")
+    k = first.top_k
+    offsets = np.cumsum([0] + [int(a.meta["units"]) for a in atlases[:-1]])
+    prov = {key: first.meta[key] for key in ("ffkv_version", "created", "model", "hyperparameters")}
+    prov["hyperparameters"] = {**prov["hyperparameters"], "corpus": [a.meta["hyperparameters"]["corpus"]
+                                                                      for a in atlases]}
+    dedup = bool(first.meta["hyperparameters"].get("dedup", False))
+    all_units = pa.concat_tables([_offset_units(pq.read_table(a.path / "units.parquet"), off)
+                                  for a, off in zip(atlases, offsets)])
+    unit_tokens = dict(zip(all_units["unit"].to_pylist(), all_units["tokens"].to_pylist()))
+    cache: dict = {}
+
+    def hashes(u, p_):
+        if u not in cache:
+            cache[u] = prefix_hashes(unit_tokens[u])
+        return cache[u][p_]
+
+    for l in range(first.n_layers):
+        t = pa.concat_tables([_offset_units(a.triggers(l), off) for a, off in zip(atlases, offsets)]).to_pydict()
+        idx, kind = np.asarray(t["index"]), np.asarray(t["kind"])
+        coef, unit, pos = np.asarray(t["coef"], np.float64) + 0.0, np.asarray(t["unit"]), np.asarray(t["position"])
+        is_top = kind == "top"
+        signed = np.where(is_top, -coef, coef)  # ascending sort = best first for both kinds
+        order = np.lexsort((pos, unit, signed, idx, ~is_top))  # rows as mine() writes them
+        idx_s, top_s = idx[order], is_top[order]
+        group_start = np.r_[True, (idx_s[1:] != idx_s[:-1]) | (top_s[1:] != top_s[:-1])]
+        gid = np.cumsum(group_start) - 1
+        if dedup:  # the same prefix from two parts: keep its first occurrence in each key's list
+            h = np.array([hashes(u, p_) for u, p_ in zip(unit[order], pos[order])], np.int64)
+            _, firsts = np.unique(np.stack([gid, h], 1), axis=0, return_index=True)
+            firsts = np.sort(firsts)
+            order, gid = order[firsts], gid[firsts]
+            group_start = np.r_[True, gid[1:] != gid[:-1]]
+        starts = np.flatnonzero(group_start)
+        rank = np.arange(order.size) - starts[gid]
+        keep = order[rank < k]
+        table = {"index": idx[keep].astype(np.int32), "kind": kind[keep], "rank": rank[rank < k].astype(np.int16),
+                 "coef": coef[keep].astype(np.float32), "unit": unit[keep], "position": pos[keep].astype(np.int32)}
+        write_parquet(out / "triggers" / f"layer-{l:03d}.parquet", table, meta={**prov, "layer": l})
+    write_parquet(out / "units.parquet", all_units, meta=prov)
+    meta = {**first.meta, **prov, "status": "complete", "units": int(sum(a.meta["units"] for a in atlases)),
+            "tokens": int(sum(a.meta["tokens"] for a in atlases)), "merged_from": [str(a.path) for a in atlases]}
+    write_json(out / "atlas.json", meta)
+    return meta
+
+
+def _offset_units(table, offset: int):
+    i = table.schema.get_field_index("unit")
+    return table.set_column(i, "unit", pc.add(table["unit"], pa.scalar(int(offset), pa.int64())))

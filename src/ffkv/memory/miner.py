@@ -1,0 +1,296 @@
+"""Trigger mining (Geva et al. 2021, section 3), the resumable run: the top-k and bottom-k prefixes of every key.
+
+For every layer l, key i and prefix x (a unit up to position t), the memory coefficient is ``m_i^l(x)``.
+Mining keeps, for all keys of all layers at once, the k prefixes with the largest coefficient and the k
+with the smallest (gated and GELU coefficients are signed). One forward pass per batch reads the coefficients
+of every layer (:func:`ffkv.models.engine.capture_coefficients`: no head, no copies), and the running buffers
+of :mod:`ffkv.memory.topk`, shape (L * d_ffn, k), absorb them.
+
+Prefixes are identified by the global prefix id ``g = unit * 2^20 + t``; ties go to the smaller g, which makes
+the result a pure function of the corpus: batching, checkpoints and resumes do not change it, and it equals
+the brute-force sort of :mod:`ffkv.memory.oracle`.
+
+A run writes ``DIR/state/`` (buffers + the units read so far) every ``checkpoint_every`` batches, atomically;
+running it again resumes after the last checkpoint. The finished atlas has ``DIR/atlas.json``,
+``DIR/triggers/layer-LLL.parquet`` and ``DIR/units.parquet`` (the token ids of every unit a trigger cites).
+Atlases of corpus shards are merged by :mod:`ffkv.memory.merge`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from ..errors import FfkvError
+from ..io import load_safetensors, provenance, read_json, save_safetensors, write_json, write_parquet
+from ..models.engine import capture_coefficients
+from ..models.memory_id import MemoryId
+from .corpus import Corpus, CorpusSpec, Unit, iter_units, open_corpus
+from .topk import TriggerBuffers, first_occurrences, prefix_hashes
+
+POSITION_BITS = 20  # global prefix id g = unit << 20 | position
+ATLAS_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------- batches
+def batches(units, batch_tokens: int, max_len: int):
+    """Consecutive units grouped so that ``len(batch) * longest <= max(batch_tokens, max_len)``."""
+    batch: list[Unit] = []
+    longest = 0
+    for u in units:
+        new_longest = max(longest, len(u.tokens))
+        if batch and (len(batch) + 1) * new_longest > max(batch_tokens, max_len):
+            yield batch
+            batch, new_longest = [], len(u.tokens)
+        batch.append(u)
+        longest = new_longest
+    if batch:
+        yield batch
+
+
+def encode_units(units: list[Unit], pad_id: int, device, hashes: bool = False):
+    """Right-padded ``input_ids`` and ``attention_mask`` (B, T) of a batch of units (and, with ``hashes``,
+    the (B, T) int64 prefix hashes, 0 at padding)."""
+    T = max(len(u.tokens) for u in units)
+    ids = torch.full((len(units), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(units), T), dtype=torch.long)
+    hs = np.zeros((len(units), T), np.int64) if hashes else None
+    for b, u in enumerate(units):
+        ids[b, : len(u.tokens)] = torch.tensor(u.tokens)
+        mask[b, : len(u.tokens)] = 1
+        if hashes:
+            hs[b, : len(u.tokens)] = prefix_hashes(u.tokens)
+    if hashes:
+        return ids.to(device), mask.to(device), torch.from_numpy(hs).to(device)
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def batch_coefficients(model, ids: torch.Tensor, mask: torch.Tensor, unit_ids: torch.Tensor,
+                       layers: list[int] | None = None, hashes: torch.Tensor | None = None):
+    """Coefficients of every real position of a batch, all layers, in one forward pass.
+
+    ids, mask: (B, T); unit_ids: (B,). Returns one (N, d_ffn) tensor per layer (column i: key i) over the
+    N real positions, and gids (N,) = ``unit << 20 | t``, ascending. With ``hashes`` (B, T), positions
+    whose prefix already occurred earlier in the batch are left out, and their hashes (N,) are returned
+    third.
+    """
+    layers = list(range(model.n_layers)) if layers is None else layers
+    rec = capture_coefficients(model, ids, mask, layers)
+    B, T = ids.shape
+    sel = mask.reshape(-1).nonzero().squeeze(1)
+    if hashes is not None:
+        h = hashes.reshape(-1).index_select(0, sel)
+        fresh = first_occurrences(h)
+        sel, h = sel[fresh], h[fresh]
+    coefs = [rec[l].reshape(B * T, -1).index_select(0, sel) for l in layers]  # (N, d) each
+    pos = torch.arange(T, device=ids.device).expand(B, T)
+    gids = ((unit_ids.to(ids.device)[:, None] << POSITION_BITS) + pos).reshape(-1).index_select(0, sel)
+    return (coefs, gids) if hashes is None else (coefs, gids, h)
+
+
+def _hyper(spec: CorpusSpec, source: Corpus, top_k: int, dedup: bool) -> dict:
+    return {"corpus": source.spec, "split": spec.split, "window": spec.window,
+            "min_tokens": spec.min_tokens, "text_field": spec.text_field, "max_units": spec.max_units,
+            "docs": spec.docs, "top_k": top_k, "dedup": dedup}
+
+
+def _units_table(units: list[Unit]) -> dict:
+    return {"unit": pa.array([u.unit for u in units], pa.int64()),
+            "doc": pa.array([u.doc for u in units], pa.int64()),
+            "source": pa.array([u.source for u in units], pa.string()),
+            "tokens": pa.array([u.tokens for u in units], pa.list_(pa.int32())),
+            "next_id": pa.array([u.next_id for u in units], pa.int64())}
+
+
+def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 25, batch_tokens: int = 2048,
+         checkpoint_every: int = 200, progress: bool = True, max_batches: int | None = None,
+         device_buffers: bool = True, dedup: bool = True, **corpus_options) -> dict:
+    """Mine the top-k / bottom-k trigger prefixes of every key of ``model`` over ``corpus`` into ``out``.
+
+    corpus: a corpus spec (a file or folder, "wikitext", "testbed", "auto": :func:`ffkv.memory.corpus.open_corpus`,
+    the same specs as the statistics of ``ffkv edit``) or a :class:`CorpusSpec`; ``corpus_options`` (split, window,
+    min_tokens, text_field, max_units) build the spec from a path. Running again on the same ``out``
+    resumes after the last checkpoint (and returns at once if the atlas is complete); a different model,
+    corpus or top_k is refused. ``max_batches`` stops after that many batches of this call, leaving a
+    checkpoint (for tests of resuming). ``dedup`` (default): a prefix that occurs several times in the
+    corpus (the same token sequence from the start of its unit) counts once, at its first occurrence, so a
+    key's k triggers are k different prefixes. Returns the atlas metadata (``atlas.json``).
+    """
+    spec = corpus if isinstance(corpus, CorpusSpec) else CorpusSpec(str(corpus), **corpus_options)
+    if top_k < 1:
+        raise FfkvError(f"top_k must be at least 1, got {top_k}", "pass --top-k 25")
+    if spec.window >= 1 << POSITION_BITS:
+        raise FfkvError(f"window {spec.window} is too long", f"use at most {(1 << POSITION_BITS) - 1} tokens")
+    n_pos = max_positions(model)
+    if n_pos is not None and spec.window > n_pos:
+        raise FfkvError(f"window {spec.window} is longer than the model's context ({n_pos} positions)",
+                        f"pass --window {n_pos} or less")
+    source = open_corpus(spec.path, model)
+    out = Path(out)
+    state_dir = out / "state"
+    hyper = _hyper(spec, source, top_k, dedup)
+    identity = model.identity
+    meta_path = out / "atlas.json"
+    fingerprint = source.fingerprint
+    tok = model.require_tokenizer()
+    if next(iter_units(tok, spec, source=source), None) is None:  # before anything is written
+        raise FfkvError(f"corpus '{spec.path}' yields no units of at least {spec.min_tokens} tokens",
+                        "pass a corpus with text in it (or lower --min-tokens)")
+    if meta_path.exists():
+        meta = read_json(meta_path)
+        _check_same_run(meta, identity, hyper, fingerprint, out)
+        if meta.get("status") == "complete":
+            return meta
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise FfkvError(f"output folder '{out}' exists and is not an atlas", "pass a new or empty --out folder")
+        meta = {"atlas_version": ATLAS_VERSION, "status": "mining", "model_path": _model_path(model),
+                "corpus_fingerprint": fingerprint, **provenance(identity, **hyper)}
+        write_json(meta_path, meta)
+
+    buffers = TriggerBuffers(model.n_layers, model.d_ffn, top_k, model.device if device_buffers else "cpu",
+                             dedup=dedup)
+    done = {"units": 0, "tokens": 0, "batches": 0, "shards": []}
+    ckpt = state_dir / "state.safetensors"
+    if ckpt.exists():
+        tensors, done = load_safetensors(ckpt)
+        buffers.load(tensors)
+        _drop_orphan_shards(state_dir, done["shards"])
+
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    stream = (u for u in iter_units(tok, spec, source=source) if u.unit >= done["units"])
+    pending: list[Unit] = []
+    bar = _progress(progress, done["tokens"])
+    t0, tokens_this_call, n_batches = time.perf_counter(), 0, 0
+    finished = True
+    try:
+        for batch in batches(stream, batch_tokens, spec.window):
+            ids, mask, hashes = encode_units(batch, pad_id, model.device, hashes=True)
+            unit_ids = torch.tensor([u.unit for u in batch], dtype=torch.long)
+            coefs, gids, hashes = batch_coefficients(model, ids, mask, unit_ids, hashes=hashes if dedup else None) \
+                if dedup else (*batch_coefficients(model, ids, mask, unit_ids), None)
+            dev = buffers.top_v.device
+            for l, c in enumerate(coefs):
+                buffers.update(c.to(dev), gids.to(dev), layer=l, hashes=None if hashes is None else hashes.to(dev))
+            pending.extend(batch)
+            n_tok = int(mask.sum())
+            done["units"], done["tokens"], done["batches"] = batch[-1].unit + 1, done["tokens"] + n_tok, \
+                done["batches"] + 1
+            tokens_this_call += n_tok
+            n_batches += 1
+            if bar is not None:
+                bar.update(n_tok)
+            if done["batches"] % checkpoint_every == 0:
+                done = _checkpoint(state_dir, buffers, pending, done)
+                pending = []
+            if max_batches is not None and n_batches >= max_batches:
+                finished = False
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if pending or not finished:
+        done = _checkpoint(state_dir, buffers, pending, done)
+    if not finished:
+        return {**meta, "status": "partial", "units": done["units"], "tokens": done["tokens"]}
+    elapsed = time.perf_counter() - t0
+    return _finalize(model, out, buffers, done, meta, tokens_this_call / max(elapsed, 1e-9))
+
+
+def max_positions(model) -> int | None:
+    """The longest input the model takes (absolute position tables), or None if unbounded."""
+    for name in ("n_positions", "max_position_embeddings"):
+        v = getattr(model.config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _model_path(model) -> str:
+    p = Path(str(model.name_or_path))
+    return str(p.resolve()) if p.exists() else str(model.name_or_path)
+
+
+def _check_same_run(meta: dict, identity: dict, hyper: dict, fingerprint: str, out: Path):
+    old_h = meta.get("hyperparameters", {})
+    diffs = [k for k in hyper if old_h.get(k) != hyper[k]]
+    if meta.get("model", {}).get("fingerprint") != identity["fingerprint"]:
+        diffs.append("model")
+    if meta.get("corpus_fingerprint") != fingerprint:
+        diffs.append("corpus files")
+    if diffs:
+        raise FfkvError(f"atlas '{out}' was mined with a different {', '.join(diffs)}",
+                        "use the same model, corpus and options to resume, or a new --out folder")
+
+
+def _progress(enabled: bool, initial: int):
+    if not enabled:
+        return None
+    return tqdm(total=None, initial=initial, unit="tok", unit_scale=True, desc="mining", file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0)
+
+
+def _checkpoint(state_dir: Path, buffers: TriggerBuffers, pending: list[Unit], done: dict):
+    """Write the units read since the last checkpoint, then the buffers (the commit point)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    done = dict(done)
+    if pending:
+        name = f"units-{pending[0].unit:012d}.parquet"
+        write_parquet(state_dir / name, _units_table(pending))
+        done["shards"] = list(done["shards"]) + [name]
+    save_safetensors(state_dir / "state.safetensors", buffers.state(), meta=done)
+    return done
+
+
+def _drop_orphan_shards(state_dir: Path, shards: list[str]):
+    """Unit shards written after the last committed checkpoint (a kill between the two writes)."""
+    for f in state_dir.glob("units-*.parquet"):
+        if f.name not in shards:
+            f.unlink()
+
+
+def _finalize(model, out: Path, buffers: TriggerBuffers, done: dict, meta: dict, tok_per_s: float) -> dict:
+    """Write ``triggers/layer-LLL.parquet`` and ``units.parquet``; mark the atlas complete."""
+    L, d, k = buffers.n_layers, buffers.d_ffn, buffers.k
+    prov = {k2: meta[k2] for k2 in ("ffkv_version", "created", "model", "hyperparameters")}
+    cited = set()
+    for l in range(L):
+        cols = {}
+        for kind, v, g, sign in (("top", buffers.top_v, buffers.top_g, 1.0),
+                                 ("bottom", buffers.bot_v, buffers.bot_g, -1.0)):
+            block = slice(MemoryId(l, 0).flat(d), MemoryId(l + 1, 0).flat(d))  # the rows of layer l's keys
+            vv = (v[block] * sign).cpu().numpy()
+            gg = g[block].cpu().numpy()
+            idx, rank = np.nonzero(gg >= 0)
+            cols.setdefault("index", []).append(idx.astype(np.int32))
+            cols.setdefault("kind", []).append(np.full(idx.size, kind))
+            cols.setdefault("rank", []).append(rank.astype(np.int16))
+            cols.setdefault("coef", []).append(vv[idx, rank].astype(np.float32))
+            gid = gg[idx, rank]
+            cols.setdefault("unit", []).append(gid >> POSITION_BITS)
+            cols.setdefault("position", []).append((gid & ((1 << POSITION_BITS) - 1)).astype(np.int32))
+            cited.update(np.unique(gid >> POSITION_BITS).tolist())
+        table = {c: np.concatenate(parts) for c, parts in cols.items()}
+        write_parquet(out / "triggers" / f"layer-{l:03d}.parquet", table, meta={**prov, "layer": l})
+    state_dir = out / "state"
+    shards = [pq.read_table(state_dir / s) for s in done["shards"]]
+    units = pa.concat_tables(shards) if shards else pa.table(_units_table([]))
+    keep = pa.array(sorted(cited), pa.int64())
+    units = units.filter(pc.is_in(units["unit"], value_set=keep))
+    write_parquet(out / "units.parquet", units, meta=prov)
+    meta = {**meta, "status": "complete", "units": done["units"], "tokens": done["tokens"],
+            "batches": done["batches"], "n_layers": L, "d_ffn": d, "top_k": k,
+            "tokens_per_second_last_call": round(tok_per_s, 1)}
+    write_json(out / "atlas.json", meta)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return meta

@@ -1,0 +1,235 @@
+"""The top-k engine of trigger mining: running top-k and bottom-k buffers of every key, merged exactly.
+
+Every key (row) keeps the k prefixes with the largest coefficient; a batch is absorbed by
+
+    buffer <- top_k( [buffer ; batch] )      per key, over the concatenation (k + N candidates)
+
+Ties are broken by stream order (earlier prefixes first). Buffer entries always precede the batch in the
+stream, so a composite integer key (order-preserving bits of the coefficient, then the candidate's column)
+sorts by exactly (coefficient desc, stream order asc) in one ``topk``: the result is a pure function of the
+stream, whatever the batching. Shapes: buffers (R, k), R = L * d_ffn keys; a batch (N, R).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import FfkvError
+from ..models.memory_id import MemoryId
+
+
+def ordered_bits(x: torch.Tensor) -> torch.Tensor:
+    """An int64 that orders like the float32 ``x`` (NaN below -inf; -0.0 treated as +0.0).
+
+    For IEEE floats the bit pattern orders positive numbers; flipping the magnitude bits of negative
+    numbers makes the signed integer monotone in the value. x: any shape, float -> int64 same shape.
+    """
+    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x.float()) + 0.0
+    bits = x.contiguous().view(torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
+
+
+def _clean(x: torch.Tensor) -> torch.Tensor:
+    """float32, NaN -> -inf, -0.0 -> +0.0 (so that float order and bit order agree)."""
+    x = x.float()
+    return torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x) + 0.0
+
+
+def batch_topk(new_v: torch.Tensor, k: int, floor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best prefixes of a batch for every key by (value desc, position asc): values and positions (R, k).
+
+    new_v: (N, R) cleaned float32, one column per key. A float ``topk(k + 1)`` finds them unless the k-th
+    and (k+1)-th values tie; only keys with such a tie whose tied value can still enter the buffer (above
+    ``floor``, the buffer's k-th value) are redone with the exact composite key
+    ``bits(v) * 2^32 + (2^32 - 1 - position)`` (ReLU zeros are the usual ties).
+    """
+    N, R = new_v.shape
+    if N <= k:
+        return new_v.T, torch.arange(N, device=new_v.device).expand(R, N)
+    top = new_v.topk(k + 1, dim=0, sorted=True)
+    vals, cols = top.values[:k].T, top.indices[:k].T
+    tie = top.values[k - 1] == top.values[k]
+    if floor is not None:
+        tie &= top.values[k - 1] > floor
+    rows = tie.nonzero().squeeze(1)
+    if rows.numel():
+        sub = new_v.index_select(1, rows).T
+        col = torch.arange(N, device=new_v.device, dtype=torch.int64)
+        exact = ((ordered_bits(sub) << 32) + ((1 << 32) - 1 - col)).topk(k, dim=1, sorted=True).indices
+        cols = cols.index_copy(0, rows, exact)
+        vals = vals.index_copy(0, rows, sub.gather(1, exact))
+    return vals, cols
+
+
+def _merge_dense(buf_v, buf_g, buf_h, new_v, new_g, new_h, k):
+    """Merge when many prefixes can enter (the start of a run): per-key top-k of the batch, then 2k.
+
+    A batch candidate whose prefix hash is already in the key's buffer is dropped (set to -inf: it can
+    then only fill a slot after every empty buffer slot, i.e. never)."""
+    new_v = _clean(new_v)
+    vals, cols = batch_topk(new_v, k, floor=buf_v[:, -1])
+    if buf_h is not None:
+        dup = (new_h[cols][:, :, None] == buf_h[:, None, :]).any(2)
+        vals = vals.masked_fill(dup, float("-inf"))
+    cat = torch.cat([buf_v, vals], dim=1)
+    order = torch.cat([torch.arange(k, device=cat.device).expand(cat.shape[0], k), k + cols], dim=1)
+    key = (ordered_bits(cat) << 32) + ((1 << 32) - 1 - order)
+    idx = key.topk(k, dim=1, sorted=True).indices
+    v = cat.gather(1, idx)
+    in_buf = idx < k
+    bi = idx.clamp(max=k - 1)
+    nj = cols.gather(1, (idx - k).clamp(min=0, max=cols.shape[1] - 1))
+    g = torch.where(in_buf, buf_g.gather(1, bi), new_g[nj])
+    h = None if buf_h is None else torch.where(in_buf, buf_h.gather(1, bi), new_h[nj])
+    return v, g, h
+
+
+def _merge_sparse(buf_v, buf_g, buf_h, pos, rows, vals, new_g, new_h, k):
+    """Merge a few candidates (key ``rows[j]`` at batch position ``pos[j]``, value ``vals[j]``).
+
+    All buffer entries and candidates are sorted once by the composite key, then stably by key row; the
+    first k of each row are the new buffer. Cost O((R k + M) log), independent of the batch size.
+    """
+    if buf_h is not None:  # a prefix already in the key's buffer does not enter twice
+        fresh = ~(buf_h[rows] == new_h[pos][:, None]).any(1)
+        pos, rows, vals = pos[fresh], rows[fresh], vals[fresh]
+        if rows.numel() == 0:
+            return buf_v, buf_g, buf_h
+    R = buf_v.shape[0]
+    dev = buf_v.device
+    all_rows = torch.cat([torch.arange(R, device=dev).repeat_interleave(k), rows])
+    all_v = torch.cat([buf_v.reshape(-1), vals + 0.0])
+    order = torch.cat([torch.arange(k, device=dev).repeat(R), k + pos])
+    key = (ordered_bits(all_v) << 32) + ((1 << 32) - 1 - order)
+    by_key = key.argsort(descending=True)
+    perm = by_key[all_rows[by_key].argsort(stable=True)]
+    counts = k + torch.bincount(rows, minlength=R)
+    start = counts.cumsum(0) - counts
+    take = perm[start[:, None] + torch.arange(k, device=dev)]
+    all_g = torch.cat([buf_g.reshape(-1), new_g[pos]])
+    h = None if buf_h is None else torch.cat([buf_h.reshape(-1), new_h[pos]])[take]
+    return all_v[take], all_g[take], h
+
+
+def merge_topk(buf_v: torch.Tensor, buf_g: torch.Tensor, new_v: torch.Tensor, new_g: torch.Tensor,
+               k: int, negate: bool = False, sparse_share: float = 0.05, buf_h: torch.Tensor | None = None,
+               new_h: torch.Tensor | None = None, col_best: torch.Tensor | None = None):
+    """The k largest of ``[buffer ; batch]`` for every key, ties to the earlier prefix.
+
+    buf_v (R, k) float32 sorted by (value desc, g asc); buf_g (R, k) int64 (-1 = empty);
+    new_v (N, R): the batch's coefficients, one column per key (``-new_v`` is merged if ``negate``);
+    new_g (N,) int64, ascending and larger than every id in the buffer.
+    Only values above a key's current k-th value (its floor) can enter: equal ones lose the tie to the
+    older prefix. Keys whose batch maximum (``col_best``, computed if not given) is not above their floor
+    are skipped without touching the batch again. Among the others, when the candidates are few
+    (< ``sparse_share`` of the block: the usual case once the buffers fill) they are merged sparsely,
+    otherwise the batch is cut to its k best per key first. Both paths order by the composite key
+    ``bits(v) * 2^32 + (2^32 - 1 - c)``, c = stream order (buffer columns first, then k + batch position),
+    unique per key, so the result is exact.
+    With prefix hashes (buf_h (R, k), new_h (N,), the batch already free of repeats) a prefix whose hash is
+    in a key's buffer is not added again, so each key keeps k distinct prefixes.
+    Returns the new (buf_v, buf_g) or, with hashes, (buf_v, buf_g, buf_h).
+    """
+    R = buf_v.shape[0]
+    if col_best is None:
+        col_best = (-new_v).amax(0) if negate else new_v.amax(0)
+    col_best = torch.nan_to_num(col_best.float(), nan=float("inf"))  # a NaN column takes the exact path
+    keys = (col_best > buf_v[:, -1]).nonzero().squeeze(1)
+    if keys.numel() == 0:
+        return (buf_v, buf_g, buf_h) if buf_h is not None else (buf_v, buf_g)
+    if keys.numel() == R:
+        sub_v, bv, bg, bh = new_v, buf_v, buf_g, buf_h
+    else:
+        sub_v = new_v.index_select(1, keys)
+        bv, bg = buf_v.index_select(0, keys), buf_g.index_select(0, keys)
+        bh = None if buf_h is None else buf_h.index_select(0, keys)
+    floor = bv[:, -1]
+    mask = (sub_v < -floor) if negate else (sub_v > floor)
+    pos, rows = mask.nonzero(as_tuple=True)
+    if pos.numel() <= sparse_share * mask.numel():
+        vals = sub_v[pos, rows].float()
+        out = _merge_sparse(bv, bg, bh, pos, rows, -vals if negate else vals, new_g, new_h, k)
+    else:
+        out = _merge_dense(bv, bg, bh, -sub_v if negate else sub_v, new_g, new_h, k)
+    if keys.numel() != R:
+        out = (buf_v.index_copy(0, keys, out[0]), buf_g.index_copy(0, keys, out[1]),
+               None if buf_h is None else buf_h.index_copy(0, keys, out[2]))
+    return out if buf_h is not None else out[:2]
+
+
+def prefix_hashes(tokens) -> np.ndarray:
+    """A 64-bit hash of every prefix ``tokens[:t+1]`` of a unit, (T,) int64.
+
+    ``h_t = sum_{j<=t} mix(token_j, j)`` (mod 2^64), mix a SplitMix64 finalizer: equal prefixes get equal
+    hashes in any unit; different ones collide with probability about 2^-64.
+    """
+    with np.errstate(over="ignore"):
+        t = np.asarray(tokens, dtype=np.uint64)
+        x = t * np.uint64(0x9E3779B97F4A7C15) + np.arange(t.size, dtype=np.uint64) * np.uint64(0xD6E8FEB86659FD93) \
+            + np.uint64(1)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+        return np.cumsum(x, dtype=np.uint64).view(np.int64)
+
+
+def first_occurrences(h: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: True where ``h[i]`` does not occur in ``h[:i]``."""
+    uniq, inv = torch.unique(h, return_inverse=True)
+    n = torch.arange(h.numel(), device=h.device)
+    first = torch.full((uniq.numel(),), h.numel(), device=h.device, dtype=torch.long).scatter_reduce(
+        0, inv, n, reduce="amin")
+    return first[inv] == n
+
+
+class TriggerBuffers:
+    """Running top-k and bottom-k of every key of every layer: tensors of shape (L * d_ffn, k).
+
+    The bottom buffer holds ``-m`` so that one merge serves both. With ``dedup`` each entry also keeps its
+    prefix hash, and a prefix seen again (the same token sequence) does not take a second slot.
+    """
+
+    NAMES = ("top_v", "top_g", "bot_v", "bot_g")
+
+    def __init__(self, n_layers: int, d_ffn: int, k: int, device="cpu", dedup: bool = False):
+        self.n_layers, self.d_ffn, self.k, self.dedup = n_layers, d_ffn, k, dedup
+        rows = n_layers * d_ffn
+        self.top_v = torch.full((rows, k), float("-inf"), device=device)
+        self.top_g = torch.full((rows, k), -1, dtype=torch.int64, device=device)
+        self.bot_v = self.top_v.clone()
+        self.bot_g = self.top_g.clone()
+        self.top_h = self.top_g.clone() if dedup else None
+        self.bot_h = self.top_g.clone() if dedup else None
+
+    def update(self, coef: torch.Tensor, gids: torch.Tensor, layer: int | None = None,
+               hashes: torch.Tensor | None = None):
+        """Absorb one batch. coef: (N, d_ffn) coefficients of one layer's keys (or (N, L * d_ffn) for all
+        layers when ``layer`` is None) at N prefixes; gids: (N,) ascending; hashes: (N,) prefix hashes,
+        free of repeats (required with dedup)."""
+        if coef.shape[0] == 0:
+            return
+        rows = slice(None) if layer is None else slice(MemoryId(layer, 0).flat(self.d_ffn),
+                                                        MemoryId(layer + 1, 0).flat(self.d_ffn))
+        hi, lo = coef.amax(0), coef.amin(0)  # (aminmax along dim 0 is 10x slower on CPU)
+        for kind, negate, best in (("top", False, hi), ("bot", True, -lo)):
+            v, g, h = getattr(self, kind + "_v"), getattr(self, kind + "_g"), getattr(self, kind + "_h")
+            out = merge_topk(v[rows], g[rows], coef, gids, self.k, negate=negate, col_best=best,
+                             buf_h=None if h is None else h[rows], new_h=hashes if self.dedup else None)
+            v[rows], g[rows] = out[0], out[1]
+            if h is not None:
+                h[rows] = out[2]
+
+    def state(self) -> dict:
+        names = self.NAMES + (("top_h", "bot_h") if self.dedup else ())
+        return {n: getattr(self, n) for n in names}
+
+    def load(self, tensors: dict):
+        for name in self.NAMES + (("top_h", "bot_h") if self.dedup else ()):
+            t = tensors.get(name)
+            if t is None or t.shape != self.top_v.shape:
+                raise FfkvError(f"checkpoint buffer {name} is missing or has the wrong shape",
+                                "delete the atlas folder and mine again")
+            setattr(self, name, t.to(self.top_v.device))
