@@ -39,12 +39,14 @@ def model_and_cases(testbed):
 
 def nll(model, prompt, target):
     from ffkv.edit.requests import EditRequest, render_batch
-    from ffkv.edit.compute_value import logits_at, target_log_likelihood
+    from ffkv.edit.compute_value import target_log_likelihood
+    from ffkv.models.engine import run
 
     b = render_batch(model, [("", EditRequest("{}", prompt, target))], with_target=True)
     with torch.no_grad():
         full = model.hf(**b.inputs).logits[0, b.target_pos[0]]  # (L, V)
-        at = logits_at(model, b.inputs, torch.tensor([0]), b.target_pos)  # the body + unembedding path
+        at = run(model, b.inputs["input_ids"], attention_mask=b.inputs["attention_mask"],
+                 head=(torch.tensor([0]), b.target_pos)).logits  # the engine's head at the target positions
         assert torch.allclose(full, at[0], atol=1e-4)
         return -float(target_log_likelihood(at, b)[0])
 

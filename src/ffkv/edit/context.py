@@ -12,21 +12,13 @@ edited model belong to. One context serves one model (and its edited states).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from .compute_key import context_prefixes
 from .stats import SecondMoment, layer_stats
-
-# TRANSITION (remove when h1's engine branch is merged): layer_stats(..., base_identity=, memo=) and
-# context_prefixes(..., cache=) take the context's state; the older signatures keep theirs elsewhere.
-_STATS_TAKE_CONTEXT = {"base_identity", "memo"} <= set(inspect.signature(layer_stats).parameters)
-_PREFIXES_TAKE_CACHE = "cache" in inspect.signature(context_prefixes).parameters
-
 
 @dataclass
 class EditContext:
@@ -48,29 +40,8 @@ class EditContext:
         """C = E[k k^T] of ``layers`` for the hyperparameters ``hp`` (``corpus``, ``stats_tokens``)."""
         corpus = self.corpus if self.corpus is not None else hp["corpus"]
         kw = dict(corpus=corpus, n_tokens=hp["stats_tokens"], stats_dir=self.stats_dir, progress=self.progress)
-        if _STATS_TAKE_CONTEXT:
-            return layer_stats(model, list(layers), base_identity=self.base_identity, memo=self.memo, **kw)
-        with _legacy_identity(model, self.base_identity):
-            return layer_stats(model, list(layers), **kw)
+        return layer_stats(model, list(layers), base_identity=self.base_identity, memo=self.memo, **kw)
 
     def context_prefixes(self, model, spec, seed: int) -> list[str]:
         """ROME's context prefixes, generated once per context (see :func:`.compute_key.context_prefixes`)."""
-        if _PREFIXES_TAKE_CACHE:
-            return context_prefixes(model, spec, seed, cache=self.prefix_cache)
-        key = (tuple(tuple(int(x) for x in s) for s in spec), int(seed))
-        if key not in self.prefix_cache:
-            self.prefix_cache[key] = context_prefixes(model, spec, seed)
-        return list(self.prefix_cache[key])
-
-
-@contextlib.contextmanager
-def _legacy_identity(model, identity):
-    # TRANSITION (remove with h1's merge): the older layer_stats reads the base identity from the model.
-    if identity is None:
-        yield
-        return
-    model.__dict__["_ffkv_base_identity"] = identity
-    try:
-        yield
-    finally:
-        model.__dict__.pop("_ffkv_base_identity", None)
+        return context_prefixes(model, spec, seed, cache=self.prefix_cache)

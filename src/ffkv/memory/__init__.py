@@ -11,8 +11,8 @@
 from .._lazy import lazy_getattr
 
 _LAZY = {
-    "mine": "ffkv.memory.mining", "brute_force_triggers": "ffkv.memory.mining", "merge_topk": "ffkv.memory.mining",
-    "TriggerBuffers": "ffkv.memory.mining",
+    "mine": "ffkv.memory.miner", "brute_force_triggers": "ffkv.memory.oracle", "merge_topk": "ffkv.memory.topk",
+    "TriggerBuffers": "ffkv.memory.topk", "merge_atlases": "ffkv.memory.merge", "open_corpus": "ffkv.memory.corpus",
     "CorpusSpec": "ffkv.memory.corpus", "iter_units": "ffkv.memory.corpus",
     "Atlas": "ffkv.memory.atlas", "parse_memory": "ffkv.memory.atlas",
     "analyze": "ffkv.memory.analysis",
