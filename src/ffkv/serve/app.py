@@ -73,8 +73,9 @@ def create_app(backend: Backend) -> Starlette:
         q = request.query_params
         if "prompt" not in q:
             return page(request, "prompt.html", view=None, form={})
-        form = {"prompt": q.get("prompt"), "top_n": q.get("top_n", ""), "off": q.getlist("off"),
-                "on": q.getlist("on"), "positions": q.get("positions", "all"),
+        form = {"prompt": q.get("prompt"), "top_n": q.get("top_n", ""),
+                "off": [m.strip() for item in q.getlist("off") for m in item.split(",") if m.strip()],
+                "on": [m.strip() for item in q.getlist("on") for m in item.split() if m.strip()], "positions": q.get("positions", "all"),
                 "max_new_tokens": q.get("max_new_tokens", "")}
         try:
             view = backend.prompt_view(form["prompt"], top_n=form["top_n"], off=form["off"], on=form["on"],

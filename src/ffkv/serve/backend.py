@@ -276,11 +276,13 @@ class Backend:
         with self.lock:
             lg = value_logits(m, mid.layer, [mid.index])[0].float()
             p = torch.softmax(lg, -1)
+            hi, lo = lg.topk(value_top).indices, (-lg).topk(value_top).indices
             out = {"memory": str(mid), "layer": mid.layer, "index": mid.index, "prompt": prompt,
                    "value_norm": float(m.values(mid.layer)[:, mid.index].float().norm()),
-                   "value_top": _dist(tok, p, value_top),
-                   "value_bottom": [{"token": s, "id": int(i), "p": float(p[i])} for s, i in zip(
-                       _tokens(tok, (-lg).topk(value_top).indices), (-lg).topk(value_top).indices.tolist())],
+                   "value_top": [{"token": s, "id": int(i), "p": float(p[i]), "logit": float(lg[i])}
+                                 for s, i in zip(_tokens(tok, hi), hi.tolist())],
+                   "value_bottom": [{"token": s, "id": int(i), "p": float(p[i]), "logit": float(lg[i])}
+                                    for s, i in zip(_tokens(tok, lo), lo.tolist())],
                    "nearest": [r for r in nearest_values(m, m.values(mid.layer)[:, mid.index], n=n + 1)
                                if r["memory"] != str(mid)][:n],
                    "atlas": None, "rank": None}
