@@ -184,6 +184,21 @@ def test_memory_page_without_atlas_still_shows_the_value(model):
     assert r.status_code == 400 and "needs an atlas" in error_line(r)
 
 
+def test_an_atlas_of_another_model_is_refused(model, atlas_dir):
+    w = model.value_param(0)
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)
+    try:
+        with pytest.raises(FfkvError, match="was mined on another model"):
+            Backend(model, atlas=atlas_dir)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    with pytest.raises(FfkvError, match="not an atlas folder"):
+        Backend(model, atlas=atlas_dir.parent)
+
+
 def test_search_views(client, backend, model):
     r = client.get("/search", params={"token": "Dutch", "n": 5})
     assert r.status_code == 200
