@@ -14,20 +14,19 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from starlette.testclient import TestClient
 
 import ffkv
 from ffkv.errors import FfkvError
 from ffkv.models.hooks import Intervention, intervene
-
-pytest.importorskip("starlette", reason="ffkv serve needs starlette (pip install starlette uvicorn jinja2)")
-from starlette.testclient import TestClient  # noqa: E402
-
-from ffkv.serve import Backend, create_app  # noqa: E402
-from ffkv.serve.cli import check_host  # noqa: E402
+from ffkv.serve import Backend, create_app
+from ffkv.serve.cli import check_host
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -383,8 +382,6 @@ def test_only_loopback_unless_allowed(capsys):
 
 def test_serve_command_prints_its_url_first(default_testbed, tmp_path, case):
     """The real command in a subprocess: the URL is the first stdout line, GET / and /?prompt= answer."""
-    import httpx
-
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ffkv.serve", str(default_testbed / "model"), "--port", "0",
@@ -393,9 +390,10 @@ def test_serve_command_prints_its_url_first(default_testbed, tmp_path, case):
     try:
         line = proc.stdout.readline().strip()
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", line), (line, proc.stderr.read() if proc.poll() else "")
-        assert httpx.get(line, timeout=30).status_code == 200
-        r = httpx.get(line, params={"prompt": case["prompt"]}, timeout=30)
-        assert r.status_code == 200 and case["true"] in html.unescape(r.text)
+        with urllib.request.urlopen(line, timeout=30) as r:
+            assert r.status == 200 and 'id="prompt-form"' in r.read().decode()
+        with urllib.request.urlopen(line + "?" + urllib.parse.urlencode({"prompt": case["prompt"]}), timeout=30) as r:
+            assert r.status == 200 and case["true"] in html.unescape(r.read().decode())
     finally:
         proc.terminate()
         proc.wait(timeout=30)

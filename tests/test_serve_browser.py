@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 import ffkv
+from ffkv.memory.subupdates import sub_updates, switch_effect
+from ffkv.serve import Backend, create_app, make_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
@@ -20,11 +22,8 @@ FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 if not CHROMIUM.exists():
     pytest.skip(f"the browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium)",
                 allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (pip install playwright)")
-pytest.importorskip("starlette", reason="ffkv serve needs starlette (pip install starlette uvicorn jinja2)")
-
-from ffkv.memory.subupdates import sub_updates, switch_effect  # noqa: E402
-from ffkv.serve import Backend, create_app, make_server  # noqa: E402
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="the browser tests need playwright (pip install playwright)")
 
 
 @pytest.fixture(scope="module")
