@@ -370,6 +370,18 @@ def test_prompt_view_latency(client, case, capsys):
     assert med < 1.0
 
 
+def test_foreign_hosts_and_cross_site_posts_are_refused(backend):
+    app = create_app(backend, allowed_hosts=["127.0.0.1", "localhost"])
+    c = TestClient(app, base_url="http://127.0.0.1:8765")
+    assert c.get("/api/info").status_code == 200
+    r = c.get("/api/info", headers={"host": "evil.example:8765"})
+    assert r.status_code == 403 and "not this server's" in r.text
+    r = c.post("/undo", data={"n": "1"}, headers={"origin": "http://evil.example"})
+    assert r.status_code == 403 and "may not post" in r.text
+    r = c.post("/undo", data={"n": "1"}, headers={"origin": "http://127.0.0.1:8765"})
+    assert r.status_code == 400 and "journal is empty" in error_line(r)
+
+
 def test_only_loopback_unless_allowed(capsys):
     check_host("127.0.0.1", False)
     check_host("localhost", False)

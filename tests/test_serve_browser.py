@@ -48,7 +48,8 @@ def server(model, tmp_path_factory):
     mine(model, d / "corpus.txt", d / "atlas", top_k=8, progress=False)
     backend = Backend(model, atlas=d / "atlas", state_dir=d / "state", edit_hparams={"stats_tokens": 20_000})
     ready = threading.Event()
-    srv = make_server(create_app(backend), "127.0.0.1", 0, on_start=lambda url: ready.set())
+    app = create_app(backend, allowed_hosts=["127.0.0.1", "localhost"])  # as `ffkv serve` on loopback
+    srv = make_server(app, "127.0.0.1", 0, on_start=lambda url: ready.set())
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     assert ready.wait(60), "the server did not start"

@@ -24,8 +24,9 @@ from urllib.parse import parse_qs, urlencode
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -57,8 +58,49 @@ def _url(path: str, **params) -> str:
     return path + ("?" + urlencode(flat) if flat else "")
 
 
-def create_app(backend: Backend) -> Starlette:
-    """The ASGI app serving ``backend``."""
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _host_name(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8765
+        return host[: host.index("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class GuardMiddleware:
+    """Two checks a server on 127.0.0.1 needs, because a web page in the user's browser can reach it too:
+
+    - the Host header must be one of ``allowed_hosts`` (a DNS-rebinding page names its own host);
+    - a POST (an edit, an undo) whose Origin header names another host than the request's is refused
+      (a cross-site form post).
+    """
+
+    def __init__(self, app, allowed_hosts=None):
+        self.app = app
+        self.allowed = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            host = headers.get("host", "")
+            problem = None
+            if self.allowed is not None and _host_name(host) not in self.allowed:
+                problem = f"host {host!r} is not this server's"
+            origin = headers.get("origin")
+            if problem is None and scope["method"] == "POST" and origin and origin != "null":
+                if origin.split("://", 1)[-1].rstrip("/").lower() != host.lower():
+                    problem = f"a page from {origin} may not post to this server"
+            if problem is not None:
+                response = PlainTextResponse(f"ffkv: error: {problem}.", status_code=403)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(backend: Backend, allowed_hosts: list[str] | None = None) -> Starlette:
+    """The ASGI app serving ``backend``. allowed_hosts: the Host header names accepted (None: any; the
+    command passes the loopback names when it listens on loopback)."""
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
     env.filters["pct"] = lambda p: f"{100 * p:.1f}%" if p is not None else "-"
@@ -187,7 +229,8 @@ def create_app(backend: Backend) -> Starlette:
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={FfkvError: ffkv_error, 404: not_found, 405: not_found,
-                                                       Exception: internal})
+                                                       Exception: internal},
+                    middleware=[Middleware(GuardMiddleware, allowed_hosts=allowed_hosts)])
     app.state.backend = backend
     return app
 

@@ -91,7 +91,7 @@ def run_server(app, host: str = "127.0.0.1", port: int = 8765, on_start=None, lo
 def serve(model, atlas, port, host, allow_remote, state_dir, stats_tokens, dtype, device):
     """Serve the memory debugger for MODEL on http://127.0.0.1:PORT/ (prompt view, memory pages, search,
     trace and locate, edit with an undoable journal)."""
-    from .app import create_app
+    from .app import LOOPBACK_HOSTS, create_app
     from .backend import Backend
 
     check_host(host, allow_remote)
@@ -110,4 +110,5 @@ def serve(model, atlas, port, host, allow_remote, state_dir, stats_tokens, dtype
         sys.stdout.flush()
         click.echo(f"ffkv serve: {backend.model!r} at {url} (Ctrl-C stops)", err=True)
 
-    run_server(create_app(backend), host, port, on_start=started)
+    allowed = list(LOOPBACK_HOSTS) if is_loopback(host) else None
+    run_server(create_app(backend, allowed_hosts=allowed), host, port, on_start=started)
