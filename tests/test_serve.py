@@ -261,6 +261,24 @@ def test_edit_undo_and_restart_keep_the_journal(client, backend, model, case, de
     assert len(Backend(ffkv.load_model(str(default_testbed / "model")), state_dir=backend.state_dir).journal) == 0
 
 
+def test_counterfact_cases_fill_the_edit_form(model, default_testbed, client):
+    b = Backend(model, cases=default_testbed / "data" / "counterfact.json")
+    c = TestClient(create_app(b), raise_server_exceptions=False)
+    r = c.get("/edit", params={"case": "1"})
+    from ffkv.io import read_json
+
+    rec = read_json(default_testbed / "data" / "counterfact.json")[1]
+    rw = rec["requested_rewrite"]
+    assert r.status_code == 200 and 'id="case-form"' in r.text
+    page = html.unescape(r.text)
+    assert f'value="{rw["prompt"].format(rw["subject"])}"' in page and f'value="{rw["target_new"]["str"]}"' in page
+    assert rec["paraphrase_prompts"][0] in page and rec["neighborhood_prompts"][0] in page
+    r = c.get("/edit", params={"case": str(10 ** 6)})
+    assert r.status_code == 400 and "case 1000000 is out of range" in error_line(r)
+    r = client.get("/edit", params={"case": "0"})
+    assert r.status_code == 400 and "--cases FILE" in error_line(r)
+
+
 def test_memit_edit_is_one_journal_row_and_undoes_whole(backend, model, case):
     before = top_token(model, case["prompt"])
     backend.edit(case["prompt"], case["subject"], case["new"], method="memit")

@@ -39,14 +39,15 @@ def cases(default_testbed):
 
 
 @pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
+def server(model, default_testbed, tmp_path_factory):
     from ffkv.memory import mine
     from ffkv.testbed import generate_world
 
     d = tmp_path_factory.mktemp("browser")
     (d / "corpus.txt").write_text("\n\n".join(generate_world(0, "default").documents()[:80]) + "\n")
     mine(model, d / "corpus.txt", d / "atlas", top_k=8, progress=False)
-    backend = Backend(model, atlas=d / "atlas", state_dir=d / "state", edit_hparams={"stats_tokens": 20_000})
+    backend = Backend(model, atlas=d / "atlas", state_dir=d / "state", edit_hparams={"stats_tokens": 20_000},
+                      cases=default_testbed / "data" / "counterfact.json")
     ready = threading.Event()
     app = create_app(backend, allowed_hosts=["127.0.0.1", "localhost"])  # as `ffkv serve` on loopback
     srv = make_server(app, "127.0.0.1", 0, on_start=lambda url: ready.set())
@@ -160,10 +161,11 @@ def test_edit_a_fact_then_undo(page, server, cases):
     page.goto(server + "/?prompt=" + prompt)
     assert top(page, "#top-token td.t") == true
     page.goto(server + "/edit")
-    page.fill("#edit-prompt", prompt)
-    page.fill("#edit-subject", rw["subject"])
-    page.fill("#edit-target", new)
-    page.fill("textarea[name=paraphrases]", "\n".join(c["paraphrase_prompts"][:2]))
+    page.fill("#case", "0")  # the form filled from the testbed's CounterFact case 0
+    page.click("#case-go")
+    page.wait_for_selector("#edit-form")
+    assert page.input_value("#edit-prompt") == prompt and page.input_value("#edit-target") == new
+    assert page.input_value("textarea[name=paraphrases]").splitlines() == c["paraphrase_prompts"]
     page.fill("textarea[name=neighbours]", "\n".join(c["neighborhood_prompts"][:3]))
     page.click("#edit-go")
     page.wait_for_selector("#edit-result")

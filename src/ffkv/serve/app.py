@@ -168,6 +168,11 @@ def create_app(backend: Backend, allowed_hosts: list[str] | None = None) -> Star
         form = {k: q.get(k, "") for k in ("prompt", "subject", "target", "target_true", "paraphrases",
                                            "neighbours")}
         form["method"] = q.get("method", "rome")
+        if q.get("case"):
+            try:
+                form.update(backend.case(q.get("case")))
+            except FfkvError as e:
+                return edit_page(request, form=form, error=e.line(), status=400)
         return edit_page(request, form=form, message=q.get("message"))
 
     async def edit_post(request: Request):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import FfkvError
+from ..io import read_json
 from ..edit import EditRequest, Journal, apply_edits
 from ..locate.neurons import knowledge_neurons
 from ..locate.trace import KINDS, causal_trace
@@ -102,8 +103,9 @@ class Backend:
     """
 
     def __init__(self, model, atlas: str | Path | None = None, state_dir: str | Path | None = None,
-                 edit_hparams: dict | None = None, limits: Limits = Limits()):
+                 edit_hparams: dict | None = None, limits: Limits = Limits(), cases: str | Path | None = None):
         self.model = model
+        self.cases = self._read_cases(cases) if cases is not None else None
         self.tok = model.require_tokenizer()
         self.limits = limits
         self.lock = threading.Lock()
@@ -124,9 +126,31 @@ class Backend:
 
     @classmethod
     def open(cls, model_path: str, atlas=None, state_dir=None, edit_hparams=None, limits: Limits = Limits(),
-             **load_options) -> "Backend":
+             cases=None, **load_options) -> "Backend":
         """Load the model (``ffkv.load_model``) and open the rest."""
-        return cls(load_model(model_path, **load_options), atlas, state_dir, edit_hparams, limits)
+        return cls(load_model(model_path, **load_options), atlas, state_dir, edit_hparams, limits, cases)
+
+    @staticmethod
+    def _read_cases(path) -> list[dict]:
+        """CounterFact records (ROME's layout) to fill the edit form from: the rewrite, its paraphrases and
+        its neighbourhood prompts."""
+        data = read_json(path)
+        if not isinstance(data, list) or not data:
+            raise FfkvError(f"{path} holds no CounterFact records", "give a JSON list of CounterFact records")
+        out = []
+        for rec in data:
+            req = EditRequest.from_counterfact(rec)
+            out.append({"case_id": rec.get("case_id", len(out)), "prompt": req.text, "subject": req.subject,
+                        "target": req.target.strip(), "target_true": (req.target_true or "").strip(),
+                        "paraphrases": "\n".join(rec.get("paraphrase_prompts", [])),
+                        "neighbours": "\n".join(rec.get("neighborhood_prompts", [])[:5])})
+        return out
+
+    def case(self, n) -> dict:
+        """The edit form's fields for the n-th CounterFact record of ``--cases``."""
+        if self.cases is None:
+            raise FfkvError("no CounterFact cases were given", "start the server with --cases FILE")
+        return self.cases[_int(n, "case", 0, len(self.cases) - 1, 0)]
 
     # --------------------------------------------------------------------------------------------- info
     @property
@@ -137,7 +161,8 @@ class Backend:
         m = self.model
         return {"model": str(m.name_or_path), "family": m.family, "n_layers": m.n_layers, "d_model": m.d_model,
                 "d_ffn": m.d_ffn, "vocab_size": m.vocab_size, "atlas": str(self.atlas.path) if self.atlas else None,
-                "edits": len(self.journal), "journal": str(self.journal_path) if self.journal_path else None}
+                "edits": len(self.journal), "journal": str(self.journal_path) if self.journal_path else None,
+                "cases": len(self.cases) if self.cases else 0}
 
     # --------------------------------------------------------------------------------------------- validation
     def check_prompt(self, prompt, what: str = "prompt") -> str:

@@ -84,11 +84,13 @@ def run_server(app, host: str = "127.0.0.1", port: int = 8765, on_start=None, lo
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host (no authentication: take care).")
 @click.option("--state", "state_dir", type=click.Path(file_okay=False), default="ffkv-serve", show_default=True,
               help="Folder of the edit journal (replayed at start, so a restart loses no edit) and edit statistics.")
+@click.option("--cases", type=click.Path(dir_okay=False), default=None,
+              help="A CounterFact JSON file whose records fill the edit form (prompt, paraphrases, neighbours).")
 @click.option("--stats-tokens", type=int, default=None,
               help="Tokens of the edit statistics E[k k^T] (default: the method's).")
 @click.option("--dtype", default=None, help="Model dtype (float32, bfloat16, float16, auto).")
 @click.option("--device", default=None, help="Model device (cpu, cuda, ...).")
-def serve(model, atlas, port, host, allow_remote, state_dir, stats_tokens, dtype, device):
+def serve(model, atlas, port, host, allow_remote, state_dir, cases, stats_tokens, dtype, device):
     """Serve the memory debugger for MODEL on http://127.0.0.1:PORT/ (prompt view, memory pages, search,
     trace and locate, edit with an undoable journal)."""
     from .app import LOOPBACK_HOSTS, create_app
@@ -100,7 +102,8 @@ def serve(model, atlas, port, host, allow_remote, state_dir, stats_tokens, dtype
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="ffkv serve: %(message)s")
     click.echo(f"ffkv serve: loading {model} ...", err=True)
     hp = {"stats_tokens": stats_tokens} if stats_tokens else None
-    backend = Backend.open(model, atlas=atlas, state_dir=state_dir, edit_hparams=hp, dtype=dtype, device=device)
+    backend = Backend.open(model, atlas=atlas, state_dir=state_dir, edit_hparams=hp, cases=cases, dtype=dtype,
+                           device=device)
     if len(backend.journal):
         click.echo(f"ffkv serve: replayed {len(backend.journal)} journal entries from {backend.journal_path}",
                    err=True)
