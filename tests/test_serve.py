@@ -289,6 +289,35 @@ def test_memit_edit_is_one_journal_row_and_undoes_whole(backend, model, case):
     assert len(backend.journal) == 0 and top_token(model, case["prompt"]) == before
 
 
+@pytest.fixture(scope="module")
+def family_models(model):
+    """A tiny random model of every supported family, with the testbed's tokenizer (vocabulary sized to it)."""
+    from ffkv.models.adapters import supported_model_types
+    from ffkv.models.loading import tiny_model
+    from ffkv.models.model import MemoryModel
+
+    n = len(model.tokenizer)
+    return {mt: MemoryModel(tiny_model(mt, vocab=n).hf, model.tokenizer, name_or_path=f"tiny-{mt}")
+            for mt in supported_model_types()}
+
+
+def test_every_family_is_served(family_models):
+    prompt = "The native language of Quoux Kurte is"
+    for mt, m in family_models.items():
+        b = Backend(m)
+        c = TestClient(create_app(b), raise_server_exceptions=False)
+        n = hook_count(m)
+        r = c.get("/", params={"prompt": prompt, "on": "L1.3=50", "off": "L0.2", "max_new_tokens": 3})
+        assert r.status_code == 200, (mt, error_line(r))
+        v = b.prompt_view(prompt, on=["L1.3=50"], off=["L0.2"], max_new_tokens=3)
+        assert v["lens"][-1]["after"][0]["token"] == v["distribution"][0]["token"], mt
+        assert v["switch"]["kl"] > 0, mt
+        assert c.get("/memory/L1.3", params={"prompt": prompt}).status_code == 200, mt
+        r = c.get("/trace", params={"prompt": prompt, "subject": "Quoux Kurte", "samples": 2, "neurons": "0"})
+        assert r.status_code == 200 and 'id="trace-attn"' in r.text, (mt, error_line(r))
+        assert hook_count(m) == n, mt
+
+
 # --------------------------------------------------------------------------------------------------- behaviour
 BAD = [
     ("/", {"prompt": ""}, "the prompt is empty"),
