@@ -1,0 +1,117 @@
+"""``ffkv serve MODEL [--atlas DIR] [--port N]``: the memory debugger in the browser.
+
+The first line on stdout is the server's URL, printed once it accepts connections (``--port 0`` picks a free
+port, and the line says which). Everything else (loading, warnings, request logs) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+
+import click
+
+from ..errors import FfkvError
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_host(host: str, allow_remote: bool) -> None:
+    """Only this machine may connect unless the user says otherwise: the server runs code on the model
+    for anyone who can reach it and has no authentication."""
+    if is_loopback(host):
+        return
+    if not allow_remote:
+        raise FfkvError(f"refusing to listen on {host}: the debugger has no authentication and anyone who "
+                        f"reaches it can edit the served model",
+                        "listen on 127.0.0.1 (the default), or pass --allow-remote if you mean it")
+    click.echo(f"ffkv serve: WARNING: listening on {host}: anyone who can reach this address can read and "
+               f"edit the model; there is no authentication", err=True)
+
+
+def url_of(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"
+
+
+def make_server(app, host: str = "127.0.0.1", port: int = 8765, on_start=None, log_level: str = "warning"):
+    """A uvicorn server for ``app``; ``on_start(url)`` runs once its socket accepts connections (the URL has
+    the real port when ``port`` is 0). ``server.run()`` serves until ``server.should_exit`` is set."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.should_exit:  # the bind failed; uvicorn has said why
+                return
+            bound = self.servers[0].sockets[0].getsockname() if self.servers else (host, port)
+            self.url = url_of(host, bound[1])
+            if on_start is not None:
+                on_start(self.url)
+
+    # No uvicorn log config: its access log writes to stdout, whose first line is the URL.
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=2)
+    return Server(config)
+
+
+def run_server(app, host: str = "127.0.0.1", port: int = 8765, on_start=None, log_level: str = "warning"):
+    """Serve ``app`` until interrupted (see :func:`make_server`)."""
+    server = make_server(app, host, port, on_start, log_level)
+    server.run()
+    if not server.started:
+        raise FfkvError(f"the server could not listen on {host}:{port}", "pick another --port (0: any free port)")
+    return server
+
+
+@click.command("serve")
+@click.argument("model")
+@click.option("--atlas", "atlas", type=click.Path(file_okay=False), default=None,
+              help="An atlas folder mined on MODEL (`ffkv atlas mine`): trigger examples, patterns, text search.")
+@click.option("--port", type=int, default=8765, show_default=True, help="Port (0: any free port).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs --allow-remote.")
+@click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host (no authentication: take care).")
+@click.option("--state", "state_dir", type=click.Path(file_okay=False), default="ffkv-serve", show_default=True,
+              help="Folder of the edit journal (replayed at start, so a restart loses no edit) and edit statistics.")
+@click.option("--cases", type=click.Path(dir_okay=False), default=None,
+              help="A CounterFact JSON file whose records fill the edit form (prompt, paraphrases, neighbours).")
+@click.option("--stats-tokens", type=int, default=None,
+              help="Tokens of the edit statistics E[k k^T] (default: the method's).")
+@click.option("--dtype", default=None, help="Model dtype (float32, bfloat16, float16, auto).")
+@click.option("--device", default=None, help="Model device (cpu, cuda, ...).")
+def serve(model, atlas, port, host, allow_remote, state_dir, cases, stats_tokens, dtype, device):
+    """Serve the memory debugger for MODEL on http://127.0.0.1:PORT/ (prompt view, memory pages, search,
+    trace and locate, edit with an undoable journal)."""
+    from .app import LOOPBACK_HOSTS, create_app
+    from .backend import Backend
+
+    check_host(host, allow_remote)
+    if not 0 <= port < 65536:
+        raise FfkvError(f"port {port} is out of range", "use 0..65535 (0: any free port)")
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="ffkv serve: %(message)s")
+    click.echo(f"ffkv serve: loading {model} ...", err=True)
+    hp = {"stats_tokens": stats_tokens} if stats_tokens else None
+    backend = Backend.open(model, atlas=atlas, state_dir=state_dir, edit_hparams=hp, cases=cases, dtype=dtype,
+                           device=device)
+    if len(backend.journal):
+        click.echo(f"ffkv serve: replayed {len(backend.journal)} journal entries from {backend.journal_path}",
+                   err=True)
+
+    def started(url):
+        click.echo(url)
+        sys.stdout.flush()
+        click.echo(f"ffkv serve: {backend.model!r} at {url} (Ctrl-C stops)", err=True)
+
+    allowed = list(LOOPBACK_HOSTS) if is_loopback(host) else None
+    run_server(create_app(backend, allowed_hosts=allowed), host, port, on_start=started)
