@@ -167,10 +167,11 @@ def test_logit_lens_of_the_last_residual_is_the_output(tiny_models, mt):
     lens = mm.unembed(rec["resid_post", last])
     torch.testing.assert_close(lens, logits, rtol=1e-4, atol=1e-4)
     # Without the norm the projection is E x, an explicit option.
+    # Without the norm the projection is E x (through the family's logit scaling and soft-cap), an option.
     raw = mm.unembed(rec["resid_post", last], norm=False)
-    torch.testing.assert_close(raw, rec["resid_post", last] @ mm.unembedding.weight.T
-                               + (mm.unembedding.bias if mm.unembedding.bias is not None else 0),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(raw, mm.scale_logits(rec["resid_post", last] @ mm.unembedding.weight.T
+                                                    + (mm.unembedding.bias if mm.unembedding.bias is not None
+                                                       else 0)), rtol=1e-4, atol=1e-4)
 
 
 def test_value_projection_ranks_the_planted_token_first(planted):

@@ -27,7 +27,7 @@ def describe_memory(atlas, layer: int, index: int, n: int = 25, top_tokens: int 
     return {"memory": f"L{layer}.{index}", "layer": layer, "index": index, "norm": norm,
             "value_top_tokens": decode_tokens(tok, top.indices), "value_top_p": top.values.tolist(),
             "value_bottom_tokens": decode_tokens(tok, low), "max_p": float(top.values[0]),
-            "value_norm": float(model.values(layer)[:, index].float().norm()),
+            "value_norm": float(model.write_values(layer)[:, index].float().norm()),
             "top_trigger_next_token": tok.decode([nxt]) if nxt >= 0 else None,
             "agrees": bool(nxt >= 0 and int(top.indices[0]) == nxt),
             "pattern": key_pattern(prefixes, lambda ids: tok.decode(list(ids))) if prefixes else None,

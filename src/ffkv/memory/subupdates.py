@@ -2,6 +2,10 @@
 
     o^l = sum_i m_i^l v_i^l (+ b^l)         sub-update i:  m_i v_i,  ranked by  |m_i| * ||v_i||
 
+In post-norm families (Gemma-2/3, OLMo-2) the layer writes ``N(o^l)`` into the residual; ``v_i`` is then read
+as it writes, ``g ⊙ v_i`` (:meth:`MemoryModel.write_values`), and the layer's own top tokens are those of the
+write ``N(o^l)`` (:meth:`MemoryModel.write_from_ffn_out`).
+
 Each sub-update is read through the vocabulary: ``E (m_i v_i)`` promotes the top tokens of ``E v_i``
 when ``m_i > 0`` and its bottom tokens when ``m_i < 0``. Memories can be switched off (``m_i = 0``) or
 forced on (``m_i = value``) at chosen positions or everywhere, also during generation, and the change
@@ -49,12 +53,13 @@ def sub_updates(model, prompt: str, top_n: int = 10, value_top: int = 5, positio
            "layers": []}
     for l in layers:
         m = rec["coef", l][0, pos].float()
-        vnorm = model.values(l).float().norm(dim=0)
+        vnorm = model.write_values(l).float().norm(dim=0)
         score = m.abs() * vnorm
         best = score.topk(min(top_n, score.numel()))
         lg = value_logits(model, l, best.indices, norm=norm)
         signed = lg * torch.sign(m[best.indices])[:, None]
-        ffn_top = model.unembed(rec["ffn_out", l][0, pos], norm=norm).float().topk(value_top).indices
+        write = model.write_from_ffn_out(l, rec["ffn_out", l][0, pos])
+        ffn_top = model.unembed(write, norm=norm).float().topk(value_top).indices
         out["layers"].append({
             "layer": l, "ffn_top_tokens": _decode(tok, ffn_top),
             "sub_updates": [{"memory": f"L{l}.{i}", "layer": l, "index": i, "coef": float(m[i]),
