@@ -214,8 +214,11 @@ def _load_tokenizer(name: str, trust_remote_code: bool):
 
 
 def tiny_model(model_type: str, n_layers: int = 2, d_model: int = 32, d_ffn: int = 64, vocab: int = 128,
-               seed: int = 0, dtype: torch.dtype = torch.float32, check: bool = True) -> MemoryModel:
+               seed: int = 0, dtype: torch.dtype = torch.float32, check: bool = True,
+               tokenizer=None) -> MemoryModel:
     """A randomly initialised tiny model of any causal-LM model type, built from a config (no download).
+
+    ``tokenizer`` (optional) is attached as the model's tokenizer; give ``vocab=len(tokenizer)``.
 
     ``tiny_model("gemma2")``, ``tiny_model("olmo2")``, ``tiny_model("qwen3")``: sizes as given; model types
     without a hand-written test config are shrunk from their default config (:func:`ffkv.models.tiny
@@ -230,5 +233,5 @@ def tiny_model(model_type: str, n_layers: int = 2, d_model: int = 32, d_ffn: int
         raise Refusal(model_type, "cannot-build", f"transformers cannot build it tiny ({type(e).__name__}: "
                       f"{text})", "this model type is checked at full size only") from None
     hf = hf.to(dtype)
-    return from_hf(hf, None, f"tiny-{model_type}", check)
+    return from_hf(hf, tokenizer, f"tiny-{model_type}", check)
 

@@ -204,9 +204,12 @@ class MemoryModel:
         """The values as they write into the residual, (d_model, d_ffn): column i is ``g ⊙ v_i``.
 
         ``g`` is the post-FFN norm's gain (:meth:`post_norm_gain`); without a post norm this is
-        :meth:`values` itself (a view). In a post-norm family the write ``N(sum_i m_i v_i + b)`` depends on
-        a value only through the norm's local Jacobian ``diag(g) (I - o o^T / |o|^2) / rms(o)``; dropping
-        the positive per-token factor ``1/rms(o)`` and the projection onto ``o``, memory i moves the
+        :meth:`values` itself (a view). In a post-norm family the write ``N(o)``, ``o = sum_i m_i v_i + b``,
+        depends on a value only through the RMS norm's local Jacobian
+
+            d N(o) / d m_i = g ⊙ (v_i - (o · v_i) / (d r^2) o) / r,     r^2 = mean(o^2) + eps;
+
+        dropping the positive per-token factor ``1/r`` and the component along ``o``, memory i moves the
         residual along ``g ⊙ v_i``. Value projections, sub-updates and composition read these.
         """
         gain = self.post_norm_gain(layer)

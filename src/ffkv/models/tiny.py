@@ -16,6 +16,7 @@ import transformers as T
 from transformers import CONFIG_MAPPING
 
 from ..errors import FfkvError
+from .infer import Refusal
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_decoder_layers")
 WIDTH_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "word_embed_proj_dim", "embedding_size", "embed_dim",
@@ -122,8 +123,8 @@ def shrink_config(model_type: str, n_layers: int = 2, d_model: int = 64, n_heads
         changes = _shrunk(default.to_dict(), n_layers, d_model, n_heads, vocab, d_ffn, context)
         return cls(**changes)
     except Exception as e:  # a config class's own validation: reported in one line, never a traceback
-        raise FfkvError(f"transformers cannot build a tiny '{model_type}' config ({_first_line(e)})",
-                        "this model type is tested at full size only") from None
+        raise Refusal(model_type, "cannot-build", f"transformers cannot build a tiny config ({_first_line(e)})",
+                      "this model type is checked at full size only") from None
 
 
 def _first_line(e: BaseException) -> str:
