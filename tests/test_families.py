@@ -145,7 +145,7 @@ def test_post_norm_values_are_read_through_the_gain(post_norm_models, mt):
     mm = post_norm_models[mt]
     l = mm.n_layers - 1
     w = mm.module(l, mm.spec.post_ffn_norm).weight
-    gain = (1 + w) if "gemma" in mm.family else w
+    gain = ((1 + w) if "gemma" in mm.family else w).detach()
     torch.testing.assert_close(mm.post_norm_gain(l), gain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mm.write_values(l), mm.values(l) * gain[:, None])
     idx = torch.arange(5)

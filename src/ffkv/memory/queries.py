@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.memory_id import MemoryId
 from .patterns import key_pattern
 from .values import decode_tokens, value_logits
 
@@ -24,7 +25,7 @@ def describe_memory(atlas, layer: int, index: int, n: int = 25, top_tokens: int 
     tm = atlas.trigger_matrix(layer, "top")
     prefixes = [atlas.prefix(u, q) for u, q in zip(tm["unit"][index], tm["position"][index]) if u >= 0]
     nxt = atlas.next_token(int(tm["unit"][index, 0]), int(tm["position"][index, 0])) if prefixes else -1
-    return {"memory": f"L{layer}.{index}", "layer": layer, "index": index, "norm": norm,
+    return {"memory": str(MemoryId(layer, index)), "layer": layer, "index": index, "norm": norm,
             "value_top_tokens": decode_tokens(tok, top.indices), "value_top_p": top.values.tolist(),
             "value_bottom_tokens": decode_tokens(tok, low), "max_p": float(top.values[0]),
             "value_norm": float(model.write_values(layer)[:, index].float().norm()),

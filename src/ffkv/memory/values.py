@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import FfkvError
+from ..models.memory_id import MemoryId
 
 
 @torch.no_grad()
@@ -195,7 +196,7 @@ def promotes(model, token: str | int, n: int = 20, norm: bool = False, layers=No
             r_parts.append((logits > lt[:, None]).sum(1).cpu())
         p, rank = torch.cat(p_parts), torch.cat(r_parts)
         best = p.topk(min(n, p.numel()))
-        rows += [{"memory": f"L{l}.{i}", "layer": l, "index": i, "p": pi, "rank": int(rank[i])}
+        rows += [{"memory": str(MemoryId(l, i)), "layer": l, "index": i, "p": pi, "rank": int(rank[i])}
                  for pi, i in zip(best.values.tolist(), best.indices.tolist())]
     rows.sort(key=lambda r: (-r["p"], r["layer"], r["index"]))
     return rows[:n]
@@ -214,7 +215,7 @@ def nearest_values(model, vector: torch.Tensor, n: int = 20, layers=None) -> lis
         V = model.write_values(l).float()  # (d_model, d_ffn)
         cos = (vec @ V) / V.norm(dim=0).clamp_min(1e-12)
         best = cos.topk(min(n, cos.numel()))
-        rows += [{"memory": f"L{l}.{i}", "layer": l, "index": i, "cosine": c}
+        rows += [{"memory": str(MemoryId(l, i)), "layer": l, "index": i, "cosine": c}
                  for c, i in zip(best.values.tolist(), best.indices.tolist())]
     rows.sort(key=lambda r: -r["cosine"])
     return rows[:n]

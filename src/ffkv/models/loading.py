@@ -9,9 +9,14 @@ clear :class:`~ffkv.errors.FfkvError`, checked before any weight is read.
 from __future__ import annotations
 
 import json
+import socket
+import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
+import huggingface_hub
 import torch
+from huggingface_hub import constants
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -92,13 +97,6 @@ def _offline_if_hub_unreachable(timeout: float = 3.0) -> None:
     if _HUB_CHECKED:
         return
     _HUB_CHECKED = True
-    import socket
-    import sys
-    from urllib.parse import urlparse
-
-    import huggingface_hub
-    from huggingface_hub import constants
-
     if constants.HF_HUB_OFFLINE:
         return
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
