@@ -187,3 +187,24 @@ def test_post_norm_sub_updates_read_the_write(post_norm_models, mt):
         m = rec["coef", l][0, -1].float()
         score = m.abs() * mm.write_values(l).float().norm(dim=0)
         assert [s["index"] for s in layer["sub_updates"]] == score.topk(4).indices.tolist()
+
+
+@pytest.mark.parametrize("mt", POST_NORM)
+def test_post_norm_refinement_subtracts_the_write(post_norm_models, mt):
+    from ffkv.memory.composition import composition_and_refinement
+    from ffkv.memory.corpus import Unit
+
+    mm = post_norm_models[mt]
+    g = torch.Generator().manual_seed(5)
+    units = [Unit(unit=u, doc=0, tokens=torch.randint(2, mm.vocab_size, (6,), generator=g).tolist(), next_id=-1,
+                  source="") for u in range(4)]
+    res = composition_and_refinement(mm, units)
+    ids = torch.tensor([u.tokens for u in units])
+    reads = [(s, l) for l in range(mm.n_layers) for s in ("resid_pre", "attn_out")]
+    with intervene(mm, reads=reads) as rec:
+        final = mm.hf(input_ids=ids).logits.argmax(-1)
+    for l in range(mm.n_layers):
+        # The residual before the FFN, measured on the model's own stream (not through the write).
+        before = rec["resid_pre", l] + mm.attn_write_from_attn_out(l, rec["attn_out", l])
+        expected = (mm.unembed(before).argmax(-1) == final).float().mean().item()
+        assert res["refinement"][l]["residual_is_output"] == pytest.approx(expected), (mt, l)

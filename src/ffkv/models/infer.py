@@ -153,12 +153,12 @@ def _classify_layer(mt: str, layer: nn.Module, d_model: int, act_fn: str | None)
                       "together with the residual, so no memory writes additively")
     attn = next((n for n in ATTN_NAMES if n in children), None)
     hybrid = [f"{n}:{type(m).__name__}" for n, m in children.items()
-              if any(w in (n + type(m).__name__).lower() for w in HYBRID_WORDS)]
+              if not _is_norm(m) and any(w in (n + type(m).__name__).lower() for w in HYBRID_WORDS)]
     if hybrid:
         raise Refusal(mt, "no-ffn", f"state-space / linear-attention / recurrent layers ({hybrid[0]})")
     if attn is None:
         kinds = [f"{n}:{type(m).__name__}" for n, m in children.items()
-                 if any(w in (n + type(m).__name__).lower() for w in RECURRENT_WORDS)]
+                 if not _is_norm(m) and any(w in (n + type(m).__name__).lower() for w in RECURRENT_WORDS)]
         if kinds:
             raise Refusal(mt, "no-ffn", f"no attention+FFN layer: state-space / linear-attention / recurrent "
                           f"layers ({kinds[0]})")
