@@ -208,3 +208,15 @@ def test_post_norm_refinement_subtracts_the_write(post_norm_models, mt):
         before = rec["resid_pre", l] + mm.attn_write_from_attn_out(l, rec["attn_out", l])
         expected = (mm.unembed(before).argmax(-1) == final).float().mean().item()
         assert res["refinement"][l]["residual_is_output"] == pytest.approx(expected), (mt, l)
+
+
+@pytest.mark.parametrize("mt,field,value", [("cohere", "logit_scale", 0.0625), ("granite", "logits_scaling", 0.1)])
+def test_the_head_applies_the_family_logit_scaling(one_thread, mt, field, value):
+    mm = tiny_model(mt, check=False)
+    setattr(mm.config, field, value)
+    assert check_adapter(mm)["passed"]
+    spec_field = "logit_scale" if field == "logit_scale" else "logit_divisor"
+    assert getattr(mm.spec, spec_field) == field
+    bad = MemoryModel(mm.hf, spec=dataclasses.replace(mm.spec, **{spec_field: None}))
+    with pytest.raises(AdapterCheckFailed, match="at head"):
+        check_adapter(bad)
