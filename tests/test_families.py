@@ -220,3 +220,21 @@ def test_the_head_applies_the_family_logit_scaling(one_thread, mt, field, value)
     bad = MemoryModel(mm.hf, spec=dataclasses.replace(mm.spec, **{spec_field: None}))
     with pytest.raises(AdapterCheckFailed, match="at head"):
         check_adapter(bad)
+
+
+def test_granite_multipliers_scale_the_writes_and_the_head(one_thread):
+    from transformers import AutoModelForCausalLM
+
+    from ffkv.models.loading import from_hf
+
+    cfg = shrink_config("granite")
+    for k, v in dict(residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0,
+                     attention_multiplier=0.0078).items():  # granite-3.0's published values
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    mm = from_hf(AutoModelForCausalLM.from_config(cfg))
+    assert mm.adapter_check["passed"] and mm.residual_scale == pytest.approx(0.22)
+    torch.testing.assert_close(mm.write_values(0), 0.22 * mm.values(0))
+    unscaled = MemoryModel(mm.hf, spec=dataclasses.replace(mm.spec, residual_scale=None))
+    with pytest.raises(AdapterCheckFailed, match="at layer 0: resid_pre"):
+        check_adapter(unscaled)

@@ -89,7 +89,7 @@ def _layer_errors(model: MemoryModel, l: int, rec) -> dict[str, tuple[float, flo
     }
     write = _safe(lambda: model.write_from_ffn_out(l, model.ffn_output_from_coefficients(l, m)))
     if _WRITE_SITE:
-        errs["write_error"] = _safe_err(lambda: (write, rec["ffn_write", l]))
+        errs["write_error"] = _safe_err(lambda: (write, model.residual_scale * rec["ffn_write", l]))
     else:  # without the site, the write the spec computes from the recorded W_out output
         errs["write_error"] = _safe_err(lambda: (write, model.write_from_ffn_out(l, out)))
     errs["resid_error"] = _safe_err(lambda: (

@@ -65,7 +65,7 @@ GATE_WORDS = ("gate", "w1", "wi_0")
 VALUE_NAMES = ("down_proj", "fc_out", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo", "proj_down", "output",
                "lin2", "out_proj")
 ACT_WORDS = ("activation", "gelu", "silu", "relu", "tanh", "sigmoid", "swish", "mish", "xielu", "act")
-POST_FFN_WORDS = ("post_feedforward", "post_mlp", "post_ffn", "ffn_post", "mlp_post")
+POST_FFN_WORDS = ("post_feedforward", "post_mlp", "post_ffn", "ffn_post", "mlp_post", "post_norm2")
 PRE_FFN_WORDS = ("pre_feedforward", "pre_mlp", "pre_ff", "ln_2", "norm_2", "final_layer_norm", "mlp_norm",
                  "ffn_norm", "layernorm2", "feedforward_layernorm", "channel_pre_norm", "ln2", "norm2")
 PRE_ATTN_WORDS = ("input_layernorm", "ln_1", "norm_1", "attn_norm", "self_attn_layer_norm", "attention_layernorm",
@@ -91,6 +91,11 @@ def meta_model(config, trust_remote_code: bool = False) -> nn.Module:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:140]}" if text else type(e).__name__
+
+
+def _number(config, name: str) -> bool:
+    v = getattr(config, name, None)
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _paths(root: nn.Module) -> dict[int, str]:
@@ -206,7 +211,7 @@ def _classify_layer(mt: str, layer: nn.Module, d_model: int, act_fn: str | None)
     pre_ffn = next((n for n in norms if any(w in n for w in PRE_FFN_WORDS)), None)
     pre_attn = next((n for n in norms if any(w in n for w in PRE_ATTN_WORDS)), None)
     post_attn = next((n for n in norms if n in ("post_self_attn_layernorm", "post_attn_layernorm",
-                                                  "post_attention_norm", "attn_post_norm")), None)
+                                                  "post_attention_norm", "attn_post_norm", "post_norm1")), None)
     if post_attn is None and "post_attention_layernorm" in norms:
         # Llama's post_attention_layernorm is the pre-FFN norm; in sandwich-norm layers (a post-FFN norm
         # beside a separate pre-FFN norm, or no pre-norms at all) it normalises the attention output.
@@ -268,6 +273,8 @@ def infer_spec(hf_model: nn.Module) -> ArchSpec:
         final_proj=join(proj) if proj else None, parallel=bool(parallel),
         logit_scale="logit_scale" if isinstance(getattr(text, "logit_scale", None), (int, float)) else None,
         logit_divisor="logits_scaling" if isinstance(getattr(text, "logits_scaling", None), (int, float)) else None,
+        residual_scale=("residual_multiplier" if _number(text, "residual_multiplier")
+                        else "scale_depth" if _number(text, "scale_depth") else None),
         softcap="final_logit_softcapping" if getattr(text, "final_logit_softcapping", None) else None,
         inferred=True, notes="inferred from the module structure",
     )

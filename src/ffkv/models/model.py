@@ -204,7 +204,7 @@ class MemoryModel:
         """The values as they write into the residual, (d_model, d_ffn): column i is ``g ⊙ v_i``.
 
         ``g`` is the post-FFN norm's gain (:meth:`post_norm_gain`); without a post norm this is
-        :meth:`values` itself (a view). In a post-norm family the write ``N(o)``, ``o = sum_i m_i v_i + b``,
+        :meth:`values` itself (a view), times :attr:`residual_scale` where the family scales its writes. In a post-norm family the write ``N(o)``, ``o = sum_i m_i v_i + b``,
         depends on a value only through the RMS norm's local Jacobian
 
             d N(o) / d m_i = g ⊙ (v_i - (o · v_i) / (d r^2) o) / r,     r^2 = mean(o^2) + eps;
@@ -214,19 +214,34 @@ class MemoryModel:
         """
         gain = self.post_norm_gain(layer)
         v = self.values(layer)
-        return v if gain is None else v * gain[:, None]
+        v = v if gain is None else v * gain[:, None]
+        return v if self.residual_scale == 1.0 else v * self.residual_scale
 
     def attn_post_norm(self, layer: int) -> nn.Module | None:
         """The post-attention norm of sandwich-norm families (Gemma-2/3, OLMo-2), or None."""
         return None if self.spec.post_attn_norm is None else self.module(layer, self.spec.post_attn_norm)
 
+    @property
+    def residual_scale(self) -> float:
+        """The factor both sub-blocks' outputs are scaled by before they are added to the residual: 1, or
+        Granite's / HyperCLOVA X's ``residual_multiplier``, MiniCPM's ``scale_depth / sqrt(n_layers)``."""
+        name, cfg = self.spec.residual_scale, self.text_config
+        if name is None:
+            return 1.0
+        if name == "scale_depth":
+            return float(cfg.scale_depth) / float(cfg.num_hidden_layers) ** 0.5
+        return float(getattr(cfg, name))
+
     def write_from_ffn_out(self, layer: int, ffn_out: torch.Tensor) -> torch.Tensor:
-        """What the FFN adds to the residual: ``post_ffn_norm(ffn_out)``, or ``ffn_out`` (no post norm).
+        """What the FFN adds to the residual: ``s · post_ffn_norm(ffn_out)``, or ``s · ffn_out`` (no post norm),
+        with ``s`` the :attr:`residual_scale` (1 for nearly every family).
 
         ffn_out: (..., d_model) -> (..., d_model). ``ffn_out`` is ``W_out m + b`` (site "ffn_out").
         """
         norm = self.post_norm(layer)
-        return ffn_out if norm is None else norm(ffn_out)
+        out = ffn_out if norm is None else norm(ffn_out)
+        s = self.residual_scale
+        return out if s == 1.0 else out * s
 
     def attn_write_from_attn_out(self, layer: int, attn_out: torch.Tensor,
                                  resid_pre: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,6 +249,8 @@ class MemoryModel:
         whose attention module adds the residual itself (BLOOM), ``attn_out - resid_pre``."""
         norm = self.attn_post_norm(layer)
         out = attn_out if norm is None else norm(attn_out)
+        if self.residual_scale != 1.0:
+            out = out * self.residual_scale
         if self.spec.attn_adds_residual:
             if resid_pre is None:
                 raise FfkvError(f"{self.family}'s attention output includes the residual",
@@ -246,7 +263,8 @@ class MemoryModel:
         "post" its first output. See :data:`ffkv.models.hooks.SITES` for the sites.
 
         "ffn_out" is always the output of ``W_out`` (``sum_i m_i v_i + b``); "ffn_write" is what the FFN
-        adds to the residual: the output of the post-FFN norm where the family has one, else of ``W_out``.
+        adds to the residual: the output of the post-FFN norm where the family has one, else of ``W_out``
+        (times :attr:`residual_scale`, applied by the model after the module, in Granite and MiniCPM).
         """
         s = self.spec
         table = {

@@ -40,6 +40,8 @@ class ArchSpec:
     final_proj: str | None = None  # OPT-350m projects out of d_model before the unembedding
     parallel: bool = False  # attention and FFN read the same residual (GPT-J, NeoX, Falcon)
     act_fn: str | None = None  # transformers ACT2FN name, for FFNs that call a functional activation
+    residual_scale: str | None = None  # config field scaling both writes (Granite: residual_multiplier;
+    # "scale_depth": MiniCPM's scale_depth / sqrt(num_hidden_layers))
     attn_adds_residual: bool = False  # BLOOM: the attention module returns resid_pre + attention
     logit_scale: str | None = None  # config field the logits are multiplied by (Cohere: logit_scale)
     logit_divisor: str | None = None  # config field the logits are divided by (Granite: logits_scaling)
