@@ -28,7 +28,7 @@ def _ids(mm, b=2, t=7, seed=1):
 def test_every_required_family_has_a_spec():
     families = {s.family for s in SPECS}
     for f in ("gpt2", "gpt-neo", "gpt-j", "gpt-neox", "opt", "bloom", "falcon", "llama", "mistral", "qwen2",
-              "gemma", "phi3"):
+              "gemma", "phi3", "qwen3", "gemma2", "gemma3", "olmo2", "phi"):
         assert f in families
 
 

@@ -109,7 +109,8 @@ def render_markdown(rows: list[dict]) -> str:
     ]
     for reason, n in c["refused_by_reason"].items():
         out.append(f"| {reason} | {n} | {REASONS.get(reason, reason)} |")
-    out += ["", f"Hand-written specs ({len(SPECS)}): {', '.join(families)}.", "",
+    out += ["", f"Hand-written specs ({len(families)} families): {', '.join(families)}. A model type whose config class "
+            "is a hand-written family's (gpt-sw3 is GPT-2) uses that spec.", "",
             "| model type | class | status | reason | detail |", "|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['model_type']} | {r['class']} | {r['status']} | {r['reason'] or ''} | {r['detail']} |")
