@@ -42,7 +42,7 @@ class Refusal(UnsupportedArchitecture):
     def __init__(self, model_type: str, reason: str, detail: str, fix: str | None = None):
         self.model_type, self.reason, self.detail = model_type, reason, detail
         super().__init__(f"model type '{model_type}' is not supported: {detail}",
-                         fix or "ffkv reads memories from the FFN layers of decoder-only transformers")
+                         fix or "use a decoder-only transformer: ffkv reads memories from its FFN layers")
 
 
 class MixtureOfExpertsRefusal(Refusal):
