@@ -238,3 +238,16 @@ def test_granite_multipliers_scale_the_writes_and_the_head(one_thread):
     unscaled = MemoryModel(mm.hf, spec=dataclasses.replace(mm.spec, residual_scale=None))
     with pytest.raises(AdapterCheckFailed, match="at layer 0: resid_pre"):
         check_adapter(unscaled)
+
+
+def test_load_model_reads_an_inferred_family_and_refuses_others_in_one_line(one_thread, tmp_path):
+    import ffkv
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("smollm3").hf.save_pretrained(tmp_path / "smollm3")
+    mm = ffkv.load_model(str(tmp_path / "smollm3"))
+    assert mm.spec.inferred and mm.adapter_check["passed"] and mm.family == "smollm3"
+    AutoModelForCausalLM.from_config(shrink_config("mamba")).save_pretrained(tmp_path / "mamba")
+    with pytest.raises(FfkvError, match="'mamba' is not supported: .*state-space") as e:
+        ffkv.load_model(str(tmp_path / "mamba"))
+    assert "\n" not in e.value.line()
