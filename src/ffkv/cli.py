@@ -59,7 +59,8 @@ def usage_line(e: click.UsageError) -> str:
         problem = problem[0].lower() + problem[1:]
     # "No such option '--sampels'. Did you mean '--samples'?" -> "... '--sampels' (did you mean '--samples'?)"
     problem = re.sub(r"\.?\s*Did you mean (.*)\?$", r" (did you mean \1?)", problem)
-    words = e.ctx.command_path.split() if e.ctx is not None else []
+    path = getattr(e, "ffkv_path", None) or (e.ctx.command_path if e.ctx is not None else "")
+    words = path.split()
     path = " ".join(["ffkv", *words[1:]])  # the root's name is "ffkv" however it was invoked
     if path == "ffkv" and "command" in problem:
         return FfkvError(problem, "run 'ffkv --help' for the commands").line()
@@ -72,7 +73,20 @@ def _one_line(e: click.UsageError) -> click.UsageError:
     return OneLineUsageError(usage_line(e), e.ctx)
 
 
-class LazyGroup(click.Group):
+class Group(click.Group):
+    """A group that names the sub-command a context-less usage error came from (click's parser errors,
+    e.g. "option '--kind' requires an argument", carry no context), so its one line names the right --help."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            if e.ctx is None and ctx.invoked_subcommand and not hasattr(e, "ffkv_path"):
+                e.ffkv_path = f"{ctx.command_path} {ctx.invoked_subcommand}"
+            raise
+
+
+class LazyGroup(Group):
     """The root group: imports a sub-command's module on first use and renders usage errors in one line.
 
     Sub-commands and nested groups are parsed inside the root's ``invoke``, so catching click's
