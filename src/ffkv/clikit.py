@@ -37,7 +37,7 @@ from .errors import FfkvError
 from .models.loading import DTYPES, load_model
 
 __all__ = ["MODEL_OPTIONS", "FfkvGroup", "model_options", "load_model_from_options", "layers_option",
-           "parse_layers", "json_option", "emit_json", "to_json", "quiet_option", "show_progress",
+           "parse_layers", "set_threads", "json_option", "emit_json", "to_json", "quiet_option", "show_progress",
            "hparams_options", "parse_settings", "default_of", "token_text", "predicted_token"]
 
 # The options of every command that loads a model (tests introspect the commands for exactly these).
@@ -58,12 +58,17 @@ def model_options(f: Callable) -> Callable:
     return f
 
 
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch's CPU threads for this process (None leaves torch's choice)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def load_model_from_options(model: str | Path, device: str | None = None, dtype: str | None = None,
                             device_map: str | None = None, trust_remote_code: bool = False,
                             threads: int | None = None, **load_kwargs):
     """:func:`ffkv.models.loading.load_model` with the shared model options (``threads``: torch CPU threads)."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     return load_model(model, dtype=dtype, device=device, device_map=device_map,
                       trust_remote_code=trust_remote_code, **load_kwargs)
 
