@@ -14,6 +14,7 @@ from :mod:`ffkv.clikit`; docs/cli.md lists them.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -130,8 +131,6 @@ def cli():
 
 def _quiet_transformers() -> None:
     """ffkv shows its own progress; transformers' per-load bars and config warnings are noise here."""
-    import os
-
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 

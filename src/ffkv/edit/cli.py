@@ -25,7 +25,7 @@ from .api import apply_edits, save_edited, undo_folder
 from .hparams import load_hparams
 from .kn_edit import erase_relation
 from .registry import METHODS, get_method
-from .requests import EditRequest, load_requests
+from .requests import EditRequest, load_requests, target_ids
 from .stats import layer_stats
 
 
@@ -178,7 +178,8 @@ def apply_cmd(model, method, prompt, subject, target, target_true, requests_file
               "target_prob": e.info.get("target_prob"), "memories": entry_memories(e)} for e in journal]
     result = {"out": str(out), "model": str(Path(out) / "model"), "journal": str(Path(out) / "journal"),
               "method": method, "n_edits": len(requests), "layers": journal.layers,
-              "requests": [{**r.to_json(), "target_id": mm.answer_id(r.target)} for r in requests],
+              # the first token the edit writes, as the edit itself tokenizes the target
+              "requests": [{**r.to_json(), "target_id": target_ids(mm, r)[0]} for r in requests],
               "memories": sorted({m for e in edits for m in e["memories"]}, key=MemoryId.parse),
               "edits": edits}
     if as_json:
