@@ -159,14 +159,17 @@ def neurons(model, prompts, answer, threshold, share, steps, method, layers, unr
         pairs.append((p, a))
     mm = load_model_from_options(model, **load)
     layer_list = parse_layers(layers, mm.n_layers)
-    answer_id = mm.answer_id(answer)  # the one answer rule; refuses an empty answer before any work
-    res = knowledge_neurons(mm, list(prompts), answer, threshold=threshold, share=share, steps=steps, method=method,
+    # The one answer rule (MemoryModel.answer_tokens); an answer of one token is passed as its id, so that
+    # no later tokenization of the text can name another token. Longer answers are teacher-forced as text.
+    ids = mm.answer_tokens(answer)
+    answer_id, target = ids[0], (ids[0] if len(ids) == 1 else answer)
+    res = knowledge_neurons(mm, list(prompts), target, threshold=threshold, share=share, steps=steps, method=method,
                             layers=layer_list, progress=show_progress(quiet))
-    effects = intervention_effects(mm, list(prompts), answer, res.neurons, unrelated=pairs)
-    curve = ablation_curve(mm, list(prompts), answer, res.neurons) if res.neurons else []
+    effects = intervention_effects(mm, list(prompts), target, res.neurons, unrelated=pairs)
+    curve = ablation_curve(mm, list(prompts), target, res.neurons) if res.neurons else []
     prov = provenance(mm.identity, threshold=threshold, share=share, steps=steps, method=method, layers=layer_list)
     memories = [str(MemoryId(l, i)) for l, i, _ in res.neurons]
-    payload = {**res.to_json(), "answer_id": answer_id, "answer_token": token_text(mm, answer_id),
+    payload = {**res.to_json(), "answer": answer, "answer_id": answer_id, "answer_token": token_text(mm, answer_id),
                "memories": memories, "effects": effects, "ablation_curve": curve, "provenance": prov}
     if out is not None:
         write_json(out / "neurons.json", payload)
