@@ -323,12 +323,12 @@ def test_answer_names_the_same_token_in_every_command(edit_registry, known_fact,
     ids = {}
     for a in (bare, spaced):
         tr = _json(["trace", f["model"], "--prompt", f["prompt"], "--subject", f["subject"], "--answer", a,
-                    "--kind", "mlp", "--samples", "2", "--window", "2"])
-        kn = _json(["neurons", f["model"], "--prompt", f["prompt"], "--answer", a, "--steps", "4"])
+                    "--kind", "mlp", "--samples", "1", "--window", "1", "--layers", "0"])
+        kn = _json(["neurons", f["model"], "--prompt", f["prompt"], "--answer", a, "--steps", "2"])
         rc = _json(["recall", f["model"], "--prompt", f["prompt"], "--subject", f["subject"], "--answer", a,
-                    "--samples", "2"])
-        ed = _edit_json(f, tmp_path, "--method", "rome", "--target", a, "--set", "stats_tokens=4000",
-                        "--set", "v_num_grad_steps=2")
+                    "--samples", "1"])
+        ed = _edit_json(f, tmp_path, "--method", "rome", "--target", a, "--layer", "0", "--set", "stats_tokens=2000",
+                        "--set", "v_num_grad_steps=1", "--set", "prefixes=[]")
         ids[a] = (tr["answer_id"], kn["answer_id"], rc["answer_id"], ed["requests"][0]["target_id"], kn["memories"])
     assert ids[bare] == ids[spaced]
     assert len(set(ids[bare][:4])) == 1  # one token for the answer in all four commands
