@@ -48,13 +48,21 @@ def method_hparams(model, method: str, hparams: str | None = None, settings=(), 
     return overrides, defaults
 
 
+class _PerModel:
+    def __repr__(self):
+        return "per model"
+
+
+PER_MODEL = _PerModel()  # a default that depends on the model (e.g. the edited layer)
+
+
 def static_defaults(method: str) -> dict:
     """The defaults of ``method`` that hold on every model: each name's default on two tiny models of
-    different family and depth, or None where they differ (a per-model default such as the edited layer)."""
+    different family and depth, or :data:`PER_MODEL` where they differ."""
     spec = get_method(method)
     a = spec.defaults(tiny_model("gpt2", n_layers=4, check=False))
     b = spec.defaults(tiny_model("llama", n_layers=8, check=False))
-    return {k: (a[k] if b.get(k) == a[k] else None) for k in a}
+    return {k: (a[k] if k in b and b[k] == a[k] else PER_MODEL) for k in a}
 
 
 def _methods_help(formatter: click.HelpFormatter) -> None:
@@ -65,9 +73,8 @@ def _methods_help(formatter: click.HelpFormatter) -> None:
             defaults = static_defaults(name)
             rows = []
             for key in sorted(set(spec.hparam_docs) | set(defaults)):
-                d = defaults.get(key)
-                shown = "per model" if key in defaults and d is None else repr(d) if key in defaults else "-"
-                rows.append((key, f"{spec.hparam_docs.get(key, '')} [default: {shown}]"))
+                doc = spec.hparam_docs.get(key, "")
+                rows.append((key, f"{doc} [default: {defaults[key]!r}]" if key in defaults else doc))
             with formatter.indentation():
                 formatter.write_dl(rows)
             formatter.write_paragraph()
