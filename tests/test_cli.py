@@ -335,9 +335,11 @@ def test_answer_names_the_same_token_in_every_command(edit_registry, known_fact,
     assert len(set(ids[bare][:4])) == 1  # one token for the answer in all four commands
 
 
-def test_neurons_and_the_kn_edit_find_the_same_neurons(edit_registry, known_fact, tmp_path):
+def test_neurons_and_the_kn_edit_find_the_same_neurons(edit_registry, known_fact, testbed_model, tmp_path):
     f = known_fact
-    kn = _json(["neurons", f["model"], "--prompt", f["prompt"], "--answer", f["object"]])
+    hp = edit_registry.get_method("kn").defaults(testbed_model)  # the KN edit's settings, given to ffkv neurons
+    kn = _json(["neurons", f["model"], "--prompt", f["prompt"], "--answer", f["object"], "--steps", str(hp["ig_steps"]),
+                "--threshold", str(hp["threshold"]), "--max-neurons", str(hp["max_neurons"])])
     ed = _edit_json(f, tmp_path, "--method", "kn", "--target", f["new"], "--target-true", f["object"])
     assert kn["memories"], "the fact has knowledge neurons"
     assert sorted(ed["memories"]) == sorted(kn["memories"])

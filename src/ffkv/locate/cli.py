@@ -136,6 +136,8 @@ def _trace_known(mm, known, limit, kinds, noise, samples, window, seed, shown, o
               show_default=True, help="Keep neurons found in at least this share of prompts.")
 @click.option("--steps", type=click.IntRange(min=1), default=default_of(knowledge_neurons, "steps"),
               show_default=True, help="Integrated-gradient steps.")
+@click.option("--max-neurons", type=click.IntRange(min=1), default=None,
+              help="Keep at most this many neurons, strongest first (default: all).")
 @click.option("--method", default=default_of(knowledge_neurons, "method"), show_default=True,
               help="ig: exact integrated gradients on every layer; screen: gradient x activation first.")
 @layers_option(help="Attribute these layers only, e.g. '0-3,5' (default: all).")
@@ -146,7 +148,8 @@ def _trace_known(mm, known, limit, kinds, noise, samples, window, seed, shown, o
 @json_option
 @quiet_option
 @model_options
-def neurons(model, prompts, answer, threshold, share, steps, method, layers, unrelated, out, as_json, quiet, **load):
+def neurons(model, prompts, answer, threshold, share, steps, max_neurons, method, layers, unrelated, out, as_json,
+            quiet, **load):
     """Knowledge neurons (Dai et al.) of the fact PROMPT -> ANSWER, with suppress / amplify effects.
 
     In --json, "memories" lists the neurons as L<layer>.<index> and "answer_id" the answer's token.
@@ -163,11 +166,13 @@ def neurons(model, prompts, answer, threshold, share, steps, method, layers, unr
     # no later tokenization of the text can name another token. Longer answers are teacher-forced as text.
     ids = mm.answer_tokens(answer)
     answer_id, target = ids[0], (ids[0] if len(ids) == 1 else answer)
+    limit = {"max_neurons": max_neurons} if max_neurons is not None else {}  # the API's default otherwise
     res = knowledge_neurons(mm, list(prompts), target, threshold=threshold, share=share, steps=steps, method=method,
-                            layers=layer_list, progress=show_progress(quiet))
+                            layers=layer_list, progress=show_progress(quiet), **limit)
     effects = intervention_effects(mm, list(prompts), target, res.neurons, unrelated=pairs)
     curve = ablation_curve(mm, list(prompts), target, res.neurons) if res.neurons else []
-    prov = provenance(mm.identity, threshold=threshold, share=share, steps=steps, method=method, layers=layer_list)
+    prov = provenance(mm.identity, threshold=threshold, share=share, steps=steps, method=method, layers=layer_list,
+                      max_neurons=max_neurons)
     memories = [str(MemoryId(l, i)) for l, i, _ in res.neurons]
     payload = {**res.to_json(), "answer": answer, "answer_id": answer_id, "answer_token": token_text(mm, answer_id),
                "memories": memories, "effects": effects, "ablation_curve": curve, "provenance": prov}
