@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "ffkv.evaluate.cli:evaluate",
     "recall": "ffkv.recall.cli:recall",
     "demo": "ffkv.demo:demo",
+    "serve": "ffkv.serve.cli:serve",
 }
 
 # click >= 8.2 shows a group's help for a bare group name through this UsageError; it stays as click prints it.
