@@ -27,7 +27,7 @@ import torch
 
 from ..models.hooks import intervene
 from .corpus import CorpusSpec, iter_units
-from .mining import batches, encode_units
+from .miner import batches, encode_units
 from .patterns import is_stop_token
 from .values import value_logits
 
