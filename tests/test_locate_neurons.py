@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ffkv.locate._run import Cost
-from ffkv.locate.attribution import (attribution_patching, grad_x_activation, integrated_gradients,
-                                     integrated_gradients_reference, riemann_path)
+from ffkv.locate.attribution import (DAI_IG, attribution_patching, completeness, grad_x_activation,
+                                     integrated_gradients, integrated_gradients_reference, riemann_path)
 from ffkv.locate.interventions import ablation_curve, intervention_effects
 from ffkv.locate.neurons import knowledge_neurons
 from ffkv.models.hooks import Intervention, intervene
@@ -56,7 +56,7 @@ def test_ig_and_redundant_storage(planted, unsaturated):
 def test_ig_equals_dai_loop_and_is_cheaper(planted):
     m = planted.model
     c_fast, c_ref = Cost(), Cost()
-    fast = integrated_gradients(m, "the red river", " rome", cost=c_fast)
+    fast = integrated_gradients(m, "the red river", " rome", cost=c_fast, **DAI_IG)
     ref = integrated_gradients_reference(m, "the red river", " rome", cost=c_ref)
     torch.testing.assert_close(fast, ref, atol=1e-6 * float(ref.abs().max()), rtol=1e-4)
     assert c_fast.forward_passes < c_ref.forward_passes
@@ -78,7 +78,7 @@ def test_ig_rules_equal_the_loop_and_eleutherai_linspace(unsaturated):
 def test_ig_equals_dai_loop_multi_token_every_family(tiny_models):
     for mt, tm in tiny_models.items():
         m = MemoryModel(tm.hf, word_tokenizer())
-        fast = integrated_gradients(m, "the old tower is in", " paris city", steps=4, max_rows=4)
+        fast = integrated_gradients(m, "the old tower is in", " paris city", steps=4, rule="left", max_rows=4)
         ref = integrated_gradients_reference(m, "the old tower is in", " paris city", steps=4)
         scale = float(ref.abs().max())
         assert scale > 0, mt
@@ -200,7 +200,7 @@ def test_neurons_and_ground_truth_on_the_testbed():
     m = ffkv.load_model(tb / "model")
     r = next(r for r in load_known(tb) if knows(m, r)[0])
     answer = " " + r["attribute"]
-    fast = integrated_gradients(m, r["prompt"], answer, steps=5)
+    fast = integrated_gradients(m, r["prompt"], answer, steps=5, rule="left")
     ref = integrated_gradients_reference(m, r["prompt"], answer, steps=5)
     torch.testing.assert_close(fast, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-3)
     kn = knowledge_neurons(m, [r["prompt"]], answer, steps=5)
