@@ -476,3 +476,25 @@ def completeness(model: MemoryModel, prompt: str, answer: str | int, attribution
         out.append({"layer": group[0] if path == "layer" else None, "attribution": total, "exact": ex,
                     "error": err, "relative_error": abs(err) / abs(ex) if abs(ex) >= 1e-9 else None})
     return out
+
+
+def activation_gradients(model: MemoryModel, input_ids: torch.Tensor, answer_id: int, reads, edits=(),
+                         cost: Cost | None = None) -> tuple[float, dict, dict]:
+    """``F = mean_b P(answer | row b)`` at the last position of a (B, T) run with ``edits``, the activations
+    ``reads`` = [(site, layer)] and ``dF/d activation`` for each: one forward and one backward pass.
+
+    Returns ``(F, {key: (B, T, d) activation}, {key: (B, T, d) gradient})``, detached, keyed as the reads.
+    The screen of attribution patching (:mod:`ffkv.locate.approx`): ``grad . (clean - corrupted)``.
+    """
+    reads = list(reads)
+    B, T = input_ids.shape
+    with torch.enable_grad(), intervene(model, reads=reads, edits=edits, keep_grad=True) as rec:
+        logits = model.hf(input_ids=input_ids).logits[:, -1]
+        f = torch.softmax(logits.float(), -1)[:, answer_id].mean()
+        acts = [rec[r] for r in reads]
+        grads = torch.autograd.grad(f, acts, allow_unused=True)
+    if cost is not None:
+        cost.add(B, T, model.n_layers, backward=True)
+    zero = torch.zeros(())
+    return (float(f.detach()), {r: a.detach() for r, a in zip(reads, acts)},
+            {r: (g if g is not None else zero.expand_as(a)).detach() for r, g, a in zip(reads, grads, acts)})
