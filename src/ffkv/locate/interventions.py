@@ -83,7 +83,7 @@ def variant_probs(model: MemoryModel, prompt: str, answer: str | int, variants: 
         for e in var:
             edits.append(Intervention(e.site, e.layer, e.op, e.value, e.positions, [r], e.indices))
     with intervene(model, edits=edits):
-        logits = model.hf(input_ids=ids.expand(V, ids.shape[1])).logits[:, -1]
+        logits = model.hf(input_ids=ids.expand(V, ids.shape[1]), logits_to_keep=1).logits[:, -1]
     probs = torch.softmax(logits.float(), -1)
     return probs[:, a].cpu().numpy(), probs.argmax(-1).cpu().numpy()
 
@@ -233,7 +233,8 @@ def ablation_curve(model: MemoryModel, prompts: list[str] | str, answer: str | i
         at = None if positions == "all" else [ids.shape[1] - 1]
         edits = [Intervention("coef", l, "scale", value=m, positions=at) for l, m in masks.items()]
         with torch.no_grad(), intervene(model, edits=edits):
-            logits = model.hf(input_ids=ids.expand(len(grid) + 1, ids.shape[1])).logits[:, -1]
+            # only the last position is unembedded: (rows, T, vocab) logits were what made long curves unbounded
+            logits = model.hf(input_ids=ids.expand(len(grid) + 1, ids.shape[1]), logits_to_keep=1).logits[:, -1]
         p = torch.softmax(logits.float(), -1)
         probs.append(p[:, a].cpu().numpy())
         tops.append(p.argmax(-1).cpu().numpy())
