@@ -15,7 +15,8 @@ elsewhere).
 
 Screen-then-verify: the ``verify`` cells of each kind with the largest estimate are then restored exactly with
 :func:`ffkv.locate.trace.restore_states` (ROME's ``trace_with_patch``), and their scores are replaced by the
-exact values; :func:`verified_peaks` reads the best verified cell of each kind. Noise, answer and settings
+exact values (for hidden states, the last token's last layer, exact by definition, counts as verified);
+:func:`verified_peaks` reads the best verified cell of each kind. Noise, answer and settings
 follow :func:`ffkv.locate.trace.causal_trace` (the same ``noise_level`` / ``draw_noise`` / ``corruption``, so
 the same seed gives the same corrupted runs).
 """
@@ -106,9 +107,12 @@ def approx_trace(model: MemoryModel, prompt: str, subject: str, answer: str | in
     spec = level if mode == "gaussian" else noise
     for i, kind in enumerate(kinds):
         order = np.argsort(-est[i].reshape(-1), kind="stable")[:verify]
-        verified[kind] = []
+        # the last layer's hidden state at the last token is the clean output: exact without a run
+        verified[kind] = [(T - 1, L - 1, high)] if kind == "hidden" else []
         for flat in order.tolist():
             t, l = divmod(flat, L)
+            if kind == "hidden" and (t, l) == (T - 1, L - 1):
+                continue
             states = [(t, j) for j in restored_layers(kind, l, L, window)]
             p = restore_states(model, prompt, subject, states, kind=kind, answer=answer_id, noise=spec,
                                samples=samples, seed=seed, subjects=subjects)
