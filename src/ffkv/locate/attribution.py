@@ -70,6 +70,7 @@ DEFAULT_RULE = "adaptive"
 DEFAULT_TOL = 0.01
 DEFAULT_MAX_STEPS = 320
 GAUSS_NODES = 4
+FLOOR = 0.05  # layers changing F by less than this fraction of F(m) get an absolute budget of tol * FLOOR * F(m)
 DAI_IG = {"steps": 20, "rule": "left"}
 TARGETS = ("prob", "centered_logit")
 PATHS = ("layer", "joint")
@@ -268,8 +269,9 @@ def _adaptive_paths(model, ids, rec, cache, pos, gold, lays, steps, tol, max_ste
     Each layer's path [0, 1] starts as ``steps // GAUSS_NODES`` equal intervals. Along the path
     ``dF(alpha m)/dalpha = m . grad F``, so an interval's sum ``Q_j = sum_i m_i sum_n w_n dF/dm_i`` must equal
     the exact change ``D_j = F(b m) - F(a m)`` (the fundamental theorem of calculus, forward passes only). An
-    interval is kept when ``|Q_j - D_j| <= tol (b - a) max(|F(m) - F(0)|, 1e-6)`` and halved otherwise, so the
-    layer's completeness error ``sum_j (Q_j - D_j)`` stays within ``tol |F(m) - F(0)|``; a layer stops refining
+    interval is kept when ``|Q_j - D_j| <= tol (b - a) max(|F(m) - F(0)|, FLOOR |F(m)|)`` and halved
+    otherwise, so the layer's completeness error ``sum_j (Q_j - D_j)`` stays within ``tol |F(m) - F(0)|`` (within
+    ``tol FLOOR |F(m)|`` for a layer that changes F by less than FLOOR of it); a layer stops refining
     once it has used ``max_steps`` gradient rows (its completeness is then reported as it is).
     """
     k = GAUSS_NODES
@@ -304,7 +306,7 @@ def _adaptive_paths(model, ids, rec, cache, pos, gold, lays, steps, tol, max_ste
             m = rec["coef", l][0, pos].double().cpu()
             g = grads[l].double().cpu().reshape(len(pending[l]), k, -1)
             used[l] += len(nodes[l])
-            budget = tol * max(abs(delta[l]), 1e-6)
+            budget = tol * max(abs(delta[l]), FLOOR * abs(F[l][1.0]), 1e-9)
             split = []
             for j, (a, b) in enumerate(pending[l]):
                 q = m * (g[j] * ((b - a) * w)[:, None]).sum(0)
