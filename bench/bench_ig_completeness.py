@@ -27,7 +27,7 @@ SETTINGS = {"dai (20, left)": {"steps": 20, "rule": "left"}, "20 gauss": {"steps
 
 
 def measure(model, cases, L):
-    from ffkv.locate._run import Cost
+    from ffkv.models.engine import Cost
     from ffkv.locate.attribution import completeness, integrated_gradients
 
     out = {}

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from ffkv.locate._run import Cost
+from ffkv.models.engine import Cost
 from ffkv.locate.attribution import (DAI_IG, attribution_patching, completeness, grad_x_activation,
                                      integrated_gradients, integrated_gradients_reference, riemann_path)
 from ffkv.locate.interventions import ablation_curve, intervention_effects

@@ -29,7 +29,7 @@ import torch
 from ..errors import FfkvError
 from ..models.hooks import intervene
 from ..models.model import MemoryModel
-from ._run import Cost
+from ..models.engine import Cost
 from .attribution import activation_gradients
 from .result import LocateResult
 from .trace import KINDS, SITE_OF_KIND, corruption, draw_noise, noise_level, restore_states, restored_layers

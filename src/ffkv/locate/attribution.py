@@ -44,7 +44,7 @@ Dai et al.'s code runs, per prompt, ``L`` forward passes (one per layer, for the
 from rows for all layers in one batch (row block l scales layer l only; one backward gives every gradient), and
 only the prediction position runs: scaling coefficients at the last token changes nothing at the earlier tokens,
 so they come from the clean run's key/value cache, and the layers below l are not run either
-(:func:`ffkv.locate._run.run_tail`). :func:`integrated_gradients_reference` is Dai et al.'s loop, for the test and
+(:func:`ffkv.models.engine.run_tail`). :func:`integrated_gradients_reference` is Dai et al.'s loop, for the test and
 the benchmark.
 
 As a locator (:func:`locate_attribution`, registry name "integrated-gradients"): the site "coef" with
@@ -67,7 +67,7 @@ from ..errors import FfkvError
 from ..models.hooks import Intervention, intervene, switch_memories
 from ..models.memory_id import MemoryId, parse_memories
 from ..models.model import MemoryModel
-from ._run import Cost, reference_run, run_tail
+from ..models.engine import Cost, reference_run, run_tail
 from .result import LocateResult
 
 RULES = ("left", "right", "midpoint", "linspace", "geometric", "gauss", "adaptive")

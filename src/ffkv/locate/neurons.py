@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ..errors import FfkvError
 from ..models.memory_id import MemoryId
 from ..models.model import MemoryModel
-from ._run import Cost
+from ..models.engine import Cost
 from .attribution import (DEFAULT_MAX_STEPS, DEFAULT_RULE, DEFAULT_TOL, completeness, grad_x_activation,
                           integrated_gradients)
 from .interventions import specificity as neuron_specificity

@@ -12,7 +12,8 @@ from ..errors import FfkvError
 from ..io import read_json
 from .analysis import STEPS, analyze
 from .atlas import Atlas, parse_memory
-from .mining import merge_atlases, mine
+from .merge import merge_atlases
+from .miner import mine
 from .queries import describe_memory
 from .report import format_summary, layer_summary, write_report
 from .subupdates import generate_with_memories, sub_updates, switch_effect
