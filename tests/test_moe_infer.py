@@ -23,6 +23,7 @@ GROUPS = {
     "granitemoe": ("softmax", False, False),     # block_sparse_moe.router; residual_multiplier
     "minimax_m2": ("sigmoid", False, False),     # sigmoid without bias
     "qwen3_next": ("softmax", True, False),      # linear-attention mixer, gated shared expert
+    "flex_olmo": ("softmax", False, False),      # no pre-norms; writes through post_feedforward_layernorm
 }
 
 
@@ -80,7 +81,7 @@ def test_score_bias_scaling_and_rule_are_each_needed():
     _randomise_bias(hf)
     mm = from_hf(hf, None, "tiny-deepseek_v3")
     m = mm.moe_spec
-    assert m.routing == "sigmoid" and m.score_bias == "e_score_correction_bias" and m.norm_topk
+    assert m.routing == "sigmoid" and m.score_bias == "mlp.gate.e_score_correction_bias" and m.norm_topk
     assert m.routed_scaling == pytest.approx(hf.config.routed_scaling_factor) and m.routed_scaling != 1.0
     for wrong in (dict(score_bias=None), dict(routed_scaling=1.0), dict(routing="softmax"), dict(norm_topk=False)):
         mm.moe_spec = dataclasses.replace(m, **wrong)
@@ -113,7 +114,7 @@ def test_grouped_top_k(group_score, model_type, extra):
 @pytest.mark.parametrize("model_type,reason,words", [
     ("phimoe", "mixture-of-experts", "routing of its PhimoeTopKRouter"),   # sparsemixer routing
     ("jetmoe", "mixture-of-experts", "not fused"),                         # experts as ParallelExperts modules
-    ("flex_olmo", "mixture-of-experts", "post-FFN"),
+    ("llama4_text", "mixture-of-experts", "not called as experts(x, top_k_index, top_k_weights)"),
 ])
 def test_refusals_are_one_line(model_type, reason, words):
     with pytest.raises(Refusal) as ei:
@@ -148,3 +149,20 @@ def test_load_model_reads_an_inferred_moe_folder(tmp_path, models):
     assert isinstance(mm, MoEModel) and mm.adapter_check["passed"] and mm.moe_spec.routing == "sigmoid"
     with pytest.raises(FfkvError):
         moe_from_hf(_build("phimoe"))
+
+
+def test_post_norm_moe_writes_through_its_norm(models):
+    from ffkv.models.hooks import intervene
+
+    mm = models["flex_olmo"]
+    assert mm.spec.post_ffn_norm == "post_feedforward_layernorm" and mm.spec.pre_ffn_norm is None
+    ids = torch.randint(0, mm.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    l = mm.moe_layers[0]
+    with intervene(mm, reads=[("ffn_out", l), ("ffn_write", l)]) as rec:
+        mm.hf(input_ids=ids, use_cache=False)
+    assert not torch.allclose(rec["ffn_out", l], rec["ffn_write", l])
+    torch.testing.assert_close(mm.write_from_ffn_out(l, rec["ffn_out", l]), rec["ffn_write", l])
+    # a spec that forgets the post norm fails the check
+    mm2 = MoEModel(mm.hf, None, spec=dataclasses.replace(mm.spec, post_ffn_norm=None), moe_spec=mm.moe_spec)
+    with pytest.raises(AdapterCheckFailed):
+        check_moe(mm2)

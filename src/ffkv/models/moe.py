@@ -79,7 +79,7 @@ class MoESpec:
     # group scored by the sum of its two best experts or by its best, group_score); their weights are p (never the biased score),
     # renormalised as w / (sum w + norm_eps) when norm_topk, times routed_scaling.
     routing: str = "softmax"
-    score_bias: str | None = None          # buffer of the router module (E,) or (1, E), e.g. e_score_correction_bias
+    score_bias: str | None = None          # path (in the layer) of an (E,) / (1, E) buffer: mlp.gate.e_score_correction_bias
     n_group: int = 1
     topk_group: int = 1
     group_score: str = "top2sum"           # a group's score: "top2sum" (DeepSeek-V3) or "max" (DeepSeek-V2)
@@ -265,10 +265,12 @@ class MoEModel(MemoryModel):
         if layer is not None and site in ("coef", "ffn_out", "ffn_write") and self.is_moe_layer(layer):
             if site == "coef":
                 return self.module(layer, self._dense(layer, "value")), "pre"
+            if site == "ffn_write" and self.spec.post_ffn_norm is not None:  # sandwich norms (FlexOlmo, AFMoE)
+                return self.module(layer, self.spec.post_ffn_norm), "post"
             return self.module(layer, self.moe_spec.block), "post"
         if site == "attn_out" and layer is not None and self.moe_spec.mixers is not None:
             return self.module(self.check_layer(layer), self.moe_spec.mixers[layer]), "post"
-        if site == "ffn_write":  # these families add the FFN output to the residual unchanged
+        if site == "ffn_write" and self.spec.post_ffn_norm is None:  # the FFN output is added unchanged
             site = "ffn_out"
         return super().site_module(site, layer)
 
@@ -366,7 +368,7 @@ class MoEModel(MemoryModel):
         else:
             choice = probs
             if m.score_bias is not None:
-                choice = choice + get_path(router, m.score_bias).reshape(-1).float()
+                choice = choice + get_path(self.layer(layer), m.score_bias).reshape(-1).float()
             if m.n_group > 1:
                 E = choice.shape[-1]
                 grouped = choice.view(-1, m.n_group, E // m.n_group)
@@ -719,7 +721,7 @@ def check_moe(model: MoEModel, seq_len: int = 8, batch: int = 2, seed: int = 0, 
     ids = torch.randint(0, vocab, (batch, seq_len), generator=g).to(model.device)
     tol = _tolerance(model.dtype)
     L = model.n_layers
-    sites = ["resid_pre", "attn_out", "ffn_in", "ffn_out", "resid_post"]
+    sites = ["resid_pre", "attn_out", "ffn_in", "ffn_out", "ffn_write", "resid_post"]
     reads = [(s, l) for l in range(L) for s in sites] + \
         [("coef", l) for l in range(L) if not model.is_moe_layer(l)]
     layouts = {l: _layout_problem(model, l) for l in model.moe_layers}
@@ -744,9 +746,14 @@ def check_moe(model: MoEModel, seq_len: int = 8, batch: int = 2, seed: int = 0, 
         D = x.shape[-1]
         row = {"layer": l, "n_experts": model.n_experts(l)}
         checks = []
-        s = model.residual_scale  # Granite-MoE scales both writes by residual_multiplier
-        resid = _err(ref["resid_pre", l] + s * (ref["attn_out", l] + out), ref["resid_post", l])
-        checks.append(("residual_error", "resid_post != resid_pre + s (attn_out + ffn_out)", resid))
+        # the writes: s N(out) with the family's post norms N (sandwich norms) and residual scale s (Granite)
+        write = model.write_from_ffn_out(l, out)
+        attn_write = model.attn_write_from_attn_out(l, ref["attn_out", l], ref["resid_pre", l])
+        resid = _err(ref["resid_pre", l] + attn_write + write, ref["resid_post", l])
+        checks.append(("residual_error", "resid_post != resid_pre + attention write + FFN write", resid))
+        s = model.residual_scale
+        checks.append(("write_error", "the ffn_write site differs from the FFN write N(ffn_out)",
+                       _err(s * ref["ffn_write", l], write)))
         try:
             if model.is_moe_layer(l):
                 worst_e, exp_err = _per_expert_error(model, l, x.reshape(-1, D))

@@ -177,12 +177,18 @@ def infer_moe_spec(hf_model: nn.Module) -> tuple[ArchSpec, MoESpec]:
     mixers = tuple(_mixer(layer, block.split(".")[0], refuse, l) for l, layer in enumerate(layers))
     attn = next((m for m in mixers if m in ATTN_NAMES), mixers[0])
     norms = [n for n, m in l0.named_children() if _is_norm(m)]
-    if any(any(w in n for w in POST_FFN_WORDS) for n in norms) or \
-            any(n in ("post_self_attn_layernorm", "post_attn_layernorm", "post_attention_norm") for n in norms):
-        refuse("post-FFN (sandwich) norms around an MoE block, which ffkv.models.moe does not model yet")
-    pre_attn = next((n for n in norms if any(w in n for w in PRE_ATTN_WORDS)), None)
-    pre_ffn = "post_attention_layernorm" if "post_attention_layernorm" in norms else \
-        next((n for n in norms if any(w in n for w in PRE_FFN_WORDS)), None)
+    post_ffn = next((n for n in norms if any(w in n for w in POST_FFN_WORDS)), None)
+    pre_ffn = next((n for n in norms if not n.startswith("post") and any(w in n for w in PRE_FFN_WORDS)), None)
+    pre_attn = next((n for n in norms if not n.startswith("post") and any(w in n for w in PRE_ATTN_WORDS)), None)
+    post_attn = next((n for n in norms if n in ("post_self_attn_layernorm", "post_attn_layernorm",
+                                                  "post_attention_norm", "attn_post_norm")), None)
+    if post_attn is None and "post_attention_layernorm" in norms:
+        # Llama's post_attention_layernorm is the pre-FFN norm; beside a post-FFN norm and a separate pre-FFN
+        # norm (or no pre-norms at all: FlexOlmo) it normalises the attention output
+        if post_ffn is not None and (pre_ffn is not None or pre_attn is None):
+            post_attn = "post_attention_layernorm"
+        elif pre_ffn is None:
+            pre_ffn = "post_attention_layernorm"
     paths = _paths(hf_model)
     parent_path = layers_path.rpartition(".")[0]
     parent = get_path(hf_model, parent_path)
@@ -199,12 +205,13 @@ def infer_moe_spec(hf_model: nn.Module) -> tuple[ArchSpec, MoESpec]:
              + (f", shared expert {block}.{shared}" + (" (sigmoid gate)" if shared_gate else "") if shared else "")
              + (f", dense layers {[l for l in range(len(layers)) if l not in moe_layers]}"
                 if len(moe_layers) < len(layers) else "")
-             + (f", token mixers {attn} / {', '.join(hybrid)} by layer" if hybrid else ""))
+             + (f", token mixers {attn} / {', '.join(hybrid)} by layer" if hybrid else "")
+             + (f", writes through {post_ffn}" if post_ffn else ""))
     arch = ArchSpec(
         family=mt, model_types=(mt,), layers=layers_path, embed=paths[id(embed)], unembed=paths[id(unembed)],
         final_norm=join(final) if final else None, attn=attn, mlp=block,
         key=f"{block}.{d['key']}", up=f"{block}.{d['up']}", value=f"{block}.{d['value']}", act=f"{block}.{d['act']}",
-        pre_attn_norm=pre_attn, pre_ffn_norm=pre_ffn,
+        pre_attn_norm=pre_attn, pre_ffn_norm=pre_ffn, post_attn_norm=post_attn, post_ffn_norm=post_ffn,
         residual_scale="residual_multiplier" if num("residual_multiplier") else None,
         logit_scale="logit_scale" if num("logit_scale") else None,
         logit_divisor="logits_scaling" if num("logits_scaling") else None,
@@ -253,16 +260,14 @@ def routing_candidates(model: MoEModel, base: MoESpec) -> list[MoESpec]:
     or not; scaled by ``routed_scaling_factor`` (router or config) or not.
     """
     l = model.moe_layers[0]
-    router_path = base.router
-    owner = model.module(l, router_path.rpartition(".")[0] or router_path)
-    router = model.module(l, router_path)
+    block = model.module(l, base.block)
+    router = model.module(l, base.router)
     E = model.n_experts(l)
     text = model.text_config
-    biases = []
-    for mod_name, mod in owner.named_modules():
-        for bname, b in itertools.chain(mod.named_buffers(recurse=False), mod.named_parameters(recurse=False)):
-            if "bias" in bname and b.numel() == E and b.dim() <= 2 and b is not getattr(router, "bias", None):
-                biases.append(_rel(router_path, owner, mod_name, bname))
+    biases = [f"{base.block}.{n}" for n, b in itertools.chain(block.named_buffers(), block.named_parameters())
+              if "bias" in n.rpartition(".")[2] and b.numel() == E and b.dim() <= 2 and b is not
+              getattr(router, "bias", None) and not n.startswith(base.experts[len(base.block) + 1:] + ".")]
+    owner = block
     groups = [(1, 1)]
     for src in (router, owner, text):
         ng = next((getattr(src, k) for k in ("n_group", "num_group", "num_expert_group") if
@@ -271,8 +276,9 @@ def routing_candidates(model: MoEModel, base: MoESpec) -> list[MoESpec]:
         if isinstance(ng, int) and ng > 1 and isinstance(tg, int):
             groups.insert(0, (ng, tg))
             break
-    scale = next((float(getattr(src, "routed_scaling_factor")) for src in (router, owner, text)
-                  if isinstance(getattr(src, "routed_scaling_factor", None), (int, float))), 1.0)
+    scale = next((float(getattr(src, k)) for src in (router, owner, text)
+                  for k in ("routed_scaling_factor", "router_scaling_factor")
+                  if isinstance(getattr(src, k, None), (int, float)) and not isinstance(getattr(src, k), bool)), 1.0)
     out = []
     group_rules = [(ng, tg, gs) for ng, tg in groups for gs in (("top2sum", "max") if ng > 1 else ("top2sum",))]
     for rule, bias, (ng, tg, gs), norm, s in itertools.product(
@@ -283,16 +289,6 @@ def routing_candidates(model: MoEModel, base: MoESpec) -> list[MoESpec]:
                            norm_eps=1e-20 if rule == "sigmoid" and norm else 0.0, routed_scaling=s,
                            weights_in_dtype=True))
     return out
-
-
-def _rel(router_path: str, owner: nn.Module, mod_name: str, bname: str) -> str:
-    """Path of a bias buffer relative to the router module (``..`` is not a path: the router is the owner
-    or its direct child, and the buffer lives in the owner's subtree)."""
-    child = router_path.rpartition(".")[2] if "." in router_path else ""
-    full = f"{mod_name}.{bname}" if mod_name else bname
-    if child and full.startswith(child + "."):
-        return full[len(child) + 1:]
-    return f"..{full}" if child else full
 
 
 class _Routed:
