@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from ffkv.errors import AdapterCheckFailed, FfkvError
 from ffkv.models.infer import Refusal
 from ffkv.models.loading import from_hf, load_model, tiny_model
-from ffkv.models.moe import MoEModel, check_moe, expert_intervene
+from ffkv.models.moe import MoEModel, check_moe, expert_intervene, moe_census
 from ffkv.models.moe_infer import describe_routing, infer_moe_spec, moe_from_hf, select_routing
 from ffkv.models.tiny import tiny_config
 
@@ -166,3 +166,12 @@ def test_post_norm_moe_writes_through_its_norm(models):
     mm2 = MoEModel(mm.hf, None, spec=dataclasses.replace(mm.spec, post_ffn_norm=None), moe_spec=mm.moe_spec)
     with pytest.raises(AdapterCheckFailed):
         check_moe(mm2)
+
+
+def test_census_of_an_inferred_family(models):
+    mm = models["deepseek_v3"]
+    c = moe_census(mm)
+    assert c["total_params"] == sum(p.numel() for p in mm.hf.parameters())
+    assert c["moe_layers"] == len(mm.moe_layers) and c["dense_slots"] > 0 and c["shared_slots"] > 0
+    E, F = mm.n_experts(mm.moe_layers[0]), mm.d_expert(mm.moe_layers[0], 0)
+    assert c["expert_slots"] == len(mm.moe_layers) * E * F and c["top_k"] == mm.top_k

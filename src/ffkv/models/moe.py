@@ -884,14 +884,17 @@ def moe_census(config_or_model) -> dict:
         get_moe_spec(config_or_model)
         with torch.device("meta"):
             hf = AutoModelForCausalLM.from_config(config_or_model)
-    arch, moe = get_moe_spec(hf.config)
+    if isinstance(config_or_model, MoEModel):  # an inferred family carries its own specs
+        arch, moe = config_or_model.spec, config_or_model.moe_spec
+    else:
+        arch, moe = get_moe_spec(hf.config)
     layers = get_path(hf, arch.layers)
     prefix = arch.layers + "."
     counts = {c: 0 for c in MOE_COMPONENTS}
     for name, p in hf.named_parameters():
         counts[_moe_component(hf, arch, moe, name, prefix)] += p.numel()
     per_layer = []
-    top_k = int(hf.config.num_experts_per_tok)
+    top_k = int(moe.top_k if moe.top_k is not None else hf.config.num_experts_per_tok)
     active = sum(counts.values()) - counts["experts"]
     d_expert = d_shared = None
     for l, layer in enumerate(layers):
