@@ -21,7 +21,7 @@ GROUPS = {
     "glm4_moe": ("sigmoid", True, True),
     "ernie4_5_moe": ("softmax", True, True),     # softmax + bias for the choice only
     "granitemoe": ("softmax", False, False),     # block_sparse_moe.router; residual_multiplier
-    "minimax_m2": ("sigmoid", False, False),     # sigmoid without bias
+    "minimax_m2": ("sigmoid", False, False),     # sigmoid + the block's own score-correction bias
     "qwen3_next": ("softmax", True, False),      # linear-attention mixer, gated shared expert
     "flex_olmo": ("softmax", False, False),      # no pre-norms; writes through post_feedforward_layernorm
 }

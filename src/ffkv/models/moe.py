@@ -76,10 +76,10 @@ class MoESpec:
     # Routing rule (ffkv.models.moe_infer picks it for inferred families; the check confirms it):
     #   "softmax": p = softmax(W_router x);  "sigmoid": p = sigmoid(W_router x) (DeepSeek-V3, GLM-4-MoE).
     # The experts are chosen by top-k of p [+ score_bias] (within the topk_group best of n_group groups, a
-    # group scored by the sum of its two best experts or by its best, group_score); their weights are p (never the biased score),
-    # renormalised as w / (sum w + norm_eps) when norm_topk, times routed_scaling.
+    # group scored by the sum of its two best experts or by its best: group_score); their weights are p
+    # (never the biased score), renormalised as w / (sum w + norm_eps) when norm_topk, times routed_scaling.
     routing: str = "softmax"
-    score_bias: str | None = None          # path (in the layer) of an (E,) / (1, E) buffer: mlp.gate.e_score_correction_bias
+    score_bias: str | None = None          # path in the layer of an (E,) / (1, E) buffer (e_score_correction_bias)
     n_group: int = 1
     topk_group: int = 1
     group_score: str = "top2sum"           # a group's score: "top2sum" (DeepSeek-V3) or "max" (DeepSeek-V2)

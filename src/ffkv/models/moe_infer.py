@@ -22,6 +22,7 @@ check, is refused in one line (:class:`ffkv.models.infer.Refusal`).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from dataclasses import replace
 
@@ -130,7 +131,7 @@ def infer_moe_spec(hf_model: nn.Module) -> tuple[ArchSpec, MoESpec]:
         refuse("the experts module sits directly in the decoder layer, with no MoE block around it", "structure")
     l0 = layers[moe_layers[0]]
     ex0 = get_path(l0, experts)
-    sig = list(__import__("inspect").signature(ex0.forward).parameters)
+    sig = list(inspect.signature(ex0.forward).parameters)
     if len(sig) != 3:
         refuse(f"its experts module ({type(ex0).__name__}) is not called as experts(x, top_k_index, "
                f"top_k_weights)")
@@ -223,7 +224,8 @@ def infer_moe_spec(hf_model: nn.Module) -> tuple[ArchSpec, MoESpec]:
         act="act_fn", shared=f"{block}.{shared}" if shared else None,
         shared_gate=f"{block}.{shared_gate}" if shared_gate else None,
         shared_key=sp["key"], shared_up=sp["up"], shared_value=sp["value"], shared_act=sp["act"],
-        mixers=None if len(set(mixers)) == 1 else mixers, norm_topk=False, top_k=_top_k(text, get_path(blk0, router)), inferred=True, notes=notes)
+        mixers=None if len(set(mixers)) == 1 else mixers, norm_topk=False,
+        top_k=_top_k(text, get_path(blk0, router)), inferred=True, notes=notes)
     return arch, moe
 
 
@@ -255,9 +257,10 @@ def _top_k(text, router: nn.Module) -> int | None:
 def routing_candidates(model: MoEModel, base: MoESpec) -> list[MoESpec]:
     """ffkv's exact routing rules that fit this router's structure, most specific first.
 
-    Scores softmax or sigmoid; a score-correction bias when the router (or a child) holds an (E,) / (1, E)
-    buffer named ``*bias*``; groups ``n_group`` / ``topk_group`` from the router or the config; renormalised
-    or not; scaled by ``routed_scaling_factor`` (router or config) or not.
+    Scores softmax or sigmoid; a score-correction bias when the MoE block (router included, experts not)
+    holds an (E,) / (1, E) tensor named ``*bias*``; groups ``n_group`` / ``topk_group`` from the router, the
+    block or the config, scored by top-2 sum or max; renormalised or not; scaled by
+    ``routed_scaling_factor`` / ``router_scaling_factor`` (router, block or config) or not.
     """
     l = model.moe_layers[0]
     block = model.module(l, base.block)
@@ -267,16 +270,15 @@ def routing_candidates(model: MoEModel, base: MoESpec) -> list[MoESpec]:
     biases = [f"{base.block}.{n}" for n, b in itertools.chain(block.named_buffers(), block.named_parameters())
               if "bias" in n.rpartition(".")[2] and b.numel() == E and b.dim() <= 2 and b is not
               getattr(router, "bias", None) and not n.startswith(base.experts[len(base.block) + 1:] + ".")]
-    owner = block
     groups = [(1, 1)]
-    for src in (router, owner, text):
+    for src in (router, block, text):
         ng = next((getattr(src, k) for k in ("n_group", "num_group", "num_expert_group") if
                    isinstance(getattr(src, k, None), int)), None)
         tg = getattr(src, "topk_group", None)
         if isinstance(ng, int) and ng > 1 and isinstance(tg, int):
             groups.insert(0, (ng, tg))
             break
-    scale = next((float(getattr(src, k)) for src in (router, owner, text)
+    scale = next((float(getattr(src, k)) for src in (router, block, text)
                   for k in ("routed_scaling_factor", "router_scaling_factor")
                   if isinstance(getattr(src, k, None), (int, float)) and not isinstance(getattr(src, k), bool)), 1.0)
     out = []
