@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import AdapterCheckFailed
 from .infer import ATTN_NAMES, POST_FFN_WORDS, PRE_ATTN_WORDS, PRE_FFN_WORDS, Refusal
-from .moe import MoEModel, MoESpec, _by_expert, _err, _tolerance, check_moe
+from .moe import MoEModel, MoESpec, _by_expert, _err, _layout_problem, _tolerance, check_moe
 from .spec import ArchSpec, get_path
 
 __all__ = ["infer_moe_spec", "select_routing", "moe_from_hf", "routing_candidates", "describe_routing"]
@@ -313,7 +313,7 @@ class _Routed:
 
     def _experts(self, l):
         def hook(module, args, kwargs):
-            vals = list(args) + [kwargs[k] for k in kwargs]
+            vals = list(inspect.signature(module.forward).bind(*args, **kwargs).arguments.values())
             self.route[l] = (vals[1].detach(), vals[2].detach())
         return hook
 
@@ -392,6 +392,10 @@ def moe_from_hf(hf_model: nn.Module, tokenizer=None, name_or_path: str | None = 
     if moe.top_k is None:
         raise Refusal(mt, MOE, "its config names no top-k (num_experts_per_tok is None)",
                       "set num_experts_per_tok in the config")
+    layout = next(((l, p) for l in mm.moe_layers if (p := _layout_problem(mm, l))), None)
+    if layout is not None:  # refuse a layout the engine does not read before running anything
+        raise Refusal(mt, MOE, f"layer {layout[0]}: {layout[1]}", "this expert layout needs its own engine in "
+                      "ffkv.models.moe")
     mm.moe_spec = select_routing(mm)
     mm.spec = replace(arch, notes=f"{arch.notes}; routing: {describe_routing(mm.moe_spec)}")
     if not check:
