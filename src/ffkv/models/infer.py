@@ -28,7 +28,8 @@ from .spec import ArchSpec, get_path
 REASONS = {
     "no-ffn": "no FFN to read: state-space, linear-attention or recurrent layers",
     "encoder-decoder": "encoder-decoder (a decoder with cross-attention)",
-    "mixture-of-experts": "mixture-of-experts layers (handled by ffkv.models.moe)",
+    "mixture-of-experts": "mixture-of-experts layers whose routing or expert layout ffkv cannot read "
+                          "(readable ones pass through ffkv.models.moe)",
     "post-layernorm": "post-LayerNorm layers (the FFN output is normalised together with the residual)",
     "structure": "a module structure ffkv cannot read as key-value memories",
     "check-failed": "inferred adapter failed the load-time check",

@@ -23,9 +23,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..errors import FfkvError
 from .adapters import get_spec
 from .check import check_adapter
-from .infer import Refusal
+from .infer import MixtureOfExpertsRefusal, Refusal, meta_model
 from .model import MemoryModel, weights_fingerprint
 from .moe import MoEModel, is_moe
+from .moe_infer import infer_moe_spec, moe_from_hf
 from .tiny import tiny_config
 
 __all__ = ["load_model", "load_config", "from_hf", "tiny_model", "weights_fingerprint", "config_from_json",
@@ -143,7 +144,10 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device
     name = str(name_or_path)
     config = load_config(name, trust_remote_code=trust_remote_code)
     if not is_moe(config):  # mixture-of-experts families have their specs and check in models/moe.py
-        get_spec(config, trust_remote_code=trust_remote_code)  # refuse before reading weights
+        try:
+            get_spec(config, trust_remote_code=trust_remote_code)  # refuse before reading weights
+        except MixtureOfExpertsRefusal:  # an MoE spec inferred from the module structure (moe_infer)
+            infer_moe_spec(meta_model(config, trust_remote_code))
     if name in SHIPPED_CONFIGS:
         raise FfkvError(f"'{name}' is a shipped config without weights",
                         "use it with `ffkv census`, or pass the model's folder or hub name")
@@ -172,7 +176,10 @@ def from_hf(hf_model: torch.nn.Module, tokenizer=None, name_or_path: str | None 
     """
     if is_moe(hf_model.config):
         return MoEModel.from_hf_checked(hf_model, tokenizer, name_or_path, check)
-    mm = MemoryModel(hf_model, tokenizer, name_or_path=name_or_path)
+    try:
+        mm = MemoryModel(hf_model, tokenizer, name_or_path=name_or_path)
+    except MixtureOfExpertsRefusal:  # an MoE spec inferred from the module structure (moe_infer)
+        return moe_from_hf(hf_model, tokenizer, name_or_path, check)
     if not check:
         return mm
     if not mm.spec.inferred:
