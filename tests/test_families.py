@@ -258,3 +258,32 @@ def test_load_model_reads_an_inferred_family_and_refuses_others_in_one_line(one_
     with pytest.raises(FfkvError, match="'mamba' is not supported: .*state-space") as e:
         ffkv.load_model(str(tmp_path / "mamba"))
     assert "\n" not in e.value.line()
+
+
+def test_inspect_reports_the_check_on_every_kind_of_family(tmp_path):
+    # The interface checks outside the suite use: `ffkv inspect DIR --json` prints adapter_check.passed for
+    # a supported family (hand-written or inferred, dense or mixture-of-experts) and refuses others in one line.
+    import json
+    import subprocess
+    import sys
+
+    from ffkv.models.moe import tiny_moe_model
+
+    def inspect(folder):
+        return subprocess.run([sys.executable, "-m", "ffkv.cli", "inspect", str(folder), "--json"],
+                              capture_output=True, text=True, timeout=300)
+
+    for mt in ("llama", "smollm3", "mixtral", "deepseek_v3"):
+        hf = tiny_moe_model(mt).hf if mt == "mixtral" else tiny_model(mt).hf
+        hf.save_pretrained(tmp_path / mt)
+        res = inspect(tmp_path / mt)
+        assert res.returncode == 0, (mt, res.stderr)
+        assert json.loads(res.stdout)["adapter_check"]["passed"] is True, mt
+    from transformers import AutoModelForCausalLM
+
+    from ffkv.models.tiny import shrink_config
+
+    AutoModelForCausalLM.from_config(shrink_config("mamba")).save_pretrained(tmp_path / "mamba")
+    res = inspect(tmp_path / "mamba")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("ffkv: error:"), res.stderr

@@ -14,6 +14,7 @@ from .adapters import get_path, spec_for
 from .infer import meta_model
 from .loading import load_config
 from .model import MemoryModel
+from .moe import MoEModel, is_moe, moe_census
 
 COMPONENTS = ("embeddings", "attention", "ffn", "norms", "unembedding", "other")
 
@@ -25,7 +26,13 @@ def census(config_or_model) -> dict:
     including the shipped configs such as ``llama-2-7b``), a :class:`MemoryModel` or an HF model.
     Returns ``{total_params, ffn_params, ffn_share, memory_slots, n_layers, d_ffn, gated,
     ffn_matrices, components: {embeddings, attention, ffn, norms, unembedding, other}, per_layer}``.
+    A mixture-of-experts model or config gets :func:`ffkv.models.moe.moe_census` (memory slots by expert),
+    with ``d_ffn`` = an expert's width.
     """
+    if isinstance(config_or_model, MoEModel) or (not isinstance(config_or_model, (str, MemoryModel, torch.nn.Module))
+                                                  and is_moe(config_or_model)):
+        out = moe_census(config_or_model)
+        return {**out, "d_ffn": out.get("d_expert")}
     if isinstance(config_or_model, MemoryModel):
         hf = config_or_model.hf
     elif isinstance(config_or_model, torch.nn.Module):

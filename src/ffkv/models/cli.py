@@ -13,6 +13,7 @@ from .census import census as count_parameters
 from .census import format_count
 from .check import check_adapter
 from .loading import SHIPPED_CONFIGS, load_config, tiny_model
+from .moe import MoEModel, check_moe, moe_census
 
 
 @click.command()
@@ -78,8 +79,8 @@ def inspect_model(model: str, trust_remote_code: bool = False, **load_kwargs) ->
     A shipped config (no weights) is checked on a 2-layer, narrow model of the same family.
     """
     config = load_config(model, trust_remote_code=trust_remote_code)
-    spec = get_spec(config)
     if model in SHIPPED_CONFIGS:
+        get_spec(config)
         mm = tiny_model(config.model_type, check=False)
         checked_on = "2-layer random model of the same family (the shipped config has no weights)"
         cen = count_parameters(config)
@@ -89,7 +90,12 @@ def inspect_model(model: str, trust_remote_code: bool = False, **load_kwargs) ->
         checked_on = "the loaded weights"
         cen = count_parameters(mm)
         vocab = padded_vocabulary(mm)
-    check = check_adapter(mm, raise_on_fail=False)
+    spec = mm.spec  # hand-written, inferred, or a mixture-of-experts spec
+    if isinstance(mm, MoEModel):  # experts are checked per expert and counted by expert
+        check = check_moe(mm, raise_on_fail=False)
+        cen = {**cen, "experts": moe_census(mm)}
+    else:
+        check = check_adapter(mm, raise_on_fail=False)
     return {
         "model": model,
         "family": spec.family,
