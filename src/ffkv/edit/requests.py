@@ -197,6 +197,8 @@ def render_batch(model, rows: Sequence[tuple[str, EditRequest]], with_target: bo
             raise FfkvError(f"subject {rows[r][1].subject!r} maps to no token of {text!r}", "check the tokenizer")
         subj.append(inside[-1])
         last.append(len(ids) - 1)
+        model.check_length(len(ids) + (len(target_ids(model, rows[r][1])) - 1 if with_target else 0),
+                           what=f"edit prompt {text[:60]!r}" + (" with its target" if with_target else ""))
         if with_target:
             t = target_ids(model, rows[r][1])
             tpos.append([len(ids) - 1 + j for j in range(len(t))])

@@ -397,6 +397,9 @@ class MemoryModel:
         tok = self._require_tokenizer()
         if isinstance(texts, str):
             texts = [texts]
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise FfkvError(f"prompt {t!r} is empty", "give a non-empty prompt")
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token or tok.unk_token
         old = tok.padding_side
@@ -405,7 +408,14 @@ class MemoryModel:
             enc = tok(list(texts), return_tensors="pt", padding=True)
         finally:
             tok.padding_side = old
+        self.check_length(int(enc["attention_mask"].sum(1).max()) if len(texts) else 0)
         return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+    def check_length(self, n_tokens: int, what: str = "the prompt") -> None:
+        """Refuse a sequence longer than :attr:`context_length`, in one line, before the model sees it."""
+        if n_tokens > self.context_length:
+            raise FfkvError(f"{what} is {n_tokens} tokens long, longer than the model's context "
+                            f"({self.context_length} tokens)", f"shorten it to at most {self.context_length} tokens")
 
     def token_ids(self, text: str) -> list[int]:
         return self._require_tokenizer()(text, add_special_tokens=False)["input_ids"]
