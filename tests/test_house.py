@@ -114,3 +114,27 @@ def test_module_level_imports_have_no_cycle():
         if n not in state:
             visit(n)
     assert len(graph) > 50
+
+
+def test_cli_and_server_share_the_validation_layer():
+    # issue 16: requests are validated through the same layer as the CLI (ffkv.validate)
+    import pytest
+
+    from ffkv import validate
+    from ffkv.clikit import parse_layers
+    from ffkv.errors import FfkvError
+    from ffkv.serve import backend
+
+    assert parse_layers("0-2,5", 6) == validate.layers("0-2,5", 6) == [0, 1, 2, 5]
+    for bad in ("3-1", "x", "9"):
+        with pytest.raises(FfkvError) as a:
+            parse_layers(bad, 6)
+        with pytest.raises(FfkvError) as b:
+            validate.layers(bad, 6)
+        assert str(a.value) == str(b.value)
+    assert backend._int("7", "top_n", 1, 50, 10) == validate.integer("7", "top_n", 1, 50, 10) == 7
+    for bad in ("0", "x", "1e9", 2.5):
+        with pytest.raises(FfkvError):
+            backend._int(bad, "top_n", 1, 50, 10)
+    with pytest.raises(FfkvError, match="finite"):
+        validate.number("nan", "temperature", 0)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +32,7 @@ import click
 import torch
 
 from .cli import Group as FfkvGroup
+from . import validate
 from .errors import FfkvError
 from .models.loading import DTYPES, load_model
 
@@ -74,7 +74,6 @@ def load_model_from_options(model: str | Path, device: str | None = None, dtype:
 
 
 # ------------------------------------------------------------------------------------------------ layers
-_LAYER_PART = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
 def layers_option(name: str = "--layers", help: str | None = None) -> Callable:
@@ -84,28 +83,8 @@ def layers_option(name: str = "--layers", help: str | None = None) -> Callable:
 
 
 def parse_layers(text: str | None, n_layers: int, option: str = "--layers") -> list[int] | None:
-    """``"0-3,5"`` -> ``[0, 1, 2, 3, 5]`` (sorted, unique), every layer checked against ``n_layers``.
-
-    None or "" stays None (the command's default, usually every layer). Bad syntax or a layer outside
-    ``0 .. n_layers - 1`` is one :class:`FfkvError` that names the option and the valid range.
-    """
-    if text is None or not str(text).strip():
-        return None
-    out: set[int] = set()
-    for part in str(text).split(","):
-        m = _LAYER_PART.match(part)
-        if not m:
-            raise FfkvError(f"{option} {text!r} is not a list of layers",
-                            f"write layers as numbers and ranges, e.g. {option} 0-3,5")
-        a, b = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
-        if b < a:
-            raise FfkvError(f"{option} range {part.strip()!r} runs backwards", f"write it as {b}-{a}")
-        out.update(range(a, b + 1))
-    bad = sorted(l for l in out if l >= n_layers)
-    if bad:
-        raise FfkvError(f"{option}: layer {bad[0]} is out of range (the model has {n_layers} layers)",
-                        f"use layers 0-{n_layers - 1}")
-    return sorted(out)
+    """``"0-3,5"`` -> ``[0, 1, 2, 3, 5]``: :func:`ffkv.validate.layers`, the rule the server uses too."""
+    return validate.layers(text, n_layers, option)
 
 
 # ------------------------------------------------------------------------------------------------ output

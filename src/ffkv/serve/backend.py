@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import validate
 from ..errors import FfkvError
 from ..io import read_json
 from ..edit import EditRequest, Journal, apply_edits
@@ -81,16 +82,8 @@ def _dist(tok, probs: torch.Tensor, k: int) -> list[dict]:
 
 
 def _int(value, name: str, lo: int, hi: int, default: int) -> int:
-    """A bounded integer request parameter; a bad one is refused with the valid range."""
-    if value is None or value == "":
-        return default
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        raise FfkvError(f"{name} must be an integer, got {value!r}", f"use {lo}..{hi}") from None
-    if not lo <= v <= hi:
-        raise FfkvError(f"{name} {v} is out of range", f"use {lo}..{hi}")
-    return v
+    """A bounded integer request parameter: :func:`ffkv.validate.integer`, the rule the CLI kit uses."""
+    return validate.integer(value, name, lo, hi, default)
 
 
 class Backend:
