@@ -13,6 +13,12 @@ effect on the residual is ``g ⊙ v_i`` (``g`` the post-FFN norm's gain, up to a
 every projection here reads :meth:`MemoryModel.write_values`, which is ``W_out`` itself elsewhere, and
 ``value_norm`` is the norm of that vector.
 
+Mixture-of-experts models (:class:`~ffkv.models.moe.MoEModel`): memory i of expert e at layer l
+(``L3.E2.17``) has the value ``v_i^e``, column i of expert e's ``W_out`` (``model.values(l, e)``); every function
+here takes ``expert=`` and reads that expert's values exactly as it reads a dense layer's. ``expert=None`` is
+the layer's dense FFN (Qwen2-MoE's shared expert, a dense layer of a mixed model), as on a dense model.
+The routing weight ``w_e`` scales all of an expert's memories alike, so it does not change a projection.
+
 Agreement (section 4): how often the top token of p_i^l equals the next token of key i's top
 trigger prefix, per layer, against a random baseline that pairs each value with another key's trigger
 (a random permutation of keys within the layer).
@@ -25,14 +31,48 @@ import torch
 
 from ..errors import FfkvError
 from ..models.memory_id import MemoryId
+from ..models.moe import MoEModel
+
+
+def write_values(model, layer: int, expert: int | None = None) -> torch.Tensor:
+    """The values of one FFN as they write into the residual, (d_model, F): column i is ``g ⊙ v_i`` (``s v_i``).
+
+    ``expert=None``: :meth:`MemoryModel.write_values` (the dense FFN, or the shared expert of an MoE layer).
+    An expert's values are scaled by the same post-FFN norm gain ``g`` and residual scale ``s`` as the
+    block's output, which its experts write through; without either this is ``model.values(layer, expert)``.
+    """
+    if expert is None:
+        return model.write_values(layer)
+    v = model.values(layer, expert)
+    gain = model.post_norm_gain(layer)
+    v = v if gain is None else v * gain[:, None]
+    return v if model.residual_scale == 1.0 else v * model.residual_scale
+
+
+def ffns(model, layers=None) -> list[tuple[int, int | None]]:
+    """The FFNs of the chosen layers as ``(layer, expert)``: ``expert=None`` for a dense FFN (or a shared
+    expert), one pair per routed expert of an MoE layer. A dense model has ``(l, None)`` per layer."""
+    layers = range(model.n_layers) if layers is None else layers
+    if not isinstance(model, MoEModel):
+        return [(l, None) for l in layers]
+    out = []
+    for l in layers:
+        if model.is_moe_layer(l):
+            out += [(l, e) for e in range(model.n_experts(l))]
+            if model.has_shared_expert(l):
+                out.append((l, None))
+        else:
+            out.append((l, None))
+    return out
 
 
 @torch.no_grad()
-def value_logits(model, layer: int, indices=None, norm: bool = False) -> torch.Tensor:
-    """``E v_i`` (or ``E ln_f(v_i)``) for the chosen values of a layer: (n, vocab) float32.
+def value_logits(model, layer: int, indices=None, norm: bool = False, expert: int | None = None) -> torch.Tensor:
+    """``E v_i`` (or ``E ln_f(v_i)``) for the chosen values of a layer (or of its expert ``expert``):
+    (n, vocab) float32.
 
     ``v_i`` is the value as it writes into the residual (``g ⊙ v_i`` in post-norm families)."""
-    V = model.write_values(layer).T  # (d_ffn, d_model); a view of W_out where there is no post norm
+    V = write_values(model, layer, expert).T  # (F, d_model); a view of W_out where there is no post norm
     if indices is not None:
         V = V[torch.as_tensor(indices, device=V.device, dtype=torch.long)]
     return model.unembed(V, norm=norm).float()
@@ -40,25 +80,26 @@ def value_logits(model, layer: int, indices=None, norm: bool = False) -> torch.T
 
 @torch.no_grad()
 def project_values(model, layer: int, norm: bool = False, top_n: int = 10, chunk: int = 1024,
-                   targets: np.ndarray | None = None) -> dict:
-    """Top tokens and statistics of every value of one layer, ``chunk`` values at a time.
+                   targets: np.ndarray | None = None, expert: int | None = None) -> dict:
+    """Top tokens and statistics of every value of one layer (or of its expert ``expert``), ``chunk``
+    values at a time.
 
     Returns numpy arrays: ``top_ids``/``top_p`` (d_ffn, top_n), ``bottom_ids`` (d_ffn, top_n) (lowest
     logits: what the value promotes when its coefficient is negative), ``max_p`` (d_ffn,), ``lse`` (d_ffn,)
     logsumexp of the logits (so p of any token is ``exp(E_t . v - lse)``), ``value_norm`` (d_ffn,), and,
     if ``targets`` (d_ffn,) token ids are given, ``target_rank`` (0 = the value's top token; -1 if none).
     """
-    d = model.d_ffn
+    norms = write_values(model, layer, expert).float().norm(dim=0).cpu().numpy()
+    d = norms.shape[0]
     top_n = min(top_n, model.vocab_size)
     out = {"top_ids": np.zeros((d, top_n), np.int64), "top_p": np.zeros((d, top_n), np.float32),
            "bottom_ids": np.zeros((d, top_n), np.int64), "max_p": np.zeros(d, np.float32),
            "lse": np.zeros(d, np.float32), "value_norm": np.zeros(d, np.float32),
            "target_rank": np.full(d, -1, np.int64)}
-    norms = model.write_values(layer).float().norm(dim=0).cpu().numpy()
     out["value_norm"][:] = norms
     for s in range(0, d, chunk):
         idx = torch.arange(s, min(s + chunk, d))
-        logits = value_logits(model, layer, idx, norm=norm)  # (c, vocab)
+        logits = value_logits(model, layer, idx, norm=norm, expert=expert)  # (c, vocab)
         lse = torch.logsumexp(logits, dim=-1)
         top = logits.topk(top_n, dim=-1)
         out["top_ids"][s: s + len(idx)] = top.indices.cpu().numpy()
@@ -182,41 +223,57 @@ def token_id(model, token: str | int) -> int:
 def promotes(model, token: str | int, n: int = 20, norm: bool = False, layers=None, chunk: int = 1024) -> list[dict]:
     """Memories whose values give ``token`` the highest probability ``p_i(t) = softmax(E v_i)[t]``.
 
-    Chunked like :func:`project_values`. Returns the n best over all layers: memory, layer, index, p and
-    the token's rank in the value's distribution (0 = its top token).
+    Chunked like :func:`project_values`. Returns the n best over all layers (on an MoE model over every
+    expert and shared expert of them, :func:`ffns`): memory, layer, index, p and the token's rank in the
+    value's distribution (0 = its top token); expert memories also carry ``expert``.
     """
     t = token_id(model, token)
     rows = []
-    for l in (range(model.n_layers) if layers is None else layers):
+    for l, e in ffns(model, layers):
+        d = write_values(model, l, e).shape[1]
         p_parts, r_parts = [], []
-        for s in range(0, model.d_ffn, chunk):
-            logits = value_logits(model, l, torch.arange(s, min(s + chunk, model.d_ffn)), norm=norm)
+        for s in range(0, d, chunk):
+            logits = value_logits(model, l, torch.arange(s, min(s + chunk, d)), norm=norm, expert=e)
             lt = logits[:, t]
             p_parts.append((lt - torch.logsumexp(logits, -1)).exp().cpu())
             r_parts.append((logits > lt[:, None]).sum(1).cpu())
         p, rank = torch.cat(p_parts), torch.cat(r_parts)
         best = p.topk(min(n, p.numel()))
-        rows += [{"memory": str(MemoryId(l, i)), "layer": l, "index": i, "p": pi, "rank": int(rank[i])}
-                 for pi, i in zip(best.values.tolist(), best.indices.tolist())]
-    rows.sort(key=lambda r: (-r["p"], r["layer"], r["index"]))
+        rows += [_row(l, i, e, p=pi, rank=int(rank[i])) for pi, i in zip(best.values.tolist(), best.indices.tolist())]
+    rows.sort(key=lambda r: (-r["p"], r["layer"], -1 if r.get("expert") is None else r["expert"], r["index"]))
     return rows[:n]
 
 
+def _row(layer: int, index: int, expert: int | None, **fields) -> dict:
+    """A result row naming one memory; ``expert`` only for expert memories (dense rows are unchanged)."""
+    row = {"memory": str(MemoryId(layer, index, expert)), "layer": layer, "index": index}
+    if expert is not None:
+        row["expert"] = expert
+    return {**row, **fields}
+
+
 @torch.no_grad()
-def nearest_values(model, vector: torch.Tensor, n: int = 20, layers=None) -> list[dict]:
-    """Memories whose values (as they write into the residual) are closest (cosine) to ``vector`` (d_model,)."""
+def nearest_values(model, vector: torch.Tensor, n: int = 20, layers=None, expert: int | None = None) -> list[dict]:
+    """Memories whose values (as they write into the residual) are closest (cosine) to ``vector`` (d_model,).
+
+    On an MoE model the search runs over every FFN of ``layers`` (:func:`ffns`: each expert, the shared
+    expert, dense layers); ``expert=e`` keeps only expert e of each of those layers (within one expert)."""
     vec = torch.as_tensor(vector, dtype=torch.float32).reshape(-1).to(model.device)
     if vec.numel() != model.d_model:
         raise FfkvError(f"vector has {vec.numel()} dimensions, the model's residual has {model.d_model}",
                         "pass a d_model-sized vector")
     vec = vec / vec.norm().clamp_min(1e-12)
+    units = ffns(model, layers)
+    if expert is not None:
+        units = [(l, e) for l, e in units if e == expert]
+        if not units:
+            raise FfkvError(f"no layer searched has an expert {expert}", "name an expert of an MoE layer")
     rows = []
-    for l in (range(model.n_layers) if layers is None else layers):
-        V = model.write_values(l).float()  # (d_model, d_ffn)
+    for l, e in units:
+        V = write_values(model, l, e).float()  # (d_model, F)
         cos = (vec @ V) / V.norm(dim=0).clamp_min(1e-12)
         best = cos.topk(min(n, cos.numel()))
-        rows += [{"memory": str(MemoryId(l, i)), "layer": l, "index": i, "cosine": c}
-                 for c, i in zip(best.values.tolist(), best.indices.tolist())]
+        rows += [_row(l, i, e, cosine=c) for c, i in zip(best.values.tolist(), best.indices.tolist())]
     rows.sort(key=lambda r: -r["cosine"])
     return rows[:n]
 
