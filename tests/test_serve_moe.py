@@ -219,3 +219,23 @@ def test_no_hook_and_no_patched_forward_is_left_behind(served, monkeypatch):
     assert hook_count(m) == n and not patched_experts(m)
     assert [m.experts_module(l).forward for l in m.moe_layers] == forwards
     assert c.get("/", params={"prompt": PROMPT}).status_code == 200
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "qwen3_moe"])
+def test_the_other_moe_families_are_served(tokenizer, model_type):
+    m = tiny_model(model_type, vocab=len(tokenizer), tokenizer=tokenizer)
+    b = Backend(m)
+    c = TestClient(create_app(b), raise_server_exceptions=False)
+    n = hook_count(m)
+    view = b.prompt_view(PROMPT, top_n=4)
+    l = view["layers"][-1]
+    want = sorted(direct_terms(m, PROMPT, l["layer"]).items(), key=lambda kv: -kv[1][2])[:4]
+    assert [s["memory"] for s in l["sub_updates"]] == [k for k, _ in want]
+    s = l["sub_updates"][0]
+    r = c.get("/", params={"prompt": PROMPT, "off": s["memory"], "max_new_tokens": 2})
+    assert r.status_code == 200 and 'id="switch-result"' in r.text, error_line(r)
+    r = c.get(f"/memory/{s['memory']}", params={"prompt": PROMPT})
+    assert r.status_code == 200 and re.search(r'id="rank-value">1<', r.text)
+    r = c.get("/trace", params={"prompt": PROMPT, "subject": "Quoux Kurte", "samples": 2})
+    assert r.status_code == 200 and 'id="neurons-note"' in r.text, error_line(r)
+    assert hook_count(m) == n and not patched_experts(m)
