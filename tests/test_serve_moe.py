@@ -239,3 +239,16 @@ def test_the_other_moe_families_are_served(tokenizer, model_type):
     r = c.get("/trace", params={"prompt": PROMPT, "subject": "Quoux Kurte", "samples": 2})
     assert r.status_code == 200 and 'id="neurons-note"' in r.text, error_line(r)
     assert hook_count(m) == n and not patched_experts(m)
+
+
+def test_an_edit_of_an_expert_only_layer_is_refused_and_changes_nothing(served):
+    m, b, c = served
+    if m.has_shared_expert(0):  # Qwen2-MoE's shared expert is a dense FFN: ROME may edit it as on a dense model
+        for method in ("rome", "memit"):
+            b._check_edit_layers(method)
+        return
+    weights = {k: v.clone() for k, v in m.hf.state_dict().items()}
+    r = c.post("/edit", data={"prompt": PROMPT, "subject": "Quoux Kurte", "target": "Dutch"})
+    assert r.status_code == 400 and "mixture of experts with no dense part" in error_line(r)
+    assert all(torch.equal(weights[k], v) for k, v in m.hf.state_dict().items())
+    assert len(b.journal) == 0

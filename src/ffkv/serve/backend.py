@@ -35,6 +35,7 @@ from .. import validate
 from ..errors import FfkvError
 from ..io import read_json
 from ..edit import EditRequest, Journal, apply_edits
+from ..edit.registry import get_method
 from ..locate.neurons import knowledge_neurons
 from ..locate.trace import KINDS, causal_trace
 from ..memory.atlas import Atlas
@@ -515,6 +516,7 @@ class Backend:
         if method not in EDIT_METHODS:
             raise FfkvError(f"unknown edit method {method!r}", f"use one of {', '.join(EDIT_METHODS)}")
         req = self.request(prompt, subject, target, target_true)
+        self._check_edit_layers(method)
         groups = {"edit prompt": [req.text],
                   "paraphrases": [self.check_prompt(p, "paraphrase") for p in paraphrases if p and p.strip()],
                   "neighbours": [self.check_prompt(p, "neighbour") for p in neighbours if p and p.strip()]}
@@ -538,6 +540,19 @@ class Backend:
         return {"request": req.to_json(), "text": req.text, "method": method, "seconds": seconds,
                 "groups": [{"name": g, "rows": [{"before": b, "after": a} for b, a in zip(before[g], after[g])]}
                            for g in before]}
+
+    def _check_edit_layers(self, method: str):
+        """On an MoE model, refuse an edit of a layer whose FFN is only routed experts: ROME/MEMIT on one
+        expert's W_out is not wired (docs/moe.md); a dense layer or a shared expert is edited as usual."""
+        m = self.model
+        if not self.is_moe:
+            return
+        hp = {**get_method(method).defaults(m), **self.edit_hparams}
+        bad = [l for l in get_method(method).layers(hp) if m.is_moe_layer(l) and not m.has_shared_expert(l)]
+        if bad:
+            raise FfkvError(f"{method} would edit layer{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}, "
+                            f"whose FFN is a mixture of experts with no dense part; editing an expert's values "
+                            f"from the debugger is not available yet", "edit a model with dense FFN layers")
 
     def edit_groups(self) -> list[list[int]]:
         """Journal entries grouped by the edit that made them: a ROME edit is one entry, a MEMIT edit one
