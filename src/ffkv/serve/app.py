@@ -4,6 +4,7 @@ Routes (every page is a plain GET that renders its result, so a link or a reload
 
     GET  /                    the prompt form; ``?prompt=TEXT`` the prompt view (``&off=L3.17&on=L2.5=3&positions=all``)
     GET  /memory/L3.17        one memory's page (``?prompt=TEXT``: its rank for that prompt)
+    GET  /memory/L3.E2.17     an expert memory's page on a mixture-of-experts model (the same views)
     GET  /search              ``?token=Paris`` | ``?near=L3.17`` | ``?q=text``
     GET  /trace               ``?prompt=&subject=&answer=&paraphrases=``: three causal traces and knowledge neurons
     GET  /edit                the edit form and the journal; POST /edit applies, POST /undo undoes
