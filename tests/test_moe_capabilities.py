@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -112,3 +113,88 @@ def test_expert_atlas_resumes_and_merges_to_one_run(models, corpus_file, tmp_pat
         for kind in ("top", "bottom"):
             assert np.array_equal(m.trigger_matrix(l, kind, e)["coef"], full.trigger_matrix(l, kind, e)["coef"],
                                   equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------------- tracing
+@pytest.mark.parametrize("mt,kind", [(mt, "mlp") for mt in FAMILIES] + [("qwen2_moe", "hidden")])
+def test_trace_on_moe_equals_the_reference(models, mt, kind):
+    from ffkv.locate.trace import causal_trace, causal_trace_reference
+
+    model = models[mt]
+    args = dict(kind=kind, noise=3.0, samples=3, window=2, seed=1)
+    got = causal_trace(model, "the old tower is in", "old tower", **args)
+    ref = causal_trace_reference(model, "the old tower is in", "old tower", **args)
+    assert got.scores.shape == (5, model.n_layers)
+    assert np.allclose(got.scores, ref.scores, atol=1e-5, rtol=1e-4)
+    assert got.high_score == pytest.approx(ref.high_score, abs=1e-6)
+    assert got.low_score == pytest.approx(ref.low_score, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- ROME / MEMIT
+def _texts(n=60, seed=1):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 16))) for _ in range(n)]
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.hf.named_parameters()}
+
+
+def _target_prob(model, prompt, target):
+    tok = model.tokenizer
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        p = torch.softmax(model.hf(input_ids=ids).logits[0, -1].float(), -1)
+    t = model.answer_id(target)
+    return float(p[t]), int(p.argmax()) == t
+
+
+REQ = {"prompt": "in {}", "subject": "the old tower", "target": "lisbon"}
+
+
+@pytest.mark.parametrize("mt", FAMILIES)
+def test_rome_on_the_routed_expert_writes_the_fact_only_there_and_undoes(mt, tmp_path):
+    from ffkv.edit.api import apply_edits
+    from ffkv.edit.compute_key import routed_experts
+    from ffkv.edit.journal import Journal
+    from ffkv.edit.requests import EditRequest
+
+    model = _moe(mt)
+    req = EditRequest(REQ["prompt"], REQ["subject"], " " + REQ["target"])
+    routed = routed_experts(model, req, 0)
+    e = routed[0][0]
+    unrouted = next(x for x in range(model.n_experts(0)) if x not in [r for r, _ in routed])
+    before = _params(model)
+    p0, _ = _target_prob(model, REQ["prompt"].format(REQ["subject"]), REQ["target"])
+    # A tiny random model's block outputs are ~1e-3 (||h||), so ROME's clamp (4 ||h||) and weight decay
+    # (relative to ||h||^2) would keep delta far below what moves its residual (~1): lift both.
+    hp = {"layer": 0, "expert": e, "stats_tokens": 600, "v_num_grad_steps": 15, "prefixes": [[3, 2]],
+          "clamp_norm_factor": 1000.0,
+          "v_weight_decay": 0.0, "max_update_ratio": 1e5}
+    with pytest.raises(FfkvError, match=re.escape(f"routed to experts {sorted(r for r, _ in routed)}")):
+        apply_edits(model, req, "rome", {**hp, "expert": unrouted}, corpus=_texts(), stats_dir=tmp_path,
+                    progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.hf.named_parameters())  # refusal left it unchanged
+    j = apply_edits(model, req, "rome", hp, corpus=_texts(), stats_dir=tmp_path, progress=False)
+    entry = j[0]
+    assert entry.expert == e and entry.site == (0, e) and 0 < entry.info["routing_weight"] <= 1
+    p1, top = _target_prob(model, REQ["prompt"].format(REQ["subject"]), REQ["target"])
+    assert top and p1 > 1.5 * p0, (p0, p1)
+    # the block moved by delta (not w_e delta): the edited model gives the probability the optimisation reached
+    assert p1 == pytest.approx(entry.info["target_prob"], rel=0.05)
+    down = f"model.layers.0.{model.moe_spec.experts}.{model.moe_spec.down}"
+    for n, p in model.hf.named_parameters():
+        if n == down:
+            others = [x for x in range(model.n_experts(0)) if x != e]
+            assert torch.equal(p[others], before[n][others]) and not torch.equal(p[e], before[n][e])
+        else:
+            assert torch.equal(p, before[n]), n
+    # the journal saves and restores exactly that slice, also through a saved copy
+    assert set(j.base) == {(0, e)} and j.base[0, e].shape == model.values(0, e).shape
+    j.save(tmp_path / "journal")
+    loaded = Journal.load(tmp_path / "journal")
+    assert loaded[0].expert == e and set(loaded.base) == {(0, e)}
+    loaded.undo(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.hf.named_parameters())
+    Journal.load(tmp_path / "journal").replay(model)  # bit-identical to the edited model
+    assert _target_prob(model, REQ["prompt"].format(REQ["subject"]), REQ["target"])[0] == pytest.approx(p1)
