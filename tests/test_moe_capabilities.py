@@ -157,12 +157,15 @@ def test_rome_on_the_routed_expert_writes_the_fact_only_there_and_undoes(mt, tmp
     from ffkv.edit.api import apply_edits
     from ffkv.edit.compute_key import routed_experts
     from ffkv.edit.journal import Journal
+    from ffkv.edit.methods.rome import pick_expert
     from ffkv.edit.requests import EditRequest
 
     model = _moe(mt)
     req = EditRequest(REQ["prompt"], REQ["subject"], " " + REQ["target"])
     routed = routed_experts(model, req, 0)
     e = routed[0][0]
+    assert len(routed) == model.top_k and routed[0][1] >= routed[1][1]
+    assert pick_expert(model, req, 0, "top") == e and pick_expert(model, req, 0, 1) == 1
     unrouted = next(x for x in range(model.n_experts(0)) if x not in [r for r, _ in routed])
     before = _params(model)
     p0, _ = _target_prob(model, REQ["prompt"].format(REQ["subject"]), REQ["target"])
@@ -198,3 +201,61 @@ def test_rome_on_the_routed_expert_writes_the_fact_only_there_and_undoes(mt, tmp
     assert all(torch.equal(p, before[n]) for n, p in model.hf.named_parameters())
     Journal.load(tmp_path / "journal").replay(model)  # bit-identical to the edited model
     assert _target_prob(model, REQ["prompt"].format(REQ["subject"]), REQ["target"])[0] == pytest.approx(p1)
+
+
+@pytest.mark.parametrize("mt", ["mixtral", "qwen2_moe"])
+def test_memit_on_an_expert_per_layer_and_undo(mt, tmp_path):
+    from ffkv.edit.api import apply_edits
+    from ffkv.edit.compute_key import routed_experts
+    from ffkv.edit.requests import EditRequest
+
+    model = _moe(mt)
+    req = EditRequest(REQ["prompt"], REQ["subject"], " " + REQ["target"])
+    experts = [routed_experts(model, req, l)[0][0] for l in range(model.n_layers)]
+    before = _params(model)
+    p0, _ = _target_prob(model, REQ["prompt"].format(REQ["subject"]), REQ["target"])
+    hp = {"layers": [0, 1], "expert": experts, "stats_tokens": 600, "v_num_grad_steps": 15, "prefixes": [[3, 2]],
+          "clamp_norm_factor": 1000.0, "v_weight_decay": 0.0, "max_update_ratio": 1e5, "mom2_update_weight": 1.0}
+    j = apply_edits(model, [req], "memit", hp, corpus=_texts(), stats_dir=tmp_path, progress=False)
+    assert [(x.layer, x.expert) for x in j] == [(0, experts[0]), (1, experts[1])]
+    p1, top = _target_prob(model, REQ["prompt"].format(REQ["subject"]), REQ["target"])
+    assert top and p1 > 1.5 * p0, (p0, p1)
+    for l in range(model.n_layers):
+        down = f"model.layers.{l}.{model.moe_spec.experts}.{model.moe_spec.down}"
+        others = [x for x in range(model.n_experts(l)) if x != experts[l]]
+        assert torch.equal(dict(model.hf.named_parameters())[down][others], before[down][others])
+    changed = {n for n, p in model.hf.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {f"model.layers.{l}.{model.moe_spec.experts}.{model.moe_spec.down}" for l in (0, 1)}
+    j.undo(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.hf.named_parameters())
+    # one expert for every layer: refused (model unchanged) where the subject is not routed to it
+    unrouted = next(x for x in range(model.n_experts(0)) if x not in [r for r, _ in routed_experts(model, req, 0)])
+    with pytest.raises(FfkvError, match="cannot hold the fact"):
+        apply_edits(model, [req], "memit", {**hp, "expert": unrouted}, corpus=_texts(), stats_dir=tmp_path,
+                    progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.hf.named_parameters())
+
+
+def test_expert_statistics_are_over_the_routed_tokens_and_cached_per_expert(models, tmp_path):
+    from ffkv.edit.stats import layer_stats, load_second_moment, token_windows
+    from ffkv.models.moe import routed_coefficients
+
+    model = models["olmoe"]
+    got = layer_stats(model, [(1, 2), (0, 1)], corpus=_texts(), n_tokens=300, stats_dir=tmp_path, window=32,
+                      progress=False)
+    windows = token_windows(model, _texts(), 300, 32)
+    for l, e in [(1, 2), (0, 1)]:
+        S, n = 0, 0
+        for i in range(0, windows.shape[0], 8):
+            cap = routed_coefficients(model, {"input_ids": windows[i:i + 8]}, l, e)
+            S, n = S + (cap.coef.T.double() @ cap.coef.double()), n + cap.n_tokens
+        sm = got[l, e]
+        assert sm.expert == e and sm.n_tokens == n < windows.numel()
+        torch.testing.assert_close(sm.C, S / n, rtol=1e-5, atol=1e-12)
+        assert f"-L{l}-E{e}-" in sm.path.name
+        assert torch.equal(load_second_moment(sm.path, model.identity, l, e).C, sm.C)
+        with pytest.raises(FfkvError, match="expert"):
+            load_second_moment(sm.path, model.identity, l, None)
+    assert not torch.equal(got[1, 2].C, got[0, 1].C)
+    with pytest.raises(FfkvError):
+        layer_stats(model, [0], corpus=_texts(), n_tokens=300, stats_dir=tmp_path, progress=False)  # no dense FFN
