@@ -9,14 +9,21 @@ import numpy as np
 import pytest
 import torch
 
+from ffkv.edit.api import apply_edits
+from ffkv.edit.compute_key import routed_experts
+from ffkv.edit.journal import Journal
+from ffkv.edit.methods.rome import pick_expert
+from ffkv.edit.requests import EditRequest
+from ffkv.edit.stats import layer_stats, load_second_moment, token_windows
 from ffkv.errors import FfkvError
+from ffkv.locate.trace import causal_trace, causal_trace_reference
 from ffkv.memory import corpus as corpus_mod
 from ffkv.memory.atlas import Atlas
 from ffkv.memory.merge import merge_atlases
 from ffkv.memory.miner import POSITION_BITS, mine, mining_groups
 from ffkv.memory.oracle import brute_force_triggers
 from ffkv.models.memory_id import MemoryId
-from ffkv.models.moe import MoEModel, expert_intervene, tiny_moe_config
+from ffkv.models.moe import MoEModel, expert_intervene, routed_coefficients, tiny_moe_config
 from ffkv.testbed.planted import WORDS, word_tokenizer
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
@@ -51,7 +58,6 @@ def _dense(atlas, layer, kind, expert):
     tm = atlas.trigger_matrix(layer, kind, expert=expert)
     g = np.where(tm["unit"] >= 0, (tm["unit"] << POSITION_BITS) + tm["position"], -1)
     return g, tm["coef"]
-
 
 # --------------------------------------------------------------------------------------------- atlas
 @pytest.mark.parametrize("mt", FAMILIES)
@@ -114,11 +120,9 @@ def test_expert_atlas_resumes_and_merges_to_one_run(models, corpus_file, tmp_pat
             assert np.array_equal(m.trigger_matrix(l, kind, e)["coef"], full.trigger_matrix(l, kind, e)["coef"],
                                   equal_nan=True)
 
-
 # --------------------------------------------------------------------------------------------- tracing
 @pytest.mark.parametrize("mt,kind", [(mt, "mlp") for mt in FAMILIES] + [("qwen2_moe", "hidden")])
 def test_trace_on_moe_equals_the_reference(models, mt, kind):
-    from ffkv.locate.trace import causal_trace, causal_trace_reference
 
     model = models[mt]
     args = dict(kind=kind, noise=3.0, samples=3, window=2, seed=1)
@@ -128,7 +132,6 @@ def test_trace_on_moe_equals_the_reference(models, mt, kind):
     assert np.allclose(got.scores, ref.scores, atol=1e-5, rtol=1e-4)
     assert got.high_score == pytest.approx(ref.high_score, abs=1e-6)
     assert got.low_score == pytest.approx(ref.low_score, abs=1e-6)
-
 
 # --------------------------------------------------------------------------------------------- ROME / MEMIT
 def _texts(n=60, seed=1):
@@ -154,11 +157,6 @@ REQ = {"prompt": "in {}", "subject": "the old tower", "target": "lisbon"}
 
 @pytest.mark.parametrize("mt", FAMILIES)
 def test_rome_on_the_routed_expert_writes_the_fact_only_there_and_undoes(mt, tmp_path):
-    from ffkv.edit.api import apply_edits
-    from ffkv.edit.compute_key import routed_experts
-    from ffkv.edit.journal import Journal
-    from ffkv.edit.methods.rome import pick_expert
-    from ffkv.edit.requests import EditRequest
 
     model = _moe(mt)
     req = EditRequest(REQ["prompt"], REQ["subject"], " " + REQ["target"])
@@ -203,11 +201,8 @@ def test_rome_on_the_routed_expert_writes_the_fact_only_there_and_undoes(mt, tmp
     assert _target_prob(model, REQ["prompt"].format(REQ["subject"]), REQ["target"])[0] == pytest.approx(p1)
 
 
-@pytest.mark.parametrize("mt", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("mt", FAMILIES)
 def test_memit_on_an_expert_per_layer_and_undo(mt, tmp_path):
-    from ffkv.edit.api import apply_edits
-    from ffkv.edit.compute_key import routed_experts
-    from ffkv.edit.requests import EditRequest
 
     model = _moe(mt)
     req = EditRequest(REQ["prompt"], REQ["subject"], " " + REQ["target"])
@@ -237,8 +232,6 @@ def test_memit_on_an_expert_per_layer_and_undo(mt, tmp_path):
 
 
 def test_expert_statistics_are_over_the_routed_tokens_and_cached_per_expert(models, tmp_path):
-    from ffkv.edit.stats import layer_stats, load_second_moment, token_windows
-    from ffkv.models.moe import routed_coefficients
 
     model = models["olmoe"]
     got = layer_stats(model, [(1, 2), (0, 1)], corpus=_texts(), n_tokens=300, stats_dir=tmp_path, window=32,

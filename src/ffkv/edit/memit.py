@@ -128,6 +128,9 @@ def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dic
                       "(ffkv.evaluate.datasets.subject_batches)", stacklevel=3)
     if prefixes is None:
         prefixes = context_prefixes(model, hparams["prefixes"], hparams["seed"])
+    for layer, expert in zip(layers, experts):  # refuse an expert a request is not routed to, before optimising
+        if expert is not None:
+            compute_expert_keys(model, requests, layer, expert, [""])
     tgt = compute_targets(model, requests, "resid_post", top, hparams, prefixes)
     z = tgt.h + tgt.delta  # (n, d_model)
     reqs = [r.to_json() for r in requests]

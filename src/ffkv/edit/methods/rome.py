@@ -16,7 +16,7 @@ import copy
 from tqdm.auto import tqdm
 
 from ...errors import FfkvError
-from ..compute_key import routed_experts
+from ..compute_key import compute_expert_keys, routed_experts
 from ..rome import rome_edit
 from .common import VALUE_DEFAULTS, VALUE_DOCS, tuned
 
@@ -71,6 +71,7 @@ def apply(model, requests, hp: dict, journal, context) -> None:
             rome_edit(model, r, hp, stats, journal, prefixes)
             continue
         e = pick_expert(model, r, layer, expert)
+        compute_expert_keys(model, [r], layer, e, [""])  # refuses an unrouted expert before its statistics
         site = (layer, e)
         rome_edit(model, r, {**hp, "expert": e}, context.layer_stats(model, [site], hp)[site], journal, prefixes)
 
