@@ -191,7 +191,7 @@ def test_rome_on_the_routed_expert_writes_the_fact_only_there_and_undoes(mt, tmp
         else:
             assert torch.equal(p, before[n]), n
     # the journal saves and restores exactly that slice, also through a saved copy
-    assert set(j.base) == {(0, e)} and j.base[0, e].shape == model.values(0, e).shape
+    assert set(j.base) == {(0, e)} and j.base[0, e].shape == model.values(0, e).shape and j.base_layers == [0]
     j.save(tmp_path / "journal")
     loaded = Journal.load(tmp_path / "journal")
     assert loaded[0].expert == e and set(loaded.base) == {(0, e)}
@@ -252,3 +252,15 @@ def test_expert_statistics_are_over_the_routed_tokens_and_cached_per_expert(mode
     assert not torch.equal(got[1, 2].C, got[0, 1].C)
     with pytest.raises(FfkvError):
         layer_stats(model, [0], corpus=_texts(), n_tokens=300, stats_dir=tmp_path, progress=False)  # no dense FFN
+
+
+def test_mining_per_expert_without_dedup_equals_brute_force(models, corpus_file, tmp_path):
+    model = models["olmoe"]
+    mine(model, corpus_file, tmp_path / "a", top_k=5, batch_tokens=80, progress=False, dedup=False)
+    atlas = Atlas(tmp_path / "a", model=model)
+    units = list(corpus_mod.iter_units(model.tokenizer, corpus_mod.CorpusSpec(str(corpus_file))))
+    ref = brute_force_triggers(model, units, top_k=5, batch_tokens=80, dedup=False)
+    for l, e in atlas.groups:
+        for kind in ("top", "bottom"):
+            g, c = _dense(atlas, l, kind, e)
+            assert (g == ref[l, e][kind]).all() and np.array_equal(c, ref[l, e][kind + "_coef"], equal_nan=True)

@@ -156,6 +156,11 @@ class Journal:
     def layers(self) -> list[int]:
         return sorted({e.layer for e in self.entries})
 
+    @property
+    def base_layers(self) -> list[int]:
+        """The layers whose base W_out (or an expert's slice of it) the journal keeps."""
+        return sorted({s if isinstance(s, int) else s[0] for s in self.base})
+
     # ------------------------------------------------------------------------------------------------
     def attach(self, model, base_identity: dict | None = None) -> None:
         """Remember the unedited model's identity (once): ``base_identity`` when given (an
