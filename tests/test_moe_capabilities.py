@@ -264,3 +264,20 @@ def test_mining_per_expert_without_dedup_equals_brute_force(models, corpus_file,
         for kind in ("top", "bottom"):
             g, c = _dense(atlas, l, kind, e)
             assert (g == ref[l, e][kind]).all() and np.array_equal(c, ref[l, e][kind + "_coef"], equal_nan=True)
+
+
+def test_rome_on_the_shared_expert_accounts_for_its_gate(tmp_path):
+    model = _moe("qwen2_moe")
+    req = EditRequest(REQ["prompt"], REQ["subject"], " " + REQ["target"])
+    before = _params(model)
+    p0, _ = _target_prob(model, REQ["prompt"].format(REQ["subject"]), REQ["target"])
+    hp = {"layer": 0, "stats_tokens": 600, "v_num_grad_steps": 15, "prefixes": [[3, 2]], "clamp_norm_factor": 1000.0,
+          "v_weight_decay": 0.0, "max_update_ratio": 1e5}
+    j = apply_edits(model, req, "rome", hp, corpus=_texts(), stats_dir=tmp_path, progress=False)
+    assert j[0].expert is None and 0 < j[0].info["shared_gate"] < 1
+    p1, top = _target_prob(model, REQ["prompt"].format(REQ["subject"]), REQ["target"])
+    assert top and p1 > 1.5 * p0 and p1 == pytest.approx(j[0].info["target_prob"], rel=0.05)
+    changed = {n for n, p in model.hf.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"model.layers.0.mlp.shared_expert.down_proj.weight"}
+    j.undo(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.hf.named_parameters())

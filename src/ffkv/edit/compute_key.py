@@ -23,7 +23,7 @@ import torch
 
 from ..errors import FfkvError
 from ..models.engine import run
-from ..models.moe import expert_intervene
+from ..models.moe import MoEModel, expert_intervene
 from .requests import EditRequest, render_batch
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
@@ -143,3 +143,21 @@ def routed_experts(model, request: EditRequest, layer: int, prefix: str = "") ->
     t = int(batch.subject_last[0])
     pairs = [(int(e), float(x)) for e, x in zip(idx[0, t].tolist(), w[0, t].tolist())]
     return sorted(pairs, key=lambda p: -p[1])
+
+
+def shared_write_scale(model, layer: int) -> bool:
+    """True where the dense W_out of ``layer`` writes through a gate: a Qwen2-MoE shared expert, whose output
+    enters the block's as ``sigmoid(g . x) W_s m^s``."""
+    return isinstance(model, MoEModel) and model.has_shared_expert(layer) and model.moe_spec.shared_gate is not None
+
+
+@torch.no_grad()
+def shared_gates(model, requests: Sequence[EditRequest], layer: int, prefixes: Sequence[str]) -> torch.Tensor:
+    """The shared expert's write scale ``sigmoid(g . x)`` at the subject's last token, averaged over
+    ``prefixes`` like k*: (n_requests,) float32."""
+    rows = [(p, r) for r in requests for p in prefixes]
+    batch = render_batch(model, rows)
+    x = run(model, batch.inputs["input_ids"], attention_mask=batch.inputs["attention_mask"],
+            reads=[("ffn_in", layer)], head="none").rec["ffn_in", layer]  # (B, T, D) the block's input
+    x = x[torch.arange(len(rows), device=x.device), batch.subject_last]
+    return model.shared_gate(layer, x).float().view(len(requests), len(prefixes)).mean(1)

@@ -178,7 +178,7 @@ class Journal:
         layer = model.check_layer(layer)
         if expert is not None:
             expert = model.check_expert(layer, expert)
-        d_ffn = model.d_ffn if expert is None else _values(model, layer, expert).shape[1]
+        d_ffn = _values(model, layer, expert).shape[1]  # value orientation (d_model, d_ffn) for every family
         u = u.detach().float().cpu().reshape(model.d_model, -1).contiguous()
         v = v.detach().float().cpu().reshape(d_ffn, -1).contiguous()
         info = {**(info or {}), **check_update(model, layer, u, v, max_ratio, method.upper(), expert)}

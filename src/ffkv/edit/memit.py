@@ -31,7 +31,9 @@ One expert per layer of a mixture-of-experts model (``hparams["expert"]``: one i
 list aligned with ``layers``): K_l holds expert e_l's coefficients at each request's subject's last token
 (:func:`.compute_key.compute_expert_keys`, every request must be routed to e_l), C_l its statistics over the
 tokens routed to it, and since the block writes ``w_e W m^e``, request i's column of R_l is divided by its
-routing weight w_{e,i} (the expert's output moves by r_i / w_{e,i} for the block's to move by r_i).
+routing weight w_{e,i} (the expert's output moves by r_i / w_{e,i} for the block's to move by r_i). A Qwen2-MoE
+shared expert (``expert`` None on an MoE layer) writes through its gate ``sigmoid(g . x)``, which divides R_l
+the same way.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from typing import Sequence
 import torch
 
 from ..errors import FfkvError
-from .compute_key import compute_expert_keys, compute_keys, context_prefixes, read_at_subject
+from .compute_key import (compute_expert_keys, compute_keys, context_prefixes, read_at_subject, shared_gates,
+                          shared_write_scale)
 from .compute_value import compute_targets
 from .journal import Journal, JournalEntry
 from .requests import EditRequest
@@ -151,6 +154,10 @@ def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dic
         if expert is not None:
             R = R / w.to(R.device)[None, :]  # the expert's output change that moves the block by R
             info["routing_weights"] = [float(x) for x in w]
+        elif shared_write_scale(model, layer):
+            g = shared_gates(model, requests, layer, prefixes)
+            R = R / g.to(R.device)[None, :]
+            info["shared_gates"] = [float(x) for x in g]
         elif post_norm is not None and post_norm(layer) is not None:
             y = read_at_subject(model, requests, "ffn_out", layer)  # (n, d_model) W_out's output
             write = lambda x, layer=layer: model.write_from_ffn_out(layer, x)  # noqa: E731

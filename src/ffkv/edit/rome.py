@@ -17,13 +17,16 @@ block's output (``ffn_out``, what the MoE block adds to the residual) as for a d
 ``w_e W m^e``, so the expert's output must move by δ / w_e for the block's to move by δ:
 
     v* = W k* + δ / w_e          (w_e: the routing weight at the subject's last token, averaged like k*)
+
+A Qwen2-MoE shared expert (``expert`` None on an MoE layer) writes through its gate ``sigmoid(g . x)``, which
+takes w_e's place.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .compute_key import compute_expert_keys, compute_keys, context_prefixes
+from .compute_key import compute_expert_keys, compute_keys, context_prefixes, shared_gates, shared_write_scale
 from .compute_value import compute_targets
 from .journal import Journal, JournalEntry
 from .requests import EditRequest
@@ -68,6 +71,8 @@ def rome_edit(model, request: EditRequest, hparams: dict, stats: SecondMoment, j
     if expert is None:
         k = compute_keys(model, [request], layer, prefixes)[0]  # (d_ffn,)
         W, b, w_e = model.values(layer), model.value_bias(layer), None
+        if shared_write_scale(model, layer):
+            w_e = float(shared_gates(model, [request], layer, prefixes)[0])
     else:
         K, w = compute_expert_keys(model, [request], layer, expert, prefixes)  # refuses an unrouted expert
         k, w_e = K[0], float(w[0])
@@ -79,6 +84,6 @@ def rome_edit(model, request: EditRequest, hparams: dict, stats: SecondMoment, j
         u, v = rank_one_update(W, b, cholesky_factor(stats.C), k, v_star)
     info = {**tgt.info(0), "stats_tokens": stats.n_tokens, "stats_corpus": stats.corpus}
     if w_e is not None:
-        info["routing_weight"] = w_e
+        info["routing_weight" if expert is not None else "shared_gate"] = w_e
     return journal.record(model, "rome", layer, u.float(), v.float(), [request.to_json()], hparams, info,
                           max_ratio=hparams["max_update_ratio"], keys=k, targets=v_star, expert=expert)

@@ -153,7 +153,7 @@ def accumulate_second_moments(model, windows: torch.Tensor, layers: Sequence[int
     the coefficients without copying them and stops after the deepest requested layer.
     """
     layers = sorted(set(layers))
-    sums = {l: torch.zeros(model.d_ffn, model.d_ffn, dtype=torch.float64, device=model.device) for l in layers}
+    sums: dict[int, torch.Tensor] = {}  # width read from the coefficients (an MoE shared expert's is its own)
     count = 0
     bar = tqdm(total=windows.numel(), desc=f"C=E[kk^T] L{','.join(map(str, layers))}", unit="tok",
                disable=not progress, file=None, mininterval=1.0, leave=False)
@@ -162,7 +162,9 @@ def accumulate_second_moments(model, windows: torch.Tensor, layers: Sequence[int
             ids = windows[i:i + batch_size].to(model.device)
             coef = capture_coefficients(model, ids, layers=layers)
             for l in layers:
-                k = coef[l].reshape(-1, model.d_ffn).float()
+                k = coef[l].reshape(-1, coef[l].shape[-1]).float()
+                if l not in sums:
+                    sums[l] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64, device=model.device)
                 sums[l] += (k.T @ k).double()
             count += ids.numel()
             bar.update(ids.numel())
