@@ -281,3 +281,21 @@ def test_rome_on_the_shared_expert_accounts_for_its_gate(tmp_path):
     assert changed == {"model.layers.0.mlp.shared_expert.down_proj.weight"}
     j.undo(model)
     assert all(torch.equal(p, before[n]) for n, p in model.hf.named_parameters())
+
+
+def test_edit_refusals_name_the_fix(models, planted, tmp_path):
+    req = EditRequest(REQ["prompt"], REQ["subject"], " " + REQ["target"])
+    model = models["mixtral"]
+    with pytest.raises(FfkvError, match="no dense FFN"):  # expert=None on a layer that has only experts
+        apply_edits(model, req, "rome", {"layer": 0, "stats_tokens": 200}, corpus=_texts(), stats_dir=tmp_path,
+                    progress=False)
+    with pytest.raises(FfkvError, match="out of range"):
+        apply_edits(model, req, "rome", {"layer": 0, "expert": 7, "stats_tokens": 200}, corpus=_texts(),
+                    stats_dir=tmp_path, progress=False)
+    with pytest.raises(FfkvError, match="one expert per layer"):
+        apply_edits(model, [req], "memit", {"layers": [0, 1], "expert": [1]}, corpus=_texts(), stats_dir=tmp_path,
+                    progress=False)
+    dense_req = EditRequest("{} is in", "the old tower", " paris")
+    with pytest.raises(FfkvError, match="no experts"):
+        apply_edits(planted.model, dense_req, "rome", {"layer": 0, "expert": 1, "stats_tokens": 200},
+                    corpus=_texts(), stats_dir=tmp_path, progress=False)
