@@ -5,10 +5,12 @@
 
 For each model the same batches (same units, same padding) go through
     forward   model.hf(**batch)                          (the plain forward, LM head included)
-    body      the transformer body without the LM head   (what mining runs)
+    body      the transformer body without the LM head   (ffkv.models.engine.run, head="none": what mining runs)
     mine      body + coefficient reads of every layer + top-k/bottom-k merge (k=25, repeated prefixes once)
     mine_e2e  ffkv.memory.mine() end to end: tokenization, batching, checkpoints, Parquet output
-timed alternately (repeats, median), on one thread. Ratios are mine / forward. Peak memory is the
+timed alternately (repeats, median), on one thread. Ratios are mine / forward. The top-k buffers of "mine"
+over the first --check-tokens tokens are then compared with the brute-force reference (ffkv.memory.oracle
+.brute_force_triggers: every coefficient kept, one full sort per key): "equal" must be true. Peak memory is the
 resident set size of a child process that runs only that mode, sampled while it runs, also given as the
 increase over the process with the model loaded (so modes do not share a peak).
 """
@@ -37,7 +39,7 @@ def load(model_arg: str, tokenizer_from: str | None):
     import torch
 
     import ffkv
-    from ffkv.models.model import MemoryModel
+    from ffkv.models.loading import from_hf
 
     if model_arg == "gpt2-config":
         from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -45,13 +47,13 @@ def load(model_arg: str, tokenizer_from: str | None):
         torch.manual_seed(0)
         hf = GPT2LMHeadModel(GPT2Config(n_positions=1024)).eval()
         tok = AutoTokenizer.from_pretrained(tokenizer_from)
-        return MemoryModel(hf, tok, name_or_path="gpt2-config")
+        return from_hf(hf, tok, name_or_path="gpt2-config")
     return ffkv.load_model(model_arg)
 
 
 def make_batches(model, corpus: str, tokens: int, window: int, batch_tokens: int):
     from ffkv.memory.corpus import CorpusSpec, iter_units
-    from ffkv.memory.mining import batches, encode_units
+    from ffkv.memory.miner import batches, encode_units
 
     units, n = [], 0
     for u in iter_units(model.tokenizer, CorpusSpec(corpus, split="sentence", window=window)):
@@ -71,22 +73,44 @@ def make_batches(model, corpus: str, tokens: int, window: int, batch_tokens: int
 def run_mode(mode: str, model, batches, k: int):
     import torch
 
-    from ffkv.memory.mining import TriggerBuffers, batch_coefficients, forward_module
+    from ffkv.memory.miner import batch_coefficients
+    from ffkv.memory.topk import TriggerBuffers
+    from ffkv.models.engine import run
 
     with torch.no_grad():
         if mode == "forward":
             for ids, mask, *_ in batches:
                 model.hf(input_ids=ids, attention_mask=mask)
         elif mode == "body":
-            body = forward_module(model)
             for ids, mask, *_ in batches:
-                body(input_ids=ids, attention_mask=mask)
+                run(model, ids, attention_mask=mask, head="none", stop_after=model.n_layers - 1)
         elif mode == "mine":
             buf = TriggerBuffers(model.n_layers, model.d_ffn, k, dedup=True)
             for ids, mask, uids, hashes in batches:
                 coefs, gids, h = batch_coefficients(model, ids, mask, uids, hashes=hashes)
                 for l, c in enumerate(coefs):
                     buf.update(c, gids, layer=l, hashes=h)
+            return buf
+
+
+def check_brute_force(model, args) -> dict:
+    """Mining's top-k/bottom-k buffers over the first ``args.check_tokens`` tokens == the brute-force oracle."""
+    import numpy as np
+
+    from ffkv.memory.oracle import brute_force_triggers
+
+    units, batches, n = make_batches(model, args.corpus, args.check_tokens, args.window, args.batch_tokens)
+    k = min(args.k, n)
+    buf = run_mode("mine", model, batches, k)
+    ref = brute_force_triggers(model, units, top_k=k, batch_tokens=args.batch_tokens, dedup=True)
+    d, equal = model.d_ffn, True
+    for l in range(model.n_layers):
+        rows = slice(l * d, (l + 1) * d)
+        equal &= np.array_equal(buf.top_g[rows].cpu().numpy(), ref[l]["top"])
+        equal &= np.array_equal(buf.bot_g[rows].cpu().numpy(), ref[l]["bottom"])
+        equal &= np.array_equal(buf.top_v[rows].cpu().numpy(), ref[l]["top_coef"].astype(np.float32))
+        equal &= np.array_equal(-buf.bot_v[rows].cpu().numpy(), ref[l]["bottom_coef"].astype(np.float32))
+    return {"tokens": n, "top_k": k, "equal": bool(equal)}
 
 
 class RssPeak:
@@ -130,7 +154,7 @@ def child(args):
     rss = RssPeak()
     with rss:
         if args.child == "mine_e2e":
-            from ffkv.memory.mining import mine
+            from ffkv.memory.miner import mine
 
             with tempfile.TemporaryDirectory() as d:
                 mine(model, args.corpus, Path(d) / "a", top_k=args.k, batch_tokens=args.batch_tokens,
@@ -144,7 +168,7 @@ def child(args):
 def bench_model(args, model_arg: str) -> dict:
     import torch
 
-    from ffkv.memory.mining import mine
+    from ffkv.memory.miner import mine
 
     torch.set_num_threads(1)
     model = load(model_arg, args.tokenizer_from)
@@ -170,6 +194,8 @@ def bench_model(args, model_arg: str) -> dict:
            "ratio_mine_vs_body": round(med["mine"] / med["body"], 3),
            "ratio_mine_e2e_vs_forward": round(med["mine_e2e"] / med["forward"], 3),
            "buffer_mb": round(model.n_layers * model.d_ffn * args.k * 2 * 20 / 2**20, 2)}
+    if args.check_tokens:
+        res["brute_force"] = check_brute_force(model, args)
     if not args.no_memory:
         mem = {}
         for m in ("forward", "mine", "mine_e2e"):
@@ -196,6 +222,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokenizer-from", default=None, help="tokenizer folder for gpt2-config")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    ap.add_argument("--check-tokens", type=int, default=2000,
+                    help="tokens of the brute-force equality check (0: skip it)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--max-units", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="also write the results as JSON here")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--testbed", default=None)
     ap.add_argument("--cases", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)

@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--random", default=None, metavar="LxD",
                     help="a randomly initialised GPT-2 of L layers and width D (testbed tokenizer and prompts; the "
                          "answer is its top prediction)")
+    ap.add_argument("--tolerance", type=float, default=1e-4,
+                    help="largest |difference| of the attributions, relative to the largest one, that counts as equal")
     ap.add_argument("--out", default=str(REPO / "docs" / "figures" / "locate_bench_neurons.json"))
     args = ap.parse_args()
 
@@ -40,9 +42,9 @@ def main():
     torch.set_num_threads(1)
     import ffkv
     from ffkv.io import provenance, write_json
-    from ffkv.locate._run import Cost
     from ffkv.locate.attribution import grad_x_activation, integrated_gradients, integrated_gradients_reference
     from ffkv.locate.average import knows, load_known
+    from ffkv.models.engine import Cost
 
     tb = Path(args.testbed) if args.testbed else Path(__import__("ffkv.testbed", fromlist=["x"]).default_testbed(build_if_missing=False))
     model, known = ffkv.load_model(tb / "model"), load_known(tb)
@@ -55,7 +57,8 @@ def main():
     print(f"model {model}  prompts {len(records)}", file=sys.stderr)
     rows = []
     for r in records:
-        ans = int(model.next_token_probs(r["prompt"])[0].argmax()) if args.random else " " + r["attribute"].strip()
+        # a text answer is tokenized by the model's one answer rule (MemoryModel.answer_tokens)
+        ans = int(model.next_token_probs(r["prompt"])[0].argmax()) if args.random else r["attribute"].strip()
         cf, cr, cg = Cost(), Cost(), Cost()
         fast, f_flops, _ = flops_of(lambda: integrated_gradients(model, r["prompt"], ans, steps=args.steps, cost=cf))
         ref, r_flops, _ = flops_of(lambda: integrated_gradients_reference(model, r["prompt"], ans, steps=args.steps,
@@ -89,6 +92,10 @@ def main():
                "ig_top_in_gxa_top50": sum(x["ig_top_in_gxa_top50"] for x in rows) / n}
     for k, v in summary.items():
         print(f"{k:28} {v}")
+    # equal up to float error relative to the attributions' scale (Dai et al.'s loop sums in another order)
+    tol = args.tolerance * max(summary["max_abs_attribution"], 1e-30)
+    print(f"results equal: {summary['max_abs_diff'] <= tol} (max |diff| {summary['max_abs_diff']:.2e}, "
+          f"tolerance {args.tolerance:g} x max |attribution|)")
     write_json(args.out, {"summary": summary, "rows": rows,
                           "provenance": provenance(model.identity, steps=args.steps, n=n, threads=1)})
     print(f"wrote {args.out}", file=sys.stderr)

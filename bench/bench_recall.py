@@ -62,8 +62,9 @@ def verdict_rows(model, facts, kind, rng, adaptive, progress, settings, cache):
     the greedy answer is the true one)."""
     from tqdm import tqdm
 
-    from ffkv.recall.data import bucket_of, fact_queries
+    from ffkv.recall.data import fact_queries
     from ffkv.recall.verdict import query_signals
+    from ffkv.testbed.buckets import bucket_of
 
     rows = []
     for f in tqdm(facts, desc=f"signals ({kind})", disable=not progress, mininterval=5):
@@ -74,7 +75,7 @@ def verdict_rows(model, facts, kind, rng, adaptive, progress, settings, cache):
             q = fact_queries(f, kind, rng)
         sig = query_signals(model, q.prompt, f["subject"], settings["n_samples"], settings["temperature"],
                             adaptive=adaptive, known=known)
-        y = model.answer_id(" " + f["object"])
+        y = model.answer_id(f["object"])
         rows.append({"fact_id": f.get("fact_id"), "train_count": int(f["train_count"]),
                      "bucket": bucket_of(int(f["train_count"])), "prompt": q.prompt, "kind": kind,
                      "greedy": sig["strength"].answer, "correct": int(sig["strength"].answer_id == y),
@@ -83,8 +84,8 @@ def verdict_rows(model, facts, kind, rng, adaptive, progress, settings, cache):
 
 
 def by_bucket(values, counts):
-    from ffkv.recall.data import BUCKET_NAMES, bucket_of
     from ffkv.recall.stats import bootstrap_ci
+    from ffkv.testbed.buckets import BUCKET_NAMES, bucket_of
 
     out = {}
     b = np.array([bucket_of(int(c)) for c in counts])
@@ -118,16 +119,18 @@ def main(argv=None):
     import ffkv
     from ffkv.io import provenance, write_json
     from ffkv.recall.consistency import temperature_table
-    from ffkv.recall.data import load_testbed_facts, stratified_facts, unseen_facts
+    from ffkv.recall.data import fact_queries, unseen_facts
     from ffkv.recall.incontext import batched_logits, in_context_table
     from ffkv.recall.stats import auroc, best_threshold, bootstrap_ci, spearman
     from ffkv.recall.verdict import DEFAULT_WEIGHTS, FEATURES, fit_verdict
+    from ffkv.testbed.buckets import stratified_facts
+    from ffkv.testbed.datasets import load_facts
 
     progress = not args.no_progress
     adaptive = not args.no_adaptive
     testbed = args.testbed or Path(__import__("ffkv.testbed", fromlist=["default_testbed"]).default_testbed())
     model = ffkv.load_model(str(testbed / "model"))
-    facts, candidates = load_testbed_facts(testbed)
+    facts, candidates = load_facts(testbed)
     chosen = stratified_facts([f for f in facts if f["train_count"] >= 1], args.per_bucket, args.seed)
     fit_facts, eval_facts = split_by_subject(chosen, args.seed)
     settings = {"n_samples": 20, "temperature": 1.0, "adaptive": adaptive}
@@ -201,10 +204,9 @@ def main(argv=None):
 
     # 3. Temperature: greedy accuracy and calibration on the held-out paraphrases of every chosen fact.
     rng_t = random.Random(f"recall-temp-{args.seed}")
-    from ffkv.recall.data import fact_queries
     qs = [fact_queries(f, "heldout", rng_t) for f in chosen]
     logits = batched_logits(model, [q.prompt for q in qs])
-    ans = [model.answer_id(" " + q.object) for q in qs]
+    ans = [model.answer_id(q.object) for q in qs]
     results["temperature"] = temperature_table(logits, ans)
     for row in results["temperature"]:
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
@@ -236,7 +238,7 @@ def plot(results, figures: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ffkv.recall.data import BUCKET_NAMES
+    from ffkv.testbed.buckets import BUCKET_NAMES
 
     figures.mkdir(parents=True, exist_ok=True)
     # Storage strength by frequency.

@@ -46,12 +46,12 @@ def random_gpt2(like, n_layers: int, d_model: int):
     import torch
     import transformers as T
 
-    from ffkv.models.model import MemoryModel
+    from ffkv.models.loading import from_hf
 
     torch.manual_seed(0)
     cfg = T.GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=max(1, d_model // 64), n_inner=4 * d_model,
                        vocab_size=like.vocab_size, n_positions=256, bos_token_id=0, eos_token_id=0)
-    return MemoryModel(T.GPT2LMHeadModel(cfg).eval(), like.tokenizer, name_or_path=f"random-gpt2-{n_layers}x{d_model}")
+    return from_hf(T.GPT2LMHeadModel(cfg).eval(), like.tokenizer, name_or_path=f"random-gpt2-{n_layers}x{d_model}")
 
 
 def main():
@@ -65,6 +65,8 @@ def main():
     ap.add_argument("--random", default=None, metavar="LxD",
                     help="trace a randomly initialised GPT-2 of L layers and width D (with the testbed's tokenizer "
                          "and prompts; answer = its top prediction): the ratios depend on shapes, not weights")
+    ap.add_argument("--tolerance", type=float, default=1e-5,
+                    help="largest |difference| of the heatmaps that counts as equal (float error)")
     ap.add_argument("--out", default=str(REPO / "docs" / "figures" / "locate_bench_trace.json"))
     args = ap.parse_args()
 
@@ -73,9 +75,9 @@ def main():
     torch.set_num_threads(1)
     import ffkv
     from ffkv.io import provenance, write_json
-    from ffkv.locate._run import Cost
     from ffkv.locate.average import knows, load_known
     from ffkv.locate.trace import causal_trace, causal_trace_reference, noise_level
+    from ffkv.models.engine import Cost
 
     if args.model:
         model, known = ffkv.load_model(args.model), load_known(args.known)
@@ -122,6 +124,8 @@ def main():
         print(f"{kind:8} {s['max_abs_diff']:10.2e} {s['passes_per_prompt'][0]:11.1f} {s['passes_per_prompt'][1]:11.1f} "
               f"{s['flops_ratio']:8.2f} {s['layer_token_ratio']:11.2f} {s['wall_ratio']:7.2f} "
               f"{s['seconds_per_prompt'][0]:7.3f} {s['seconds_per_prompt'][1]:7.3f}")
+    worst = summary["all"]["max_abs_diff"]
+    print(f"results equal: {worst <= args.tolerance} (max |diff| {worst:.2e}, tolerance {args.tolerance:g})")
     write_json(args.out, {"summary": summary, "rows": rows,
                           "provenance": provenance(model.identity, samples=args.samples, window=args.window,
                                                    noise_level=level, n=len(records), threads=1)})

@@ -46,11 +46,12 @@ def main():
     import ffkv
     from ffkv.io import provenance, write_json
     from ffkv.locate.average import average_traces, knows, load_known
-    from ffkv.locate.ground_truth import load_testbed_facts, planted_ground_truth, testbed_ground_truth
+    from ffkv.locate.ground_truth import planted_ground_truth, testbed_ground_truth
     from ffkv.locate.interventions import ablation_curve, random_matched
     from ffkv.locate.neurons import knowledge_neurons
     from ffkv.locate.plots import plot_ablation, plot_average, plot_trace
     from ffkv.locate.trace import causal_trace
+    from ffkv.testbed.datasets import load_facts
     from ffkv.testbed.planted import planted_model
 
     fig = Path(args.figures)
@@ -96,12 +97,13 @@ def main():
         tr = causal_trace(model, ex["prompt"], ex["subject"], kind=k, subjects=subjects, samples=args.samples)
         for ext in ("png", "svg"):
             plot_trace(tr, fig / f"locate_trace_{k}.{ext}")
-    facts = load_testbed_facts(tb)
+    facts, _ = load_facts(tb)
     fact = next(f for f in facts if f["subject"] == ex["subject"] and f["object"] == ex["attribute"])
     prompts = [t.replace("{}", fact["subject"]) for t in fact["train_templates"]][:4]
-    kn = knowledge_neurons(model, prompts, " " + fact["object"])
-    curve = ablation_curve(model, prompts, " " + fact["object"], kn.neurons)
-    rnd = ablation_curve(model, prompts, " " + fact["object"], random_matched(model, kn.neurons))
+    # the answer text goes through the model's one answer rule (MemoryModel.answer_tokens: a leading space)
+    kn = knowledge_neurons(model, prompts, fact["object"])
+    curve = ablation_curve(model, prompts, fact["object"], kn.neurons)
+    rnd = ablation_curve(model, prompts, fact["object"], random_matched(model, kn.neurons))
     plot_ablation(curve, fig / "locate_ablation.png", rnd)
     out["example"] = {"prompt": ex["prompt"], "subject": ex["subject"], "neurons": kn.neurons, "curve": curve,
                       "random_curve": rnd}

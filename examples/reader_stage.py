@@ -102,15 +102,17 @@ def evaluate(args):
 
     import ffkv
     from ffkv.io import atomic_path, provenance, write_json
-    from ffkv.recall.data import load_testbed_facts, stratified_facts, unseen_facts
+    from ffkv.recall.data import unseen_facts
     from ffkv.recall.incontext import in_context_table
+    from ffkv.testbed.buckets import stratified_facts
     from ffkv.testbed.build import default_testbed
+    from ffkv.testbed.datasets import load_facts
     from ffkv.testbed.episodes import induction_accuracy
 
     if args.per_bucket < 1:
         raise SystemExit("reader_stage: error: --per-bucket must be at least 1")
     torch.set_num_threads(args.threads)
-    facts, cand = load_testbed_facts(args.testbed or default_testbed(build_if_missing=False))
+    facts, cand = load_facts(args.testbed or default_testbed(build_if_missing=False))
     chosen = stratified_facts(facts, args.per_bucket, args.seed)
     unseen = unseen_facts(facts, cand, args.per_bucket, args.seed)
     results = {}

@@ -68,18 +68,18 @@ def same_frame_accuracy(model, facts: list[dict], others: list[dict], candidates
     import random
     from collections import defaultdict
 
-    from ffkv.recall.data import bucket_of
-    from ffkv.recall.incontext import batched_logits, first_token, statement, top1
+    from ffkv.recall.incontext import batched_logits, statement, top1
+    from ffkv.testbed.buckets import bucket_of
 
     rng = random.Random(f"scale-same-frame-{seed}")
     prompts, targets, cids, buckets = [], [], [], []
-    cand_first = {r: [first_token(model, o) for o in objs] for r, objs in candidates.items()}
+    cand_first = {r: [model.answer_id(o) for o in objs] for r, objs in candidates.items()}
     for f in facts:
         t = rng.choice(f["train_templates"])
         g = rng.choice([o for o in others if o["subject"] != f["subject"]])
         prompts.append(" ".join([statement(f, t), statement(g, rng.choice(g["train_templates"])),
                                  t.format(f["subject"])]))
-        targets.append(first_token(model, f["object"]))
+        targets.append(model.answer_id(f["object"]))
         cids.append(cand_first[f["relation_id"]])
         buckets.append(bucket_of(int(f["train_count"])))
     vocab, _ = top1(batched_logits(model, prompts), targets, cids)
@@ -96,7 +96,7 @@ def profile_restatement_accuracy(model, world, n: int, seed: int) -> dict[str, f
 
     import torch
 
-    from ffkv.recall.incontext import batched_logits, first_token
+    from ffkv.recall.incontext import batched_logits
 
     groups: dict[str, list] = {}
     for f in world.context_facts:
@@ -112,7 +112,7 @@ def profile_restatement_accuracy(model, world, n: int, seed: int) -> dict[str, f
         j = d.index(f" {f.object}.", d.index(s, i))
         first.append(d[:i])
         again.append(d[:j])
-        targets.append(first_token(model, f.object))
+        targets.append(model.answer_id(f.object))
     t = torch.tensor(targets)
     return {"n": len(targets),
             "statement": float((batched_logits(model, first).argmax(-1) == t).float().mean()),
@@ -127,8 +127,9 @@ def evaluate_sizes(args):
 
     import ffkv
     from ffkv.io import provenance, read_json, write_json
-    from ffkv.recall.data import stratified_facts, unseen_facts
+    from ffkv.recall.data import unseen_facts
     from ffkv.recall.incontext import in_context_table
+    from ffkv.testbed.buckets import BUCKET_NAMES, stratified_facts
     from ffkv.testbed.world import generate_world
 
     torch.set_num_threads(1)
@@ -136,11 +137,11 @@ def evaluate_sizes(args):
     facts = [f.to_json() for f in world.facts]
     context_only = [f.to_json() for f in world.context_facts]
     candidates = world.candidates
-    per_bucket = args.max_facts // 6
+    per_bucket = max(1, args.max_facts // (len(BUCKET_NAMES) - 1))  # the seen buckets; "0" is the unseen
     chosen = stratified_facts(facts, per_bucket, args.seed)
     # Names are checked against the context-only subjects too, so "0" means never seen anywhere.
     unseen = unseen_facts(facts + context_only, candidates, args.unseen, args.seed)
-    models = {name: args.out / name / "model" for name in args.sizes.split(",")}
+    models = {name: args.out / name / "model" for name in args.sizes.split(",") if name}
     models.update(dict(m.split("=", 1) for m in args.model))
     results = {"world": world.summary(), "sizes": {},
                "provenance": provenance({}, seed=args.seed, world=args.world, facts_per_bucket=per_bucket,
@@ -182,7 +183,7 @@ def plot_sizes(results, figure: Path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ffkv.recall.data import BUCKET_NAMES
+    from ffkv.testbed.buckets import BUCKET_NAMES
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (name, r) in enumerate(sorted(results["sizes"].items(), key=lambda kv: kv[1]["n_parameters"])):

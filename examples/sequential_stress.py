@@ -26,11 +26,11 @@ def run(args):
 
     torch.set_num_threads(args.threads)
     import ffkv
-    from ffkv.testbed.build import default_testbed
+    from ffkv.edit.hparams import parse_settings, resolve_hparams
     from ffkv.evaluate.datasets import load_cases, spread_subjects
     from ffkv.evaluate.metrics import generation_prompts
-    from ffkv.evaluate.run import resolve_hparams
     from ffkv.evaluate.sequential import probe_pairs, sequential_edits
+    from ffkv.testbed.build import default_testbed
 
     testbed = Path(args.testbed) if args.testbed else Path(default_testbed(build_if_missing=False))
     model = ffkv.load_model(str(testbed / "model"))
@@ -61,10 +61,8 @@ def run(args):
     if len(cases) < args.n + 1:
         raise SystemExit(f"only {len(cases)} cases in {testbed}")
     edited, probes = cases[:args.n], cases[args.n:]
-    hp = resolve_hparams(model, args.method)
-    for kv in args.set or []:
-        k, v = kv.split("=", 1)
-        hp[k] = json.loads(v)
+    # overrides as `ffkv edit` reads them: an hparams file (JSON or YAML), then --set key=value
+    hp = resolve_hparams(model, args.method, args.hparams, parse_settings(args.set))
     gen = [generation_prompts(c)[0] for c in probes[:args.gen_prompts]]
     out = Path(args.out)
 
@@ -102,11 +100,13 @@ def plot(args):
 
 
 def main():
+    from ffkv.edit.registry import METHODS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--testbed", default=None, help="testbed folder (default: the shipped default)")
-    r.add_argument("--method", choices=["rome", "memit", "kn"], default="rome")
+    r.add_argument("--method", choices=list(METHODS), default="rome")
     r.add_argument("--n", type=int, default=100)
     r.add_argument("--cases", choices=["counterfact", "subjects"], default="counterfact",
                    help="counterfact: the testbed's counterfact.json (subjects spread); subjects: one case for "
@@ -117,7 +117,8 @@ def main():
     r.add_argument("--gen-prompts", type=int, default=10)
     r.add_argument("--gen-tokens", type=int, default=20)
     r.add_argument("--stats-dir", default=None)
-    r.add_argument("--set", action="append", help="hyperparameter override key=JSON")
+    r.add_argument("--hparams", default=None, help="hyperparameters: a .json/.yaml/.yml file or a JSON string")
+    r.add_argument("--set", action="append", help="hyperparameter override key=value (value read as JSON)")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--out", required=True)
     p = sub.add_parser("plot")

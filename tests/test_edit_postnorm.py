@@ -33,7 +33,7 @@ def test_memit_on_gemma2_reaches_its_residual_target(monkeypatch, tmp_path):
     from ffkv.edit import EditRequest, apply_edits
     from ffkv.edit import memit as memit_eq
     from ffkv.edit.compute_key import read_at_subject
-    from ffkv.models.model import MemoryModel
+    from ffkv.models.loading import from_hf
     from ffkv.testbed.planted import WORDS, word_tokenizer
 
     tok = word_tokenizer()
@@ -41,7 +41,7 @@ def test_memit_on_gemma2_reaches_its_residual_target(monkeypatch, tmp_path):
     cfg = T.Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64,
                          pad_token_id=0, bos_token_id=1, eos_token_id=1)
-    m = MemoryModel.from_hf(T.AutoModelForCausalLM.from_config(cfg).eval(), tok)
+    m = from_hf(T.AutoModelForCausalLM.from_config(cfg).eval(), tok)
     assert m.post_norm(1) is not None
     rng = random.Random(0)
     corpus = [" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(200)]

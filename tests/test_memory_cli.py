@@ -155,7 +155,7 @@ def test_mining_real_text(planted, shared_data, tmp_path):
     """A slice of WikiText-2 through the whole pipeline (the planted model's word tokenizer: mostly <unk>)."""
     from ffkv.memory.analysis import analyze
     from ffkv.memory.atlas import Atlas
-    from ffkv.memory.mining import mine
+    from ffkv.memory.miner import mine
 
     wiki = shared_data / "text" / "wikitext-2" / "valid.txt"
     meta = mine(planted.model, wiki, tmp_path / "w", top_k=5, max_units=150, progress=False, window=32)

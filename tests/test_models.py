@@ -28,7 +28,7 @@ def _ids(mm, b=2, t=7, seed=1):
 def test_every_required_family_has_a_spec():
     families = {s.family for s in SPECS}
     for f in ("gpt2", "gpt-neo", "gpt-j", "gpt-neox", "opt", "bloom", "falcon", "llama", "mistral", "qwen2",
-              "gemma", "phi3"):
+              "gemma", "phi3", "qwen3", "gemma2", "gemma3", "olmo2", "phi"):
         assert f in families
 
 
@@ -167,10 +167,11 @@ def test_logit_lens_of_the_last_residual_is_the_output(tiny_models, mt):
     lens = mm.unembed(rec["resid_post", last])
     torch.testing.assert_close(lens, logits, rtol=1e-4, atol=1e-4)
     # Without the norm the projection is E x, an explicit option.
+    # Without the norm the projection is E x (through the family's logit scaling and soft-cap), an option.
     raw = mm.unembed(rec["resid_post", last], norm=False)
-    torch.testing.assert_close(raw, rec["resid_post", last] @ mm.unembedding.weight.T
-                               + (mm.unembedding.bias if mm.unembedding.bias is not None else 0),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(raw, mm.scale_logits(rec["resid_post", last] @ mm.unembedding.weight.T
+                                                    + (mm.unembedding.bias if mm.unembedding.bias is not None
+                                                       else 0)), rtol=1e-4, atol=1e-4)
 
 
 def test_value_projection_ranks_the_planted_token_first(planted):
@@ -339,3 +340,66 @@ def test_top_level_package_reaches_its_subpackages_and_refuses_unknown_names():
             "try:\n    ffkv.no_such_thing\nexcept AttributeError as e:\n    print('refused', e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["default_testbed apply_edits", "refused module 'ffkv' has no attribute 'no_such_thing'"]
+
+
+# ------------------------------------------------------------------------------------------ house rules
+OWNED = ("adapters", "spec", "infer", "model", "check", "loading", "tiny", "census", "families")
+
+
+def test_models_imports_are_at_module_top():
+    import ast
+    from pathlib import Path
+
+    root = Path(ffkv.__file__).parent / "models"
+    for name in OWNED:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inner = [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+                assert not inner, f"models/{name}.py imports inside {fn.name}()"
+
+
+def test_each_models_module_imports_first_without_a_cycle():
+    # A cycle fails only for some import orders: import each module first, in a clean ffkv each time.
+    code = ("import importlib, sys\n"
+            f"for name in {OWNED + ('hooks',)!r}:\n"
+            "    for m in [m for m in sys.modules if m == 'ffkv' or m.startswith('ffkv.')]:\n"
+            "        del sys.modules[m]\n"
+            "    importlib.import_module('ffkv.models.' + name)\n"
+            "print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-800:]
+
+
+def test_context_length_is_one_rule(tiny_models, planted):
+    assert tiny_models["gpt2"].context_length == tiny_models["gpt2"].config.n_positions == 128
+    assert tiny_models["llama"].context_length == tiny_models["llama"].config.max_position_embeddings
+    from types import SimpleNamespace as NS
+
+    rule = MemoryModel.context_length.fget
+    # None-safe: a None field is skipped for the next one, then the tokenizer's bound, then the default.
+    assert rule(NS(text_config=NS(n_positions=None, max_position_embeddings=None, seq_length=512),
+                   tokenizer=None)) == 512
+    assert rule(NS(text_config=NS(max_position_embeddings=None), tokenizer=NS(model_max_length=300))) == 300
+    assert rule(NS(text_config=NS(), tokenizer=NS(model_max_length=10**30))) == 1024
+
+
+def test_padded_vocabulary_is_flagged(planted):
+    from ffkv.models.loading import tiny_model
+
+    tok = planted.model.tokenizer
+    mm = tiny_model("gpt_neox", vocab=len(tok) + 8, tokenizer=tok)  # Pythia pads its unembedding rows
+    assert mm.vocab_size == len(tok) + 8 and mm.tokenizer_vocab_size == len(tok)
+    assert mm.padded_vocab_rows == 8 and mm.identity["tokenizer_vocab_size"] == len(tok)
+    assert planted.model.padded_vocab_rows == 0
+
+
+def test_ffn_write_site_is_the_post_norm_output(tiny_models):
+    mm = tiny_models["gemma2"]
+    module, kind = mm.site_module("ffn_write", 1)
+    assert module is mm.post_norm(1) and kind == "post"
+    assert mm.site_module("ffn_out", 1)[0] is mm.module(1, mm.spec.value)
+    plain = tiny_models["llama"]
+    assert plain.site_module("ffn_write", 0)[0] is plain.module(0, plain.spec.value) and plain.post_norm(0) is None
+    x = torch.randn(3, plain.d_model)
+    assert torch.equal(plain.write_from_ffn_out(0, x), x)

@@ -147,9 +147,10 @@ def test_one_ablation_curve_for_locate_and_recall(planted):
 # ----------------------------------------------------------------------------------------------- locators
 def test_every_locator_returns_scores_over_site_token_layer(planted, tmp_path):
     m = planted.model
-    assert set(LOCATORS) == {"trace-hidden", "trace-mlp", "trace-attn", "integrated-gradients"}
+    assert set(LOCATORS) == {"trace-hidden", "trace-mlp", "trace-attn", "integrated-gradients", "approx-trace"}
     for name in LOCATORS:
-        opts = {"samples": 3, "noise": 3.0, "window": 1} if name.startswith("trace") else {"steps": 8}
+        opts = {"samples": 3, "noise": 3.0, "window": 1} if "trace" in name else {"steps": 8}
+        opts.update({"kinds": ["mlp"]} if name == "approx-trace" else {})
         r = locate(m, name, "the old tower", "tower", "paris", **opts)
         assert r.scores.shape == (1, 3, m.n_layers) and r.answer_id == m.answer_id("paris")
         assert r.clean == pytest.approx(float(m.next_token_probs("the old tower")[0, r.answer_id]), rel=1e-5)

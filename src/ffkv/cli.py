@@ -2,12 +2,20 @@
 
 Sub-commands live beside the capability they expose (``ffkv/<capability>/cli.py``) and are imported
 only when called, so ``ffkv --help`` starts without importing torch. Every :class:`~ffkv.errors.FfkvError`
-becomes one line on stderr and exit code 2.
+becomes one line on stderr and exit code 2, and so does every usage error click finds (a missing argument,
+an unknown command or option, a value of the wrong type, a missing path, a bad choice):
+
+    ffkv: error: <problem>. Run 'ffkv trace --help' for usage.
+
+The options the commands share (model loading, ``--layers``, ``--json``, ``--quiet``, hyperparameters) come
+from :mod:`ffkv.clikit`; docs/cli.md lists them.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -28,10 +36,65 @@ COMMANDS: dict[str, str] = {
     "evaluate": "ffkv.evaluate.cli:evaluate",
     "recall": "ffkv.recall.cli:recall",
     "demo": "ffkv.demo:demo",
+    "serve": "ffkv.serve.cli:serve",
 }
 
+# click >= 8.2 shows a group's help for a bare group name through this UsageError; it stays as click prints it.
+_HELP_ERRORS = tuple(c for c in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if c is not None)
 
-class LazyGroup(click.Group):
+
+class OneLineUsageError(click.UsageError):
+    """A click usage error rendered as ffkv renders every error: one line, exit code 2."""
+
+    def __init__(self, line: str, ctx=None):
+        super().__init__(line, ctx)
+        self.exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"ffkv: error: {self.message}", err=True, file=file)
+
+
+def usage_line(e: click.UsageError) -> str:
+    """``<problem>. Run 'ffkv CMD --help' for usage.`` for one of click's usage errors (one line)."""
+    problem = " ".join(line.strip() for line in e.format_message().splitlines() if line.strip())
+    if problem[:1].isupper() and not problem[1:2].isupper():  # "Missing argument 'MODEL'" -> "missing ..."
+        problem = problem[0].lower() + problem[1:]
+    # "No such option '--sampels'. Did you mean '--samples'?" -> "... '--sampels' (did you mean '--samples'?)"
+    problem = re.sub(r"\.?\s*Did you mean (.*)\?$", r" (did you mean \1?)", problem)
+    path = getattr(e, "ffkv_path", None) or (e.ctx.command_path if e.ctx is not None else "")
+    words = path.split()
+    path = " ".join(["ffkv", *words[1:]])  # the root's name is "ffkv" however it was invoked
+    if path == "ffkv" and "command" in problem:
+        return FfkvError(problem, "run 'ffkv --help' for the commands").line()
+    return FfkvError(problem, f"run '{path} --help' for usage").line()
+
+
+def _one_line(e: click.UsageError) -> click.UsageError:
+    if isinstance(e, (OneLineUsageError, *_HELP_ERRORS)):
+        return e
+    return OneLineUsageError(usage_line(e), e.ctx)
+
+
+class Group(click.Group):
+    """A group that names the sub-command a context-less usage error came from (click's parser errors,
+    e.g. "option '--kind' requires an argument", carry no context), so its one line names the right --help."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            if e.ctx is None and ctx.invoked_subcommand and not hasattr(e, "ffkv_path"):
+                e.ffkv_path = f"{ctx.command_path} {ctx.invoked_subcommand}"
+            raise
+
+
+class LazyGroup(Group):
+    """The root group: imports a sub-command's module on first use and renders usage errors in one line.
+
+    Sub-commands and nested groups are parsed inside the root's ``invoke``, so catching click's
+    :class:`~click.UsageError` here covers every command.
+    """
+
     def list_commands(self, ctx):
         return sorted(n for n in COMMANDS if self._available(n))
 
@@ -45,7 +108,20 @@ class LazyGroup(click.Group):
         if name not in COMMANDS or not self._available(name):
             return None
         mod, attr = COMMANDS[name].split(":")
+        # The one function-level import the house rules allow: sub-commands load when called.
         return getattr(importlib.import_module(mod), attr)
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _one_line(e) from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,8 +132,6 @@ def cli():
 
 def _quiet_transformers() -> None:
     """ffkv shows its own progress; transformers' per-load bars and config warnings are noise here."""
-    import os
-
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -65,7 +139,7 @@ def _quiet_transformers() -> None:
 def main(argv=None):
     _quiet_transformers()
     try:
-        return cli.main(args=argv, standalone_mode=False) or 0
+        return cli.main(args=argv, prog_name="ffkv", standalone_mode=False) or 0
     except FfkvError as e:
         click.echo(f"ffkv: error: {e.line()}", err=True)
         sys.exit(2)

@@ -15,19 +15,18 @@ import time
 from pathlib import Path
 
 import click
+import torch
+
+from .cli import cli
+from .io import write_json, write_text
+from .testbed import default_testbed, generate_world, load_facts
 
 
 def _run(args: list[str]) -> str:
-    """Run one ffkv command in this process and return what it printed on stdout."""
-    from .cli import cli
-    from .errors import FfkvError
-
+    """Run one ffkv command in this process and return what it printed on stdout (errors propagate)."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        try:
-            cli.main(args=args, standalone_mode=False)
-        except FfkvError:
-            raise
+        cli.main(args=args, prog_name="ffkv", standalone_mode=False)
     return buf.getvalue()
 
 
@@ -37,8 +36,6 @@ def _json(args: list[str]) -> dict:
 
 def _pick_facts(testbed: Path):
     """A frequent fact (seen often in training) and a rare one, from the testbed's fact table."""
-    from .testbed import load_facts
-
     facts, _ = load_facts(testbed)
     facts = sorted(facts, key=lambda f: f.train_count if hasattr(f, "train_count") else f["train_count"])
 
@@ -57,14 +54,10 @@ def _pick_facts(testbed: Path):
 @click.command()
 @click.option("--out", type=click.Path(file_okay=False), default="ffkv-demo", show_default=True,
               help="Folder for everything the demo makes.")
-@click.option("--cases", default=10, show_default=True, help="CounterFact cases to edit and evaluate.")
+@click.option("--cases", type=click.IntRange(min=1), default=10, show_default=True,
+              help="CounterFact cases to edit and evaluate.")
 def demo(out, cases):
     """Run the main job on the embedded default testbed: read, locate, edit, evaluate, judge recall."""
-    import torch
-
-    from .io import write_json, write_text
-    from .testbed import default_testbed, generate_world
-
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,14 +101,14 @@ def demo(out, cases):
         ["trace", model, "--prompt", prompt_f, "--subject", frequent["subject"], "--kind", "all",
          "--out", str(out / "trace")]))["kinds"]
     paraphrases = [t.format(frequent["subject"]) for t in frequent["train_templates"][:3]]
-    neuron_args = ["neurons", model, "--answer", " " + frequent["object"]]
+    neuron_args = ["neurons", model, "--answer", frequent["object"]]
     for p in paraphrases:
         neuron_args += ["--prompt", p]
     kn = step("knowledge neurons", lambda: _json(neuron_args))
     write_json(out / "neurons.json", kn)
 
     # 5. Edit: one ROME edit written out and undone, then CounterFact metrics over several cases.
-    new_object = " " + (rare["object"] if rare["object"] != frequent["object"] else "Nowhere")
+    new_object = rare["object"] if rare["object"] != frequent["object"] else "Nowhere"
     step("rome edit", lambda: _run(["edit", model, "--method", "rome", "--prompt",
                                     frequent["train_templates"][0], "--subject", frequent["subject"],
                                     "--target", new_object, "--out", str(out / "edit")]))
@@ -129,7 +122,7 @@ def demo(out, cases):
     for name, fact in (("frequent", frequent), ("rare", rare)):
         prompt = fact["heldout_templates"][0].format(fact["subject"])
         verdicts[name] = step(f"recall {name}", lambda prompt=prompt, fact=fact: _json(
-            ["recall", model, "--prompt", prompt, "--subject", fact["subject"], "--answer", " " + fact["object"]]))
+            ["recall", model, "--prompt", prompt, "--subject", fact["subject"], "--answer", fact["object"]]))
         verdicts[name]["train_count"] = fact["train_count"]
     write_json(out / "recall.json", verdicts)
 
@@ -160,17 +153,14 @@ def _summary_md(info, rep, traces, kn, metrics, verdicts, frequent, rare, summar
     lines.append(f"- Recall by training frequency (held-out paraphrases, greedy top-1): "
                  + _bucket_line(rep))
     h = traces["hidden"]
-    import numpy as np
-
-    peak = {k: np.unravel_index(int(np.argmax(np.asarray(v["scores"]))), np.asarray(v["scores"]).shape)
-            for k, v in traces.items()}
     lines.append(f"- Causal trace of \"{frequent['subject']}\" ({frequent['relation']}, seen "
                  f"{frequent['train_count']}x): clean p={_fmt(h.get('high_score'))}, corrupted "
                  f"p={_fmt(h.get('low_score'))}; peaks (token, layer): "
-                 + ", ".join(f"{k} {h['tokens'][t]!r} L{l}" for k, (t, l) in peak.items()) + ".")
-    neurons = kn.get("neurons", [])
-    lines.append(f"- Knowledge neurons for {frequent['object']!r}: {len(neurons)} found"
-                 + (": " + ", ".join(f"L{l}.{i}" for l, i, _ in neurons[:5]) if neurons else "") + ".")
+                 + ", ".join(f"{k} {h['tokens'][v['peak']['token']]!r} L{v['peak']['layer']}"
+                             for k, v in traces.items()) + ".")
+    memories = kn.get("memories", [])
+    lines.append(f"- Knowledge neurons for {frequent['object']!r}: {len(memories)} found"
+                 + (": " + ", ".join(memories[:5]) if memories else "") + ".")
     lines.append("- ROME edits of the testbed's CounterFact, " + _metric_line(metrics))
     for name, fact in (("frequent", frequent), ("rare", rare)):
         v = verdicts[name]

@@ -42,7 +42,11 @@ class EditRequest:
     def __post_init__(self):
         self.prompt = str(self.prompt)
         self.subject = str(self.subject or "")
-        self.target = str(self.target or "")
+        # The one answer rule (MemoryModel.answer_tokens): a target continues the prompt, so it gets a leading
+        # space unless it has one; `--target Rome` and `--target " Rome"` edit towards the same token.
+        self.target = _continuation(self.target) if str(self.target or "").strip() else str(self.target or "")
+        if self.target_true is not None and str(self.target_true).strip():
+            self.target_true = _continuation(self.target_true)
         if "{}" not in self.prompt and self.subject and self.subject in self.prompt:
             self.prompt = self.prompt.replace(self.subject, "{}", 1)
 
@@ -107,7 +111,7 @@ class EditRequest:
 
 def _continuation(obj: str) -> str:
     obj = str(obj)
-    return obj if obj.startswith(" ") else " " + obj
+    return obj if obj[:1].isspace() else " " + obj
 
 
 def load_requests(path: str | Path) -> list[EditRequest]:
@@ -193,6 +197,8 @@ def render_batch(model, rows: Sequence[tuple[str, EditRequest]], with_target: bo
             raise FfkvError(f"subject {rows[r][1].subject!r} maps to no token of {text!r}", "check the tokenizer")
         subj.append(inside[-1])
         last.append(len(ids) - 1)
+        model.check_length(len(ids) + (len(target_ids(model, rows[r][1])) - 1 if with_target else 0),
+                           what=f"edit prompt {text[:60]!r}" + (" with its target" if with_target else ""))
         if with_target:
             t = target_ids(model, rows[r][1])
             tpos.append([len(ids) - 1 + j for j in range(len(t))])

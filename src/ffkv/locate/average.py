@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ..errors import FfkvError
 from ..io import read_json
 from ..models.model import MemoryModel
-from ._run import Cost
+from ..models.engine import Cost
 from .trace import causal_trace, noise_level
 
 GROUPS = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
-
-def _load(model: str, dtype: str | None, device: str | None):
-    import torch
-
-    import ffkv
-
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    return ffkv.load_model(model, dtype=dtype, device=device)
+from ..clikit import (default_of, emit_json, json_option, layers_option, load_model_from_options, model_options,
+                      parse_layers, predicted_token, quiet_option, show_progress, token_text)
+from ..errors import FfkvError
+from ..io import provenance, write_json
+from ..models.memory_id import MemoryId
+from .average import average_traces, load_known
+from .interventions import ablation_curve, intervention_effects
+from .neurons import knowledge_neurons
+from .plots import plot_ablation, plot_average, plot_trace
+from .trace import causal_trace
 
 
 def _noise(value: str):
@@ -29,141 +30,162 @@ def _noise(value: str):
 @click.argument("model")
 @click.option("--prompt", default=None, help="The factual prompt, e.g. 'The Eiffel Tower is located in'.")
 @click.option("--subject", default=None, help="The subject as written in the prompt (its tokens are corrupted).")
-@click.option("--known", type=click.Path(path_type=Path), default=None,
+@click.option("--known", type=click.Path(exists=True, path_type=Path), default=None,
               help="Instead of one prompt: average over a known_1000-layout file (or a testbed folder).")
-@click.option("--limit", type=int, default=None, help="With --known: the first N records only.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="With --known: the first N records only.")
 @click.option("--kind", type=click.Choice(["hidden", "mlp", "attn", "all"]), default="hidden", show_default=True,
               help="Restore hidden states, MLP outputs or attention outputs (all: the three).")
-@click.option("--answer", default=None, help="Answer to score (default: the model's top prediction, as ROME).")
+@click.option("--answer", default=None,
+              help="Answer to score, e.g. Paris (a leading space is implied: Paris and ' Paris' are one token; "
+                   "default: the model's top prediction, as ROME).")
 @click.option("--noise", default="s3", show_default=True,
               help="s3 (3 x subject-embedding std), a number, uniform or replace.")
-@click.option("--samples", default=10, show_default=True, help="Noise samples.")
-@click.option("--window", default=10, show_default=True, help="Layers restored together for mlp/attn.")
-@click.option("--seed", default=0, show_default=True, help="Noise seed: the same seed gives the same heatmap.")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--samples", type=click.IntRange(min=1), default=10, show_default=True, help="Noise samples.")
+@click.option("--window", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Layers restored together for mlp/attn.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed: the same seed gives the same heatmap.")
+@layers_option(help="Report these layers only, e.g. '0-3,5' (default: all; the trace itself covers every layer).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for trace_<kind>.json and heatmaps (PNG and SVG).")
-@click.option("--dtype", default=None, help="float32 (default), bfloat16, float16.")
-@click.option("--device", default=None, help="cpu, cuda, ...")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def trace(model, prompt, subject, known, limit, kind, answer, noise, samples, window, seed, out, dtype, device,
-          as_json):
+@json_option
+@quiet_option
+@model_options
+def trace(model, prompt, subject, known, limit, kind, answer, noise, samples, window, seed, layers, out, as_json,
+          quiet, **load):
     """Causal tracing (ROME): where in MODEL the fact PROMPT -> answer is recalled.
 
     With --known, traces every record the model answers correctly and averages by ROME's token groups
-    (prompts it gets wrong are skipped and counted).
+    (prompts it gets wrong are skipped and counted). In --json, "peak" is the strongest (token, layer) and
+    "subject_peak" the strongest layer at the subject's last token (what `ffkv edit --layer trace` picks
+    with --kind mlp).
     """
-    from ..errors import FfkvError
-    from ..io import provenance, write_json
-    from .trace import causal_trace
-
     kinds = ["hidden", "mlp", "attn"] if kind == "all" else [kind]
-    if known is not None:
-        return _trace_known(model, known, limit, kinds, noise, samples, window, seed, out, dtype, device, as_json)
-    if not prompt or not subject:
+    if known is None and (not prompt or not subject):
         raise FfkvError("trace needs --prompt and --subject (or --known FILE)",
                         "e.g. ffkv trace gpt2 --prompt 'The Eiffel Tower is in' --subject 'The Eiffel Tower'")
-    mm = _load(model, dtype, device)
-    results = {k: causal_trace(mm, prompt, subject, kind=k, answer=answer, noise=_noise(noise), samples=samples,
+    mm = load_model_from_options(model, **load)
+    shown = parse_layers(layers, mm.n_layers) or list(range(mm.n_layers))
+    if known is not None:
+        return _trace_known(mm, known, limit, kinds, noise, samples, window, seed, shown, out, as_json, quiet)
+    # The one answer rule (MemoryModel.answer_id): "Paris" and " Paris" are the same token.
+    answer_id = mm.answer_id(answer) if answer is not None else predicted_token(mm, prompt)
+    results = {k: causal_trace(mm, prompt, subject, kind=k, answer=answer_id, noise=_noise(noise), samples=samples,
                                window=window, seed=seed) for k in kinds}
     prov = provenance(mm.identity, noise=noise, samples=samples, window=window, seed=seed)
     if out is not None:
-        from .plots import plot_trace
-
         for k, r in results.items():
             write_json(out / f"trace_{k}.json", {**r.to_json(), "provenance": prov})
             for ext in ("png", "svg"):
                 plot_trace(r, out / f"trace_{k}.{ext}")
+    payload = {k: _trace_json(mm, r, shown) for k, r in results.items()}
     if as_json:
-        payload = {k: _trace_json(r) for k, r in results.items()}
         obj = payload[kinds[0]] if len(kinds) == 1 else {"kinds": payload}
-        click.echo(json.dumps({**obj, "provenance": prov}))
+        emit_json({**obj, "provenance": prov})
         return
-    for k, r in results.items():
-        t, l = r.peak()
-        click.echo(f"{k}: answer {r.answer!r}  clean p={r.high_score:.4f}  corrupted p={r.low_score:.4f}  "
-                   f"peak p={r.scores.max():.4f} at token {t} ({r.tokens[t]!r}), layer {l}")
+    for k, d in payload.items():
+        p = d["peak"]
+        click.echo(f"{k}: answer {d['answer']!r}  clean p={d['high_score']:.4f}  corrupted p={d['low_score']:.4f}  "
+                   f"peak p={p['score']:.4f} at token {p['token']} ({d['tokens'][p['token']]!r}), layer {p['layer']}")
 
 
-def _trace_known(model, known, limit, kinds, noise, samples, window, seed, out, dtype, device, as_json):
-    from ..io import provenance, write_json
-    from .average import average_traces, load_known
+def _trace_json(mm, r, shown: list[int]) -> dict:
+    """One trace for output: ``scores`` (tokens, len(layers)) of the shown ``layers``, its peaks."""
+    scores = np.asarray(r.scores)[:, shown]
+    t, j = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    last = r.subject_range[1] - 1
+    js = int(np.argmax(scores[last]))
+    d = r.to_json()
+    out = {key: d[key] for key in ("tokens", "subject_range", "answer_id", "high_score", "low_score", "kind",
+                                    "window", "noise", "noise_level", "samples", "seed", "cost")}
+    return {**out, "answer": token_text(mm, r.answer_id), "layers": shown, "scores": scores.tolist(),
+            "peak": {"token": int(t), "layer": shown[int(j)], "score": float(scores[t, j])},
+            "subject_peak": {"token": last, "layer": shown[js], "score": float(scores[last, js])}}
 
+
+def _trace_known(mm, known, limit, kinds, noise, samples, window, seed, shown, out, as_json, quiet):
     records = load_known(known, limit)
-    mm = _load(model, dtype, device)
     avg = average_traces(mm, records, kinds=kinds, noise=_noise(noise), samples=samples, window=window, seed=seed,
-                         progress=not as_json)
-    payload = {**avg, "provenance": provenance(mm.identity, known=known, limit=limit, noise=noise,
-                                               samples=samples, window=window, seed=seed)}
+                         progress=show_progress(quiet))
+    for k in kinds:
+        avg[k] = {**avg[k], "indirect": [[row[l] for l in shown] for row in avg[k]["indirect"]]}
+    payload = {**avg, "layers": shown, "provenance": provenance(mm.identity, known=known, limit=limit, noise=noise,
+                                                                  samples=samples, window=window, seed=seed)}
     if out is not None:
-        from .plots import plot_average
-
         write_json(out / "average.json", payload)
         for ext in ("png", "svg"):
             plot_average({k: avg[k] for k in kinds}, out / f"average.{ext}")
     if as_json:
-        click.echo(json.dumps(payload))
+        emit_json(payload)
         return
     click.echo(f"{avg['n_records'] - avg['n_skipped']} traced, {avg['n_skipped']} skipped (answered wrongly)")
     for k in kinds:
         for g, row in zip(avg[k]["groups"], avg[k]["indirect"]):
-            l = max(range(len(row)), key=row.__getitem__)
-            click.echo(f"{k:6} {g:24} peak AIE {row[l]:.4f} at layer {l}")
-
-
-def _trace_json(r) -> dict:
-    d = r.to_json()
-    return {key: d[key] for key in ("tokens", "subject_range", "answer", "answer_id", "high_score", "low_score",
-                                    "scores", "kind", "window", "noise", "noise_level", "samples", "seed", "cost")}
+            j = max(range(len(row)), key=row.__getitem__)
+            click.echo(f"{k:6} {g:24} peak AIE {row[j]:.4f} at layer {shown[j]}")
 
 
 @click.command("neurons")
 @click.argument("model")
 @click.option("--prompt", "prompts", multiple=True, required=True,
               help="A prompt of the fact (repeat for paraphrases).")
-@click.option("--answer", required=True, help="The answer, with its leading space: ' Paris'.")
-@click.option("--threshold", default=0.2, show_default=True, help="Coarse filter: fraction of the max attribution.")
-@click.option("--share", default=0.5, show_default=True, help="Keep neurons found in at least this share of prompts.")
-@click.option("--steps", default=20, show_default=True, help="Integrated-gradient steps.")
-@click.option("--method", type=click.Choice(["ig", "screen"]), default="ig", show_default=True,
+@click.option("--answer", required=True,
+              help="The answer, e.g. Paris (a leading space is implied: Paris and ' Paris' are one answer).")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=default_of(knowledge_neurons, "threshold"),
+              show_default=True, help="Coarse filter: fraction of the max attribution.")
+@click.option("--share", type=click.FloatRange(0, 1, min_open=True), default=default_of(knowledge_neurons, "share"),
+              show_default=True, help="Keep neurons found in at least this share of prompts.")
+@click.option("--steps", type=click.IntRange(min=1), default=default_of(knowledge_neurons, "steps"),
+              show_default=True, help="Integrated-gradient steps.")
+@click.option("--max-neurons", type=click.IntRange(min=1), default=None,
+              help="Keep at most this many neurons, strongest first (default: all).")
+@click.option("--method", default=default_of(knowledge_neurons, "method"), show_default=True,
               help="ig: exact integrated gradients on every layer; screen: gradient x activation first.")
+@layers_option(help="Attribute these layers only, e.g. '0-3,5' (default: all).")
 @click.option("--unrelated", "unrelated", multiple=True,
               help="An unrelated fact as 'PROMPT|ANSWER', to check that suppression spares it (repeatable).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write neurons.json (and a figure) here.")
-@click.option("--dtype", default=None)
-@click.option("--device", default=None)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def neurons(model, prompts, answer, threshold, share, steps, method, unrelated, out, dtype, device, as_json):
-    """Knowledge neurons (Dai et al.) of the fact PROMPT -> ANSWER, with suppress / amplify effects."""
-    from ..errors import FfkvError
-    from ..io import provenance, write_json
-    from .interventions import ablation_curve, intervention_effects
-    from .neurons import knowledge_neurons
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write neurons.json (and a figure) here.")
+@json_option
+@quiet_option
+@model_options
+def neurons(model, prompts, answer, threshold, share, steps, max_neurons, method, layers, unrelated, out, as_json,
+            quiet, **load):
+    """Knowledge neurons (Dai et al.) of the fact PROMPT -> ANSWER, with suppress / amplify effects.
 
+    In --json, "memories" lists the neurons as L<layer>.<index> and "answer_id" the answer's token.
+    """
     pairs = []
     for u in unrelated:
         if "|" not in u:
-            raise FfkvError(f"--unrelated {u!r} is not 'PROMPT|ANSWER'", "write it as 'The capital of Peru is| Lima'")
+            raise FfkvError(f"--unrelated {u!r} is not 'PROMPT|ANSWER'", "write it as 'The capital of Peru is|Lima'")
         p, a = u.rsplit("|", 1)
         pairs.append((p, a))
-    mm = _load(model, dtype, device)
-    res = knowledge_neurons(mm, list(prompts), answer, threshold=threshold, share=share, steps=steps, method=method,
-                            progress=not as_json and sys.stderr.isatty())
-    effects = intervention_effects(mm, list(prompts), answer, res.neurons, unrelated=pairs)
-    curve = ablation_curve(mm, list(prompts), answer, res.neurons) if res.neurons else []
-    prov = provenance(mm.identity, threshold=threshold, share=share, steps=steps, method=method)
-    payload = {**res.to_json(), "effects": effects, "ablation_curve": curve, "provenance": prov}
+    mm = load_model_from_options(model, **load)
+    layer_list = parse_layers(layers, mm.n_layers)
+    # The one answer rule (MemoryModel.answer_tokens); an answer of one token is passed as its id, so that
+    # no later tokenization of the text can name another token. Longer answers are teacher-forced as text.
+    ids = mm.answer_tokens(answer)
+    answer_id, target = ids[0], (ids[0] if len(ids) == 1 else answer)
+    limit = {"max_neurons": max_neurons} if max_neurons is not None else {}  # the API's default otherwise
+    res = knowledge_neurons(mm, list(prompts), target, threshold=threshold, share=share, steps=steps, method=method,
+                            layers=layer_list, progress=show_progress(quiet), **limit)
+    effects = intervention_effects(mm, list(prompts), target, res.neurons, unrelated=pairs)
+    curve = ablation_curve(mm, list(prompts), target, res.neurons) if res.neurons else []
+    prov = provenance(mm.identity, threshold=threshold, share=share, steps=steps, method=method, layers=layer_list,
+                      max_neurons=max_neurons)
+    memories = [str(MemoryId(l, i)) for l, i, _ in res.neurons]
+    payload = {**res.to_json(), "answer": answer, "answer_id": answer_id, "answer_token": token_text(mm, answer_id),
+               "memories": memories, "effects": effects, "ablation_curve": curve, "provenance": prov}
     if out is not None:
         write_json(out / "neurons.json", payload)
         if curve:
-            from .plots import plot_ablation
-
             plot_ablation(curve, out / "ablation.png")
     if as_json:
-        click.echo(json.dumps(payload))
+        emit_json(payload)
         return
     click.echo(f"{len(res.neurons)} knowledge neurons for {answer!r} over {len(prompts)} prompt(s):")
-    for l, i, a in res.neurons:
-        click.echo(f"  L{l}.{i}  attribution {a:.4g}")
+    for name, (_, _, a) in zip(memories, res.neurons):
+        click.echo(f"  {name}  attribution {a:.4g}")
     own = effects.get("own", {})
     for op in ("suppress", "amplify"):
         if "found" in own.get(op, {}):

@@ -37,7 +37,7 @@ from ..models.hooks import intervene, switch_memories
 from ..models.model import MemoryModel
 from ..testbed.buckets import BUCKETS, bucket_of, group_by_bucket
 from ..testbed.datasets import load_facts
-from ._run import Cost
+from ..models.engine import Cost
 from .attribution import integrated_gradients, top_memories
 from .average import group_rows
 from .interventions import intervention_effects

@@ -29,10 +29,17 @@ from tqdm import tqdm
 from ..errors import FfkvError
 from ..models.memory_id import MemoryId
 from ..models.model import MemoryModel
-from ._run import Cost
-from .attribution import grad_x_activation, integrated_gradients
+from ..models.engine import Cost
+from .attribution import (DEFAULT_MAX_STEPS, DEFAULT_RULE, DEFAULT_TOL, completeness, grad_x_activation,
+                          integrated_gradients)
+from .interventions import specificity as neuron_specificity
 
 METHODS = ("ig", "screen")
+# Default caps (``ffkv neurons`` shows them in --help): coarse neurons kept per prompt (the largest), and the
+# screen's candidates. Dai et al.'s code tunes the threshold until 2-5 neurons remain; uncapped, a near-flat
+# attribution (a random or undertrained model) passes thousands of memories through ``threshold * max``.
+MAX_NEURONS = 20
+CANDIDATES = 50
 
 
 class Neuron(NamedTuple):
@@ -65,10 +72,22 @@ class NeuronsResult:
     cost: dict = field(default_factory=dict)
     dropped: list[Neuron] = field(default_factory=list)  # removed as common to background facts
     max_neurons: int | None = None
+    rule: str = DEFAULT_RULE
+    completeness: list[list[dict]] = field(default_factory=list)  # per prompt: attribution.completeness(...)
+    specificity: dict | None = None  # interventions.specificity(...) of ``neurons``
 
     @property
     def memories(self) -> list[MemoryId]:
         return [n.memory for n in self.neurons]
+
+    def completeness_error(self, min_change: float = 1e-3) -> dict:
+        """The worst completeness over prompts and layers whose exact change is at least ``min_change``:
+        ``{"max_abs_error", "max_relative_error", "n_paths"}`` (errors None when no path qualifies)."""
+        rows = [c for cs in self.completeness for c in cs if abs(c["exact"]) >= min_change]
+        if not rows:
+            return {"max_abs_error": None, "max_relative_error": None, "n_paths": 0}
+        return {"max_abs_error": max(abs(c["error"]) for c in rows),
+                "max_relative_error": max(c["relative_error"] for c in rows), "n_paths": len(rows)}
 
     def to_json(self) -> dict:
         return {"answer": self.answer, "prompts": self.prompts,
@@ -76,7 +95,9 @@ class NeuronsResult:
                 "memories": [str(m) for m in self.memories],
                 "per_prompt": [[list(n) for n in ns] for ns in self.per_prompt],
                 "threshold": self.threshold, "share": self.share, "steps": self.steps, "method": self.method,
-                "max_neurons": self.max_neurons, "dropped": [list(n) for n in self.dropped], "cost": self.cost}
+                "max_neurons": self.max_neurons, "dropped": [list(n) for n in self.dropped], "rule": self.rule,
+                "completeness": {**self.completeness_error(), "per_prompt": self.completeness},
+                "specificity": self.specificity, "cost": self.cost}
 
 
 def coarse_neurons(attr: torch.Tensor, threshold: float, max_neurons: int | None = None) -> list[Neuron]:
@@ -103,16 +124,21 @@ def shared_neurons(per_prompt: list[list[Neuron]], attrs: list[torch.Tensor], sh
 
 
 def screened_attributions(model: MemoryModel, prompt: str, answer, steps: int, candidates: int, rule: str,
-                          cost: Cost) -> torch.Tensor:
+                          cost: Cost, **ig_options) -> torch.Tensor:
     """Integrated gradients on the layers of the ``candidates`` memories with the largest gradient x
     activation; zero elsewhere. (n_layers, d_ffn)."""
+    return _screened(model, prompt, answer, steps, candidates, rule, cost, **ig_options)[0]
+
+
+def _screened(model, prompt, answer, steps, candidates, rule, cost, **ig_options):
+    """(screened attribution, full IG of the screened layers, those layers)."""
     gxa = grad_x_activation(model, prompt, answer, cost=cost)
     top = gxa.flatten().topk(min(candidates, gxa.numel())).indices
     layers = sorted({MemoryId.from_flat(int(j), model.d_ffn).layer for j in top})
-    ig = integrated_gradients(model, prompt, answer, steps=steps, layers=layers, rule=rule, cost=cost)
+    ig = integrated_gradients(model, prompt, answer, steps=steps, layers=layers, rule=rule, cost=cost, **ig_options)
     keep = torch.zeros_like(ig, dtype=torch.bool).flatten()
     keep[top] = True
-    return ig * keep.reshape(ig.shape)
+    return ig * keep.reshape(ig.shape), ig, layers
 
 
 def _answers(prompts: list[str], answer) -> list:
@@ -126,22 +152,29 @@ def _answers(prompts: list[str], answer) -> list:
 
 def knowledge_neurons(model: MemoryModel, prompts: Sequence[str] | str, answer: str | int | Sequence,
                       threshold: float = 0.2, share: float = 0.5, steps: int = 20, method: str = "ig", layers=None,
-                      rule: str = "left", candidates: int = 50, max_neurons: int | None = None,
+                      rule: str = DEFAULT_RULE, candidates: int = CANDIDATES, max_neurons: int | None = MAX_NEURONS,
                       background: Sequence[tuple[str, str]] | None = None, background_share: float = 0.5,
-                      cost: Cost | None = None, progress: bool = False) -> NeuronsResult:
+                      tol: float = DEFAULT_TOL, max_steps: int = DEFAULT_MAX_STEPS,
+                      unrelated: Sequence[tuple[str, str | int]] = (), check: bool = True, random_trials: int = 3,
+                      seed: int = 0, cost: Cost | None = None, progress: bool = False) -> NeuronsResult:
     """Dai et al.'s knowledge neurons of the fact ``prompts -> answer``: the one implementation in ffkv
     (``ffkv neurons``, ``ffkv edit --method kn``, relation erasing and the ground-truth report call it).
 
     prompts: the fact's paraphrase prompts (one is allowed). answer: text (the model's answer rule), a token
     id, or one of those per prompt (relation erasing: each prompt's own object). threshold: the coarse filter's
     fraction of the per-prompt maximum. share: the fraction of prompts a neuron must be found in (Dai et al.'s
-    p%). steps, layers, rule: of :func:`ffkv.locate.attribution.integrated_gradients`.
-    method: "ig" (exact, every layer) or "screen" (see the module docstring).
-    max_neurons: keep at most this many coarse neurons per prompt, the largest (None: all; Dai et al.'s code
-    instead tunes the threshold until 2-5 remain; the KN edit caps them, 8 by default).
+    p%). steps, layers, rule, tol, max_steps: of :func:`ffkv.locate.attribution.integrated_gradients` (the
+    default quadrature is adaptive, within ``tol`` of exact completeness; ``**DAI_IG`` reproduces Dai et al.).
+    method: "ig" (exact, every layer) or "screen" (see the module docstring; ``candidates`` memories).
+    max_neurons: keep at most this many coarse neurons per prompt, the largest (default :data:`MAX_NEURONS`;
+    None: all; Dai et al.'s code instead tunes the threshold until 2-5 remain; the KN edit uses 8).
     background: optional (prompt, answer) pairs of *other* facts; a neuron that is also a coarse neuron of at
     least ``background_share`` of them is generic (it serves many facts), not this fact's, and is moved to
-    ``dropped`` (an extension, off by default; Dai et al. do not filter). Returns :class:`NeuronsResult`.
+    ``dropped`` (an extension, off by default; Dai et al. do not filter).
+    check: report each prompt's completeness (:func:`ffkv.locate.attribution.completeness`) and the neuron
+    set's specificity (:func:`ffkv.locate.interventions.specificity`: on the fact, on ``unrelated`` (prompt,
+    answer) pairs, and vs ``random_trials`` random layer-matched sets drawn from ``seed``); one forward pass
+    per prompt each. Returns :class:`NeuronsResult`.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -154,24 +187,33 @@ def knowledge_neurons(model: MemoryModel, prompts: Sequence[str] | str, answer: 
         raise FfkvError(f"max_neurons must be at least 1, got {max_neurons}", "pass max_neurons >= 1 or None")
     answers = _answers(prompts, answer)
     cost = cost if cost is not None else Cost()
-    attrs = []
+    ig = {"steps": steps, "rule": rule, "tol": tol, "max_steps": max_steps, "cost": cost}
+    attrs, checks = [], []
     for p, a in tqdm(list(zip(prompts, answers)), desc="attribution", file=sys.stderr, leave=False,
                      disable=not progress):
         if method == "ig":
-            attrs.append(integrated_gradients(model, p, a, steps=steps, layers=layers, rule=rule, cost=cost))
+            full = integrated_gradients(model, p, a, layers=layers, **ig)
+            attrs.append(full)
+            lays = layers
         else:
-            attrs.append(screened_attributions(model, p, a, steps, candidates, rule, cost))
+            screened, full, lays = _screened(model, p, a, steps, candidates, rule, cost, tol=tol,
+                                             max_steps=max_steps)
+            attrs.append(screened)
+        if check:
+            checks.append(completeness(model, p, a, full, layers=lays))
     per_prompt = [coarse_neurons(a, threshold, max_neurons) for a in attrs]
     kept = shared_neurons(per_prompt, attrs, share)
     dropped = []
     if background:
         counts: dict[tuple[int, int], int] = {}
-        for p, a in background:
-            attr = integrated_gradients(model, p, a, steps=steps, layers=layers, rule=rule, cost=cost)
+        for p, a in tqdm(list(background), desc="background", file=sys.stderr, leave=False, disable=not progress):
+            attr = integrated_gradients(model, p, a, layers=layers, **ig)
             for n in coarse_neurons(attr, threshold, max_neurons):
                 counts[n.layer, n.index] = counts.get((n.layer, n.index), 0) + 1
         common = {k for k, c in counts.items() if c >= background_share * len(background) - 1e-9}
         dropped = [n for n in kept if (n.layer, n.index) in common]
         kept = [n for n in kept if (n.layer, n.index) not in common]
+    spec = neuron_specificity(model, list(zip(prompts, answers)), kept, unrelated, random_trials, seed) \
+        if check else None
     return NeuronsResult(answer if not isinstance(answer, tuple) else list(answer), prompts, kept, per_prompt,
-                         threshold, share, steps, method, cost.as_dict(), dropped, max_neurons)
+                         threshold, share, steps, method, cost.as_dict(), dropped, max_neurons, rule, checks, spec)

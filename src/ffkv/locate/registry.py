@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import partial
 
 from ..errors import FfkvError
+from .approx import approx_trace
 from .attribution import locate_attribution
 from .result import LocateResult, Locator, locate_trace
 
@@ -17,6 +18,7 @@ LOCATORS: dict[str, Locator] = {
     "trace-mlp": partial(locate_trace, kind="mlp"),  # ... of MLP outputs (window of layers)
     "trace-attn": partial(locate_trace, kind="attn"),  # ... of attention outputs
     "integrated-gradients": locate_attribution,  # Dai et al.'s attribution, summed over each layer's memories
+    "approx-trace": approx_trace,  # attribution patching of all three kinds, top cells restored exactly
 }
 
 

@@ -67,6 +67,14 @@ class TraceResult:
     seed: int = 0
     cost: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        # The grid is (tokens x layers) floats: a repr that printed it would bury the facts a user looks for.
+        t, l = self.peak()
+        return (f"TraceResult(kind={self.kind!r}, prompt={self.prompt!r}, subject={self.subject!r}, "
+                f"answer={self.answer!r}, p_clean={self.high_score:.4g}, p_corrupted={self.low_score:.4g}, "
+                f"scores={self.scores.shape[0]}x{self.scores.shape[1]} (tokens x layers), "
+                f"peak=(token {t} {self.tokens[t]!r}, layer {l}, p={self.scores[t, l]:.4g}), window={self.window})")
+
     @property
     def indirect_effects(self) -> np.ndarray:
         """``scores - low_score``, (tokens, layers)."""

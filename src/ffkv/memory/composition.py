@@ -2,7 +2,8 @@
 
 Composition (5.1), per layer l and prefix x:
     active memories   A = {i : memory i is active at x}; the share |A| / d_ffn
-    layer prediction  y^l = argmax E o^l,  o^l = sum_i m_i v_i + b  (the FFN output)
+    layer prediction  y^l = argmax E o^l,  o^l = sum_i m_i v_i + b  (the FFN output; in post-norm families
+                      the write N(o^l) that reaches the residual, and v_i read as g ⊙ v_i, see values.py)
     memory prediction y_i = argmax E (m_i v_i) = argmax E v_i if m_i > 0, argmin E v_i if m_i < 0
     zero agreement    y^l differs from y_i for every i in A
 
@@ -10,7 +11,7 @@ Composition (5.1), per layer l and prefix x:
 i.e. the key's pre-activation is positive (GELU(z) > 0 iff z > 0); gated FFNs -> the gate pre-activation
 ``k_i . x > 0`` (read from the FFN input). ``active_threshold=t`` replaces all of these by ``|m_i| > t``.
 
-Refinement (5.2), per layer: the residual before the FFN r^l = resid_post^l - o^l and the layer output
+Refinement (5.2), per layer: the residual before the FFN r^l = resid_post^l - o^l (o^l the write) and the layer output
 r^l + o^l are read through the logit lens (final norm, then E); with Y the model's final prediction:
     residual-is-output  argmax E r^l == Y
     cases  residual     top(r+o) == top(r) != top(o)
@@ -26,7 +27,7 @@ import torch
 
 from ..models.hooks import intervene
 from .corpus import CorpusSpec, iter_units
-from .mining import batches, encode_units
+from .miner import batches, encode_units
 from .patterns import is_stop_token
 from .values import value_logits
 
@@ -108,7 +109,8 @@ def composition_and_refinement(model, units: list, norm: bool = False, active_th
         final = logits.reshape(-1, logits.shape[-1])[sel].argmax(-1)
         for l in range(L):
             take = lambda s: rec[s, l].reshape(-1, rec[s, l].shape[-1])[sel]  # noqa: E731
-            m, o, y = take("coef").float(), take("ffn_out"), take("resid_post")
+            m, y = take("coef").float(), take("resid_post")
+            o = model.write_from_ffn_out(l, take("ffn_out"))  # what the FFN added to the residual
             if active_threshold is not None:
                 active = m.abs() > active_threshold
             elif rules[l] == "nonzero":

@@ -14,6 +14,7 @@ import json
 import numpy as np
 
 from ..io import atomic_path, write_text
+from ..models.memory_id import MemoryId
 from .analysis import STEPS, analyze
 from .atlas import Atlas
 from .values import decode_tokens
@@ -195,9 +196,10 @@ def sample_memories(atlas: Atlas, per_layer: int = 2, n_triggers: int = 5, seed:
     out = []
     for l in range(atlas.n_layers):
         for i in sorted(rng.choice(atlas.d_ffn, size=min(per_layer, atlas.d_ffn), replace=False).tolist()):
-            row = {"memory": f"L{l}.{i}", "triggers": atlas.memory_triggers(l, i, n=n_triggers, tokenizer=tok)}
+            mid = MemoryId(l, i)
+            row = {"memory": str(mid), "triggers": atlas.memory_triggers(l, i, n=n_triggers, tokenizer=tok)}
             if vt is not None:
-                r = vt.slice(l * atlas.d_ffn + i, 1).to_pylist()[0]
+                r = vt.slice(mid.flat(atlas.d_ffn), 1).to_pylist()[0]
                 row["top_tokens"] = decode_tokens(tok, r["top_ids"][:8])
                 row["max_p"] = r["max_p"]
             out.append(row)
@@ -242,11 +244,11 @@ def memory_index(atlas: Atlas, n_triggers: int = INDEX_TRIGGERS, context: int = 
         ctx, full, nxt = dec(ctx_ids), dec([c + f for c, f in zip(ctx_ids, fire_ids)]), dec(next_ids)
         # the firing token as it reads after its context (word tokenizers join with a space)
         fire = [w[len(c):] if w.startswith(c) else f for w, c, f in zip(full, ctx, dec(fire_ids))]
-        layer_rows = [{"m": f"L{l}.{i}", "t": []} for i in range(atlas.d_ffn)]
+        layer_rows = [{"m": str(MemoryId(l, i)), "t": []} for i in range(atlas.d_ffn)]
         for (i, coef), c, f, n in zip(where, ctx, fire, nxt):
             layer_rows[i]["t"].append([c, f, n, round(coef, 4)])
         if vrows is not None:
-            base = l * atlas.d_ffn
+            base = MemoryId(l, 0).flat(atlas.d_ffn)
             top = vrows["top_ids"][base: base + atlas.d_ffn]
             flat = [ids[:n_tokens] for ids in top]
             words = [dec([[t] for t in ids]) for ids in flat] if tok is not None else flat

@@ -2,6 +2,10 @@
 
     o^l = sum_i m_i^l v_i^l (+ b^l)         sub-update i:  m_i v_i,  ranked by  |m_i| * ||v_i||
 
+In post-norm families (Gemma-2/3, OLMo-2) the layer writes ``N(o^l)`` into the residual; ``v_i`` is then read
+as it writes, ``g ⊙ v_i`` (:meth:`MemoryModel.write_values`), and the layer's own top tokens are those of the
+write ``N(o^l)`` (:meth:`MemoryModel.write_from_ffn_out`).
+
 Each sub-update is read through the vocabulary: ``E (m_i v_i)`` promotes the top tokens of ``E v_i``
 when ``m_i > 0`` and its bottom tokens when ``m_i < 0``. Memories can be switched off (``m_i = 0``) or
 forced on (``m_i = value``) at chosen positions or everywhere, also during generation, and the change
@@ -16,6 +20,7 @@ import torch
 
 from ..errors import FfkvError
 from ..models.hooks import intervene, switch_memories
+from ..models.memory_id import MemoryId
 from .values import value_logits
 
 
@@ -49,15 +54,16 @@ def sub_updates(model, prompt: str, top_n: int = 10, value_top: int = 5, positio
            "layers": []}
     for l in layers:
         m = rec["coef", l][0, pos].float()
-        vnorm = model.values(l).float().norm(dim=0)
+        vnorm = model.write_values(l).float().norm(dim=0)
         score = m.abs() * vnorm
         best = score.topk(min(top_n, score.numel()))
         lg = value_logits(model, l, best.indices, norm=norm)
         signed = lg * torch.sign(m[best.indices])[:, None]
-        ffn_top = model.unembed(rec["ffn_out", l][0, pos], norm=norm).float().topk(value_top).indices
+        write = model.write_from_ffn_out(l, rec["ffn_out", l][0, pos])
+        ffn_top = model.unembed(write, norm=norm).float().topk(value_top).indices
         out["layers"].append({
             "layer": l, "ffn_top_tokens": _decode(tok, ffn_top),
-            "sub_updates": [{"memory": f"L{l}.{i}", "layer": l, "index": i, "coef": float(m[i]),
+            "sub_updates": [{"memory": str(MemoryId(l, i)), "layer": l, "index": i, "coef": float(m[i]),
                              "value_norm": float(vnorm[i]), "score": float(s),
                              "promotes": _decode(tok, signed[j].topk(value_top).indices)}
                             for j, (s, i) in enumerate(zip(best.values.tolist(), best.indices.tolist()))],
@@ -65,22 +71,29 @@ def sub_updates(model, prompt: str, top_n: int = 10, value_top: int = 5, positio
     return out
 
 
+def _off_items(off) -> list[MemoryId]:
+    return [MemoryId.parse(x) for x in off]
+
+
+def _on_items(on) -> list[tuple[MemoryId, float]]:
+    """``(layer, index, value)`` or ``(memory, value)`` (memory a MemoryId, ``"L3.17"`` or ``(3, 17)``)."""
+    return [(MemoryId(x[0], x[1]), float(x[2])) if len(x) == 3 else (MemoryId.parse(x[0]), float(x[1])) for x in on]
+
+
 def memory_interventions(off: Sequence = (), on: Sequence = (), positions=None) -> list:
-    """Interventions for ``off=[(layer, index), ...]`` and ``on=[(layer, index, value), ...]``."""
+    """Interventions for ``off=[memory, ...]`` and ``on=[(layer, index, value) | (memory, value), ...]``;
+    a memory is a :class:`MemoryId`, ``"L3.17"`` or ``(3, 17)``."""
     edits = []
-    for l, i in off:
-        edits.append(switch_memories(l, [i], None, positions))
-    for l, i, v in on:
-        edits.append(switch_memories(l, [i], float(v), positions))
+    for mid in _off_items(off):
+        edits.append(switch_memories(mid.layer, [mid.index], None, positions))
+    for mid, v in _on_items(on):
+        edits.append(switch_memories(mid.layer, [mid.index], v, positions))
     return edits
 
 
 def _check(model, off, on):
-    for item in list(off) + [x[:2] for x in on]:
-        l, i = item
-        model.check_layer(l)
-        if not 0 <= i < model.d_ffn:
-            raise FfkvError(f"memory index {i} is out of range (d_ffn = {model.d_ffn})", f"use 0..{model.d_ffn - 1}")
+    for mid in _off_items(off) + [m for m, _ in _on_items(on)]:
+        MemoryId(model.check_layer(mid.layer), mid.index, mid.expert).check(model.n_layers, model.d_ffn)
 
 
 @torch.no_grad()
@@ -104,7 +117,7 @@ def switch_effect(model, prompt: str, off: Sequence = (), on: Sequence = (), pos
         return [{"token": s, "p": v} for s, v in zip(_decode(tok, t.indices), t.values.tolist())]
 
     up, down = delta.topk(top), (-delta).topk(top)
-    return {"prompt": prompt, "off": [f"L{l}.{i}" for l, i in off], "on": [f"L{l}.{i}={v}" for l, i, v in on],
+    return {"prompt": prompt, "off": [str(m) for m in _off_items(off)], "on": [f"{m}={v}" for m, v in _on_items(on)],
             "before": tops(before), "after": tops(after), "kl": kl,
             "increased": [{"token": s, "delta": v} for s, v in zip(_decode(tok, up.indices), up.values.tolist())],
             "decreased": [{"token": s, "delta": -v} for s, v in zip(_decode(tok, down.indices), down.values.tolist())]}

@@ -5,7 +5,13 @@ Each value v_i^l (a column of W_out) is read as a distribution over the vocabula
     p_i^l = softmax(E v_i^l)          or, with the final norm,  softmax(E ln_f(v_i^l))
 
 (``norm`` is an explicit option: the paper projects raw values). Projections are computed ``chunk`` values
-at a time, so a ``d_ffn x vocab`` matrix never exists for more than one chunk of one layer.
+at a time, so a ``d_ffn x vocab`` matrix never exists for more than one chunk of one layer. ``E`` is the
+family's real head (:meth:`MemoryModel.unembed`: logit scaling and soft-capping included).
+
+Post-norm families (Gemma-2/3, OLMo-2) write ``N(sum_i m_i v_i + b)`` into the residual, so a value's
+effect on the residual is ``g ⊙ v_i`` (``g`` the post-FFN norm's gain, up to a positive per-token scale):
+every projection here reads :meth:`MemoryModel.write_values`, which is ``W_out`` itself elsewhere, and
+``value_norm`` is the norm of that vector.
 
 Agreement (section 4): how often the top token of p_i^l equals the next token of key i's top
 trigger prefix, per layer, against a random baseline that pairs each value with another key's trigger
@@ -18,12 +24,15 @@ import numpy as np
 import torch
 
 from ..errors import FfkvError
+from ..models.memory_id import MemoryId
 
 
 @torch.no_grad()
 def value_logits(model, layer: int, indices=None, norm: bool = False) -> torch.Tensor:
-    """``E v_i`` (or ``E ln_f(v_i)``) for the chosen values of a layer: (n, vocab) float32."""
-    V = model.values(layer).T  # (d_ffn, d_model) view
+    """``E v_i`` (or ``E ln_f(v_i)``) for the chosen values of a layer: (n, vocab) float32.
+
+    ``v_i`` is the value as it writes into the residual (``g ⊙ v_i`` in post-norm families)."""
+    V = model.write_values(layer).T  # (d_ffn, d_model); a view of W_out where there is no post norm
     if indices is not None:
         V = V[torch.as_tensor(indices, device=V.device, dtype=torch.long)]
     return model.unembed(V, norm=norm).float()
@@ -45,7 +54,7 @@ def project_values(model, layer: int, norm: bool = False, top_n: int = 10, chunk
            "bottom_ids": np.zeros((d, top_n), np.int64), "max_p": np.zeros(d, np.float32),
            "lse": np.zeros(d, np.float32), "value_norm": np.zeros(d, np.float32),
            "target_rank": np.full(d, -1, np.int64)}
-    norms = model.values(layer).float().norm(dim=0).cpu().numpy()
+    norms = model.write_values(layer).float().norm(dim=0).cpu().numpy()
     out["value_norm"][:] = norms
     for s in range(0, d, chunk):
         idx = torch.arange(s, min(s + chunk, d))
@@ -187,7 +196,7 @@ def promotes(model, token: str | int, n: int = 20, norm: bool = False, layers=No
             r_parts.append((logits > lt[:, None]).sum(1).cpu())
         p, rank = torch.cat(p_parts), torch.cat(r_parts)
         best = p.topk(min(n, p.numel()))
-        rows += [{"memory": f"L{l}.{i}", "layer": l, "index": i, "p": pi, "rank": int(rank[i])}
+        rows += [{"memory": str(MemoryId(l, i)), "layer": l, "index": i, "p": pi, "rank": int(rank[i])}
                  for pi, i in zip(best.values.tolist(), best.indices.tolist())]
     rows.sort(key=lambda r: (-r["p"], r["layer"], r["index"]))
     return rows[:n]
@@ -195,7 +204,7 @@ def promotes(model, token: str | int, n: int = 20, norm: bool = False, layers=No
 
 @torch.no_grad()
 def nearest_values(model, vector: torch.Tensor, n: int = 20, layers=None) -> list[dict]:
-    """Memories whose values are closest (cosine) to ``vector`` (d_model,), over all layers."""
+    """Memories whose values (as they write into the residual) are closest (cosine) to ``vector`` (d_model,)."""
     vec = torch.as_tensor(vector, dtype=torch.float32).reshape(-1).to(model.device)
     if vec.numel() != model.d_model:
         raise FfkvError(f"vector has {vec.numel()} dimensions, the model's residual has {model.d_model}",
@@ -203,10 +212,10 @@ def nearest_values(model, vector: torch.Tensor, n: int = 20, layers=None) -> lis
     vec = vec / vec.norm().clamp_min(1e-12)
     rows = []
     for l in (range(model.n_layers) if layers is None else layers):
-        V = model.values(l).float()  # (d_model, d_ffn)
+        V = model.write_values(l).float()  # (d_model, d_ffn)
         cos = (vec @ V) / V.norm(dim=0).clamp_min(1e-12)
         best = cos.topk(min(n, cos.numel()))
-        rows += [{"memory": f"L{l}.{i}", "layer": l, "index": i, "cosine": c}
+        rows += [{"memory": str(MemoryId(l, i)), "layer": l, "index": i, "cosine": c}
                  for c, i in zip(best.values.tolist(), best.indices.tolist())]
     rows.sort(key=lambda r: -r["cosine"])
     return rows[:n]

@@ -10,52 +10,29 @@ A spec names, relative to the model root or to one decoder layer, the modules th
 the activation, the norms, the final norm and the unembedding. The memory coefficient is, for every
 family, the *input of the ``W_out`` module*, so reading it is a pre-hook on that module.
 
-Specs are data; :func:`ffkv.models.check.check_adapter` verifies them against the real model on load.
+The spec also owns *where the memory writes into the residual stream*. For most families the write is
+the output of ``W_out``; families that normalise the FFN output (Gemma-2/3, OLMo-2) add
+
+    write = post_ffn_norm(W_out m + b)          to the residual,
+
+and sandwich-norm families normalise the attention output the same way (``post_attn_norm``). Every layer
+of every family satisfies ``resid_post = resid_pre + attn_write + ffn_write`` (sequential and parallel
+residuals alike), which the load-time check verifies. The head is owned here too: final norm, optional
+final projection, unembedding, then the family's logit scaling and final soft-capping.
+
+Specs are data: hand-written below for the families ffkv names, inferred from the module structure
+(:mod:`ffkv.models.infer`) for the rest; :func:`ffkv.models.check.check_adapter` verifies either on load.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from transformers import CONFIG_MAPPING
 
 from ..errors import UnsupportedArchitecture
+from .infer import infer_spec, meta_model
+from .spec import ArchSpec, get_path
 
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where a family keeps its layers, keys, values, norms and unembedding.
-
-    Paths are dotted attribute paths. ``layers``, ``embed``, ``pos_embed``, ``final_norm``,
-    ``final_proj`` and ``unembed`` are relative to the ``*ForCausalLM`` module; the rest are relative
-    to one decoder layer (``""`` is the layer itself).
-    """
-
-    family: str
-    model_types: tuple[str, ...]
-    layers: str
-    embed: str
-    unembed: str
-    final_norm: str | None
-    attn: str
-    mlp: str  # module whose input is the FFN input x (after the pre-FFN norm)
-    key: str  # W_in (non-gated) or W_gate (gated); for fused gate_up, the fused module
-    value: str  # W_out
-    act: str  # activation module applied to W_in x (or W_gate x)
-    up: str | None = None  # W_up for gated FFNs with separate projections
-    fused_gate_up: bool = False  # Phi-3: one module computes [gate; up]
-    conv1d: bool = False  # GPT-2's Conv1D stores weights as (in, out): transposed w.r.t. nn.Linear
-    pre_attn_norm: str | None = None
-    pre_ffn_norm: str | None = None  # None when attention and FFN read the same normed input
-    post_attn_norm: str | None = None  # sandwich norms (applied to sub-block outputs)
-    post_ffn_norm: str | None = None
-    pos_embed: str | None = None
-    final_proj: str | None = None  # OPT-350m projects out of d_model before the unembedding
-    parallel: bool = False  # attention and FFN read the same residual (GPT-J, NeoX, Falcon)
-    notes: str = ""
-    d_ffn_keys: tuple[str, ...] = field(default=("intermediate_size", "n_inner", "ffn_dim"))
-
-    @property
-    def gated(self) -> bool:
-        return self.up is not None or self.fused_gate_up
+__all__ = ["ArchSpec", "SPECS", "get_path", "get_spec", "hand_written_spec", "spec_for", "supported_model_types"]
 
 
 _GPT2_LIKE = dict(
@@ -93,7 +70,8 @@ SPECS: tuple[ArchSpec, ...] = (
              embed="transformer.word_embeddings", unembed="lm_head", final_norm="transformer.ln_f",
              attn="self_attention", mlp="mlp", key="mlp.dense_h_to_4h", value="mlp.dense_4h_to_h",
              act="mlp.gelu_impl", pre_attn_norm="input_layernorm", pre_ffn_norm="post_attention_layernorm",
-             notes="BloomMLP adds the residual itself; the FFN output is W_out's output"),
+             attn_adds_residual=True,
+             notes="BloomAttention and BloomMLP add the residual themselves; the FFN output is W_out's output"),
     ArchSpec(family="falcon", model_types=("falcon",), layers="transformer.h",
              embed="transformer.word_embeddings", unembed="lm_head", final_norm="transformer.ln_f",
              attn="self_attention", mlp="mlp", key="mlp.dense_h_to_4h", value="mlp.dense_4h_to_h",
@@ -103,6 +81,23 @@ SPECS: tuple[ArchSpec, ...] = (
     ArchSpec(family="qwen2", model_types=("qwen2",), **_LLAMA_LIKE),
     ArchSpec(family="gemma", model_types=("gemma",), **_LLAMA_LIKE,
              notes="embeddings scaled by sqrt(d_model); RMSNorm weight is (1 + w)"),
+    ArchSpec(family="qwen3", model_types=("qwen3",), **_LLAMA_LIKE, notes="RMSNorm on queries and keys"),
+    ArchSpec(family="gemma2", model_types=("gemma2",), **{**_LLAMA_LIKE, "pre_ffn_norm": "pre_feedforward_layernorm"},
+             post_attn_norm="post_attention_layernorm", post_ffn_norm="post_feedforward_layernorm",
+             softcap="final_logit_softcapping",
+             notes="sandwich norms: the FFN writes post_feedforward_layernorm(W_out m); final logit soft-capping"),
+    ArchSpec(family="gemma3", model_types=("gemma3_text",),
+             **{**_LLAMA_LIKE, "pre_ffn_norm": "pre_feedforward_layernorm"},
+             post_attn_norm="post_attention_layernorm", post_ffn_norm="post_feedforward_layernorm",
+             softcap="final_logit_softcapping",
+             notes="sandwich norms like Gemma-2; soft-capping when the config sets it"),
+    ArchSpec(family="olmo2", model_types=("olmo2",), **{**_LLAMA_LIKE, "pre_attn_norm": None, "pre_ffn_norm": None},
+             post_attn_norm="post_attention_layernorm", post_ffn_norm="post_feedforward_layernorm",
+             notes="no pre-norms: the FFN reads the raw residual and writes post_feedforward_layernorm(W_out m)"),
+    ArchSpec(family="phi", model_types=("phi",), layers="model.layers", embed="model.embed_tokens",
+             unembed="lm_head", final_norm="model.final_layernorm", attn="self_attn", mlp="mlp", key="mlp.fc1",
+             value="mlp.fc2", act="mlp.activation_fn", pre_attn_norm="input_layernorm", parallel=True,
+             notes="Phi-1/1.5/2: parallel attention and FFN on one LayerNorm"),
     ArchSpec(family="phi3", model_types=("phi3",), layers="model.layers", embed="model.embed_tokens",
              unembed="lm_head", final_norm="model.norm", attn="self_attn", mlp="mlp",
              key="mlp.gate_up_proj", fused_gate_up=True, value="mlp.down_proj", act="mlp.activation_fn",
@@ -114,28 +109,41 @@ _BY_TYPE = {t: s for s in SPECS for t in s.model_types}
 
 
 def supported_model_types() -> list[str]:
+    """The model types with a hand-written spec (every other decoder family is inferred)."""
     return sorted(_BY_TYPE)
 
 
-def get_spec(model_type_or_config) -> ArchSpec:
-    """The spec for a ``config.model_type`` (or a config); one clear error for anything else."""
+def hand_written_spec(model_type: str) -> ArchSpec | None:
+    """The hand-written spec of a model type, or None (then :mod:`ffkv.models.infer` infers one)."""
+    return _BY_TYPE.get(model_type)
+
+
+def get_spec(model_type_or_config, trust_remote_code: bool = False) -> ArchSpec:
+    """The spec of a config (or a model type): hand-written, else inferred from the module structure of a
+    ``meta``-device build (no weights). Unreadable families are one :class:`~ffkv.models.infer.Refusal`
+    line naming why; an unknown model type is one :class:`UnsupportedArchitecture` line.
+
+    The inferred spec is accepted only by the load-time check, which needs weights:
+    :func:`ffkv.load_model` and :func:`ffkv.models.loading.from_hf` run it.
+    """
     mt = getattr(model_type_or_config, "model_type", model_type_or_config)
     spec = _BY_TYPE.get(mt)
-    if spec is None:
-        raise UnsupportedArchitecture(
-            f"architecture '{mt}' is not supported by ffkv",
-            f"supported model types: {', '.join(supported_model_types())}",
-        )
-    return spec
+    if spec is not None:
+        return spec
+    config = model_type_or_config
+    if isinstance(config, str):
+        if config not in CONFIG_MAPPING:
+            raise UnsupportedArchitecture(
+                f"architecture '{mt}' is not supported by ffkv: transformers does not know it",
+                f"hand-written model types: {', '.join(supported_model_types())}; other decoder families are "
+                "inferred from transformers' module structure",
+            )
+        config = CONFIG_MAPPING[config]()
+    return infer_spec(meta_model(config, trust_remote_code))
 
 
-def get_path(root, path: str | None):
-    """Follow a dotted path (``""`` is ``root`` itself); ``None`` when any step is missing."""
-    if path is None:
-        return None
-    obj = root
-    for part in filter(None, path.split(".")):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+def spec_for(hf_model) -> ArchSpec:
+    """The spec of a built model: hand-written for its model type, else inferred from its modules."""
+    return _BY_TYPE.get(hf_model.config.model_type) or infer_spec(hf_model)
+
+

@@ -10,16 +10,13 @@ from collections import Counter
 
 import torch
 
-from .adapters import get_path, get_spec
+from .adapters import get_path, spec_for
+from .infer import meta_model
+from .loading import load_config
+from .model import MemoryModel
+from .moe import MoEModel, is_moe, moe_census
 
 COMPONENTS = ("embeddings", "attention", "ffn", "norms", "unembedding", "other")
-
-
-def _meta_model(config):
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def census(config_or_model) -> dict:
@@ -29,19 +26,21 @@ def census(config_or_model) -> dict:
     including the shipped configs such as ``llama-2-7b``), a :class:`MemoryModel` or an HF model.
     Returns ``{total_params, ffn_params, ffn_share, memory_slots, n_layers, d_ffn, gated,
     ffn_matrices, components: {embeddings, attention, ffn, norms, unembedding, other}, per_layer}``.
+    A mixture-of-experts model or config gets :func:`ffkv.models.moe.moe_census` (memory slots by expert),
+    with ``d_ffn`` = an expert's width.
     """
-    from .loading import load_config
-    from .model import MemoryModel
-
+    if isinstance(config_or_model, MoEModel) or (not isinstance(config_or_model, (str, MemoryModel, torch.nn.Module))
+                                                  and is_moe(config_or_model)):
+        out = moe_census(config_or_model)
+        return {**out, "d_ffn": out.get("d_expert")}
     if isinstance(config_or_model, MemoryModel):
         hf = config_or_model.hf
     elif isinstance(config_or_model, torch.nn.Module):
         hf = config_or_model
     else:
         config = load_config(config_or_model) if isinstance(config_or_model, str) else config_or_model
-        get_spec(config)
-        hf = _meta_model(config)
-    spec = get_spec(hf.config)
+        hf = meta_model(config)
+    spec = config_or_model.spec if isinstance(config_or_model, MemoryModel) else spec_for(hf)
     layers = get_path(hf, spec.layers)
     layer_prefix = spec.layers + "."
     ffn_paths = {p for p in (spec.mlp, spec.key, spec.up, spec.value) if p is not None}

@@ -1,12 +1,18 @@
 """Check an adapter spec against the real model.
 
-For every layer, on a random input, the spec must reproduce what the model computes:
+For every layer, on one random input, the spec must reproduce what the model computes:
 
-    m_spec  = act(W_in x + b_in) [* (W_up x + b_up)]      == input of W_out   (the coefficients)
-    ffn     = sum_i m_i v_i + b = W_out m + b             == output of W_out  (the FFN output)
+    m_spec  = act(W_in x + b_in) [* (W_up x + b_up)]       == input of W_out         (the coefficients)
+    ffn     = sum_i m_i v_i + b = W_out m + b              == output of W_out        (the FFN output)
+    write   = post_ffn_norm(sum_i m_i v_i + b)             == what the FFN writes    (identity norm if none)
+    resid_post == resid_pre + attn_write + write                                    (the residual stream)
 
-where x is the FFN input the model actually fed its key projection. A mismatch means the spec names the
-wrong module, orientation, activation or gate, and is an error naming the family and layer.
+where x is the FFN input the model actually fed its key projection and ``attn_write`` is the attention
+output (through the post-attention norm of sandwich-norm families). The residual identity holds for
+sequential and parallel residuals alike, so a spec that forgets a post-FFN norm (Gemma-2 without
+``post_feedforward_layernorm``) fails it. Finally the head: ``model.unembed`` of the last layer's output
+must equal the model's logits (final norm, unembedding, logit scaling and soft-capping). A mismatch is
+an :class:`~ffkv.errors.AdapterCheckFailed` naming the family, the layer and what differs.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import AdapterCheckFailed
-from .hooks import intervene
+from .hooks import SITES, intervene
 from .model import MemoryModel
+
+# The "ffn_write" hook site reads the write directly where the engine offers it.
+_WRITE_SITE = "ffn_write" in SITES
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -24,43 +33,87 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 @torch.no_grad()
 def check_adapter(model: MemoryModel, seq_len: int = 8, seed: int = 0, raise_on_fail: bool = True) -> dict:
-    """Run one random sequence and compare the spec's coefficients and FFN output with the model's.
+    """Run one random sequence and compare the spec's coefficients, FFN output, write, residual and head
+    with the model's.
 
-    Returns ``{"passed", "max_abs_error", "relative_tolerance", "layers": [{layer, coef_error, ffn_error}]}``;
-    a layer passes when its absolute error is within the tolerance times the compared tensor's scale
-    (max |.|, at least 1).
+    Returns ``{"passed", "max_abs_error", "relative_tolerance", "head_error", "failure", "layers":
+    [{layer, coef_error, ffn_error, write_error, resid_error}]}``; a quantity passes when its absolute
+    error is within the tolerance times the compared tensor's scale (max |.|, at least 1). ``failure`` is
+    None or the one-line reason of the first mismatch ("layer L: ...", "head: ...").
     """
     g = torch.Generator().manual_seed(seed)
-    vocab = min(model.vocab_size, getattr(model.config, "vocab_size", model.vocab_size))
+    vocab = min(model.vocab_size, getattr(model.text_config, "vocab_size", None) or model.vocab_size)
     ids = torch.randint(0, vocab, (1, seq_len), generator=g).to(model.device)
-    reads = [(site, l) for l in range(model.n_layers) for site in ("ffn_in", "coef", "ffn_out")]
+    sites = ["ffn_in", "coef", "ffn_out", "resid_pre", "resid_post", "attn_out"]
+    if _WRITE_SITE:
+        sites.append("ffn_write")
+    reads = [(site, l) for l in range(model.n_layers) for site in sites]
     with intervene(model, reads=reads) as rec:
-        model.hf(input_ids=ids)
+        logits = model.hf(input_ids=ids).logits
     tol = _tolerance(model.dtype)
-    rows, worst, passed = [], 0.0, True
+    rows, worst, failure = [], 0.0, None
     for l in range(model.n_layers):
-        x, m, out = rec["ffn_in", l], rec["coef", l], rec["ffn_out", l]
-        try:
-            coef_err, coef_scale = _abs_err(model.coefficients_from_input(l, x), m)
-            ffn_err, ffn_scale = _abs_err(model.ffn_output_from_coefficients(l, m), out)
-        except RuntimeError:  # shapes disagree: the spec names the wrong modules or gate layout
-            coef_err = ffn_err = float("inf")
-            coef_scale = ffn_scale = 1.0
-        rows.append({"layer": l, "coef_error": coef_err, "ffn_error": ffn_err})
-        worst = max(worst, coef_err, ffn_err)
-        bad = coef_err > tol * coef_scale or ffn_err > tol * ffn_scale
-        passed = passed and not bad
-        if raise_on_fail and bad:
-            which = "memory coefficients" if coef_err > tol else "FFN output sum_i m_i v_i + b"
-            raise AdapterCheckFailed(
-                f"adapter check failed for family '{model.family}' at layer {l}: the spec's {which} "
-                f"differ from the model's by {max(coef_err, ffn_err):.3g} (relative tolerance {tol:g})",
-                "the model's FFN does not match ffkv's spec for this family; please report the model",
-            )
-    return {"passed": passed, "max_abs_error": worst, "relative_tolerance": tol, "layers": rows}
+        errs = _layer_errors(model, l, rec)
+        rows.append({"layer": l, **{k: e for k, (e, _) in errs.items()}})
+        worst = max([worst] + [e for e, _ in errs.values()])
+        bad = next((k for k, (e, scale) in errs.items() if not e <= tol * scale), None)
+        if bad is not None and failure is None:
+            failure = f"layer {l}: {_WHAT[bad]} differ from the model's by {errs[bad][0]:.3g}"
+    head_err, head_scale = _safe_err(lambda: (model.unembed(rec["resid_post", model.n_layers - 1]), logits))
+    worst = max(worst, head_err)
+    if failure is None and not head_err <= tol * head_scale:
+        failure = (f"head: unembed(last residual) differs from the model's logits by {head_err:.3g} (final norm, "
+                   "unembedding, logit scaling or soft-capping)")
+    if failure is not None and raise_on_fail:
+        raise AdapterCheckFailed(
+            f"adapter check failed for family '{model.family}' at {failure} (relative tolerance {tol:g})",
+            "the model does not match ffkv's spec for this family; please report the model type",
+        )
+    return {"passed": failure is None, "max_abs_error": worst, "relative_tolerance": tol, "head_error": head_err,
+            "failure": failure, "layers": rows}
+
+
+_WHAT = {
+    "coef_error": "the spec's memory coefficients",
+    "ffn_error": "the spec's FFN output sum_i m_i v_i + b",
+    "write_error": "the spec's write post_ffn_norm(sum_i m_i v_i + b)",
+    "resid_error": "resid_pre + attn_write + ffn_write (the residual after the layer)",
+}
+
+
+def _layer_errors(model: MemoryModel, l: int, rec) -> dict[str, tuple[float, float]]:
+    x, m, out = rec["ffn_in", l], rec["coef", l], rec["ffn_out", l]
+    errs = {
+        "coef_error": _safe_err(lambda: (model.coefficients_from_input(l, x), m)),
+        "ffn_error": _safe_err(lambda: (model.ffn_output_from_coefficients(l, m), out)),
+    }
+    write = _safe(lambda: model.write_from_ffn_out(l, model.ffn_output_from_coefficients(l, m)))
+    if _WRITE_SITE:
+        errs["write_error"] = _safe_err(lambda: (write, model.residual_scale * rec["ffn_write", l]))
+    else:  # without the site, the write the spec computes from the recorded W_out output
+        errs["write_error"] = _safe_err(lambda: (write, model.write_from_ffn_out(l, out)))
+    errs["resid_error"] = _safe_err(lambda: (
+        rec["resid_pre", l] + model.attn_write_from_attn_out(l, rec["attn_out", l], rec["resid_pre", l]) + write,
+        rec["resid_post", l]))
+    return errs
+
+
+def _safe(fn):
+    try:
+        return fn()
+    except (RuntimeError, TypeError, ValueError, IndexError):  # shapes disagree: the spec names wrong modules
+        return None
+
+
+def _safe_err(pair_fn) -> tuple[float, float]:
+    pair = _safe(pair_fn)
+    if pair is None or pair[0] is None or not torch.is_tensor(pair[0]) or pair[0].shape != pair[1].shape:
+        return float("inf"), 1.0
+    return _abs_err(*pair)
 
 
 def _abs_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """Max absolute difference, and the scale (max |b|, at least 1) the tolerance is relative to."""
     a, b = a.double(), b.double()
-    return (a - b).abs().max().item(), max(1.0, b.abs().max().item())
+    err = (a - b).abs().max().item()
+    return (err if err == err else float("inf")), max(1.0, b.abs().max().item())

@@ -2,47 +2,31 @@
 
 from __future__ import annotations
 
-import json
-
 import click
+from rich.console import Console
+from rich.table import Table
 
-
-def model_options(f):
-    """Options every command that loads a model shares."""
-    f = click.option("--dtype", default=None, help="float32 (default), bfloat16, float16 or auto.")(f)
-    f = click.option("--device", default=None, help="cpu, cuda, cuda:1, mps ...")(f)
-    f = click.option("--device-map", default=None, help="Passed to from_pretrained, e.g. 'auto'.")(f)
-    f = click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own code.")(f)
-    return f
-
-
-def load_from_options(model, dtype=None, device=None, device_map=None, trust_remote_code=False, **kw):
-    from .loading import load_model
-
-    return load_model(model, dtype=dtype, device=device, device_map=device_map,
-                      trust_remote_code=trust_remote_code, **kw)
-
-
-def emit_json(obj) -> None:
-    from ..io import _jsonable
-
-    click.echo(json.dumps(_jsonable(obj), indent=2))
+from ..clikit import emit_json, json_option, load_model_from_options, model_options
+from ..errors import AdapterCheckFailed
+from .adapters import get_spec
+from .census import census as count_parameters
+from .census import format_count
+from .check import check_adapter
+from .loading import SHIPPED_CONFIGS, load_config, tiny_model
+from .moe import MoEModel, check_moe, moe_census
 
 
 @click.command()
 @click.argument("model")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--trust-remote-code", is_flag=True)
+@json_option
+@click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own code (config only).")
 def census(model, as_json, trust_remote_code):
     """Count MODEL's parameters by component from its config alone (no weights are read).
 
     MODEL is a hub name, a model folder, a config.json, or a shipped config: gpt2-xl, gpt-j-6b,
     llama-2-7b, llama-3-8b, mistral-7b.
     """
-    from .census import census as _census
-    from .loading import load_config
-
-    result = _census(load_config(model, trust_remote_code=trust_remote_code))
+    result = count_parameters(load_config(model, trust_remote_code=trust_remote_code))
     result["model"] = model
     if as_json:
         emit_json(result)
@@ -51,11 +35,6 @@ def census(model, as_json, trust_remote_code):
 
 
 def _print_census(c: dict, title: str | None = None):
-    from rich.console import Console
-    from rich.table import Table
-
-    from .census import format_count
-
     t = Table(title=title or f"{c.get('model', '')}: {format_count(c['total_params'])} parameters")
     t.add_column("component")
     t.add_column("parameters", justify="right")
@@ -80,29 +59,43 @@ def _activation_name(config, mm=None) -> str:
     return "unknown"
 
 
+def padded_vocabulary(mm) -> dict:
+    """Embedding rows vs the tokenizer's tokens: ``{"embedding_rows", "tokenizer_vocab_size", "padded_vocab"}``.
+
+    Some families pad the embedding matrix beyond the tokenizer (Pythia: 50304 rows, 50277 tokens) so that
+    its width divides evenly on accelerators; the extra rows are no token, decode to nothing, and must not
+    be reported as an answer.
+    """
+    rows = mm.vocab_size
+    if mm.tokenizer is None:
+        return {"embedding_rows": rows, "tokenizer_vocab_size": None, "padded_vocab": None}
+    n_tok = len(mm.tokenizer)
+    return {"embedding_rows": rows, "tokenizer_vocab_size": n_tok, "padded_vocab": rows > n_tok}
+
+
 def inspect_model(model: str, trust_remote_code: bool = False, **load_kwargs) -> dict:
     """Family, shapes, activation, gating, the adapter check and the census of a model.
 
     A shipped config (no weights) is checked on a 2-layer, narrow model of the same family.
     """
-    from .census import census as _census
-    from .loading import SHIPPED_CONFIGS, load_config, tiny_model
-
     config = load_config(model, trust_remote_code=trust_remote_code)
-    from .adapters import get_spec
-
-    spec = get_spec(config)
     if model in SHIPPED_CONFIGS:
+        get_spec(config)
         mm = tiny_model(config.model_type, check=False)
         checked_on = "2-layer random model of the same family (the shipped config has no weights)"
-        cen = _census(config)
+        cen = count_parameters(config)
+        vocab = {"embedding_rows": None, "tokenizer_vocab_size": None, "padded_vocab": None}
     else:
-        mm = load_from_options(model, trust_remote_code=trust_remote_code, check=False, **load_kwargs)
+        mm = load_model_from_options(model, trust_remote_code=trust_remote_code, check=False, **load_kwargs)
         checked_on = "the loaded weights"
-        cen = _census(mm)
-    from .check import check_adapter
-
-    check = check_adapter(mm, raise_on_fail=False)
+        cen = count_parameters(mm)
+        vocab = padded_vocabulary(mm)
+    spec = mm.spec  # hand-written, inferred, or a mixture-of-experts spec
+    if isinstance(mm, MoEModel):  # experts are checked per expert and counted by expert
+        check = check_moe(mm, raise_on_fail=False)
+        cen = {**cen, "experts": moe_census(mm)}
+    else:
+        check = check_adapter(mm, raise_on_fail=False)
     return {
         "model": model,
         "family": spec.family,
@@ -112,6 +105,7 @@ def inspect_model(model: str, trust_remote_code: bool = False, **load_kwargs) ->
         "d_model": getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or mm.d_model,
         "d_ffn": cen["d_ffn"],
         "vocab_size": getattr(config, "vocab_size", None),
+        **vocab,
         "activation": _activation_name(config, mm),
         "gated": spec.gated,
         "parallel_attention_ffn": spec.parallel,
@@ -124,22 +118,26 @@ def inspect_model(model: str, trust_remote_code: bool = False, **load_kwargs) ->
 
 @click.command("inspect")
 @click.argument("model")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option
 @model_options
-def inspect_cmd(model, as_json, **opts):
-    """Describe MODEL: family, layers, widths, activation, gating, adapter check and census."""
-    from ..errors import AdapterCheckFailed
+def inspect_cmd(model, as_json, **load):
+    """Describe MODEL: family, layers, widths, activation, gating, vocabulary, adapter check and census.
 
-    info = inspect_model(model, **opts)
+    A model whose embedding matrix has more rows than its tokenizer has tokens (a padded vocabulary, as
+    Pythia's) gets a warning line on stderr and "padded_vocab": true in --json.
+    """
+    info = inspect_model(model, **load)
+    if info["padded_vocab"]:
+        click.echo(f"ffkv: warning: the embedding matrix has {info['embedding_rows']} rows but the tokenizer has "
+                   f"{info['tokenizer_vocab_size']} tokens (a padded vocabulary); ids "
+                   f"{info['tokenizer_vocab_size']}-{info['embedding_rows'] - 1} are no token and are never reported "
+                   f"as an answer", err=True)
     if as_json:
         emit_json(info)
     else:
-        from rich.console import Console
-        from rich.table import Table
-
         t = Table(title=f"ffkv inspect {model}", show_header=False)
         for k in ("family", "model_type", "architecture", "layers", "d_model", "d_ffn", "vocab_size",
-                  "activation", "gated", "parallel_attention_ffn", "tokenizer"):
+                  "tokenizer_vocab_size", "activation", "gated", "parallel_attention_ffn", "tokenizer"):
             t.add_row(k, str(info[k]))
         ac = info["adapter_check"]
         t.add_row("adapter check", f"{'passed' if ac['passed'] else 'FAILED'} "

@@ -8,16 +8,29 @@ clear :class:`~ffkv.errors.FfkvError`, checked before any weight is read.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import socket
+import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
+import huggingface_hub
 import torch
+from huggingface_hub import constants
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import FfkvError
 from .adapters import get_spec
-from .model import MemoryModel
-from .moe import MoEModel, is_moe  # h6: mixture-of-experts families (own spec and check)
+from .check import check_adapter
+from .infer import MixtureOfExpertsRefusal, Refusal, meta_model
+from .model import MemoryModel, weights_fingerprint
+from .moe import MoEModel, is_moe
+from .moe_infer import infer_moe_spec, moe_from_hf
+from .tiny import tiny_config
+
+__all__ = ["load_model", "load_config", "from_hf", "tiny_model", "weights_fingerprint", "config_from_json",
+           "SHIPPED_CONFIGS", "DTYPES"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -49,8 +62,6 @@ def _not_found(name: str, why: str = "") -> FfkvError:
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
     """A transformers config from a shipped name, a model folder, a config.json, or the hub."""
-    from transformers import AutoConfig
-
     name = str(name_or_path)
     if name in SHIPPED_CONFIGS:
         return config_from_json(CONFIG_DIR / SHIPPED_CONFIGS[name])
@@ -88,13 +99,6 @@ def _offline_if_hub_unreachable(timeout: float = 3.0) -> None:
     if _HUB_CHECKED:
         return
     _HUB_CHECKED = True
-    import socket
-    import sys
-    from urllib.parse import urlparse
-
-    import huggingface_hub
-    from huggingface_hub import constants
-
     if constants.HF_HUB_OFFLINE:
         return
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
@@ -106,8 +110,6 @@ def _offline_if_hub_unreachable(timeout: float = 3.0) -> None:
 
 
 def config_from_json(path: Path):
-    from transformers import AutoConfig
-
     try:
         d = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -117,9 +119,10 @@ def config_from_json(path: Path):
         raise FfkvError(f"config file {path} has no model_type", "add \"model_type\" to it")
     try:
         return AutoConfig.for_model(mt, **d)
-    except ValueError:
-        get_spec(mt)  # unsupported family: raises the standard message
-        raise
+    except ValueError as e:
+        raise FfkvError(f"config file {path} has model_type '{mt}', which transformers does not know "
+                        f"({(str(e).splitlines() or [''])[0][:120]})", "upgrade transformers or fix the config") \
+            from None
 
 
 def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device: str | None = None,
@@ -131,18 +134,20 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device
     device_map (e.g. "auto") is passed to ``from_pretrained`` for models larger than one device.
     tokenizer: load the folder's tokenizer (True), none (False), or one from another path. A folder
     without a tokenizer loads with ``tokenizer=None``. The adapter check runs unless ``check=False``.
+    Model types without a hand-written spec get one inferred from their module structure (on a
+    ``meta``-device build, before any weight is read); what cannot be read is refused in one line.
     """
-    from transformers import AutoModelForCausalLM
-
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise FfkvError(f"unknown dtype '{dtype}'", f"use one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     name = str(name_or_path)
     config = load_config(name, trust_remote_code=trust_remote_code)
-    moe = is_moe(config)  # h6: MoE families have their spec in models/moe.py
-    if not moe:
-        get_spec(config)  # refuse unsupported families before reading weights
+    if not is_moe(config):  # mixture-of-experts families have their specs and check in models/moe.py
+        try:
+            get_spec(config, trust_remote_code=trust_remote_code)  # refuse before reading weights
+        except MixtureOfExpertsRefusal:  # an MoE spec inferred from the module structure (moe_infer)
+            infer_moe_spec(meta_model(config, trust_remote_code))
     if name in SHIPPED_CONFIGS:
         raise FfkvError(f"'{name}' is a shipped config without weights",
                         "use it with `ffkv census`, or pass the model's folder or hub name")
@@ -158,8 +163,41 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device
         hf = hf.to(device)
     tok = _load_tokenizer(tokenizer if isinstance(tokenizer, str) else name, trust_remote_code) \
         if tokenizer else None
-    wrapper = MoEModel if moe else MemoryModel  # h6
-    return wrapper.from_hf_checked(hf, tok, name, check)
+    return from_hf(hf, tok, name, check)
+
+
+def from_hf(hf_model: torch.nn.Module, tokenizer=None, name_or_path: str | None = None,
+            check: bool = True) -> MemoryModel:
+    """Wrap a built transformers causal LM as a :class:`MemoryModel` and run the adapter check.
+
+    A hand-written spec that fails the check raises :class:`~ffkv.errors.AdapterCheckFailed`; an
+    inferred one is refused (:class:`~ffkv.models.infer.Refusal`, reason "check-failed") with the
+    check's first mismatch ("check failed at layer L: ...").
+    """
+    if is_moe(hf_model.config):
+        return MoEModel.from_hf_checked(hf_model, tokenizer, name_or_path, check)
+    try:
+        mm = MemoryModel(hf_model, tokenizer, name_or_path=name_or_path)
+    except MixtureOfExpertsRefusal:  # an MoE spec inferred from the module structure (moe_infer)
+        return moe_from_hf(hf_model, tokenizer, name_or_path, check)
+    if not check:
+        return mm
+    if not mm.spec.inferred:
+        mm.adapter_check = check_adapter(mm, raise_on_fail=True)
+        return mm
+    mt = hf_model.config.model_type
+    try:
+        result = check_adapter(mm, raise_on_fail=False)
+    except FfkvError:
+        raise
+    except Exception as e:  # an inferred spec on a model that does not run on plain input_ids
+        text = (str(e).strip().splitlines() or [""])[0][:140]
+        raise Refusal(mt, "check-failed", f"check failed: the model does not run on plain token ids "
+                      f"({type(e).__name__}: {text})") from None
+    if not result["passed"]:
+        raise Refusal(mt, "check-failed", f"check failed at {result['failure']}")
+    mm.adapter_check = result
+    return mm
 
 
 def _has_safetensors(name: str) -> bool | None:
@@ -174,8 +212,6 @@ def _has_safetensors(name: str) -> bool | None:
 
 
 def _load_tokenizer(name: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
     p = Path(name)
     if p.is_dir() and not any((p / f).exists() for f in
                               ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
@@ -186,33 +222,25 @@ def _load_tokenizer(name: str, trust_remote_code: bool):
         return None
 
 
-def weights_fingerprint(hf_model: torch.nn.Module, sample: int = 64) -> str:
-    """A cheap identity of a model's weights: names, shapes and a strided sample of each tensor.
-
-    Not a full checksum (that would read 100+ GB for a 70B model); the edit journal hashes the matrices
-    it changes in full.
-    """
-    h = hashlib.sha256()
-    for name, p in hf_model.state_dict().items():
-        if p.device.type == "meta":
-            h.update(f"{name}{tuple(p.shape)}meta".encode())
-            continue
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // sample)
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(flat[::step][:sample].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def tiny_model(model_type: str, n_layers: int = 2, d_model: int = 32, d_ffn: int = 64, vocab: int = 128,
-               seed: int = 0, dtype: torch.dtype = torch.float32, check: bool = True) -> MemoryModel:
-    """A randomly initialised tiny model of any supported family, built from a config (no download)."""
-    from transformers import AutoModelForCausalLM
+               seed: int = 0, dtype: torch.dtype = torch.float32, check: bool = True,
+               tokenizer=None) -> MemoryModel:
+    """A randomly initialised tiny model of any causal-LM model type, built from a config (no download).
 
-    from .tiny import tiny_config
+    ``tokenizer`` (optional) is attached as the model's tokenizer; give ``vocab=len(tokenizer)``.
 
+    ``tiny_model("gemma2")``, ``tiny_model("olmo2")``, ``tiny_model("qwen3")``: sizes as given; model types
+    without a hand-written test config are shrunk from their default config (:func:`ffkv.models.tiny
+    .shrink_config`). Refusals are one-line :class:`~ffkv.errors.FfkvError`\ s, as for :func:`load_model`.
+    """
+    config = tiny_config(model_type, n_layers, d_model, d_ffn, vocab)
     torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(tiny_config(model_type, n_layers, d_model, d_ffn, vocab))
+    try:
+        hf = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # transformers' own validation of a shrunk config: one line, never a traceback
+        text = (str(e).strip().splitlines() or [""])[0][:140]
+        raise Refusal(model_type, "cannot-build", f"transformers cannot build it tiny ({type(e).__name__}: "
+                      f"{text})", "this model type is checked at full size only") from None
     hf = hf.to(dtype)
-    return MemoryModel.from_hf_checked(hf, None, f"tiny-{model_type}", check)
+    return from_hf(hf, tokenizer, f"tiny-{model_type}", check)
 

@@ -10,28 +10,45 @@ Conventions (all tensors in the model's dtype and device unless said otherwise):
     values(l)      (d_model, d_ffn)   column i is value v_i (W_out)
     value_bias(l)  (d_model,) | None
     coefficients   (..., d_ffn)       m(x), the input of W_out
+    ffn_out        (..., d_model)     W_out m + b = sum_i m_i v_i + b (site "ffn_out")
+    write          (..., d_model)     what the FFN adds to the residual (site "ffn_write"):
+                                      post_ffn_norm(ffn_out) in post-norm families (Gemma-2/3, OLMo-2),
+                                      ffn_out itself everywhere else
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 from ..errors import FfkvError
-from .adapters import ArchSpec, get_path, get_spec
+from .adapters import ArchSpec, get_path, spec_for
+
+# Config fields that bound a model's input length, in the order the one rule reads them.
+CONTEXT_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length", "max_sequence_length",
+                  "max_seq_len", "context_length")
+DEFAULT_CONTEXT = 1024  # a config that names no bound (relative positions, recurrences): ROME's window
 
 
 class MemoryModel:
-    """The key-value view of one causal LM. Build it with :func:`ffkv.load_model` or :meth:`from_hf`."""
+    """The key-value view of one causal LM. Build it with :func:`ffkv.load_model` or
+    :func:`ffkv.models.loading.from_hf` (both run the adapter check); ``MemoryModel(hf)`` runs none.
+
+    ``spec`` defaults to the family's hand-written spec, else one inferred from the module structure
+    (:func:`ffkv.models.infer.spec_for`). ``adapter_check`` holds the check's result dict once run.
+    """
 
     def __init__(self, hf_model: nn.Module, tokenizer=None, spec: ArchSpec | None = None,
                  name_or_path: str | None = None):
         self.hf = hf_model
         self.tokenizer = tokenizer
         self.config = hf_model.config
-        self.spec = spec or get_spec(self.config)
+        self.spec = spec or spec_for(hf_model)
+        self.adapter_check: dict | None = None
         self.name_or_path = name_or_path or getattr(self.config, "_name_or_path", "") or "<in-memory>"
         self._layers = get_path(hf_model, self.spec.layers)
         if self._layers is None:
@@ -44,21 +61,6 @@ class MemoryModel:
                 raise FfkvError(f"{self.spec.family} model has no {what} module at "
                                 f"'{getattr(self.spec, what)}'", "please report the model type")
         self.hf.eval()
-
-    @classmethod
-    def from_hf(cls, hf_model, tokenizer=None, check: bool = True) -> "MemoryModel":
-        """Wrap an already-built transformers model; runs the adapter check unless ``check=False``."""
-        return cls.from_hf_checked(hf_model, tokenizer, None, check)
-
-    @classmethod
-    def from_hf_checked(cls, hf_model, tokenizer, name_or_path, check: bool) -> "MemoryModel":
-        mm = cls(hf_model, tokenizer, name_or_path=name_or_path)
-        mm.adapter_check = None
-        if check:
-            from .check import check_adapter
-
-            mm.adapter_check = check_adapter(mm, raise_on_fail=True)
-        return mm
 
     # ----------------------------------------------------------------------------- shapes
     @property
@@ -98,10 +100,47 @@ class MemoryModel:
                 f"d_model={self.d_model}, d_ffn={self.d_ffn}, gated={self.gated})")
 
     @property
+    def text_config(self):
+        """The language model's config (``config.text_config`` of multimodal wrappers, else ``config``)."""
+        cfg = self.config
+        return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+    @property
+    def context_length(self) -> int:
+        """The longest input the model takes: **the one context-length rule of ffkv**.
+
+        The first positive integer among the text config's :data:`CONTEXT_FIELDS` (``n_positions``,
+        ``max_position_embeddings``, ``n_ctx``, ``seq_length``, ...; ``None`` fields are skipped), else the
+        tokenizer's ``model_max_length`` when it is a real bound, else :data:`DEFAULT_CONTEXT` (1024).
+        """
+        cfg = self.text_config
+        for name in CONTEXT_FIELDS:
+            v = getattr(cfg, name, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        n = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(n, int) and 0 < n < 10**7:
+            return n
+        return DEFAULT_CONTEXT
+
+    @property
+    def tokenizer_vocab_size(self) -> int | None:
+        """Tokens the tokenizer can produce (``len(tokenizer)``, added tokens included); None without one.
+
+        Less than :attr:`vocab_size` for padded vocabularies (Pythia pads to a multiple of 128): the extra
+        unembedding rows are tokens no text maps to.
+        """
+        return None if self.tokenizer is None else len(self.tokenizer)
+
+    @property
+    def padded_vocab_rows(self) -> int:
+        """Unembedding rows beyond the tokenizer's tokens (0 without a tokenizer or when they agree)."""
+        n = self.tokenizer_vocab_size
+        return 0 if n is None else max(0, self.vocab_size - n)
+
+    @property
     def identity(self) -> dict:
         """Who this model is, for result files: name, type, shapes and a fingerprint of its weights."""
-        from .loading import weights_fingerprint
-
         return {
             "name_or_path": str(self.name_or_path),
             "model_type": self.config.model_type,
@@ -110,6 +149,7 @@ class MemoryModel:
             "d_model": self.d_model,
             "d_ffn": self.d_ffn,
             "vocab_size": self.vocab_size,
+            "tokenizer_vocab_size": self.tokenizer_vocab_size,
             "fingerprint": weights_fingerprint(self.hf),
         }
 
@@ -144,9 +184,88 @@ class MemoryModel:
     def final_norm(self) -> nn.Module | None:
         return get_path(self.hf, self.spec.final_norm)
 
+    def post_norm(self, layer: int) -> nn.Module | None:
+        """The post-FFN norm through which layer ``layer``'s FFN writes into the residual, or None."""
+        return None if self.spec.post_ffn_norm is None else self.module(layer, self.spec.post_ffn_norm)
+
+    @torch.no_grad()
+    def post_norm_gain(self, layer: int) -> torch.Tensor | None:
+        """The post-FFN norm's per-dimension gain g (d_model,), or None without a post norm.
+
+        Read off the norm itself as ``N(1)`` (an RMS norm maps the all-ones vector, whose RMS is 1, to its
+        gain up to ``1/sqrt(1 + eps)``), so Gemma's ``(1 + w)`` and OLMo-2's ``w`` need no per-family code.
+        """
+        norm = self.post_norm(layer)
+        if norm is None:
+            return None
+        return norm(torch.ones(self.d_model, dtype=self.dtype, device=self.device))
+
+    def write_values(self, layer: int) -> torch.Tensor:
+        """The values as they write into the residual, (d_model, d_ffn): column i is ``g ⊙ v_i``.
+
+        ``g`` is the post-FFN norm's gain (:meth:`post_norm_gain`); without a post norm this is
+        :meth:`values` itself (a view), times :attr:`residual_scale` where the family scales its writes. In a post-norm family the write ``N(o)``, ``o = sum_i m_i v_i + b``,
+        depends on a value only through the RMS norm's local Jacobian
+
+            d N(o) / d m_i = g ⊙ (v_i - (o · v_i) / (d r^2) o) / r,     r^2 = mean(o^2) + eps;
+
+        dropping the positive per-token factor ``1/r`` and the component along ``o``, memory i moves the
+        residual along ``g ⊙ v_i``. Value projections, sub-updates and composition read these.
+        """
+        gain = self.post_norm_gain(layer)
+        v = self.values(layer)
+        v = v if gain is None else v * gain[:, None]
+        return v if self.residual_scale == 1.0 else v * self.residual_scale
+
+    def attn_post_norm(self, layer: int) -> nn.Module | None:
+        """The post-attention norm of sandwich-norm families (Gemma-2/3, OLMo-2), or None."""
+        return None if self.spec.post_attn_norm is None else self.module(layer, self.spec.post_attn_norm)
+
+    @property
+    def residual_scale(self) -> float:
+        """The factor both sub-blocks' outputs are scaled by before they are added to the residual: 1, or
+        Granite's / HyperCLOVA X's ``residual_multiplier``, MiniCPM's ``scale_depth / sqrt(n_layers)``."""
+        name, cfg = self.spec.residual_scale, self.text_config
+        if name is None:
+            return 1.0
+        if name == "scale_depth":
+            return float(cfg.scale_depth) / float(cfg.num_hidden_layers) ** 0.5
+        return float(getattr(cfg, name))
+
+    def write_from_ffn_out(self, layer: int, ffn_out: torch.Tensor) -> torch.Tensor:
+        """What the FFN adds to the residual: ``s · post_ffn_norm(ffn_out)``, or ``s · ffn_out`` (no post norm),
+        with ``s`` the :attr:`residual_scale` (1 for nearly every family).
+
+        ffn_out: (..., d_model) -> (..., d_model). ``ffn_out`` is ``W_out m + b`` (site "ffn_out").
+        """
+        norm = self.post_norm(layer)
+        out = ffn_out if norm is None else norm(ffn_out)
+        s = self.residual_scale
+        return out if s == 1.0 else out * s
+
+    def attn_write_from_attn_out(self, layer: int, attn_out: torch.Tensor,
+                                 resid_pre: torch.Tensor | None = None) -> torch.Tensor:
+        """What attention adds to the residual: ``post_attn_norm(attn_out)``, or ``attn_out``; for families
+        whose attention module adds the residual itself (BLOOM), ``attn_out - resid_pre``."""
+        norm = self.attn_post_norm(layer)
+        out = attn_out if norm is None else norm(attn_out)
+        if self.residual_scale != 1.0:
+            out = out * self.residual_scale
+        if self.spec.attn_adds_residual:
+            if resid_pre is None:
+                raise FfkvError(f"{self.family}'s attention output includes the residual",
+                                "pass resid_pre to subtract it")
+            out = out - resid_pre
+        return out
+
     def site_module(self, site: str, layer: int | None) -> tuple[nn.Module, str]:
         """``(module, kind)`` where a hook site lives: kind "pre" reads/rewrites the module's first input,
-        "post" its first output. See :data:`ffkv.models.hooks.SITES` for the sites."""
+        "post" its first output. See :data:`ffkv.models.hooks.SITES` for the sites.
+
+        "ffn_out" is always the output of ``W_out`` (``sum_i m_i v_i + b``); "ffn_write" is what the FFN
+        adds to the residual: the output of the post-FFN norm where the family has one, else of ``W_out``
+        (times :attr:`residual_scale`, applied by the model after the module, in Granite and MiniCPM).
+        """
         s = self.spec
         table = {
             "embed": lambda: (self.embedding, "post"),
@@ -156,6 +275,7 @@ class MemoryModel:
             "ffn_in": lambda: (self.module(layer, s.mlp), "pre"),
             "coef": lambda: (self.module(layer, s.value), "pre"),
             "ffn_out": lambda: (self.module(layer, s.value), "post"),
+            "ffn_write": lambda: (self.module(layer, s.write_site), "post"),
         }
         if site not in table:
             raise FfkvError(f"unknown site '{site}'", f"use one of {', '.join(table)}")
@@ -207,6 +327,9 @@ class MemoryModel:
         return getattr(self.module(layer, self.spec.value), "bias", None)
 
     def activation(self, layer: int):
+        """The activation applied to ``W_in x`` (``W_gate x``): the family's module, or ``ACT2FN[act_fn]``."""
+        if self.spec.act is None:
+            return ACT2FN[self.spec.act_fn]
         return self.module(layer, self.spec.act)
 
     def coefficients_from_input(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -227,9 +350,16 @@ class MemoryModel:
 
     # ----------------------------------------------------------------------------- logit lens
     def unembed(self, x: torch.Tensor, norm: bool = True) -> torch.Tensor:
-        """Vocabulary logits of residual-space vectors: ``E · final_norm(x)`` (or ``E · x``, norm=False).
+        """The family's real head on residual-space vectors: its logits for ``x``.
 
-        x: (..., d_model) -> (..., vocab). Values are projected with ``self.unembed(values(l).T)``.
+            logits = cap(scale · E · proj(final_norm(x)))
+
+        with the final norm (skipped when ``norm=False``: the raw logit lens ``E x``), the final projection
+        (OPT-350m), the unembedding ``E`` (bias included), the family's logit scaling (Cohere's
+        ``logit_scale``, Granite's ``1 / logits_scaling``) and final soft-capping
+        ``c · tanh(logits / c)`` (Gemma-2/3's ``final_logit_softcapping``). So the head of the last
+        residual equals the model's own logits (checked on load). x: (..., d_model) -> (..., vocab).
+        Values are projected with ``self.unembed(values(l).T)``.
         """
         x = x.to(self.dtype)
         if norm and self.final_norm is not None:
@@ -237,7 +367,19 @@ class MemoryModel:
         proj = get_path(self.hf, self.spec.final_proj)
         if proj is not None:
             x = proj(x)
-        return self.unembedding(x)
+        return self.scale_logits(self.unembedding(x))
+
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The family's logit scaling and final soft-capping on ``E x`` (identity for most families)."""
+        cfg, s = self.text_config, self.spec
+        if s.logit_scale is not None:
+            logits = logits * getattr(cfg, s.logit_scale)
+        if s.logit_divisor is not None:
+            logits = logits / getattr(cfg, s.logit_divisor)
+        cap = getattr(cfg, s.softcap, None) if s.softcap is not None else None
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     # ----------------------------------------------------------------------------- text
     def require_tokenizer(self):
@@ -255,6 +397,9 @@ class MemoryModel:
         tok = self._require_tokenizer()
         if isinstance(texts, str):
             texts = [texts]
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise FfkvError(f"prompt {t!r} is empty", "give a non-empty prompt")
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token or tok.unk_token
         old = tok.padding_side
@@ -263,7 +408,14 @@ class MemoryModel:
             enc = tok(list(texts), return_tensors="pt", padding=True)
         finally:
             tok.padding_side = old
+        self.check_length(int(enc["attention_mask"].sum(1).max()) if len(texts) else 0)
         return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+    def check_length(self, n_tokens: int, what: str = "the prompt") -> None:
+        """Refuse a sequence longer than :attr:`context_length`, in one line, before the model sees it."""
+        if n_tokens > self.context_length:
+            raise FfkvError(f"{what} is {n_tokens} tokens long, longer than the model's context "
+                            f"({self.context_length} tokens)", f"shorten it to at most {self.context_length} tokens")
 
     def token_ids(self, text: str) -> list[int]:
         return self._require_tokenizer()(text, add_special_tokens=False)["input_ids"]
@@ -325,3 +477,21 @@ class MemoryModel:
         if not span:
             raise FfkvError(f"subject {subject!r} maps to no token of {prompt!r}", "check the tokenizer")
         return span[0], span[-1] + 1
+
+
+def weights_fingerprint(hf_model: torch.nn.Module, sample: int = 64) -> str:
+    """A cheap identity of a model's weights: names, shapes and a strided sample of each tensor.
+
+    Not a full checksum (that would read 100+ GB for a 70B model); the edit journal hashes the matrices
+    it changes in full.
+    """
+    h = hashlib.sha256()
+    for name, p in hf_model.state_dict().items():
+        if p.device.type == "meta":
+            h.update(f"{name}{tuple(p.shape)}meta".encode())
+            continue
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // sample)
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(flat[::step][:sample].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -73,6 +73,23 @@ class MoESpec:
     shared_value: str = "down_proj"
     shared_act: str = "act_fn"
     notes: str = ""
+    # Routing rule (ffkv.models.moe_infer picks it for inferred families; the check confirms it):
+    #   "softmax": p = softmax(W_router x);  "sigmoid": p = sigmoid(W_router x) (DeepSeek-V3, GLM-4-MoE).
+    # The experts are chosen by top-k of p [+ score_bias] (within the topk_group best of n_group groups, a
+    # group scored by the sum of its two best experts or by its best: group_score); their weights are p
+    # (never the biased score), renormalised as w / (sum w + norm_eps) when norm_topk, times routed_scaling.
+    routing: str = "softmax"
+    score_bias: str | None = None          # path in the layer of an (E,) / (1, E) buffer (e_score_correction_bias)
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "top2sum"           # a group's score: "top2sum" (DeepSeek-V3) or "max" (DeepSeek-V2)
+    norm_eps: float = 0.0
+    routed_scaling: float = 1.0
+    top_k: int | None = None               # None: config.num_experts_per_tok
+    # per-layer token mixer (hybrid families: attention in some layers, linear attention / a state-space
+    # mixer in others); None: ArchSpec.attn in every layer. Site "attn_out" is the output of layer l's mixer.
+    mixers: tuple[str, ...] | None = None
+    inferred: bool = False
 
 
 _LLAMA_LAYOUT = dict(
@@ -136,17 +153,20 @@ class MoEModel(MemoryModel):
 
     def __init__(self, hf_model: nn.Module, tokenizer=None, spec: ArchSpec | None = None,
                  name_or_path: str | None = None, moe_spec: MoESpec | None = None):
-        arch, moe = get_moe_spec(hf_model.config)
-        super().__init__(hf_model, tokenizer, spec or arch, name_or_path)
-        self.moe_spec = moe_spec or moe
+        if spec is None or moe_spec is None:  # an inferred family passes both (ffkv.models.moe_infer)
+            arch, moe = get_moe_spec(hf_model.config)
+            spec, moe_spec = spec or arch, moe_spec or moe
+        super().__init__(hf_model, tokenizer, spec, name_or_path)
+        self.moe_spec = moe_spec
 
     @classmethod
     def from_hf(cls, hf_model, tokenizer=None, check: bool = True) -> "MoEModel":
         return cls.from_hf_checked(hf_model, tokenizer, None, check)
 
     @classmethod
-    def from_hf_checked(cls, hf_model, tokenizer, name_or_path, check: bool) -> "MoEModel":
-        mm = cls(hf_model, tokenizer, name_or_path=name_or_path)
+    def from_hf_checked(cls, hf_model, tokenizer, name_or_path, check: bool, spec: ArchSpec | None = None,
+                        moe_spec: MoESpec | None = None) -> "MoEModel":
+        mm = cls(hf_model, tokenizer, spec=spec, name_or_path=name_or_path, moe_spec=moe_spec)
         mm.adapter_check = check_moe(mm, raise_on_fail=True) if check else None
         return mm
 
@@ -169,6 +189,8 @@ class MoEModel(MemoryModel):
 
     @property
     def top_k(self) -> int:
+        if self.moe_spec.top_k is not None:
+            return int(self.moe_spec.top_k)
         return int(self.config.num_experts_per_tok)
 
     def has_shared_expert(self, layer: int) -> bool:
@@ -243,8 +265,12 @@ class MoEModel(MemoryModel):
         if layer is not None and site in ("coef", "ffn_out", "ffn_write") and self.is_moe_layer(layer):
             if site == "coef":
                 return self.module(layer, self._dense(layer, "value")), "pre"
+            if site == "ffn_write" and self.spec.post_ffn_norm is not None:  # sandwich norms (FlexOlmo, AFMoE)
+                return self.module(layer, self.spec.post_ffn_norm), "post"
             return self.module(layer, self.moe_spec.block), "post"
-        if site == "ffn_write":  # these families add the FFN output to the residual unchanged
+        if site == "attn_out" and layer is not None and self.moe_spec.mixers is not None:
+            return self.module(self.check_layer(layer), self.moe_spec.mixers[layer]), "post"
+        if site == "ffn_write" and self.spec.post_ffn_norm is None:  # the FFN output is added unchanged
             site = "ffn_out"
         return super().site_module(site, layer)
 
@@ -319,18 +345,49 @@ class MoEModel(MemoryModel):
         return torch.sigmoid(self.module(layer, self.moe_spec.shared_gate)(x))
 
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The spec's routing of FFN inputs x (N, D): ``(top_k_index (N, k), top_k_weights (N, k))``."""
-        w = self.router(layer).weight
-        logits = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), w)
-        probs = torch.softmax(logits.float(), dim=-1)
-        top_w, top_i = torch.topk(probs, self.top_k, dim=-1)
-        norm = self.moe_spec.norm_topk
+        """The spec's routing of FFN inputs x (N, D): ``(top_k_index (N, k), top_k_weights (N, k))``.
+
+        ``p = softmax(W_router x)`` or ``sigmoid(W_router x)`` in float32 (:attr:`MoESpec.routing`); experts
+        chosen by top-k of ``p + b`` (``score_bias``; within the ``topk_group`` best of ``n_group`` groups);
+        weights ``p`` of the chosen, ``/ (sum + norm_eps)`` when renormalised, ``* routed_scaling``.
+        """
+        m = self.moe_spec
+        router = self.router(layer)
+        x = x.reshape(-1, x.shape[-1])
+        if m.routing == "softmax":
+            logits = torch.nn.functional.linear(x, router.weight)
+            probs = torch.softmax(logits.float(), dim=-1)
+        elif m.routing == "sigmoid":
+            logits = torch.nn.functional.linear(x.float(), router.weight.float())
+            probs = logits.sigmoid()
+        else:
+            raise FfkvError(f"unknown routing rule '{m.routing}'", "use 'softmax' or 'sigmoid'")
+        k = self.top_k
+        if m.score_bias is None and m.n_group <= 1:
+            top_w, top_i = torch.topk(probs, k, dim=-1)
+        else:
+            choice = probs
+            if m.score_bias is not None:
+                choice = choice + get_path(self.layer(layer), m.score_bias).reshape(-1).float()
+            if m.n_group > 1:
+                E = choice.shape[-1]
+                grouped = choice.view(-1, m.n_group, E // m.n_group)
+                group_scores = grouped.max(dim=-1).values if m.group_score == "max" else \
+                    grouped.topk(2, dim=-1)[0].sum(dim=-1)
+                group_idx = torch.topk(group_scores, k=m.topk_group, dim=-1, sorted=False)[1]
+                keep = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
+                choice = choice.masked_fill(~keep[:, :, None].expand_as(grouped).reshape(-1, E), float("-inf"))
+            top_i = torch.topk(choice, k, dim=-1, sorted=False)[1]
+            top_w = probs.gather(1, top_i)
+        norm = m.norm_topk
         if norm is None:
             norm = bool(getattr(self.config, "norm_topk_prob", False))
         if norm:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        if self.moe_spec.weights_in_dtype:
-            top_w = top_w.to(logits.dtype)
+            top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + m.norm_eps)
+        if m.routed_scaling != 1.0:
+            top_w = top_w * m.routed_scaling
+        if m.weights_in_dtype:
+            top_w = top_w.to(x.dtype)
         return top_i, top_w
 
     def moe_output_from_input(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -664,7 +721,7 @@ def check_moe(model: MoEModel, seq_len: int = 8, batch: int = 2, seed: int = 0, 
     ids = torch.randint(0, vocab, (batch, seq_len), generator=g).to(model.device)
     tol = _tolerance(model.dtype)
     L = model.n_layers
-    sites = ["resid_pre", "attn_out", "ffn_in", "ffn_out", "resid_post"]
+    sites = ["resid_pre", "attn_out", "ffn_in", "ffn_out", "ffn_write", "resid_post"]
     reads = [(s, l) for l in range(L) for s in sites] + \
         [("coef", l) for l in range(L) if not model.is_moe_layer(l)]
     layouts = {l: _layout_problem(model, l) for l in model.moe_layers}
@@ -675,10 +732,10 @@ def check_moe(model: MoEModel, seq_len: int = 8, batch: int = 2, seed: int = 0, 
         return {"passed": False, "max_abs_error": float("inf"), "relative_tolerance": tol,
                 "layers": [{"layer": l, "layout": p} for l, p in bad], "logits_error": float("inf")}
     with intervene(model, reads=reads) as ref:
-        logits_ref = model.hf(input_ids=ids).logits
+        logits_ref = model.hf(input_ids=ids, use_cache=False).logits
     with intervene(model, reads=[(s, l) for l in range(L) for s in ("ffn_in", "ffn_out")]) as eng, \
             expert_intervene(model, reads=model.moe_layers) as caps:
-        logits_eng = model.hf(input_ids=ids).logits
+        logits_eng = model.hf(input_ids=ids, use_cache=False).logits
     rows, worst, passed = [], 0.0, True
 
     def fail(l, what, err):
@@ -689,8 +746,14 @@ def check_moe(model: MoEModel, seq_len: int = 8, batch: int = 2, seed: int = 0, 
         D = x.shape[-1]
         row = {"layer": l, "n_experts": model.n_experts(l)}
         checks = []
-        resid = _err(ref["resid_pre", l] + ref["attn_out", l] + out, ref["resid_post", l])
-        checks.append(("residual_error", "resid_post != resid_pre + attn_out + ffn_out", resid))
+        # the writes: s N(out) with the family's post norms N (sandwich norms) and residual scale s (Granite)
+        write = model.write_from_ffn_out(l, out)
+        attn_write = model.attn_write_from_attn_out(l, ref["attn_out", l], ref["resid_pre", l])
+        resid = _err(ref["resid_pre", l] + attn_write + write, ref["resid_post", l])
+        checks.append(("residual_error", "resid_post != resid_pre + attention write + FFN write", resid))
+        s = model.residual_scale
+        checks.append(("write_error", "the ffn_write site differs from the FFN write N(ffn_out)",
+                       _err(s * ref["ffn_write", l], write)))
         try:
             if model.is_moe_layer(l):
                 worst_e, exp_err = _per_expert_error(model, l, x.reshape(-1, D))
@@ -702,11 +765,13 @@ def check_moe(model: MoEModel, seq_len: int = 8, batch: int = 2, seed: int = 0, 
                 xe = eng["ffn_in", l].reshape(-1, D)
                 idx, wts = model.route(l, xe)
                 ri, rw = caps.routing[l]
-                same_route = ri.reshape(idx.shape).equal(idx)
+                # the k chosen experts are a set: families that take top-k unsorted list them in any order
+                (ri, rw), (si, sw) = _by_expert(ri.reshape(idx.shape), rw.reshape(wts.shape)), _by_expert(idx, wts)
+                same_route = ri.equal(si)
                 checks.append(("route_error", "the engine's routing differs from the spec's top-k",
                                (0.0 if same_route else float("inf"), 1.0)))
                 checks.append(("weight_error", "the engine's routing weights differ from the spec's",
-                               _err(rw.reshape(wts.shape), wts)))
+                               _err(rw, sw) if same_route else (float("inf"), 1.0)))
                 coef_err = (0.0, 1.0)
                 for e in range(model.n_experts(l)):
                     cap = caps[l, e]
@@ -744,6 +809,12 @@ def check_moe(model: MoEModel, seq_len: int = 8, batch: int = 2, seed: int = 0, 
     worst = max(worst, lg[0])
     return {"passed": passed, "max_abs_error": worst, "relative_tolerance": tol, "layers": rows,
             "logits_error": lg[0]}
+
+
+def _by_expert(idx: torch.Tensor, wts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k choices (N, k) and their weights sorted by expert index, so two routings compare as sets."""
+    idx_sorted, order = torch.sort(idx, dim=-1)
+    return idx_sorted, wts.gather(-1, order)
 
 
 def _per_expert_error(model: MoEModel, layer: int, x: torch.Tensor) -> tuple[int, tuple[float, float]]:
@@ -813,14 +884,17 @@ def moe_census(config_or_model) -> dict:
         get_moe_spec(config_or_model)
         with torch.device("meta"):
             hf = AutoModelForCausalLM.from_config(config_or_model)
-    arch, moe = get_moe_spec(hf.config)
+    if isinstance(config_or_model, MoEModel):  # an inferred family carries its own specs
+        arch, moe = config_or_model.spec, config_or_model.moe_spec
+    else:
+        arch, moe = get_moe_spec(hf.config)
     layers = get_path(hf, arch.layers)
     prefix = arch.layers + "."
     counts = {c: 0 for c in MOE_COMPONENTS}
     for name, p in hf.named_parameters():
         counts[_moe_component(hf, arch, moe, name, prefix)] += p.numel()
     per_layer = []
-    top_k = int(hf.config.num_experts_per_tok)
+    top_k = int(moe.top_k if moe.top_k is not None else hf.config.num_experts_per_tok)
     active = sum(counts.values()) - counts["experts"]
     d_expert = d_shared = None
     for l, layer in enumerate(layers):

@@ -6,54 +6,59 @@
 
 from __future__ import annotations
 
-import json
+import random
 import sys
 
 import click
+from tqdm import tqdm
 
+from ..clikit import (emit_json, json_option, load_model_from_options, model_options, quiet_option, show_progress,
+                      token_text)
 from ..errors import FfkvError
+from ..io import provenance, write_parquet
+from .data import bucket_of, fact_queries, load_testbed_facts, stratified_facts
+from .stats import bootstrap_ci, spearman
+from .strength import storage_strength
+from .verdict import judge
 
 
 @click.command("recall")
 @click.argument("model")
-@click.option("--prompt", help="the query, e.g. 'Ana Boll was born in'")
-@click.option("--subject", help="the subject as written in the prompt (needed for --trace)")
-@click.option("--answer", help="an answer to check (its first token), e.g. 'Paris'")
-@click.option("--samples", type=int, default=None, help="samples for self-consistency (default: as fitted)")
-@click.option("--temperature", type=float, default=None, help="sampling temperature (default: as fitted)")
-@click.option("--trace", is_flag=True, help="add the causal-trace concentration (needs --subject; slower)")
-@click.option("--weights", type=click.Path(dir_okay=False), default=None,
-              help="verdict weights JSON (default: the shipped default-testbed fit)")
-@click.option("--facts", "facts_path", type=click.Path(), default=None,
-              help="testbed folder or facts.jsonl: tabulate storage strength over its facts instead")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Parquet file for --facts")
-@click.option("--per-bucket", type=int, default=50, show_default=True, help="facts per frequency bucket")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-@click.option("--device", default=None, help="cpu, cuda, ...")
+@click.option("--prompt", help="The query, e.g. 'Ana Boll was born in'.")
+@click.option("--subject", help="The subject as written in the prompt (needed for --trace).")
+@click.option("--answer", help="An answer to check (its first token), e.g. Paris (a leading space is implied: "
+                               "Paris and ' Paris' are one token).")
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="Samples for self-consistency (default: as fitted).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None,
+              help="Sampling temperature (default: as fitted).")
+@click.option("--trace", is_flag=True, help="Add the causal-trace concentration (needs --subject; slower).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Verdict weights JSON (default: the shipped default-testbed fit).")
+@click.option("--facts", "facts_path", type=click.Path(exists=True), default=None,
+              help="Testbed folder or facts.jsonl: tabulate storage strength over its facts instead.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Parquet file for --facts.")
+@click.option("--per-bucket", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Facts per frequency bucket (--facts).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling and fact-sampling seed.")
+@json_option
+@quiet_option
+@model_options
 def recall(model, prompt, subject, answer, samples, temperature, trace, weights, facts_path, out, per_bucket,
-           seed, as_json, device):
+           seed, as_json, quiet, **load):
     """Judge how strongly MODEL stores a fact and whether to trust its recall or retrieve the fact."""
-    from ..models.loading import load_model
-
     if (prompt is None) == (facts_path is None):
         raise FfkvError("give either --prompt (one query) or --facts (a data set)", "see ffkv recall --help")
-    if samples is not None and samples < 1:
-        raise FfkvError(f"--samples must be >= 1, got {samples}", "pass a positive number")
-    if temperature is not None and temperature < 0:
-        raise FfkvError(f"--temperature must be >= 0, got {temperature}", "pass 0 or more")
-    import torch
-
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
-    mm = load_model(model, device=device)
+    mm = load_model_from_options(model, **load)
     if facts_path is not None:
-        return _table(mm, facts_path, out, per_bucket, seed, as_json)
-    from .verdict import judge
-
+        return _table(mm, facts_path, out, per_bucket, seed, as_json, quiet)
+    answer_id = mm.answer_id(answer) if answer is not None else None  # the one answer rule
     rep = judge(mm, prompt, subject=subject, answer=answer, n_samples=samples, temperature=temperature,
                 seed=seed, weights=weights, trace=trace)
+    if answer is not None:
+        rep = {**rep, "answer_id": answer_id, "answer_token": token_text(mm, answer_id)}
     if as_json:
-        click.echo(json.dumps(rep))
+        emit_json(rep)
         return
     s = rep["signals"]
     click.echo(f"prompt: {prompt!r}   greedy answer: {rep['greedy_answer']!r}")
@@ -65,15 +70,7 @@ def recall(model, prompt, subject, answer, samples, temperature, trace, weights,
     click.echo(f"score {rep['score']:.3f} (threshold {rep['threshold']:.3f}) -> verdict: {rep['verdict']}")
 
 
-def _table(mm, facts_path, out, per_bucket, seed, as_json):
-    import random
-
-    from tqdm import tqdm
-
-    from ..io import provenance, write_parquet
-    from .data import bucket_of, fact_queries, load_testbed_facts, stratified_facts
-    from .strength import storage_strength
-
+def _table(mm, facts_path, out, per_bucket, seed, as_json, quiet):
     if out is None and not as_json:
         raise FfkvError("--facts needs --out FILE.parquet or --json", "pass one")
     facts, _ = load_testbed_facts(facts_path)
@@ -82,7 +79,7 @@ def _table(mm, facts_path, out, per_bucket, seed, as_json):
     cols: dict[str, list] = {k: [] for k in ("fact_id", "subject", "relation_id", "object", "train_count", "bucket",
                                               "prompt", "p_answer", "rank", "margin", "strength", "survival",
                                               "redundancy", "attribution_share")}
-    for f in tqdm(chosen, desc="storage strength", file=sys.stderr, mininterval=2):
+    for f in tqdm(chosen, desc="storage strength", file=sys.stderr, mininterval=2, disable=not show_progress(quiet)):
         q = fact_queries(f, "train", rng)
         st = storage_strength(mm, q.prompt, f["object"], subject=f["subject"])
         for k, v in (("fact_id", f.get("fact_id", -1)), ("subject", f["subject"]), ("relation_id", f["relation_id"]),
@@ -93,15 +90,13 @@ def _table(mm, facts_path, out, per_bucket, seed, as_json):
             cols[k].append(v)
     summary = {}
     if len(chosen) >= 3:
-        from .stats import bootstrap_ci, spearman
-
         rho, lo, hi = bootstrap_ci(spearman, cols["strength"], cols["train_count"], n_boot=500)
         summary = {"n": len(chosen), "spearman_strength_vs_train_count": rho, "ci95": [lo, hi]}
     meta = provenance(mm.identity, facts=str(facts_path), per_bucket=per_bucket, seed=seed)
     if out is not None:
         write_parquet(out, cols, meta={**meta, "summary": summary})
     if as_json:
-        click.echo(json.dumps({"summary": summary, "out": out, "rows": len(chosen)}))
+        emit_json({"summary": summary, "out": out, "rows": len(chosen)})
     else:
         click.echo(f"{len(chosen)} facts -> {out}; " + (f"Spearman(strength, train count) = "
                                                         f"{summary['spearman_strength_vs_train_count']:.3f} "

@@ -12,7 +12,10 @@ import sys
 
 import click
 
+from ..clikit import load_model_from_options, model_options
 from ..errors import FfkvError
+from .app import LOOPBACK_HOSTS, create_app
+from .backend import Backend, Limits
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -88,22 +91,17 @@ def run_server(app, host: str = "127.0.0.1", port: int = 8765, on_start=None, lo
               help="A CounterFact JSON file whose records fill the edit form (prompt, paraphrases, neighbours).")
 @click.option("--stats-tokens", type=int, default=None,
               help="Tokens of the edit statistics E[k k^T] (default: the method's).")
-@click.option("--dtype", default=None, help="Model dtype (float32, bfloat16, float16, auto).")
-@click.option("--device", default=None, help="Model device (cpu, cuda, ...).")
-def serve(model, atlas, port, host, allow_remote, state_dir, cases, stats_tokens, dtype, device):
+@model_options
+def serve(model, atlas, port, host, allow_remote, state_dir, cases, stats_tokens, **load):
     """Serve the memory debugger for MODEL on http://127.0.0.1:PORT/ (prompt view, memory pages, search,
     trace and locate, edit with an undoable journal)."""
-    from .app import LOOPBACK_HOSTS, create_app
-    from .backend import Backend
-
     check_host(host, allow_remote)
     if not 0 <= port < 65536:
         raise FfkvError(f"port {port} is out of range", "use 0..65535 (0: any free port)")
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="ffkv serve: %(message)s")
     click.echo(f"ffkv serve: loading {model} ...", err=True)
     hp = {"stats_tokens": stats_tokens} if stats_tokens else None
-    backend = Backend.open(model, atlas=atlas, state_dir=state_dir, edit_hparams=hp, cases=cases, dtype=dtype,
-                           device=device)
+    backend = Backend(load_model_from_options(model, **load), atlas, state_dir, hp, Limits(), cases)
     if len(backend.journal):
         click.echo(f"ffkv serve: replayed {len(backend.journal)} journal entries from {backend.journal_path}",
                    err=True)

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from ..errors import FfkvError
+from ..io import provenance, write_json
+from ..models.loading import load_model
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_SEED = 0
@@ -26,7 +28,6 @@ def build(preset: str = "default", out: str | Path = "testbed", seed: int = DEFA
 
     Returns ``out``. ``world`` overrides the generated world (e.g. :func:`~ffkv.testbed.pararel.pararel_world`).
     """
-    from ..io import write_json
     from .train import TRAIN_PRESETS, train_model
     from .world import generate_world
 
@@ -49,8 +50,6 @@ def testbed_report(testbed_dir: str | Path, n_samples: int = 10, max_facts_per_b
     """Load ``DIR/model`` through ``ffkv.load_model`` and run :func:`recall_report` on ``DIR/data``."""
     import torch
 
-    from ..io import provenance
-    from ..models.loading import load_model
     from .datasets import load_facts
     from .report import recall_report
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 
+from ..errors import FfkvError
 from .world import _COMPANY_SUFFIXES, _PLACE_FORMS, RELATIONS, _word, filler_sentences
 
 _MAKE_NAME = {
@@ -99,7 +100,6 @@ def repeated_sequences(n: int, context: int, vocab_size: int, generator, min_per
     """
     import torch
 
-    from ..errors import FfkvError
 
     if not 1 <= min_period < max_period or not 0 <= low < vocab_size:
         raise FfkvError(f"repeated sequences need 1 <= min_period < max_period and 0 <= low < vocab_size, got "

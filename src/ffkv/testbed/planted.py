@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from ..io import atomic_path
+from ..models.model import MemoryModel
+
 WORDS = ("the a of in and to is was on at old new big small red blue green north south east west "
          "city river tower castle bridge house road hill lake forest king queen man woman child "
          "dog cat bird horse ship car train book song name day night year time people place "
@@ -75,7 +78,6 @@ def planted_model(facts=DEFAULT_FACTS, n_layers: int = 2, d_model: int = 64, d_f
     """
     import transformers as T
 
-    from ..models.model import MemoryModel
 
     tok = word_tokenizer()
     vocab = len(tok)
@@ -162,7 +164,6 @@ def save_planted(pm: PlantedModel, out: str | Path) -> Path:
     """Save as an ordinary Hugging Face model folder (+ ``planted.json`` with the ground truth)."""
     import json
 
-    from ..io import atomic_path
 
     out = Path(out)
     with atomic_path(out, is_dir=True) as tmp:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..errors import FfkvError
+from ..io import atomic_path, provenance
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,6 @@ def train_model(world, arch: str = "gpt2", preset: str | TrainPreset = "default"
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    from ..io import atomic_path, provenance
     from .episodes import EpisodeWriter, episode_windows
     from .tokenizer import train_tokenizer
 
