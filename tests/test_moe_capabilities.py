@@ -22,6 +22,7 @@ from ffkv.memory.atlas import Atlas
 from ffkv.memory.merge import merge_atlases
 from ffkv.memory.miner import POSITION_BITS, mine, mining_groups
 from ffkv.memory.oracle import brute_force_triggers
+from ffkv.models.loading import tiny_model
 from ffkv.models.memory_id import MemoryId
 from ffkv.models.moe import MoEModel, expert_intervene, routed_coefficients, tiny_moe_config
 from ffkv.testbed.planted import WORDS, word_tokenizer
@@ -299,3 +300,39 @@ def test_edit_refusals_name_the_fix(models, planted, tmp_path):
     with pytest.raises(FfkvError, match="no experts"):
         apply_edits(planted.model, dense_req, "rome", {"layer": 0, "expert": 1, "stats_tokens": 200},
                     corpus=_texts(), stats_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("mt", ["deepseek_v3", "flex_olmo"])
+def test_inferred_moe_families_atlas_rome_memit(mt, corpus_file, tmp_path):
+    """Families whose MoE spec is inferred: DeepSeek-V3 (sigmoid router, scaled weights, ungated shared expert,
+    a dense first layer) and FlexOlmo (post-FFN norms: MEMIT maps the residual change through the norm first)."""
+    model = tiny_model(mt)
+    model.tokenizer = word_tokenizer()
+    mine(model, corpus_file, tmp_path / "a", top_k=4, batch_tokens=64, progress=False)
+    atlas = Atlas(tmp_path / "a", model=model)
+    units = list(corpus_mod.iter_units(model.tokenizer, corpus_mod.CorpusSpec(str(corpus_file))))
+    ref = brute_force_triggers(model, units, top_k=4, batch_tokens=64)
+    for l, e in atlas.groups:
+        for kind in ("top", "bottom"):
+            assert (_dense(atlas, l, kind, e)[0] == ref[l, e][kind]).all(), (l, e, kind)
+    req = EditRequest(REQ["prompt"], REQ["subject"], " " + REQ["target"])
+    before = _params(model)
+    p0, _ = _target_prob(model, REQ["prompt"].format(REQ["subject"]), REQ["target"])
+    common = {"stats_tokens": 600, "v_num_grad_steps": 15, "prefixes": [[3, 2]], "clamp_norm_factor": 1000.0,
+              "v_weight_decay": 0.0, "max_update_ratio": 1e5}
+    L = max(model.moe_layers)
+    j = apply_edits(model, req, "rome", {"layer": L, "expert": "top", **common}, corpus=_texts(),
+                    stats_dir=tmp_path, progress=False)
+    assert j[0].expert == pick_expert(model, req, L, "top")
+    p1, top = _target_prob(model, REQ["prompt"].format(REQ["subject"]), REQ["target"])
+    assert top and p1 > 1.5 * p0
+    j.undo(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.hf.named_parameters())
+    experts = [routed_experts(model, req, l)[0][0] if model.is_moe_layer(l) else None for l in range(model.n_layers)]
+    j = apply_edits(model, [req], "memit", {"layers": list(range(model.n_layers)), "expert": experts,
+                                            "mom2_update_weight": 1.0, **common},
+                    corpus=_texts(), stats_dir=tmp_path, progress=False)
+    assert [x.expert for x in j] == experts
+    assert _target_prob(model, REQ["prompt"].format(REQ["subject"]), REQ["target"])[1]
+    j.undo(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.hf.named_parameters())

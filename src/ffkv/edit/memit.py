@@ -151,6 +151,14 @@ def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dic
         R = (z - cur).T / (len(layers) - j)  # (d_model, n) residual delta
         info = {}
         site = layer if expert is None else (layer, expert)
+        if post_norm is not None and post_norm(layer) is not None:  # a block output change, then the expert's
+            y = read_at_subject(model, requests, "ffn_out", layer)  # (n, d_model) W_out's (the block's) output
+            write = lambda x, layer=layer: model.write_from_ffn_out(layer, x)  # noqa: E731
+            dy = ffn_out_delta(write, y, R.T)
+            with torch.no_grad():
+                got = write(y + dy).float() - write(y).float()
+            info["write_error"] = float((got - R.T.to(got.device)).norm() / R.norm().clamp_min(1e-30))
+            R = dy.T.to(R.device)  # (d_model, n) in W_out's output space
         if expert is not None:
             R = R / w.to(R.device)[None, :]  # the expert's output change that moves the block by R
             info["routing_weights"] = [float(x) for x in w]
@@ -158,14 +166,6 @@ def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dic
             g = shared_gates(model, requests, layer, prefixes)
             R = R / g.to(R.device)[None, :]
             info["shared_gates"] = [float(x) for x in g]
-        elif post_norm is not None and post_norm(layer) is not None:
-            y = read_at_subject(model, requests, "ffn_out", layer)  # (n, d_model) W_out's output
-            write = lambda x, layer=layer: model.write_from_ffn_out(layer, x)  # noqa: E731
-            dy = ffn_out_delta(write, y, R.T)
-            with torch.no_grad():
-                got = write(y + dy).float() - write(y).float()
-            info["write_error"] = float((got - R.T.to(got.device)).norm() / R.norm().clamp_min(1e-30))
-            R = dy.T.to(R.device)  # (d_model, n) in W_out's output space
         u, v = memit_layer_update(stats[site].C, K, R, float(hparams["mom2_update_weight"]))
         info.update({"targets": info_req if j == 0 else None, "residual_norm": float(R.norm()),
                      "stats_tokens": stats[site].n_tokens, "stats_corpus": stats[site].corpus})
