@@ -11,6 +11,10 @@ and then subtracting ΔW would not (floating point), so the journal also keeps t
 layer it touched (one copy per layer, in the model's dtype): undoing the last n entries restores the base
 of their layers and replays the earlier entries of those layers, then checks the checksum.
 
+An edit of one expert of a mixture-of-experts layer (``expert=e``) changes only that expert's W_out, the
+slice ``value_param(l, e)[value_slice(l, e)]`` of the fused (E, D, F) parameter: its checksums, its base copy
+and its undo cover exactly that slice (``L3.E2`` in the files), and the other experts are never written.
+
 On disk (``Journal.save(dir)``): ``journal.json`` (entries, provenance), ``deltas.safetensors`` (u, v of
 each entry) and ``base.safetensors`` (the base W_out parameters).
 """
@@ -38,8 +42,24 @@ def weight_checksum(t: torch.Tensor) -> str:
     return hashlib.sha256(b).hexdigest()[:16]
 
 
-def layer_checksum(model, layer: int) -> str:
-    return weight_checksum(model.value_param(layer))
+def layer_checksum(model, layer: int, expert: int | None = None) -> str:
+    """Checksum of layer l's W_out parameter, or of expert e's slice of it."""
+    return weight_checksum(_written(model, layer, expert))
+
+
+def _written(model, layer: int, expert: int | None):
+    """The tensor an edit writes: the W_out parameter, or expert e's W_out inside the fused parameter."""
+    if expert is None:
+        return model.value_param(layer)
+    return model.value_param(layer, expert)[model.value_slice(layer, expert)]
+
+
+def _values(model, layer: int, expert: int | None):
+    return model.values(layer) if expert is None else model.values(layer, expert)
+
+
+def _site_name(site) -> str:
+    return f"L{site}" if not isinstance(site, tuple) else f"L{site[0]}.E{site[1]}"
 
 
 @dataclass
@@ -58,15 +78,24 @@ class JournalEntry:
     created: str = ""
     keys: torch.Tensor | None = None  # (d_ffn, r) the keys the update was made for (k*), if any
     targets: torch.Tensor | None = None  # (d_model, r) the values they now map to (v*), if any
+    expert: int | None = None  # the expert of an MoE layer whose W_out was edited, None for a dense W_out
+
+    @property
+    def site(self):
+        """What the entry wrote: the layer, or ``(layer, expert)``."""
+        return self.layer if self.expert is None else (self.layer, self.expert)
 
     @property
     def rank(self) -> int:
         return self.u.shape[1]
 
     def meta(self) -> dict:
-        return {"method": self.method, "layer": self.layer, "rank": self.rank, "requests": self.requests,
-                "hparams": self.hparams, "before": self.before, "after": self.after, "info": self.info,
-                "created": self.created}
+        out = {"method": self.method, "layer": self.layer, "rank": self.rank, "requests": self.requests,
+               "hparams": self.hparams, "before": self.before, "after": self.after, "info": self.info,
+               "created": self.created}
+        if self.expert is not None:
+            out["expert"] = self.expert
+        return out
 
 
 def delta_matrix(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -75,22 +104,24 @@ def delta_matrix(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_delta(model, layer: int, u: torch.Tensor, v: torch.Tensor) -> None:
-    """W_out(l) <- dtype(float64(W) + u v^T), written through the value view (transposed for Conv1D)."""
-    W = model.values(layer)
+def apply_delta(model, layer: int, u: torch.Tensor, v: torch.Tensor, expert: int | None = None) -> None:
+    """W_out(l) <- dtype(float64(W) + u v^T), written through the value view (transposed for Conv1D); with
+    ``expert``, that expert's W_out (its slice of the fused parameter) only."""
+    W = _values(model, layer, expert)
     new = W.double() + delta_matrix(u.to(W.device), v.to(W.device))
     W.copy_(new.to(W.dtype))
 
 
 @torch.no_grad()
-def check_update(model, layer: int, u: torch.Tensor, v: torch.Tensor, max_ratio: float, what: str) -> dict:
+def check_update(model, layer: int, u: torch.Tensor, v: torch.Tensor, max_ratio: float, what: str,
+                 expert: int | None = None) -> dict:
     """Refuse a non-finite update, or one whose norm is out of range: ||ΔW||_F > max_ratio · ||W||_F."""
     if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
         raise FfkvError(f"the {what} update of layer {layer} is not finite; the model is unchanged",
                         "lower v_lr / clamp_norm_factor, or recompute the statistics")
     d = delta_matrix(u, v)
     dn = float(d.norm())
-    wn = float(model.values(layer).double().norm())
+    wn = float(_values(model, layer, expert).double().norm())
     if not dn == dn or dn > max_ratio * wn:  # noqa: PLR0124 - NaN check
         raise FfkvError(f"the {what} update of layer {layer} has norm {dn:.3g}, {dn / max(wn, 1e-30):.1f}x the "
                         f"layer's W_out norm {wn:.3g} (limit {max_ratio}x); the model is unchanged",
@@ -103,7 +134,8 @@ class Journal:
 
     def __init__(self):
         self.entries: list[JournalEntry] = []
-        self.base: dict[int, torch.Tensor] = {}  # layer -> W_out parameter before the first edit (model dtype)
+        # layer (or (layer, expert)) -> W_out parameter (expert slice) before the first edit (model dtype)
+        self.base: dict = {}
         self.base_identity: dict | None = None
         self.param_layout: str = ""
         self.context = None  # the EditContext of the edits recorded here (in memory only; see apply_edits)
@@ -124,6 +156,11 @@ class Journal:
     def layers(self) -> list[int]:
         return sorted({e.layer for e in self.entries})
 
+    @property
+    def base_layers(self) -> list[int]:
+        """The layers whose base W_out (or an expert's slice of it) the journal keeps."""
+        return sorted({s if isinstance(s, int) else s[0] for s in self.base})
+
     # ------------------------------------------------------------------------------------------------
     def attach(self, model, base_identity: dict | None = None) -> None:
         """Remember the unedited model's identity (once): ``base_identity`` when given (an
@@ -134,22 +171,29 @@ class Journal:
 
     def record(self, model, method: str, layer: int, u: torch.Tensor, v: torch.Tensor, requests: list[dict],
                hparams: dict, info: dict | None = None, max_ratio: float = float("inf"),
-               keys: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> JournalEntry:
-        """Check, apply and record ``ΔW_l = u v^T``; a refused update leaves the model unchanged."""
+               keys: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+               expert: int | None = None) -> JournalEntry:
+        """Check, apply and record ``ΔW_l = u v^T`` (of expert ``expert``'s W_out when given); a refused
+        update leaves the model unchanged."""
         layer = model.check_layer(layer)
+        if expert is not None:
+            expert = model.check_expert(layer, expert)
+        d_ffn = _values(model, layer, expert).shape[1]  # value orientation (d_model, d_ffn) for every family
         u = u.detach().float().cpu().reshape(model.d_model, -1).contiguous()
-        v = v.detach().float().cpu().reshape(model.d_ffn, -1).contiguous()
-        info = {**(info or {}), **check_update(model, layer, u, v, max_ratio, method.upper())}
+        v = v.detach().float().cpu().reshape(d_ffn, -1).contiguous()
+        info = {**(info or {}), **check_update(model, layer, u, v, max_ratio, method.upper(), expert)}
         self.attach(model)
-        param = model.value_param(layer)
-        if layer not in self.base:
-            self.base[layer] = param.detach().clone().cpu()
+        param = _written(model, layer, expert)
+        site = layer if expert is None else (layer, expert)
+        if site not in self.base:
+            self.base[site] = param.detach().clone().cpu()
         before = weight_checksum(param)
-        apply_delta(model, layer, u, v)
+        apply_delta(model, layer, u, v, expert)
         entry = JournalEntry(method, layer, u, v, requests, dict(hparams), before, weight_checksum(param), info,
                              _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                             None if keys is None else keys.detach().float().cpu().reshape(model.d_ffn, -1),
-                             None if targets is None else targets.detach().float().cpu().reshape(model.d_model, -1))
+                             None if keys is None else keys.detach().float().cpu().reshape(d_ffn, -1),
+                             None if targets is None else targets.detach().float().cpu().reshape(model.d_model, -1),
+                             expert)
         self.entries.append(entry)
         return entry
 
@@ -167,25 +211,28 @@ class Journal:
         if n == 0:
             return 0
         keep, drop = self.entries[: len(self.entries) - n], self.entries[len(self.entries) - n:]
-        layers = sorted({e.layer for e in drop})
-        for layer in layers:
-            last = [e for e in self.entries if e.layer == layer][-1]
-            now = layer_checksum(model, layer)
+        sites = sorted({e.site for e in drop}, key=_site_name)
+        for site in sites:
+            layer, expert = _split(site)
+            what = f"layer {layer}" + ("" if expert is None else f" expert {expert}")
+            last = [e for e in self.entries if e.site == site][-1]
+            now = layer_checksum(model, layer, expert)
             if now != last.after:
-                raise FfkvError(f"layer {layer}'s W_out is not what the journal left (checksum {now}, journal "
+                raise FfkvError(f"{what}'s W_out is not what the journal left (checksum {now}, journal "
                                 f"{last.after}): the model was changed outside the journal; nothing was undone",
                                 "undo on the model the journal edited, or load the edited model again")
-            if layer not in self.base:
-                raise FfkvError(f"the journal has no base weights of layer {layer}", "it cannot undo this edit")
-        for layer in layers:
-            model.value_param(layer).copy_(self.base[layer].to(model.device))
+            if site not in self.base:
+                raise FfkvError(f"the journal has no base weights of {what}", "it cannot undo this edit")
+        for site in sites:
+            layer, expert = _split(site)
+            _written(model, layer, expert).copy_(self.base[site].to(model.device))
             for e in keep:
-                if e.layer == layer:
-                    apply_delta(model, layer, e.u, e.v)
-            want = next(e.before for e in drop if e.layer == layer)
-            got = layer_checksum(model, layer)
+                if e.site == site:
+                    apply_delta(model, layer, e.u, e.v, expert)
+            want = next(e.before for e in drop if e.site == site)
+            got = layer_checksum(model, layer, expert)
             if got != want:
-                raise FfkvError(f"undo of layer {layer} gave checksum {got}, expected {want}",
+                raise FfkvError(f"undo of {_site_name(site)} gave checksum {got}, expected {want}",
                                 "please report this; reload the model")
         self.entries = keep
         return n
@@ -199,21 +246,21 @@ class Journal:
         """
         first = {}
         for i, e in enumerate(self.entries):
-            first.setdefault(e.layer, (i, e))
+            first.setdefault(e.site, (i, e))
         for i, e in first.values():
-            now = layer_checksum(model, e.layer)
+            now = layer_checksum(model, e.layer, e.expert)
             if now != e.before:
                 raise FfkvError(f"edit {i} ({e.method}, layer {e.layer}) was recorded on W_out checksum {e.before} "
                                 f"but this model's is {now}",
                                 "replay onto a fresh copy of the model the journal was recorded on")
         for e in self.entries:
             # Checked again per entry: two entries on one layer chain their checksums.
-            if layer_checksum(model, e.layer) != e.before:
+            if layer_checksum(model, e.layer, e.expert) != e.before:
                 raise FfkvError(f"the journal's entries on layer {e.layer} do not chain", "the journal is corrupt")
-            if e.layer not in self.base:
-                self.base[e.layer] = model.value_param(e.layer).detach().clone().cpu()
-            apply_delta(model, e.layer, e.u, e.v)
-            if layer_checksum(model, e.layer) != e.after:
+            if e.site not in self.base:
+                self.base[e.site] = _written(model, e.layer, e.expert).detach().clone().cpu()
+            apply_delta(model, e.layer, e.u, e.v, e.expert)
+            if layer_checksum(model, e.layer, e.expert) != e.after:
                 raise FfkvError(f"replaying the edit on layer {e.layer} did not reproduce its weights",
                                 "replay on the same dtype and device the edit was made on")
         self.attach(model)
@@ -227,7 +274,9 @@ class Journal:
                           journal_version=JOURNAL_VERSION)
         meta.update(journal_version=JOURNAL_VERSION, n_edits=len(self.entries),
                     entries=[e.meta() for e in self.entries],
-                    base_layers=sorted(self.base))
+                    base_layers=sorted(s for s in self.base if not isinstance(s, tuple)))
+        if any(isinstance(s, tuple) for s in self.base):
+            meta["base_experts"] = sorted(list(s) for s in self.base if isinstance(s, tuple))
         tensors = {}
         for i, e in enumerate(self.entries):
             tensors[f"{i}.u"] = e.u
@@ -239,8 +288,8 @@ class Journal:
             (tmp / "journal.json").write_text(json.dumps(_plain(meta), indent=2) + "\n")
             save_safetensors(tmp / "deltas.safetensors", tensors or {"empty": torch.zeros(0)}, {"n": len(self)})
             save_safetensors(tmp / "base.safetensors",
-                             {f"L{l}": t for l, t in self.base.items()} or {"empty": torch.zeros(0)},
-                             {"layers": sorted(self.base)})
+                             {_site_name(s): t for s, t in self.base.items()} or {"empty": torch.zeros(0)},
+                             {"layers": sorted(s for s in self.base if not isinstance(s, tuple))})
         return out
 
     @classmethod
@@ -263,15 +312,26 @@ class Journal:
         base, _ = load_safetensors(path / "base.safetensors")
         j = cls()
         j.base_identity = meta.get("model") or None
-        j.base = {int(k[1:]): t for k, t in base.items() if k.startswith("L")}
+        j.base = {_parse_site(k): t for k, t in base.items() if k.startswith("L")}
         for i, m in enumerate(meta["entries"]):
             if f"{i}.u" not in deltas:
                 raise FfkvError(f"{path}/deltas.safetensors lacks edit {i}", "the journal is corrupt")
             j.entries.append(JournalEntry(m["method"], int(m["layer"]), deltas[f"{i}.u"].float(),
                                           deltas[f"{i}.v"].float(), m["requests"], m["hparams"], m["before"],
                                           m["after"], m.get("info", {}), m.get("created", ""),
-                                          deltas.get(f"{i}.keys"), deltas.get(f"{i}.targets")))
+                                          deltas.get(f"{i}.keys"), deltas.get(f"{i}.targets"),
+                                          None if m.get("expert") is None else int(m["expert"])))
         return j
+
+
+def _split(site) -> tuple[int, int | None]:
+    return (site[0], site[1]) if isinstance(site, tuple) else (site, None)
+
+
+def _parse_site(name: str):
+    """``"L3"`` -> 3, ``"L3.E2"`` -> (3, 2): the keys of ``base.safetensors``."""
+    layer, _, expert = name[1:].partition(".E")
+    return int(layer) if not expert else (int(layer), int(expert))
 
 
 def _plain(obj):

@@ -26,6 +26,14 @@ N(y) + R_l is reached exactly only where it lies on that surface; elsewhere Δy 
 (``write_error`` in the journal entry's info: ||achieved - R_l|| / ||R_l||), and the layers after this one,
 which see the residual left, make up the rest. Δy takes R_l's place in ΔW_l. Dense families (no post
 norm) use R_l itself.
+
+One expert per layer of a mixture-of-experts model (``hparams["expert"]``: one index for every layer, or a
+list aligned with ``layers``): K_l holds expert e_l's coefficients at each request's subject's last token
+(:func:`.compute_key.compute_expert_keys`, every request must be routed to e_l), C_l its statistics over the
+tokens routed to it, and since the block writes ``w_e W m^e``, request i's column of R_l is divided by its
+routing weight w_{e,i} (the expert's output moves by r_i / w_{e,i} for the block's to move by r_i). A Qwen2-MoE
+shared expert (``expert`` None on an MoE layer) writes through its gate ``sigmoid(g . x)``, which divides R_l
+the same way.
 """
 
 from __future__ import annotations
@@ -35,7 +43,9 @@ from typing import Sequence
 
 import torch
 
-from .compute_key import compute_keys, context_prefixes, read_at_subject
+from ..errors import FfkvError
+from .compute_key import (compute_expert_keys, compute_keys, context_prefixes, read_at_subject, shared_gates,
+                          shared_write_scale)
 from .compute_value import compute_targets
 from .journal import Journal, JournalEntry
 from .requests import EditRequest
@@ -91,10 +101,26 @@ def shared_subject_groups(requests: Sequence[EditRequest]) -> list[list[int]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
+def layer_experts(hparams: dict) -> list[int | None]:
+    """The expert edited at each of ``hparams['layers']``: None (dense W_out), one index for all, or a list."""
+    layers = list(hparams["layers"])
+    ex = hparams.get("expert")
+    if ex is None or (isinstance(ex, int) and not isinstance(ex, bool)):
+        return [ex] * len(layers)
+    if isinstance(ex, (list, tuple)) and len(ex) == len(layers) and all(
+            e is None or (isinstance(e, int) and not isinstance(e, bool)) for e in ex):
+        return list(ex)
+    raise FfkvError(f"hyperparameter expert={ex!r} does not name one expert per layer of {layers}",
+                    f"pass one expert index for all layers or a list of {len(layers)}")
+
+
 def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dict[int, SecondMoment],
                journal: Journal, prefixes: list[str] | None = None) -> list[JournalEntry]:
-    """Apply one MEMIT batch over ``hparams['layers']``; returns the journal entries (one per layer)."""
+    """Apply one MEMIT batch over ``hparams['layers']``; returns the journal entries (one per layer).
+
+    ``stats`` is keyed by layer, or by ``(layer, expert)`` for a layer whose expert is edited."""
     layers = list(hparams["layers"])
+    experts = layer_experts(hparams)
     top = layers[-1]
     shared = shared_subject_groups(requests)
     if shared:
@@ -105,6 +131,9 @@ def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dic
                       "(ffkv.evaluate.datasets.subject_batches)", stacklevel=3)
     if prefixes is None:
         prefixes = context_prefixes(model, hparams["prefixes"], hparams["seed"])
+    for layer, expert in zip(layers, experts):  # refuse an expert a request is not routed to, before optimising
+        if expert is not None:
+            compute_expert_keys(model, requests, layer, expert, [""])
     tgt = compute_targets(model, requests, "resid_post", top, hparams, prefixes)
     z = tgt.h + tgt.delta  # (n, d_model)
     reqs = [r.to_json() for r in requests]
@@ -112,22 +141,34 @@ def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dic
     entries = []
     # TRANSITION: getattr until h2's MemoryModel.post_norm is merged; then model.post_norm(layer).
     post_norm = getattr(model, "post_norm", None)
-    for j, layer in enumerate(layers):
-        K = compute_keys(model, requests, layer, prefixes).T  # (d_ffn, n)
+    for j, (layer, expert) in enumerate(zip(layers, experts)):
+        if expert is None:
+            K = compute_keys(model, requests, layer, prefixes).T  # (d_ffn, n)
+        else:
+            K, w = compute_expert_keys(model, requests, layer, expert, prefixes)
+            K = K.T  # (d_expert, n)
         cur = read_at_subject(model, requests, "resid_post", top)  # (n, d_model)
         R = (z - cur).T / (len(layers) - j)  # (d_model, n) residual delta
         info = {}
-        if post_norm is not None and post_norm(layer) is not None:
-            y = read_at_subject(model, requests, "ffn_out", layer)  # (n, d_model) W_out's output
+        site = layer if expert is None else (layer, expert)
+        if post_norm is not None and post_norm(layer) is not None:  # a block output change, then the expert's
+            y = read_at_subject(model, requests, "ffn_out", layer)  # (n, d_model) W_out's (the block's) output
             write = lambda x, layer=layer: model.write_from_ffn_out(layer, x)  # noqa: E731
             dy = ffn_out_delta(write, y, R.T)
             with torch.no_grad():
                 got = write(y + dy).float() - write(y).float()
             info["write_error"] = float((got - R.T.to(got.device)).norm() / R.norm().clamp_min(1e-30))
             R = dy.T.to(R.device)  # (d_model, n) in W_out's output space
-        u, v = memit_layer_update(stats[layer].C, K, R, float(hparams["mom2_update_weight"]))
+        if expert is not None:
+            R = R / w.to(R.device)[None, :]  # the expert's output change that moves the block by R
+            info["routing_weights"] = [float(x) for x in w]
+        elif shared_write_scale(model, layer):
+            g = shared_gates(model, requests, layer, prefixes)
+            R = R / g.to(R.device)[None, :]
+            info["shared_gates"] = [float(x) for x in g]
+        u, v = memit_layer_update(stats[site].C, K, R, float(hparams["mom2_update_weight"]))
         info.update({"targets": info_req if j == 0 else None, "residual_norm": float(R.norm()),
-                     "stats_tokens": stats[layer].n_tokens, "stats_corpus": stats[layer].corpus})
+                     "stats_tokens": stats[site].n_tokens, "stats_corpus": stats[site].corpus})
         entries.append(journal.record(model, "memit", layer, u.float(), v.float(), reqs, hparams, info,
-                                      max_ratio=hparams["max_update_ratio"], keys=K))
+                                      max_ratio=hparams["max_update_ratio"], keys=K, expert=expert))
     return entries

@@ -14,6 +14,15 @@ The corpus (``corpus=``) is read by ffkv's one corpus reader, :func:`ffkv.memory
 a testbed model, whose ``testbed.json`` names the world, WikiText-2 from the shared data otherwise),
 ``"testbed"``, ``"wikitext"``, a text/JSONL/Parquet/Arrow file or a folder of them, or a list of strings.
 
+Mixture-of-experts layers (:class:`ffkv.models.moe.MoEModel`): the key of expert e is its coefficient vector
+m^e, which exists only at the tokens routed to e, so its statistics are taken over those tokens alone,
+
+    C_{l,e} = (1 / N_e) Σ_{t routed to e} m^e_t m^e_t^T            N_e = the number of such tokens
+
+(read by :func:`ffkv.models.moe.expert_intervene`, the engine of the expert axis). Ask for them by passing
+``(layer, expert)`` in ``layers``; the result is keyed by that pair, and the cache file and memo key name the
+expert.
+
 No state is kept on the model: a caller that edits many times (an ``EditContext``) passes ``memo`` (a dict
 that keeps the results in memory between calls) and ``base_identity`` (the unedited model's identity).
 """
@@ -34,22 +43,26 @@ from tqdm import tqdm
 from ..errors import FfkvError
 from ..io import load_safetensors, provenance, save_safetensors
 from ..memory.corpus import SHARED_DATA, open_corpus, testbed_world_of
-from ..models.engine import capture_coefficients
+from ..models.engine import capture_coefficients, run
+from ..models.moe import expert_intervene
 
-__all__ = ["SHARED_DATA", "SecondMoment", "accumulate_second_moments", "base_identity", "cholesky_factor",
+__all__ = ["SHARED_DATA", "SecondMoment", "accumulate_expert_second_moments", "accumulate_second_moments",
+           "base_identity", "cholesky_factor",
            "default_stats_dir", "layer_stats", "load_second_moment", "resolve_corpus", "testbed_world_of",
            "token_windows"]
 
 
 @dataclass
 class SecondMoment:
-    """C = E[k k^T] of one layer: ``C`` (d_ffn, d_ffn) float64 on the CPU, over ``n_tokens`` tokens."""
+    """C = E[k k^T] of one layer (or of one expert of it): ``C`` (d_ffn, d_ffn) float64 on the CPU, over
+    ``n_tokens`` tokens (an expert's: the tokens routed to it)."""
 
     layer: int
     C: torch.Tensor
     n_tokens: int
     corpus: str
     path: Path | None = None
+    expert: int | None = None
 
 
 def default_stats_dir() -> Path:
@@ -140,7 +153,7 @@ def accumulate_second_moments(model, windows: torch.Tensor, layers: Sequence[int
     the coefficients without copying them and stops after the deepest requested layer.
     """
     layers = sorted(set(layers))
-    sums = {l: torch.zeros(model.d_ffn, model.d_ffn, dtype=torch.float64, device=model.device) for l in layers}
+    sums: dict[int, torch.Tensor] = {}  # width read from the coefficients (an MoE shared expert's is its own)
     count = 0
     bar = tqdm(total=windows.numel(), desc=f"C=E[kk^T] L{','.join(map(str, layers))}", unit="tok",
                disable=not progress, file=None, mininterval=1.0, leave=False)
@@ -149,7 +162,9 @@ def accumulate_second_moments(model, windows: torch.Tensor, layers: Sequence[int
             ids = windows[i:i + batch_size].to(model.device)
             coef = capture_coefficients(model, ids, layers=layers)
             for l in layers:
-                k = coef[l].reshape(-1, model.d_ffn).float()
+                k = coef[l].reshape(-1, coef[l].shape[-1]).float()
+                if l not in sums:
+                    sums[l] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64, device=model.device)
                 sums[l] += (k.T @ k).double()
             count += ids.numel()
             bar.update(ids.numel())
@@ -157,11 +172,43 @@ def accumulate_second_moments(model, windows: torch.Tensor, layers: Sequence[int
     return {l: s.cpu() for l, s in sums.items()}, count
 
 
-def _stats_path(stats_dir: Path, identity: dict, corpus_key: str, layer: int, n_tokens: int) -> Path:
+@torch.no_grad()
+def accumulate_expert_second_moments(model, windows: torch.Tensor, experts: Sequence[tuple[int, int]],
+                                     batch_size: int = 8, progress: bool = True
+                                     ) -> tuple[dict[tuple[int, int], torch.Tensor], dict[tuple[int, int], int]]:
+    """Σ m^e m^e^T over the tokens routed to each ``(layer, expert)``, one forward pass per batch.
+
+    Returns ``({(layer, expert): S (F, F) float64}, {(layer, expert): N_e})``; C = S / N_e. The pass stops after
+    the deepest layer asked for.
+    """
+    experts = sorted(set(experts))
+    sums = {k: None for k in experts}
+    counts = {k: 0 for k in experts}
+    stop = max(l for l, _ in experts)
+    bar = tqdm(total=windows.numel(), desc="C=E[kk^T] " + ",".join(f"L{l}.E{e}" for l, e in experts), unit="tok",
+               disable=not progress, file=None, mininterval=1.0, leave=False)
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i:i + batch_size].to(model.device)
+        with expert_intervene(model, reads=experts) as rec:
+            run(model, ids, head="none", stop_after=stop)
+        for key in experts:
+            k = rec[key].coef.float()  # (n_e, F): only the tokens routed to the expert
+            s = (k.T @ k).double()
+            sums[key] = s if sums[key] is None else sums[key] + s
+            counts[key] += k.shape[0]
+        bar.update(ids.numel())
+    bar.close()
+    return {key: s.cpu() for key, s in sums.items()}, counts
+
+
+def _stats_path(stats_dir: Path, identity: dict, corpus_key: str, layer, n_tokens: int) -> Path:
+    if isinstance(layer, tuple):  # (layer, expert)
+        return stats_dir / _model_key(identity) / f"{corpus_key}-L{layer[0]}-E{layer[1]}-{n_tokens}.safetensors"
     return stats_dir / _model_key(identity) / f"{corpus_key}-L{layer}-{n_tokens}.safetensors"
 
 
-def load_second_moment(path: str | Path, identity: dict | None = None, layer: int | None = None) -> SecondMoment:
+def load_second_moment(path: str | Path, identity: dict | None = None, layer: int | None = None,
+                       expert: int | None = None) -> SecondMoment:
     """Read one cached statistics file; refuse it if it was computed for another model or layer."""
     tensors, meta = load_safetensors(path)
     if "C" not in tensors or "layer" not in meta:
@@ -176,8 +223,11 @@ def load_second_moment(path: str | Path, identity: dict | None = None, layer: in
                 "pass another stats_dir (--stats-dir), delete the file, or recompute with recompute=True")
     if layer is not None and int(meta["layer"]) != layer:
         raise FfkvError(f"statistics {path} are for layer {meta['layer']}, not {layer}", "delete it and recompute")
+    if layer is not None and meta.get("expert") != expert:
+        raise FfkvError(f"statistics {path} are for expert {meta.get('expert')}, not {expert}",
+                        "delete it and recompute")
     return SecondMoment(int(meta["layer"]), tensors["C"].double(), int(meta["n_tokens"]), meta.get("corpus", ""),
-                        Path(path))
+                        Path(path), meta.get("expert"))
 
 
 def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequence[str] = "auto",
@@ -187,7 +237,9 @@ def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequenc
                 memo: dict | None = None) -> dict[int, SecondMoment]:
     """C = E[k k^T] of each layer in ``layers``, from the cache or computed in one pass over ``corpus``.
 
-    Returns ``{layer: SecondMoment}``; C is (d_ffn, d_ffn) float64 on the CPU. ``n_tokens`` is the number of
+    ``layers`` holds layers and/or ``(layer, expert)`` pairs (an MoE layer's expert: the statistics over the
+    tokens routed to it). Returns ``{layer or (layer, expert): SecondMoment}``; C is (d_ffn, d_ffn) float64
+    on the CPU. ``n_tokens`` is the number of
     corpus tokens (fewer if the corpus is shorter); windows of ``window`` tokens (default: min(256, the
     model's context)). Cached under ``stats_dir`` (default ``$FFKV_STATS_DIR`` or ``~/.cache/ffkv/stats``).
     base_identity: the identity the statistics belong to (an edited model's base, from its journal;
@@ -196,7 +248,14 @@ def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequenc
     """
     if isinstance(layers, int):
         layers = [layers]
-    layers = sorted({model.check_layer(l) for l in layers})
+    experts = sorted({(model.check_layer(int(l[0])), model.check_expert(model.check_layer(int(l[0])), l[1]))
+                      for l in layers if isinstance(l, (tuple, list))})
+    layers = sorted({model.check_layer(l) for l in layers if not isinstance(l, (tuple, list))})
+    if experts:
+        return {**(layer_stats(model, layers, corpus, n_tokens, stats_dir, window, batch_size, recompute, cache,
+                               progress, base_identity, memo) if layers else {}),
+                **_expert_stats(model, experts, corpus, n_tokens, stats_dir, window, batch_size, recompute,
+                                cache, progress, base_identity, memo)}
     if not layers:
         raise FfkvError("no layers given for the statistics", "pass layers=[...]")
     identity = base_identity if base_identity is not None else _identity_of(model)
@@ -235,6 +294,51 @@ def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequenc
             out[l] = SecondMoment(l, C, count, name, path if cache else None)
     for l in layers:
         memo[memo_key, l] = out[l]
+    return out
+
+
+def _expert_stats(model, experts, corpus, n_tokens, stats_dir, window, batch_size, recompute, cache, progress,
+                  base_identity, memo) -> dict[tuple[int, int], SecondMoment]:
+    """:func:`layer_stats` of ``(layer, expert)`` pairs: C over the tokens routed to each expert."""
+    identity = base_identity if base_identity is not None else _identity_of(model)
+    memo = memo if memo is not None else {}
+    spec = str(corpus) if isinstance(corpus, (str, Path)) else \
+        "texts-" + hashlib.sha256("\x00".join(corpus).encode()).hexdigest()[:16]
+    memo_key = (spec, int(n_tokens), window, str(stats_dir), identity.get("fingerprint"))
+    if not recompute and all((memo_key, k) in memo for k in experts):
+        return {k: memo[memo_key, k] for k in experts}
+    name, texts = resolve_corpus(model, corpus)
+    window = window or min(256, _max_positions(model))
+    windows = token_windows(model, texts, int(n_tokens), window)
+    n = windows.numel()
+    digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:10]
+    corpus_key = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:40]}-{digest}"
+    stats_dir = Path(stats_dir) if stats_dir is not None else default_stats_dir()
+    out: dict = {}
+    missing = []
+    for key in experts:
+        path = _stats_path(stats_dir, identity, corpus_key, key, n)
+        if cache and not recompute and path.exists():
+            out[key] = load_second_moment(path, identity, key[0], key[1])
+        else:
+            missing.append(key)
+    if missing:
+        sums, counts = accumulate_expert_second_moments(model, windows, missing, batch_size, progress)
+        for key in missing:
+            l, e = key
+            if counts[key] == 0:
+                raise FfkvError(f"no token of the statistics corpus is routed to expert {e} of layer {l}",
+                                "use a larger corpus (stats_tokens) or another expert")
+            C = sums[key] / counts[key]
+            path = _stats_path(stats_dir, identity, corpus_key, key, n)
+            if cache:
+                meta = provenance(identity, layer=l, expert=e, corpus=name, corpus_key=corpus_key,
+                                  n_tokens=counts[key], corpus_tokens=n, window=window)
+                meta.update(layer=l, expert=e, corpus=name, n_tokens=counts[key])
+                save_safetensors(path, {"C": C}, meta)
+            out[key] = SecondMoment(l, C, counts[key], name, path if cache else None, e)
+    for key in experts:
+        memo[memo_key, key] = out[key]
     return out
 
 

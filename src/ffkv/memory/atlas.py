@@ -4,6 +4,7 @@ Layout (written by :func:`ffkv.memory.miner.mine` and :func:`ffkv.memory.analysi
 
     DIR/atlas.json               metadata: provenance, model path, corpus, status
     DIR/triggers/layer-LLL.parquet  index, kind (top|bottom), rank, coef, unit, position
+    DIR/triggers/layer-LLL-expert-EEE.parquet  the same, for expert EEE of an MoE layer
     DIR/units.parquet            unit, doc, source, tokens (list<int32>), next_id
     DIR/values.parquet           layer, index, top_ids, top_p, max_p, ... (after analysis)
     DIR/analysis/*.json          per-layer measurements (after analysis)
@@ -23,6 +24,7 @@ from ..errors import FfkvError
 from ..io import read_json
 from ..models.loading import load_model
 from ..models.memory_id import MemoryId
+from .miner import trigger_file
 
 _MEMORY = re.compile(r"^[Ll]?(-?\d+)[.:](\d+)$")
 
@@ -85,34 +87,74 @@ class Atlas:
                                 "mine the atlas again")
         return self._model
 
-    def check_memory(self, layer: int, index: int) -> tuple[int, int]:
+    @property
+    def groups(self) -> list[tuple[int, int | None]]:
+        """The key groups mined, ``(layer, expert or None)``: one per layer for a dense model; for an MoE
+        model each expert of each MoE layer (and the shared expert / dense MLP where there is one)."""
+        if "groups" not in self.meta:
+            return [(l, None) for l in range(self.n_layers)]
+        return [(int(g["layer"]), None if g["expert"] is None else int(g["expert"])) for g in self.meta["groups"]]
+
+    @property
+    def has_experts(self) -> bool:
+        return any(e is not None for _, e in self.groups)
+
+    def width(self, layer: int, expert: int | None = None) -> int:
+        """Keys in the group (d_ffn of a dense layer, d_expert of an expert)."""
+        if "groups" not in self.meta:
+            return self.d_ffn
+        for g in self.meta["groups"]:
+            if g["layer"] == layer and g["expert"] == expert:
+                return int(g["d_ffn"])
+        if expert is None:
+            raise FfkvError(f"layer {layer} of this atlas is a mixture of experts with no dense FFN",
+                            f"name an expert: L{layer}.E<expert>.<index>")
+        n = [e for l, e in self.groups if l == layer and e is not None]
+        raise FfkvError(f"this atlas has no expert {expert} at layer {layer}",
+                        f"use experts {min(n)}..{max(n)}" if n else f"layer {layer} has no experts: drop E{expert}")
+
+    def check_memory(self, layer, index: int | None = None, expert: int | None = None):
+        """``(layer, index)`` of a dense memory, or ``(layer, index, expert)`` when ``expert`` is given (or
+        ``layer`` is a MemoryId / ``"L3.E2.17"`` naming one); refuses what the atlas does not have."""
+        if isinstance(layer, (MemoryId, str, tuple)):
+            mid = MemoryId.parse(layer)
+            layer, index, expert = mid.layer, mid.index, mid.expert
         if not -self.n_layers <= layer < self.n_layers:
             raise FfkvError(f"layer {layer} is out of range for a {self.n_layers}-layer model",
                             f"use 0..{self.n_layers - 1}")
-        if not 0 <= index < self.d_ffn:
-            raise FfkvError(f"memory index {index} is out of range (d_ffn = {self.d_ffn})",
-                            f"use 0..{self.d_ffn - 1}")
-        return layer % self.n_layers, index
+        layer = layer % self.n_layers
+        if expert is not None and not self.has_experts:
+            raise FfkvError(f"memory L{layer}.E{expert}.{index} belongs to an expert, and this atlas has no "
+                            "expert axis", "name a dense memory as L<layer>.<index>")
+        width = self.width(layer, expert)
+        if not 0 <= index < width:
+            raise FfkvError(f"memory index {index} is out of range (d_ffn = {width})", f"use 0..{width - 1}")
+        return (layer, index) if expert is None else (layer, index, expert)
 
     # ------------------------------------------------------------------ tables
-    def triggers(self, layer: int):
-        """The trigger table of one layer (pyarrow Table: index, kind, rank, coef, unit, position)."""
-        layer = self.check_memory(layer, 0)[0]
-        if layer not in self._tables:
-            f = self.path / "triggers" / f"layer-{layer:03d}.parquet"
+    def triggers(self, layer: int, expert: int | None = None):
+        """The trigger table of one layer, or of one expert of it (pyarrow Table: index, kind, rank, coef,
+        unit, position)."""
+        layer = self.check_memory(layer, 0, expert)[0]
+        key = layer if expert is None else (layer, expert)
+        if key not in self._tables:
+            f = self.path / trigger_file(layer, expert)
             if not f.exists():
-                raise FfkvError(f"atlas '{self.path}' has no trigger file for layer {layer}", "mine it again")
-            self._tables[layer] = pq.read_table(f)
-        return self._tables[layer]
+                raise FfkvError(f"atlas '{self.path}' has no trigger file for layer {layer}"
+                                + ("" if expert is None else f" expert {expert}"), "mine it again")
+            self._tables[key] = pq.read_table(f)
+        return self._tables[key]
 
-    def trigger_matrix(self, layer: int, kind: str = "top") -> dict:
-        """Dense arrays (d_ffn, k) of ``unit``, ``position``, ``coef`` (unit -1 where a key has fewer)."""
-        t = self.triggers(layer)
+    def trigger_matrix(self, layer: int, kind: str = "top", expert: int | None = None) -> dict:
+        """Dense arrays (d_ffn, k) of ``unit``, ``position``, ``coef`` (unit -1 where a key has fewer; an
+        expert's key has fewer when fewer than k distinct prefixes were routed to the expert)."""
+        t = self.triggers(layer, expert)
+        d = self.width(layer % self.n_layers, expert)
         sel = np.asarray(t["kind"].to_numpy(zero_copy_only=False)) == kind
         idx, rank = t["index"].to_numpy()[sel], t["rank"].to_numpy()[sel].astype(np.int64)
-        out = {"unit": np.full((self.d_ffn, self.top_k), -1, np.int64),
-               "position": np.zeros((self.d_ffn, self.top_k), np.int64),
-               "coef": np.full((self.d_ffn, self.top_k), np.nan, np.float32)}
+        out = {"unit": np.full((d, self.top_k), -1, np.int64),
+               "position": np.zeros((d, self.top_k), np.int64),
+               "coef": np.full((d, self.top_k), np.nan, np.float32)}
         for col in out:
             out[col][idx, rank] = t[col].to_numpy()[sel]
         return out
@@ -132,18 +174,19 @@ class Atlas:
         toks, nxt = self.units[int(unit)]
         return toks[position + 1] if position + 1 < len(toks) else int(nxt)
 
-    def next_tokens(self, layer: int, rank: int = 0) -> np.ndarray:
+    def next_tokens(self, layer: int, rank: int = 0, expert: int | None = None) -> np.ndarray:
         """(d_ffn,) next token of each key's rank-th top trigger (-1 where unknown)."""
-        tm = self.trigger_matrix(layer, "top")
+        tm = self.trigger_matrix(layer, "top", expert)
         return np.array([self.next_token(u, p) if u >= 0 else -1
                          for u, p in zip(tm["unit"][:, rank], tm["position"][:, rank])], np.int64)
 
     # ------------------------------------------------------------------ one memory
-    def memory_triggers(self, layer: int, index: int, kind: str = "top", n: int | None = None,
-                        tokenizer=None) -> list[dict]:
-        """The trigger examples of memory ``L{layer}.{index}``, best first, with their text."""
-        layer, index = self.check_memory(layer, index)
-        tm = self.trigger_matrix(layer, kind)
+    def memory_triggers(self, layer, index: int | None = None, kind: str = "top", n: int | None = None,
+                        tokenizer=None, expert: int | None = None) -> list[dict]:
+        """The trigger examples of memory ``L{layer}.{index}`` (``L{layer}.E{expert}.{index}``), best first,
+        with their text. ``layer`` may also be a :class:`MemoryId` or its name (then ``index`` is omitted)."""
+        layer, index, *ex = self.check_memory(layer, index, expert)
+        tm = self.trigger_matrix(layer, kind, ex[0] if ex else None)
         tok = tokenizer if tokenizer is not None else self.model.tokenizer
         rows = []
         for r in range(self.top_k if n is None else min(n, self.top_k)):

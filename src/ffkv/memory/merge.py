@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from ..errors import FfkvError
 from ..io import write_json, write_parquet
 from .atlas import Atlas
+from .miner import trigger_file
 from .topk import prefix_hashes
 
 
@@ -28,7 +29,8 @@ def merge_atlases(parts: list[str | Path], out: str | Path) -> dict:
         raise FfkvError("merging needs at least two atlases", "pass two or more atlas folders")
     first = atlases[0]
     for a in atlases[1:]:
-        if a.meta["model"].get("fingerprint") != first.meta["model"].get("fingerprint") or a.top_k != first.top_k:
+        if a.meta["model"].get("fingerprint") != first.meta["model"].get("fingerprint") or a.top_k != first.top_k \
+                or a.groups != first.groups:
             raise FfkvError(f"atlas '{a.path}' was mined with another model or top_k than '{first.path}'",
                             "merge atlases of one model with the same --top-k")
     out = Path(out)
@@ -50,8 +52,8 @@ def merge_atlases(parts: list[str | Path], out: str | Path) -> dict:
             cache[u] = prefix_hashes(unit_tokens[u])
         return cache[u][p_]
 
-    for l in range(first.n_layers):
-        t = pa.concat_tables([_offset_units(a.triggers(l), off) for a, off in zip(atlases, offsets)]).to_pydict()
+    for l, e in first.groups:  # every layer of a dense atlas; every expert (and dense FFN) of an MoE one
+        t = pa.concat_tables([_offset_units(a.triggers(l, e), off) for a, off in zip(atlases, offsets)]).to_pydict()
         idx, kind = np.asarray(t["index"]), np.asarray(t["kind"])
         coef, unit, pos = np.asarray(t["coef"], np.float64) + 0.0, np.asarray(t["unit"]), np.asarray(t["position"])
         is_top = kind == "top"
@@ -71,7 +73,8 @@ def merge_atlases(parts: list[str | Path], out: str | Path) -> dict:
         keep = order[rank < k]
         table = {"index": idx[keep].astype(np.int32), "kind": kind[keep], "rank": rank[rank < k].astype(np.int16),
                  "coef": coef[keep].astype(np.float32), "unit": unit[keep], "position": pos[keep].astype(np.int32)}
-        write_parquet(out / "triggers" / f"layer-{l:03d}.parquet", table, meta={**prov, "layer": l})
+        write_parquet(out / trigger_file(l, e), table,
+                      meta={**prov, "layer": l} if e is None else {**prov, "layer": l, "expert": e})
     write_parquet(out / "units.parquet", all_units, meta=prov)
     meta = {**first.meta, **prov, "status": "complete", "units": int(sum(a.meta["units"] for a in atlases)),
             "tokens": int(sum(a.meta["tokens"] for a in atlases)), "merged_from": [str(a.path) for a in atlases]}

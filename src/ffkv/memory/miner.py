@@ -14,6 +14,13 @@ A run writes ``DIR/state/`` (buffers + the units read so far) every ``checkpoint
 running it again resumes after the last checkpoint. The finished atlas has ``DIR/atlas.json``,
 ``DIR/triggers/layer-LLL.parquet`` and ``DIR/units.parquet`` (the token ids of every unit a trigger cites).
 Atlases of corpus shards are merged by :mod:`ffkv.memory.merge`.
+
+Mixture-of-experts models (:class:`ffkv.models.moe.MoEModel`) are mined per expert: each (layer, expert) is a
+group of ``d_expert`` keys whose candidates are only the prefixes *routed* to that expert (an unrouted
+prefix's coefficient is not active, so it never enters the top-k, not even as 0), read by
+:func:`ffkv.models.moe.expert_intervene` in the same forward pass as the dense coefficients of the other
+groups (a shared expert, a layer without experts). Their triggers go to
+``DIR/triggers/layer-LLL-expert-EEE.parquet``; ``atlas.json`` lists the groups (:func:`mining_groups`).
 """
 
 from __future__ import annotations
@@ -32,10 +39,11 @@ from tqdm import tqdm
 
 from ..errors import FfkvError
 from ..io import load_safetensors, provenance, read_json, save_safetensors, write_json, write_parquet
-from ..models.engine import capture_coefficients
+from ..models.engine import capture_coefficients, run
 from ..models.memory_id import MemoryId
+from ..models.moe import MoEModel, expert_intervene
 from .corpus import Corpus, CorpusSpec, Unit, iter_units, open_corpus
-from .topk import TriggerBuffers, first_occurrences, prefix_hashes
+from .topk import GroupBuffers, TriggerBuffers, first_occurrences, prefix_hashes
 
 POSITION_BITS = 20  # global prefix id g = unit << 20 | position
 ATLAS_VERSION = 1
@@ -98,6 +106,66 @@ def batch_coefficients(model, ids: torch.Tensor, mask: torch.Tensor, unit_ids: t
     return (coefs, gids) if hashes is None else (coefs, gids, h)
 
 
+def mining_groups(model) -> list[tuple[int, int | None, int]] | None:
+    """The key groups of an MoE model, ``[(layer, expert or None, width), ...]`` in layer order (per layer:
+    the shared expert or dense MLP first, then experts 0..E-1); None for a dense model (one group per layer,
+    mined as one (L * d_ffn, k) buffer)."""
+    if not isinstance(model, MoEModel):
+        return None
+    groups = []
+    for l in range(model.n_layers):
+        if not model.is_moe_layer(l) or model.has_shared_expert(l):
+            groups.append((l, None, model.d_expert(l)))
+        groups.extend((l, e, model.d_expert(l, e)) for e in range(model.n_experts(l)))
+    return groups
+
+
+def trigger_file(layer: int, expert: int | None = None) -> str:
+    """Path of a group's trigger table inside an atlas folder."""
+    return f"triggers/layer-{layer:03d}.parquet" if expert is None else \
+        f"triggers/layer-{layer:03d}-expert-{expert:03d}.parquet"
+
+
+@torch.no_grad()
+def batch_group_coefficients(model, ids: torch.Tensor, mask: torch.Tensor, unit_ids: torch.Tensor,
+                             groups: list[tuple[int, int | None, int]], hashes: torch.Tensor | None = None):
+    """Coefficients of each key group of an MoE model at the real positions routed to it, one forward pass.
+
+    ids, mask: (B, T); unit_ids: (B,). Returns ``(coefs, rows, gids, h)``: gids (N,) ascending over the N
+    real positions (first occurrences only, with ``hashes``; ``h`` (N,) their hashes, else None), and per
+    group ``coefs[j]`` (n_j, width_j) with ``rows[j]`` (n_j,) ascending indices into gids: every position for
+    a dense group, the positions routed to the expert for an expert group.
+    """
+    B, T = ids.shape
+    sel = mask.reshape(-1).nonzero().squeeze(1)
+    h = None
+    if hashes is not None:
+        h = hashes.reshape(-1).index_select(0, sel)
+        fresh = first_occurrences(h)
+        sel, h = sel[fresh], h[fresh]
+    dense = sorted({l for l, e, _ in groups if e is None})
+    moe = sorted({l for l, e, _ in groups if e is not None})
+    with expert_intervene(model, reads=moe) as caps:
+        rec = run(model, ids, attention_mask=mask, reads=[("coef", l) for l in dense], head="none",
+                  stop_after=max(l for l, _, _ in groups), copy_reads=False).rec
+    where = torch.full((B * T,), -1, dtype=torch.long, device=ids.device)
+    where[sel] = torch.arange(sel.numel(), device=ids.device)
+    coefs, rows = [], []
+    for l, e, _ in groups:
+        if e is None:
+            coefs.append(rec["coef", l].reshape(B * T, -1).index_select(0, sel))
+            rows.append(torch.arange(sel.numel(), device=ids.device))
+        else:
+            cap = caps[l, e]
+            p = where[cap.token.to(ids.device)]
+            keep = p >= 0  # routed, real and (with dedup) the prefix's first occurrence in the batch
+            coefs.append(cap.coef[keep])
+            rows.append(p[keep])
+    pos = torch.arange(T, device=ids.device).expand(B, T)
+    gids = ((unit_ids.to(ids.device)[:, None] << POSITION_BITS) + pos).reshape(-1).index_select(0, sel)
+    return coefs, rows, gids, h
+
+
 def _hyper(spec: CorpusSpec, source: Corpus, top_k: int, dedup: bool) -> dict:
     return {"corpus": source.spec, "split": spec.split, "window": spec.window,
             "min_tokens": spec.min_tokens, "text_field": spec.text_field, "max_units": spec.max_units,
@@ -158,8 +226,10 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
                 "corpus_fingerprint": fingerprint, **provenance(identity, **hyper)}
         write_json(meta_path, meta)
 
-    buffers = TriggerBuffers(model.n_layers, model.d_ffn, top_k, model.device if device_buffers else "cpu",
-                             dedup=dedup)
+    groups = mining_groups(model)
+    buf_dev = model.device if device_buffers else "cpu"
+    buffers = TriggerBuffers(model.n_layers, model.d_ffn, top_k, buf_dev, dedup=dedup) if groups is None else \
+        GroupBuffers([w for _, _, w in groups], top_k, buf_dev, dedup=dedup)
     done = {"units": 0, "tokens": 0, "batches": 0, "shards": []}
     ckpt = state_dir / "state.safetensors"
     if ckpt.exists():
@@ -177,11 +247,20 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
         for batch in batches(stream, batch_tokens, spec.window):
             ids, mask, hashes = encode_units(batch, pad_id, model.device, hashes=True)
             unit_ids = torch.tensor([u.unit for u in batch], dtype=torch.long)
-            coefs, gids, hashes = batch_coefficients(model, ids, mask, unit_ids, hashes=hashes if dedup else None) \
-                if dedup else (*batch_coefficients(model, ids, mask, unit_ids), None)
-            dev = buffers.top_v.device
-            for l, c in enumerate(coefs):
-                buffers.update(c.to(dev), gids.to(dev), layer=l, hashes=None if hashes is None else hashes.to(dev))
+            dev = buffers.device
+            if groups is not None:
+                coefs, rows, gids, hashes = batch_group_coefficients(model, ids, mask, unit_ids, groups,
+                                                                     hashes if dedup else None)
+                for j, (c, r) in enumerate(zip(coefs, rows)):
+                    buffers.update(j, c.to(dev), gids[r].to(dev),
+                                   hashes=None if hashes is None else hashes[r].to(dev))
+            else:
+                coefs, gids, hashes = batch_coefficients(model, ids, mask, unit_ids,
+                                                         hashes=hashes if dedup else None) \
+                    if dedup else (*batch_coefficients(model, ids, mask, unit_ids), None)
+                for l, c in enumerate(coefs):
+                    buffers.update(c.to(dev), gids.to(dev), layer=l,
+                                   hashes=None if hashes is None else hashes.to(dev))
             pending.extend(batch)
             n_tok = int(mask.sum())
             done["units"], done["tokens"], done["batches"] = batch[-1].unit + 1, done["tokens"] + n_tok, \
@@ -204,7 +283,7 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
     if not finished:
         return {**meta, "status": "partial", "units": done["units"], "tokens": done["tokens"]}
     elapsed = time.perf_counter() - t0
-    return _finalize(model, out, buffers, done, meta, tokens_this_call / max(elapsed, 1e-9))
+    return _finalize(model, out, buffers, done, meta, tokens_this_call / max(elapsed, 1e-9), groups)
 
 
 def max_positions(model) -> int | None:
@@ -259,29 +338,46 @@ def _drop_orphan_shards(state_dir: Path, shards: list[str]):
             f.unlink()
 
 
-def _finalize(model, out: Path, buffers: TriggerBuffers, done: dict, meta: dict, tok_per_s: float) -> dict:
-    """Write ``triggers/layer-LLL.parquet`` and ``units.parquet``; mark the atlas complete."""
-    L, d, k = buffers.n_layers, buffers.d_ffn, buffers.k
+def _trigger_table(top_v, top_g, bot_v, bot_g, cited: set) -> dict:
+    """The trigger rows of one group of keys from its buffers (rows: keys, columns: ranks)."""
+    cols: dict = {}
+    for kind, v, g, sign in (("top", top_v, top_g, 1.0), ("bottom", bot_v, bot_g, -1.0)):
+        vv = (v * sign).cpu().numpy()
+        gg = g.cpu().numpy()
+        idx, rank = np.nonzero(gg >= 0)
+        cols.setdefault("index", []).append(idx.astype(np.int32))
+        cols.setdefault("kind", []).append(np.full(idx.size, kind))
+        cols.setdefault("rank", []).append(rank.astype(np.int16))
+        cols.setdefault("coef", []).append(vv[idx, rank].astype(np.float32))
+        gid = gg[idx, rank]
+        cols.setdefault("unit", []).append(gid >> POSITION_BITS)
+        cols.setdefault("position", []).append((gid & ((1 << POSITION_BITS) - 1)).astype(np.int32))
+        cited.update(np.unique(gid >> POSITION_BITS).tolist())
+    return {c: np.concatenate(parts) for c, parts in cols.items()}
+
+
+def _finalize(model, out: Path, buffers, done: dict, meta: dict, tok_per_s: float, groups=None) -> dict:
+    """Write ``triggers/layer-LLL.parquet`` (and ``layer-LLL-expert-EEE.parquet``) and ``units.parquet``;
+    mark the atlas complete."""
+    k = buffers.k
     prov = {k2: meta[k2] for k2 in ("ffkv_version", "created", "model", "hyperparameters")}
-    cited = set()
-    for l in range(L):
-        cols = {}
-        for kind, v, g, sign in (("top", buffers.top_v, buffers.top_g, 1.0),
-                                 ("bottom", buffers.bot_v, buffers.bot_g, -1.0)):
+    cited: set = set()
+    if groups is None:
+        L, d = buffers.n_layers, buffers.d_ffn
+        for l in range(L):
             block = slice(MemoryId(l, 0).flat(d), MemoryId(l + 1, 0).flat(d))  # the rows of layer l's keys
-            vv = (v[block] * sign).cpu().numpy()
-            gg = g[block].cpu().numpy()
-            idx, rank = np.nonzero(gg >= 0)
-            cols.setdefault("index", []).append(idx.astype(np.int32))
-            cols.setdefault("kind", []).append(np.full(idx.size, kind))
-            cols.setdefault("rank", []).append(rank.astype(np.int16))
-            cols.setdefault("coef", []).append(vv[idx, rank].astype(np.float32))
-            gid = gg[idx, rank]
-            cols.setdefault("unit", []).append(gid >> POSITION_BITS)
-            cols.setdefault("position", []).append((gid & ((1 << POSITION_BITS) - 1)).astype(np.int32))
-            cited.update(np.unique(gid >> POSITION_BITS).tolist())
-        table = {c: np.concatenate(parts) for c, parts in cols.items()}
-        write_parquet(out / "triggers" / f"layer-{l:03d}.parquet", table, meta={**prov, "layer": l})
+            table = _trigger_table(buffers.top_v[block], buffers.top_g[block], buffers.bot_v[block],
+                                   buffers.bot_g[block], cited)
+            write_parquet(out / trigger_file(l), table, meta={**prov, "layer": l})
+        extra = {}
+    else:
+        L, d = model.n_layers, model.d_ffn
+        for j, (l, e, _) in enumerate(groups):
+            b = buffers.groups[j]
+            table = _trigger_table(b.top_v, b.top_g, b.bot_v, b.bot_g, cited)
+            write_parquet(out / trigger_file(l, e), table, meta={**prov, "layer": l, "expert": e})
+        extra = {"groups": [{"layer": l, "expert": e, "d_ffn": w} for l, e, w in groups],
+                 "n_experts": [model.n_experts(l) for l in range(L)]}
     state_dir = out / "state"
     shards = [pq.read_table(state_dir / s) for s in done["shards"]]
     units = pa.concat_tables(shards) if shards else pa.table(_units_table([]))
@@ -289,7 +385,7 @@ def _finalize(model, out: Path, buffers: TriggerBuffers, done: dict, meta: dict,
     units = units.filter(pc.is_in(units["unit"], value_set=keep))
     write_parquet(out / "units.parquet", units, meta=prov)
     meta = {**meta, "status": "complete", "units": done["units"], "tokens": done["tokens"],
-            "batches": done["batches"], "n_layers": L, "d_ffn": d, "top_k": k,
+            "batches": done["batches"], "n_layers": L, "d_ffn": d, "top_k": k, **extra,
             "tokens_per_second_last_call": round(tok_per_s, 1)}
     write_json(out / "atlas.json", meta)
     shutil.rmtree(state_dir, ignore_errors=True)

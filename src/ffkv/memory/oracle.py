@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..models.hooks import intervene
 from ..models.memory_id import MemoryId
+from ..models.moe import expert_intervene
 from .corpus import Unit
-from .miner import batch_coefficients, batches, encode_units
+from .miner import POSITION_BITS, batch_coefficients, batches, encode_units, mining_groups
 
 
 @torch.no_grad()
@@ -20,6 +22,8 @@ def brute_force_triggers(model, units: list[Unit], top_k: int, batch_tokens: int
     """
     tok = model.require_tokenizer()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    if mining_groups(model) is not None:
+        return _brute_force_groups(model, units, top_k, batch_tokens, dedup, pad_id)
     all_c, all_g, seen, keep = [], [], set(), []
     for batch in batches(iter(units), batch_tokens, max(len(u.tokens) for u in units)):
         ids, mask = encode_units(batch, pad_id, model.device)
@@ -46,4 +50,47 @@ def brute_force_triggers(model, units: list[Unit], top_k: int, batch_tokens: int
                 rows_c.append(c[order])
             res[kind], res[kind + "_coef"] = np.stack(rows_g), np.stack(rows_c)
         out[l] = res
+    return out
+
+
+def _brute_force_groups(model, units: list[Unit], top_k: int, batch_tokens: int, dedup: bool, pad_id: int) -> dict:
+    """The reference on an MoE model: {(layer, expert or None): {...}} as above, each (width, k) with gid -1
+    (and NaN coefficient) past the prefixes a key has. Expert coefficients are read as the dense (B, T, F)
+    table of :meth:`ffkv.models.moe.ExpertCapture.dense`, NaN where a token was not routed, and the NaNs
+    are dropped before sorting: an unrouted prefix is no candidate."""
+    groups = mining_groups(model)
+    dense = sorted({l for l, e, _ in groups if e is None})
+    moe = sorted({l for l, e, _ in groups if e is not None})
+    cols: dict = {(l, e): [] for l, e, _ in groups}
+    all_g, seen, keep = [], set(), []
+    for batch in batches(iter(units), batch_tokens, max(len(u.tokens) for u in units)):
+        ids, mask = encode_units(batch, pad_id, model.device)
+        with intervene(model, reads=[("coef", l) for l in dense]) as rec, expert_intervene(model, reads=moe) as caps:
+            model.hf(input_ids=ids, attention_mask=mask)
+        real = mask.reshape(-1).bool().cpu().numpy()
+        for l, e, _ in groups:
+            c = rec["coef", l] if e is None else caps[l, e].dense()
+            cols[l, e].append(c.reshape(-1, c.shape[-1]).float().cpu().numpy()[real])
+        all_g.append(np.array([(u.unit << POSITION_BITS) + t for u in batch for t in range(len(u.tokens))], np.int64))
+        for u in batch:
+            for t in range(len(u.tokens)):
+                prefix = tuple(u.tokens[: t + 1])
+                keep.append(not dedup or prefix not in seen)
+                seen.add(prefix)
+    keep = np.array(keep)
+    G = np.concatenate(all_g)[keep]
+    out = {}
+    for l, e, width in groups:
+        C = np.concatenate(cols[l, e])[keep].T + 0.0  # (width, N), NaN: not routed
+        res = {}
+        for kind, sgn in (("top", -1.0), ("bottom", 1.0)):
+            gs = np.full((width, top_k), -1, np.int64)
+            cs = np.full((width, top_k), np.nan, np.float32 if C.dtype == np.float32 else C.dtype)
+            for i in range(width):
+                ok = ~np.isnan(C[i])
+                c, g = C[i][ok], G[ok]
+                order = np.lexsort((g, sgn * c))[:top_k]
+                gs[i, : order.size], cs[i, : order.size] = g[order], c[order]
+            res[kind], res[kind + "_coef"] = gs, cs
+        out[l, e] = res
     return out

@@ -204,6 +204,10 @@ class TriggerBuffers:
         self.top_h = self.top_g.clone() if dedup else None
         self.bot_h = self.top_g.clone() if dedup else None
 
+    @property
+    def device(self) -> torch.device:
+        return self.top_v.device
+
     def update(self, coef: torch.Tensor, gids: torch.Tensor, layer: int | None = None,
                hashes: torch.Tensor | None = None):
         """Absorb one batch. coef: (N, d_ffn) coefficients of one layer's keys (or (N, L * d_ffn) for all
@@ -233,3 +237,30 @@ class TriggerBuffers:
                 raise FfkvError(f"checkpoint buffer {name} is missing or has the wrong shape",
                                 "delete the atlas folder and mine again")
             setattr(self, name, t.to(self.top_v.device))
+
+
+class GroupBuffers:
+    """Running top-k / bottom-k of several groups of keys of different widths (an MoE model's experts).
+
+    ``groups[j]`` is a one-layer :class:`TriggerBuffers` of ``widths[j]`` keys; each group absorbs only its own
+    candidates (an expert's: the prefixes routed to it), so a group may hold fewer than k entries (g = -1).
+    """
+
+    def __init__(self, widths, k: int, device="cpu", dedup: bool = False):
+        self.k, self.dedup = k, dedup
+        self.groups = [TriggerBuffers(1, int(w), k, device, dedup=dedup) for w in widths]
+
+    @property
+    def device(self) -> torch.device:
+        return self.groups[0].device
+
+    def update(self, group: int, coef: torch.Tensor, gids: torch.Tensor, hashes: torch.Tensor | None = None):
+        """Absorb one batch of group ``group``: coef (n, width) at prefixes gids (n,) ascending."""
+        self.groups[group].update(coef, gids, layer=0, hashes=hashes)
+
+    def state(self) -> dict:
+        return {f"{j}.{name}": t for j, b in enumerate(self.groups) for name, t in b.state().items()}
+
+    def load(self, tensors: dict):
+        for j, b in enumerate(self.groups):
+            b.load({name[len(f"{j}."):]: t for name, t in tensors.items() if name.startswith(f"{j}.")})

@@ -4,6 +4,9 @@ The equations are in :mod:`ffkv.edit.rome` (the update), :mod:`ffkv.edit.compute
 :mod:`ffkv.edit.compute_value` (v*). Published layers: GPT-2 XL 17 of 48, GPT-J 5 of 28; other depths use
 the same relative depth, below the top layer. ``layer="trace"`` picks the layer by causal tracing of the
 requests (:func:`ffkv.locate.layer_choice.trace_layer`, the peak of ``ffkv trace --kind mlp``).
+On a mixture-of-experts model ``expert=e`` rewrites expert e's W_out of that layer (``expert="top"``: the
+expert with the largest routing weight at each request's subject's last token); the default None edits a
+dense W_out (a Qwen2-MoE shared expert, a layer without experts) and is refused on an MoE layer without one.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import copy
 
 from tqdm.auto import tqdm
 
+from ...errors import FfkvError
+from ..compute_key import compute_expert_keys, routed_experts
 from ..rome import rome_edit
 from .common import VALUE_DEFAULTS, VALUE_DOCS, tuned
 
@@ -22,6 +27,8 @@ HPARAM_DOCS = {
     "layer": "the FFN layer whose W_out is rewritten; 'trace' picks it by causal tracing of the requests",
     "clamp_norm_factor": "||delta|| <= clamp_norm_factor * ||h|| after every step",
     "trace_noise": "noise of layer='trace' (as ffkv trace --noise: s3 = 3 x embedding std, or a number)",
+    "expert": "MoE models: the expert whose W_out is rewritten (an index, or 'top': the heaviest routed one); "
+              "None: the layer's dense W_out",
     **VALUE_DOCS,
 }
 
@@ -43,7 +50,7 @@ def default_layer(model) -> int:
 
 def defaults(model) -> dict:
     hp = {**copy.deepcopy(VALUE_DEFAULTS), "layer": default_layer(model), "clamp_norm_factor": 4.0,
-          "trace_noise": "s3"}
+          "trace_noise": "s3", "expert": None}
     hp.update(tuned(model, NAME))
     return hp
 
@@ -55,7 +62,24 @@ def layers(hp: dict) -> list[int]:
 def apply(model, requests, hp: dict, journal, context) -> None:
     """One rank-one update per request, in order (a later request sees the earlier edits)."""
     layer = hp["layer"]
-    stats = context.layer_stats(model, [layer], hp)[layer]
+    expert = hp.get("expert")
     prefixes = context.context_prefixes(model, hp["prefixes"], hp["seed"])
+    if expert is None:
+        stats = context.layer_stats(model, [layer], hp)[layer]
     for r in tqdm(requests, desc="ROME", disable=not context.progress or len(requests) < 2, leave=False):
-        rome_edit(model, r, hp, stats, journal, prefixes)
+        if expert is None:
+            rome_edit(model, r, hp, stats, journal, prefixes)
+            continue
+        e = pick_expert(model, r, layer, expert)
+        compute_expert_keys(model, [r], layer, e, [""])  # refuses an unrouted expert before its statistics
+        site = (layer, e)
+        rome_edit(model, r, {**hp, "expert": e}, context.layer_stats(model, [site], hp)[site], journal, prefixes)
+
+
+def pick_expert(model, request, layer: int, expert) -> int:
+    """The expert index an ``expert`` hyperparameter names for one request ('top': its heaviest routed one)."""
+    if expert == "top":
+        return routed_experts(model, request, layer)[0][0]
+    if isinstance(expert, bool) or not isinstance(expert, int):
+        raise FfkvError(f"hyperparameter expert={expert!r} is not an expert index", "pass an integer or 'top'")
+    return expert
