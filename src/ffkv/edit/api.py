@@ -122,4 +122,4 @@ def undo_folder(src: str | Path, out: str | Path, n: int | None = None, progress
     undone = journal.undo(model, n)
     save_edited(model, journal, out)
     return {"undone": undone, "remaining": len(journal), "out": str(out),
-            "layers": sorted({int(k) for k in journal.base}), "fingerprint": model.identity["fingerprint"]}
+            "layers": journal.base_layers, "fingerprint": model.identity["fingerprint"]}

@@ -139,8 +139,7 @@ def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dic
     reqs = [r.to_json() for r in requests]
     info_req = [tgt.info(i) for i in range(len(requests))]
     entries = []
-    # TRANSITION: getattr until h2's MemoryModel.post_norm is merged; then model.post_norm(layer).
-    post_norm = getattr(model, "post_norm", None)
+    post_norm = model.post_norm
     for j, (layer, expert) in enumerate(zip(layers, experts)):
         if expert is None:
             K = compute_keys(model, requests, layer, prefixes).T  # (d_ffn, n)

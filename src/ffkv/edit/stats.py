@@ -132,15 +132,6 @@ def token_windows(model, texts: Iterable[str], n_tokens: int, window: int) -> to
     return torch.tensor(stream[: n * window], dtype=torch.long).view(n, window)
 
 
-def _max_positions(model) -> int:
-    cfg = model.config
-    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return 1024
-
-
 # ----------------------------------------------------------------------------------------------------
 # Accumulation
 
@@ -266,7 +257,7 @@ def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequenc
     if not recompute and all((memo_key, l) in memo for l in layers):
         return {l: memo[memo_key, l] for l in layers}
     name, texts = resolve_corpus(model, corpus)
-    window = window or min(256, _max_positions(model))
+    window = window or min(256, model.context_length)
     windows = token_windows(model, texts, int(n_tokens), window)
     n = windows.numel()
     digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:10]
@@ -308,7 +299,7 @@ def _expert_stats(model, experts, corpus, n_tokens, stats_dir, window, batch_siz
     if not recompute and all((memo_key, k) in memo for k in experts):
         return {k: memo[memo_key, k] for k in experts}
     name, texts = resolve_corpus(model, corpus)
-    window = window or min(256, _max_positions(model))
+    window = window or min(256, model.context_length)
     windows = token_windows(model, texts, int(n_tokens), window)
     n = windows.numel()
     digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:10]

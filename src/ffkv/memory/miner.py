@@ -286,13 +286,9 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
     return _finalize(model, out, buffers, done, meta, tokens_this_call / max(elapsed, 1e-9), groups)
 
 
-def max_positions(model) -> int | None:
-    """The longest input the model takes (absolute position tables), or None if unbounded."""
-    for name in ("n_positions", "max_position_embeddings"):
-        v = getattr(model.config, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+def max_positions(model) -> int:
+    """The longest input the model takes: :attr:`MemoryModel.context_length`, the one rule."""
+    return model.context_length
 
 
 def _model_path(model) -> str:
