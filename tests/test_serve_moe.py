@@ -241,14 +241,30 @@ def test_the_other_moe_families_are_served(tokenizer, model_type):
     assert hook_count(m) == n and not patched_experts(m)
 
 
-def test_an_edit_of_an_expert_only_layer_is_refused_and_changes_nothing(served):
-    m, b, c = served
-    if m.has_shared_expert(0):  # Qwen2-MoE's shared expert is a dense FFN: ROME may edit it as on a dense model
-        for method in ("rome", "memit"):
-            b._check_edit_layers(method)
-        return
+def test_rome_from_the_page_edits_the_routed_expert_and_undoes(tokenizer, tmp_path):
+    # Mixtral's FFNs are routed experts only: ROME edits the heaviest routed expert's W_out (expert="top",
+    # statistics over the tokens routed to it); MEMIT, which needs its experts named, is refused in one line.
+    m = tiny_model("mixtral", vocab=len(tokenizer), tokenizer=tokenizer)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join([PROMPT + " Dutch.", "The native language of Ana Boll is French."] * 40))
+    # a random tiny model's block outputs are ~1e-3: ROME's norm-relative clamp and decay are lifted
+    hp = {"layer": 0, "stats_tokens": 800, "prefixes": [], "corpus": str(corpus), "clamp_norm_factor": 1e4,
+          "max_update_ratio": 1e6, "v_weight_decay": 0.0, "kl_factor": 0.0, "v_num_grad_steps": 30}
+    b = Backend(m, state_dir=tmp_path / "state", edit_hparams=hp)
+    c = TestClient(create_app(b), raise_server_exceptions=False)
     weights = {k: v.clone() for k, v in m.hf.state_dict().items()}
-    r = c.post("/edit", data={"prompt": PROMPT, "subject": "Quoux Kurte", "target": "Dutch"})
-    assert r.status_code == 400 and "mixture of experts with no dense part" in error_line(r)
+    r = c.post("/edit", data={"prompt": PROMPT, "subject": "Quoux Kurte", "target": "Dutch", "method": "memit"})
+    assert r.status_code == 400 and "only routed experts" in error_line(r)
+    assert all(torch.equal(weights[k], v) for k, v in m.hf.state_dict().items()) and len(b.journal) == 0
+    target = m.answer_id("Dutch")
+    p0 = float(m.next_token_probs(PROMPT)[0, target])
+    r = c.post("/edit", data={"prompt": PROMPT, "subject": "Quoux Kurte", "target": "Dutch", "method": "rome"})
+    assert r.status_code == 200, error_line(r)
+    entry = b.journal.entries[-1]
+    assert entry.expert is not None  # the edit landed on one routed expert's W_out
+    changed = [k for k, v in m.hf.state_dict().items() if not torch.equal(weights[k], v)]
+    assert changed == [k for k in changed if "experts" in k] and changed
+    assert float(m.next_token_probs(PROMPT)[0, target]) > p0
+    r = c.post("/undo", data={"n": 1})
+    assert r.status_code in (200, 303), error_line(r)
     assert all(torch.equal(weights[k], v) for k, v in m.hf.state_dict().items())
-    assert len(b.journal) == 0

@@ -516,7 +516,7 @@ class Backend:
         if method not in EDIT_METHODS:
             raise FfkvError(f"unknown edit method {method!r}", f"use one of {', '.join(EDIT_METHODS)}")
         req = self.request(prompt, subject, target, target_true)
-        self._check_edit_layers(method)
+        hparams = self._check_edit_layers(method)
         groups = {"edit prompt": [req.text],
                   "paraphrases": [self.check_prompt(p, "paraphrase") for p in paraphrases if p and p.strip()],
                   "neighbours": [self.check_prompt(p, "neighbour") for p in neighbours if p and p.strip()]}
@@ -532,7 +532,7 @@ class Backend:
                                     "pass a different target")
             before = {g: self._scores(ps, req.target, req.target_true) for g, ps in groups.items() if ps}
             stats = None if self.state_dir is None else self.state_dir / "stats"
-            apply_edits(self.model, [req], method=method, hparams=self.edit_hparams or None, stats_dir=stats,
+            apply_edits(self.model, [req], method=method, hparams=hparams or None, stats_dir=stats,
                         journal=self.journal, progress=False)
             self._save_journal()
             after = {g: self._scores(ps, req.target, req.target_true) for g, ps in groups.items() if ps}
@@ -541,18 +541,24 @@ class Backend:
                 "groups": [{"name": g, "rows": [{"before": b, "after": a} for b, a in zip(before[g], after[g])]}
                            for g in before]}
 
-    def _check_edit_layers(self, method: str):
-        """On an MoE model, refuse an edit of a layer whose FFN is only routed experts: ROME/MEMIT on one
-        expert's W_out is not wired (docs/moe.md); a dense layer or a shared expert is edited as usual."""
+    def _check_edit_layers(self, method: str) -> dict:
+        """The hyperparameters an edit of this model needs: on an MoE layer whose FFN is only routed experts,
+        ROME edits the heaviest routed expert's W_out (``expert="top"``, statistics over the tokens routed to
+        it); MEMIT, which needs its experts named, is refused there in one line. Dense layers and shared
+        experts are edited as usual."""
         m = self.model
+        hp = dict(self.edit_hparams or {})
         if not self.is_moe:
-            return
-        hp = {**get_method(method).defaults(m), **self.edit_hparams}
-        bad = [l for l in get_method(method).layers(hp) if m.is_moe_layer(l) and not m.has_shared_expert(l)]
-        if bad:
-            raise FfkvError(f"{method} would edit layer{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}, "
-                            f"whose FFN is a mixture of experts with no dense part; editing an expert's values "
-                            f"from the debugger is not available yet", "edit a model with dense FFN layers")
+            return hp
+        full = {**get_method(method).defaults(m), **hp}
+        routed = [l for l in get_method(method).layers(full) if m.is_moe_layer(l) and not m.has_shared_expert(l)]
+        if routed and method == "rome" and full.get("expert") is None:
+            hp["expert"] = "top"
+        elif routed and method != "rome" and full.get("expert") is None:
+            raise FfkvError(f"{method} would edit layer{'s' if len(routed) > 1 else ''} {', '.join(map(str, routed))}, "
+                            "whose FFN is only routed experts",
+                            "edit with ROME (it picks the routed expert), or name the experts with ffkv edit --set expert=E")
+        return hp
 
     def edit_groups(self) -> list[list[int]]:
         """Journal entries grouped by the edit that made them: a ROME edit is one entry, a MEMIT edit one
