@@ -34,6 +34,11 @@ Variants (named options; each a deliberate departure from Dai et al.; the quadra
 - ``positions``: "last" (the prediction position, Dai et al.) or "all" (the coefficients of every prompt
   position are scaled, and a memory's attribution is summed over positions; needs ``path="joint"``).
 - ``off``: memories switched off (``m_i := 0`` at every position) in every run, on the whole path.
+- ``experts``: ``{layer: e}`` on a mixture-of-experts model: the path scales the routed coefficients
+  ``m^(l,e)`` of expert e at the prediction position (an :class:`ffkv.models.moe.ExpertEdit` inside
+  :func:`ffkv.models.moe.expert_intervene`) instead of the dense ones; the result is (n_layers, d_expert) with
+  row l holding expert e's memories. Refused when the prediction token is not routed to e. Full-prompt runs
+  (no tail run), one path per layer, rules as above (fixed or adaptive), no ``off``.
 
 Multi-token answers (``model.answer_tokens``) are teacher-forced: the prompt is extended with the gold answer tokens
 and the attribution is the mean over answer tokens j of the attribution of ``F(o_j | prompt, o_<j)`` at the
@@ -56,6 +61,7 @@ Screens (one forward and one backward pass): ``grad_x_activation`` = ``m_i dP/dm
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Iterable
@@ -67,6 +73,7 @@ from ..errors import FfkvError
 from ..models.hooks import Intervention, intervene, switch_memories
 from ..models.memory_id import MemoryId, parse_memories
 from ..models.model import MemoryModel
+from ..models.moe import ExpertEdit, MoEModel, expert_intervene
 from ..models.engine import Cost, reference_run, run_tail
 from .result import LocateResult
 
@@ -179,7 +186,7 @@ def integrated_gradients(model: MemoryModel, prompt: str, answer: str | int, ste
                          rule: str = DEFAULT_RULE, target: str = "prob", path: str = "layer",
                          positions: str = "last", off: Iterable = (), tol: float = DEFAULT_TOL,
                          max_steps: int = DEFAULT_MAX_STEPS, max_rows: int = 256, groups: int = 4,
-                         cost: Cost | None = None) -> torch.Tensor:
+                         cost: Cost | None = None, experts: dict[int, int] | None = None) -> torch.Tensor:
     """Integrated gradients of the answer for every memory, (n_layers, d_ffn) float32 on CPU.
 
     Defaults: Dai et al.'s attribution (one path per layer, zero baseline, P(answer) at the prediction
@@ -187,11 +194,16 @@ def integrated_gradients(model: MemoryModel, prompt: str, answer: str | int, ste
     docstring); ``**DAI_IG`` (20 left-Riemann steps) reproduces Dai et al.'s numbers exactly. Rows of layers not
     in ``layers`` are zero. max_rows bounds the batch (steps rows per layer) and groups is the number of layer
     groups (one forward and one backward pass each) of a fixed rule with ``path="layer"``.
+    experts: ``{layer: expert}`` (MoE models): attribute the routed coefficients of that expert at each of
+    those layers instead (``layers`` is then those layers); (n_layers, d_expert), see the module docstring.
     """
     _check_options(rule, target, path, positions)
     cost = cost if cost is not None else Cost()
     lays = _layers(model, layers)
     tg = answer_targets(model, prompt, answer)
+    if experts is not None:
+        return _expert_ig(model, tg, experts, layers, steps, rule, target, path, positions, off, tol, max_steps,
+                          max_rows, cost)
     off = off_edits(off)
     if rule == "adaptive":
         if path != "layer":
@@ -270,7 +282,7 @@ def _row_chunks(lays: list[int], sizes: dict[int, int], max_rows: int) -> list[l
 
 
 def _adaptive_paths(model, ids, rec, cache, pos, gold, lays, steps, tol, max_steps, target, off, max_rows,
-                    cost) -> torch.Tensor:
+                    cost, run=None, coef=None, width=None) -> torch.Tensor:
     """Integrated gradients of the layers ``lays`` at ``pos`` by adaptive composite Gauss-Legendre, (L, d_ffn).
 
     Each layer's path [0, 1] starts as ``steps // GAUSS_NODES`` equal intervals. Along the path
@@ -280,7 +292,17 @@ def _adaptive_paths(model, ids, rec, cache, pos, gold, lays, steps, tol, max_ste
     otherwise, so the layer's completeness error ``sum_j (Q_j - D_j)`` stays within ``tol |F(m) - F(0)|`` (within
     ``tol FLOOR |F(m)|`` for a layer that changes F by less than FLOOR of it); a layer stops refining
     once it has used ``max_steps`` gradient rows (its completeness is then reported as it is).
+
+    run(chunk, alphas, grad) / coef(l) -> (d,) / width: the scaled runs, the clean coefficients and the output
+    width (default: the dense tail runs of :func:`_scaled_run`, ``rec["coef", l][0, pos]``, d_ffn; the expert
+    path passes its own).
     """
+    if run is None:
+        def run(chunk, alphas, grad):
+            return _scaled_run(model, ids, rec, cache, pos, gold, chunk, alphas, target, off, cost, grad=grad)
+    if coef is None:
+        def coef(l):
+            return rec["coef", l][0, pos]
     k = GAUSS_NODES
     x, w = (torch.from_numpy(v) for v in np.polynomial.legendre.leggauss(k))
     x, w = (x + 1) / 2, w / 2
@@ -289,16 +311,14 @@ def _adaptive_paths(model, ids, rec, cache, pos, gold, lays, steps, tol, max_ste
     F: dict[int, dict[float, float]] = {l: {} for l in lays}
     used = {l: 0 for l in lays}
     delta: dict[int, float] = {}
-    out = torch.zeros(model.n_layers, model.d_ffn, dtype=torch.float32)
+    out = torch.zeros(model.n_layers, model.d_ffn if width is None else width, dtype=torch.float32)
     while pending:
         todo = sorted(pending)
         # F at the interval edges not yet known (forward passes only).
         edges = {l: sorted({e for iv in pending[l] for e in iv} - F[l].keys()) for l in todo}
         need = [l for l in todo if edges[l]]
         for chunk in _row_chunks(need, {l: len(edges[l]) for l in need}, max_rows):
-            fs = _scaled_run(model, ids, rec, cache, pos, gold, chunk,
-                             [torch.tensor(edges[l], dtype=torch.float64) for l in chunk], target, off, cost,
-                             grad=False)
+            fs = run(chunk, [torch.tensor(edges[l], dtype=torch.float64) for l in chunk], False)
             for l, f in zip(chunk, fs):
                 F[l].update(zip(edges[l], f.tolist()))
         for l in todo:
@@ -306,11 +326,11 @@ def _adaptive_paths(model, ids, rec, cache, pos, gold, lays, steps, tol, max_ste
         nodes = {l: torch.cat([a + (b - a) * x for a, b in pending[l]]) for l in todo}
         grads: dict[int, torch.Tensor] = {}
         for chunk in _row_chunks(todo, {l: len(nodes[l]) for l in todo}, max_rows):
-            gs = _scaled_run(model, ids, rec, cache, pos, gold, chunk, [nodes[l] for l in chunk], target, off, cost)
+            gs = run(chunk, [nodes[l] for l in chunk], True)
             grads.update(zip(chunk, gs))
         nxt = {}
         for l in todo:
-            m = rec["coef", l][0, pos].double().cpu()
+            m = coef(l).double().cpu()
             g = grads[l].double().cpu().reshape(len(pending[l]), k, -1)
             used[l] += len(nodes[l])
             budget = tol * max(abs(delta[l]), FLOOR * abs(F[l][1.0]), 1e-9)
@@ -326,6 +346,99 @@ def _adaptive_paths(model, ids, rec, cache, pos, gold, lays, steps, tol, max_ste
                 nxt[l] = split
         pending = nxt
     return out
+
+
+def _expert_block(model, edits):
+    """expert_intervene with ``edits``, or nothing when there are none (a dense model)."""
+    return expert_intervene(model, edits=edits) if edits else contextlib.nullcontext()
+
+
+def _check_experts(model, experts, layers) -> dict[int, int]:
+    """``{layer: expert}`` checked against the model (MoE layers, expert ids, one expert width)."""
+    if not isinstance(model, MoEModel):
+        raise FfkvError(f"{model.family} model has no experts", "attribute experts on a mixture-of-experts model")
+    if not isinstance(experts, dict) or not experts:
+        raise FfkvError(f"experts must be a non-empty {{layer: expert}} dict, got {experts!r}",
+                        "pass e.g. experts={1: 2}")
+    out = {}
+    for l, e in experts.items():
+        l = model.check_layer(int(l))
+        if not model.is_moe_layer(l):
+            raise FfkvError(f"layer {l} has no routed experts", f"use one of layers {model.moe_layers}")
+        out[l] = model.check_expert(l, int(e))
+    if layers is not None and set(_layers(model, layers)) != set(out):
+        raise FfkvError(f"layers {sorted(_layers(model, layers))} differ from the expert layers {sorted(out)}",
+                        "pass layers=None with experts")
+    if len({model.d_expert(l, e) for l, e in out.items()}) > 1:
+        raise FfkvError("the chosen experts have different widths", "attribute one width of expert per call")
+    return dict(sorted(out.items()))
+
+
+def _routed_coefficients(model, ids, experts, pos) -> dict[int, torch.Tensor]:
+    """Clean ``m^(l,e)`` (d_expert,) at ``pos`` for each expert; FfkvError when ``pos`` is not routed to it."""
+    with torch.no_grad(), expert_intervene(model, reads=list(experts)) as rec:
+        model.hf(input_ids=ids)
+    out = {}
+    for l, e in experts.items():
+        cap = rec[l, e]
+        hit = (cap.position == pos).nonzero().reshape(-1)
+        if not hit.numel():
+            routed = sorted(int(x) for x in rec.routing[l][0][0, pos])
+            raise FfkvError(f"the prediction token (position {pos}) is not routed to expert {e} of layer {l} "
+                            f"(routed: {', '.join(f'E{x}' for x in routed)})", f"pass experts={{{l}: {routed[0]}}}")
+        out[l] = cap.coef[int(hit[0])]
+    return out
+
+
+def _expert_run(model, ids, experts, m0, pos, gold, chunk, alphas, target, cost, grad: bool = True):
+    """:func:`_scaled_run` for experts: row block b scales ``m^(l,e)`` of ``l = chunk[b]`` at ``pos`` to
+    ``alphas[b] m0[l]``; full-prompt rows, so the block's rows are routed as the clean run below layer l."""
+    sizes = [len(a) for a in alphas]
+    B, T = sum(sizes), ids.shape[1]
+    leaves, edits, row = [], [], 0
+    for l, a, n in zip(chunk, alphas, sizes):
+        x = a.to(m0[l].device, m0[l].dtype)[:, None] * m0[l][None]
+        if grad:
+            x.requires_grad_(True)
+        leaves.append(x)
+        # the block's rows are identical below layer l, so they share a top-k slot and come in batch order
+        edits.append(ExpertEdit(l, experts[l], "fn", value=lambda cur, x=x: x, positions=[pos],
+                                batch=list(range(row, row + n))))
+        row += n
+    with torch.set_grad_enabled(grad), expert_intervene(model, edits=edits, keep_grad=True):
+        logits = model.hf(input_ids=ids.expand(B, T)).logits[:, pos]
+        f = _objective(logits, gold, target)
+        cost.add(B, T, model.n_layers, backward=grad)
+        if not grad:
+            return list(f.detach().double().cpu().split(sizes))
+        return list(torch.autograd.grad(f.sum(), leaves))
+
+
+def _expert_ig(model, tg: _Targets, experts, layers, steps, rule, target, path, positions, off, tol, max_steps,
+               max_rows, cost) -> torch.Tensor:
+    """Integrated gradients of the routed coefficients of ``experts`` ({layer: e}), (n_layers, d_expert)."""
+    experts = _check_experts(model, experts, layers)
+    if path != "layer" or positions != "last" or list(off):
+        raise FfkvError("expert integrated gradients integrate one path per layer at the prediction position",
+                        "pass path='layer', positions='last' and no off with experts")
+    lays = list(experts)
+    width = model.d_expert(lays[0], experts[lays[0]])
+    out = torch.zeros(model.n_layers, width, dtype=torch.float32)
+    clean = {pos: _routed_coefficients(model, tg.ids, experts, pos) for pos, _ in tg.targets}  # refuse first
+    for pos, gold in tg.targets:
+        m0 = clean[pos]
+
+        def run(chunk, alphas, grad, pos=pos, gold=gold, m0=m0):
+            return _expert_run(model, tg.ids, experts, m0, pos, gold, chunk, alphas, target, cost, grad)
+        if rule == "adaptive":
+            out += _adaptive_paths(model, tg.ids, None, None, pos, gold, lays, steps, tol, max_steps, target, (),
+                                   max_rows, cost, run=run, coef=m0.__getitem__, width=width)
+            continue
+        alphas, weights = riemann_path(steps, rule)
+        for chunk in _row_chunks(lays, {l: steps for l in lays}, max_rows):
+            for l, g in zip(chunk, run(chunk, [alphas] * len(chunk), True)):
+                out[l] += m0[l].float().cpu() * (g.float().cpu() * weights.float()[:, None]).sum(0)
+    return out / len(tg.targets)
 
 
 def _joint_path(model, tg: _Targets, lays, alphas, weights, target, positions, off, cost) -> torch.Tensor:
@@ -451,8 +564,8 @@ def locate_attribution(model: MemoryModel, prompt: str, subject: str | None = No
 
 @torch.no_grad()
 def completeness(model: MemoryModel, prompt: str, answer: str | int, attribution: torch.Tensor, layers=None,
-                 target: str = "prob", path: str = "layer", positions: str = "last", off: Iterable = ()
-                 ) -> list[dict]:
+                 target: str = "prob", path: str = "layer", positions: str = "last", off: Iterable = (),
+                 experts: dict[int, int] | None = None) -> list[dict]:
     """How well ``attribution`` (n_layers, d_ffn) sums to the exact change it explains, one entry per path.
 
     path "layer": for each layer l of ``layers``, ``sum_i IG_i^(l)`` against the exact
@@ -461,19 +574,32 @@ def completeness(model: MemoryModel, prompt: str, answer: str | int, attribution
     the mean over answer tokens, as the attribution. One forward pass of ``1 + n_paths`` rows, with ``off``.
     Returns ``[{"layer", "attribution", "exact", "error", "relative_error"}]``; error = attribution - exact,
     relative_error = |error| / |exact| (None when |exact| < 1e-9).
+    experts ``{layer: e}``: the exact change is ``F(m) - F(m^(l,e) := 0)`` (expert e's routed coefficients
+    zeroed at the prediction position), as :func:`integrated_gradients` with the same ``experts``.
     """
     _check_options("left", target, path, positions)
-    lays = _layers(model, layers)
+    if experts is not None:
+        experts = _check_experts(model, experts, layers)
+        if path != "layer" or positions != "last" or list(off):
+            raise FfkvError("expert completeness is one path per layer at the prediction position",
+                            "pass path='layer', positions='last' and no off with experts")
+    lays = _layers(model, layers) if experts is None else list(experts)
     tg = answer_targets(model, prompt, answer)
     T = tg.ids.shape[1]
     groups = [[l] for l in lays] if path == "layer" else [lays]
     exact = torch.zeros(len(groups), dtype=torch.float64)
     for pos, gold in tg.targets:
         at = None if positions == "all" else [pos]
-        edits = list(off_edits(off))
+        if experts is None:
+            edits, moe_edits = list(off_edits(off)), []
+        else:
+            edits = []
+            moe_edits = [ExpertEdit(l, experts[l], "off", positions=[pos], batch=[r])
+                         for r, (l,) in enumerate(groups, start=1)]
         for r, group in enumerate(groups, start=1):
-            edits += [Intervention("coef", l, "scale", value=0.0, positions=at, batch=[r]) for l in group]
-        with intervene(model, edits=edits):
+            if experts is None:
+                edits += [Intervention("coef", l, "scale", value=0.0, positions=at, batch=[r]) for l in group]
+        with intervene(model, edits=edits), _expert_block(model, moe_edits):
             logits = model.hf(input_ids=tg.ids.expand(1 + len(groups), T)).logits[:, pos]
         f = _objective(logits, gold, target).double().cpu()
         exact += f[0] - f[1:]

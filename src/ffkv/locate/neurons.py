@@ -45,16 +45,37 @@ CANDIDATES = 50
 class Neuron(NamedTuple):
     """One knowledge neuron: the memory ``(layer, index)`` and its (mean) attribution.
 
-    Unpacks as ``layer, index, attribution``; :attr:`memory` is its :class:`MemoryId` (``str()`` -> "L1.5").
+    Unpacks as ``layer, index, attribution``; :attr:`memory` is its :class:`MemoryId` (``str()`` -> "L1.5", or
+    "L1.E2.5" for a neuron of expert 2: an :class:`ExpertNeuron`). :attr:`expert` is None for a dense memory.
     """
 
     layer: int
     index: int
     attribution: float
+    expert = None  # a class attribute, not a field: unpacking stays (layer, index, attribution)
 
     @property
     def memory(self) -> MemoryId:
-        return MemoryId(self.layer, self.index)
+        return MemoryId(self.layer, self.index, self.expert)
+
+
+class ExpertNeuron(Neuron):
+    """A knowledge neuron of routed expert :attr:`expert`: memory index ``index`` of that expert at ``layer``."""
+
+    def __new__(cls, layer: int, index: int, attribution: float, expert: int):
+        self = super().__new__(cls, layer, index, attribution)
+        self.expert = expert
+        return self
+
+    def __repr__(self):
+        return f"ExpertNeuron(layer={self.layer}, expert={self.expert}, index={self.index}, " \
+               f"attribution={self.attribution})"
+
+
+def _neuron(layer: int, index: int, attribution: float, experts: dict | None) -> Neuron:
+    if experts and layer in experts:
+        return ExpertNeuron(layer, index, attribution, experts[layer])
+    return Neuron(layer, index, attribution)
 
 
 @dataclass
@@ -75,6 +96,7 @@ class NeuronsResult:
     rule: str = DEFAULT_RULE
     completeness: list[list[dict]] = field(default_factory=list)  # per prompt: attribution.completeness(...)
     specificity: dict | None = None  # interventions.specificity(...) of ``neurons``
+    experts: dict[int, int] | None = None  # {layer: expert} attributed (MoE), None: dense memories
 
     @property
     def memories(self) -> list[MemoryId]:
@@ -97,21 +119,25 @@ class NeuronsResult:
                 "threshold": self.threshold, "share": self.share, "steps": self.steps, "method": self.method,
                 "max_neurons": self.max_neurons, "dropped": [list(n) for n in self.dropped], "rule": self.rule,
                 "completeness": {**self.completeness_error(), "per_prompt": self.completeness},
-                "specificity": self.specificity, "cost": self.cost}
+                "specificity": self.specificity, "cost": self.cost,
+                "experts": None if self.experts is None else {str(l): e for l, e in self.experts.items()}}
 
 
-def coarse_neurons(attr: torch.Tensor, threshold: float, max_neurons: int | None = None) -> list[Neuron]:
+def coarse_neurons(attr: torch.Tensor, threshold: float, max_neurons: int | None = None,
+                   experts: dict[int, int] | None = None) -> list[Neuron]:
     """``{(l, i): A[l, i] > threshold * max A}`` of one prompt's attributions (n_layers, d_ffn), largest first;
-    at most ``max_neurons`` of them (the largest) when given."""
+    at most ``max_neurons`` of them (the largest) when given. experts ``{layer: e}``: row l holds expert e's
+    memories (the neurons are :class:`ExpertNeuron`)."""
     top = float(attr.max())
     if top <= 0:
         return []
     idx = (attr > threshold * top).nonzero().tolist()
-    found = sorted((Neuron(l, i, float(attr[l, i])) for l, i in idx), key=lambda n: -n.attribution)
+    found = sorted((_neuron(l, i, float(attr[l, i]), experts) for l, i in idx), key=lambda n: -n.attribution)
     return found if max_neurons is None else found[:max_neurons]
 
 
-def shared_neurons(per_prompt: list[list[Neuron]], attrs: list[torch.Tensor], share: float) -> list[Neuron]:
+def shared_neurons(per_prompt: list[list[Neuron]], attrs: list[torch.Tensor], share: float,
+                   experts: dict[int, int] | None = None) -> list[Neuron]:
     """Neurons in at least ``share`` of the prompts' sets, with their mean attribution, largest first."""
     counts: dict[tuple[int, int], int] = {}
     for ns in per_prompt:
@@ -119,7 +145,7 @@ def shared_neurons(per_prompt: list[list[Neuron]], attrs: list[torch.Tensor], sh
             counts[n.layer, n.index] = counts.get((n.layer, n.index), 0) + 1
     need = share * len(per_prompt)
     mean = torch.stack(attrs).mean(0)
-    kept = [Neuron(l, i, float(mean[l, i])) for (l, i), c in counts.items() if c >= need - 1e-9]
+    kept = [_neuron(l, i, float(mean[l, i]), experts) for (l, i), c in counts.items() if c >= need - 1e-9]
     return sorted(kept, key=lambda n: -n.attribution)
 
 
@@ -156,7 +182,8 @@ def knowledge_neurons(model: MemoryModel, prompts: Sequence[str] | str, answer: 
                       background: Sequence[tuple[str, str]] | None = None, background_share: float = 0.5,
                       tol: float = DEFAULT_TOL, max_steps: int = DEFAULT_MAX_STEPS,
                       unrelated: Sequence[tuple[str, str | int]] = (), check: bool = True, random_trials: int = 3,
-                      seed: int = 0, cost: Cost | None = None, progress: bool = False) -> NeuronsResult:
+                      seed: int = 0, cost: Cost | None = None, progress: bool = False,
+                      experts: dict[int, int] | None = None) -> NeuronsResult:
     """Dai et al.'s knowledge neurons of the fact ``prompts -> answer``: the one implementation in ffkv
     (``ffkv neurons``, ``ffkv edit --method kn``, relation erasing and the ground-truth report call it).
 
@@ -174,7 +201,9 @@ def knowledge_neurons(model: MemoryModel, prompts: Sequence[str] | str, answer: 
     check: report each prompt's completeness (:func:`ffkv.locate.attribution.completeness`) and the neuron
     set's specificity (:func:`ffkv.locate.interventions.specificity`: on the fact, on ``unrelated`` (prompt,
     answer) pairs, and vs ``random_trials`` random layer-matched sets drawn from ``seed``); one forward pass
-    per prompt each. Returns :class:`NeuronsResult`.
+    per prompt each. experts ``{layer: e}`` (MoE models): the neurons of expert e's routed memories at those
+    layers (:class:`ExpertNeuron`, "L1.E2.5"), from ``integrated_gradients(..., experts=experts)``; method "ig"
+    only, and the specificity check (dense switches) is skipped. Returns :class:`NeuronsResult`.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -185,9 +214,14 @@ def knowledge_neurons(model: MemoryModel, prompts: Sequence[str] | str, answer: 
         raise FfkvError(f"threshold {threshold} / share {share} out of range", "use 0 <= threshold <= 1, 0 < share <= 1")
     if max_neurons is not None and max_neurons < 1:
         raise FfkvError(f"max_neurons must be at least 1, got {max_neurons}", "pass max_neurons >= 1 or None")
+    if experts is not None and method != "ig":
+        raise FfkvError(f"method {method!r} screens dense memories only", "use method='ig' with experts")
     answers = _answers(prompts, answer)
     cost = cost if cost is not None else Cost()
     ig = {"steps": steps, "rule": rule, "tol": tol, "max_steps": max_steps, "cost": cost}
+    if experts is not None:
+        experts = {int(l): int(e) for l, e in experts.items()}
+        ig["experts"] = experts
     attrs, checks = [], []
     for p, a in tqdm(list(zip(prompts, answers)), desc="attribution", file=sys.stderr, leave=False,
                      disable=not progress):
@@ -200,9 +234,10 @@ def knowledge_neurons(model: MemoryModel, prompts: Sequence[str] | str, answer: 
                                              max_steps=max_steps)
             attrs.append(screened)
         if check:
-            checks.append(completeness(model, p, a, full, layers=lays))
-    per_prompt = [coarse_neurons(a, threshold, max_neurons) for a in attrs]
-    kept = shared_neurons(per_prompt, attrs, share)
+            checks.append(completeness(model, p, a, full, layers=lays) if experts is None else
+                          completeness(model, p, a, full, experts=experts))
+    per_prompt = [coarse_neurons(a, threshold, max_neurons, experts) for a in attrs]
+    kept = shared_neurons(per_prompt, attrs, share, experts)
     dropped = []
     if background:
         counts: dict[tuple[int, int], int] = {}
@@ -214,6 +249,7 @@ def knowledge_neurons(model: MemoryModel, prompts: Sequence[str] | str, answer: 
         dropped = [n for n in kept if (n.layer, n.index) in common]
         kept = [n for n in kept if (n.layer, n.index) not in common]
     spec = neuron_specificity(model, list(zip(prompts, answers)), kept, unrelated, random_trials, seed) \
-        if check else None
+        if check and experts is None else None
     return NeuronsResult(answer if not isinstance(answer, tuple) else list(answer), prompts, kept, per_prompt,
-                         threshold, share, steps, method, cost.as_dict(), dropped, max_neurons, rule, checks, spec)
+                         threshold, share, steps, method, cost.as_dict(), dropped, max_neurons, rule, checks, spec,
+                         None if experts is None else dict(experts))
