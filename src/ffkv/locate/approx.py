@@ -74,8 +74,8 @@ def approx_trace(model: MemoryModel, prompt: str, subject: str, answer: str | in
     reads = [(site, l) for site in sites for l in range(L)]
     # The clean run: its states and p_clean (one forward pass without gradients).
     clean, probs = _record(model, ids, reads, cost)
-    if answer is None:
-        answer_id = int(probs.argmax())
+    if answer is None:  # the top prediction among real tokens (a padded vocabulary's extra rows are no text)
+        answer_id = int(probs[: min(model.tokenizer_vocab_size or probs.numel(), probs.numel())].argmax())
     elif isinstance(answer, int):
         answer_id = answer
     else:

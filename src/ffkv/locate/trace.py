@@ -197,7 +197,9 @@ def _prepare(model, prompt, subject, kind, answer, noise, samples, seed, subject
     logits, rec, _ = reference_run(model, ids, reads=[(site, l) for l in range(model.n_layers)], cost=cost)
     probs = torch.softmax(logits[0, -1].float(), -1)
     if answer is None:
-        answer_id = int(probs.argmax())
+        # ROME traces the model's top prediction; a padded vocabulary's rows past the tokenizer are no text
+        real = model.tokenizer_vocab_size or probs.numel()
+        answer_id = int(probs[: min(real, probs.numel())].argmax())
     elif isinstance(answer, int):
         answer_id = answer
     else:
