@@ -241,6 +241,22 @@ def test_the_other_moe_families_are_served(tokenizer, model_type):
     assert hook_count(m) == n and not patched_experts(m)
 
 
+def test_knowledge_neurons_of_routed_experts_on_the_trace_page(tokenizer):
+    from ffkv.locate.neurons import knowledge_neurons
+
+    m = tiny_model("mixtral", vocab=len(tokenizer), tokenizer=tokenizer)
+    b = Backend(m)
+    n = hook_count(m)
+    view = b.trace(PROMPT, "Quoux Kurte", samples=2)
+    assert "heaviest routed expert" in view["neurons_note"]
+    experts = {int(k[1:].split(".")[0]): int(k.split(".E")[1]) for k in
+               [p.strip() for p in view["neurons_note"].split(": ")[1].split(",")]}
+    want = knowledge_neurons(m, [PROMPT], view["answer"], experts=experts, layers=sorted(experts))
+    assert [r["memory"] for r in view["neurons"]] == [str(x.memory) for x in want.neurons]
+    assert all(".E" in r["memory"] for r in view["neurons"])
+    assert hook_count(m) == n and not patched_experts(m)
+
+
 def test_rome_from_the_page_edits_the_routed_expert_and_undoes(tokenizer, tmp_path):
     # Mixtral's FFNs are routed experts only: ROME edits the heaviest routed expert's W_out (expert="top",
     # statistics over the tokens routed to it); MEMIT, which needs its experts named, is refused in one line.

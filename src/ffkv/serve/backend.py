@@ -45,7 +45,7 @@ from ..memory.values import nearest_values, promotes, token_id, value_logits, wr
 from ..models.hooks import SITES, intervene
 from ..models.loading import load_model
 from ..models.memory_id import MemoryId, parse_memories
-from ..models.moe import MoEModel
+from ..models.moe import MoEModel, expert_intervene
 
 # What the FFN adds to the residual: "ffn_write" where the adapter distinguishes it from W_out's output
 # (post-FFN-norm families), else the output of W_out itself.
@@ -463,16 +463,27 @@ class Backend:
             answer_text = traces["hidden"]["answer"] if answer is None else answer
             kn, kn_note = None, None
             m = self.model
+            experts = None
             if neurons and self.is_moe and any(not m.has_shared_expert(l) for l in m.moe_layers):
-                # Attribution over routed experts' memories is not wired (docs/moe.md): say so, do not fail.
-                neurons, kn_note = False, ("knowledge neurons over expert memories are not available yet; "
-                                           "the causal traces above cover the MoE blocks")
+                # Routed experts: the neurons of the heaviest expert the prompt's last token is routed to, per
+                # MoE layer (knowledge_neurons(experts=...)); paraphrases route their last tokens elsewhere.
+                batch = m.encode(prompt)
+                with expert_intervene(m, reads=list(m.moe_layers)) as rec:
+                    m.hf(**batch)
+                experts = {l: int(rec.routing[l][0][0, -1, int(rec.routing[l][1][0, -1].argmax())])
+                           for l in m.moe_layers if l in rec.routing}
+                kn_note = ("knowledge neurons of the heaviest routed expert per MoE layer, for the prompt alone: "
+                           + ", ".join(f"L{l}.E{e}" for l, e in experts.items()))
             elif neurons and self.is_moe and m.moe_layers:
                 kn_note = "knowledge neurons over the shared experts' memories only (routed experts are not searched)"
             if neurons:
-                res = knowledge_neurons(self.model, [prompt, *paraphrases], answer_text)
-                kn = [{"memory": str(MemoryId(l, i)), "layer": l, "index": i, "attribution": float(s)}
-                      for l, i, s in res.neurons]
+                if experts:
+                    res = knowledge_neurons(self.model, [prompt], answer_text, experts=experts,
+                                            layers=sorted(experts))
+                else:
+                    res = knowledge_neurons(self.model, [prompt, *paraphrases], answer_text)
+                kn = [{"memory": str(n.memory), "layer": n.layer, "index": n.index, "attribution": float(n.attribution)}
+                      for n in res.neurons]
             seconds = time.perf_counter() - t0
         for t in traces.values():
             t["max"] = max(t["high_score"], float(np.max(t["scores"])))
