@@ -14,6 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FFKV_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def hook_count(model) -> int:
+    """Every hook on a MemoryModel's network (global, forward, pre-forward, backward): what a run must leave as
+    it found it. Test modules import it (``from conftest import hook_count``)."""
+    n = len(torch.nn.modules.module._global_forward_hooks) + len(torch.nn.modules.module._global_forward_pre_hooks)
+    for mod in model.hf.modules():
+        n += len(mod._forward_hooks) + len(mod._forward_pre_hooks) + len(mod._backward_hooks) \
+            + len(mod._backward_pre_hooks)
+    return n
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module on one thread: its tests compare timings or are sensitive to a busy second core."""

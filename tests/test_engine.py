@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import hook_count
 
 from ffkv.errors import FfkvError
 from ffkv.models.engine import Cost, capture_coefficients, reference_run, run, run_tail
@@ -16,10 +17,6 @@ from ffkv.models.hooks import Intervention, intervene
 def _ids(m, B=2, T=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, min(m.vocab_size, 100), (B, T), generator=g)
-
-
-def _hook_count(m) -> int:
-    return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.hf.modules())
 
 
 def test_partial_run_from_a_layer_and_position_equals_the_full_run(tiny_models):
@@ -129,7 +126,7 @@ def test_an_in_place_update_of_an_uncopied_read_is_an_error(tiny_models):
 
 def test_hooks_and_layers_are_restored_after_runs_including_failing_ones(tiny_models):
     for mt, m in tiny_models.items():
-        n0, layers0 = _hook_count(m), [id(m.layer(l)) for l in range(m.n_layers)]
+        n0, layers0 = hook_count(m), [id(m.layer(l)) for l in range(m.n_layers)]
         ids = _ids(m)
         _, rec, cache = reference_run(m, ids, reads=[("resid_pre", 1)])
 
@@ -149,7 +146,7 @@ def test_hooks_and_layers_are_restored_after_runs_including_failing_ones(tiny_mo
             run(m, ids, stop_after=0)  # a stopped run has no head
         run(m, ids, head="none", stop_after=0)
         run(m, ids, head=(torch.tensor([0]), torch.tensor([1])))
-        assert _hook_count(m) == n0, mt
+        assert hook_count(m) == n0, mt
         assert [id(m.layer(l)) for l in range(m.n_layers)] == layers0 and m.n_layers == len(layers0), mt
 
 

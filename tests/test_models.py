@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import hook_count
 
 import ffkv
 from ffkv.errors import AdapterCheckFailed, FfkvError, UnsupportedArchitecture
@@ -71,26 +72,22 @@ def test_coefficients_rebuild_the_ffn_output(tiny_models, mt):
     torch.testing.assert_close(patched, logits, rtol=1e-4, atol=1e-5)
 
 
-def _hook_count(mm):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in mm.hf.modules())
-
-
 @pytest.mark.parametrize("mt", ["gpt2", "llama", "opt", "falcon"])
 def test_hooks_leave_the_model_unchanged(tiny_models, mt):
     mm = tiny_models[mt]
     ids = _ids(mm)
     clean = mm.hf(input_ids=ids).logits
-    before = _hook_count(mm)
+    before = hook_count(mm)
     with intervene(mm, reads=[("coef", 0)], edits=[switch_memories(0, range(10))]):
         edited = mm.hf(input_ids=ids).logits
     assert not torch.equal(edited, clean)
-    assert _hook_count(mm) == before
+    assert hook_count(mm) == before
     assert torch.equal(mm.hf(input_ids=ids).logits, clean)
     with pytest.raises(RuntimeError, match="boom"):
         with intervene(mm, edits=[Intervention("resid_post", 0, "scale", value=0.0)]):
             mm.hf(input_ids=ids)
             raise RuntimeError("boom")
-    assert _hook_count(mm) == before
+    assert hook_count(mm) == before
     assert torch.equal(mm.hf(input_ids=ids).logits, clean)
 
 

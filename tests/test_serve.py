@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import hook_count
 from starlette.testclient import TestClient
 
 import ffkv
@@ -82,14 +83,6 @@ def error_line(r) -> str:
 
 def top_token(model, prompt) -> str:
     return model.decode([int(model.next_token_probs(prompt)[0].argmax())])
-
-
-def hook_count(model) -> int:
-    n = len(torch.nn.modules.module._global_forward_hooks) + len(torch.nn.modules.module._global_forward_pre_hooks)
-    for mod in model.hf.modules():
-        n += len(mod._forward_hooks) + len(mod._forward_pre_hooks) + len(mod._backward_hooks) \
-            + len(mod._backward_pre_hooks)
-    return n
 
 
 # --------------------------------------------------------------------------------------------------- views

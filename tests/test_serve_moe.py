@@ -13,6 +13,7 @@ import re
 
 import pytest
 import torch
+from conftest import hook_count
 from starlette.testclient import TestClient
 
 import ffkv
@@ -40,14 +41,6 @@ def served(request, tokenizer):
 def error_line(r) -> str:
     m = re.search(r'id="error"[^>]*>(.*?)</p>', r.text, re.S)
     return html.unescape(m.group(1)) if m else ""
-
-
-def hook_count(model) -> int:
-    n = len(torch.nn.modules.module._global_forward_hooks) + len(torch.nn.modules.module._global_forward_pre_hooks)
-    for mod in model.hf.modules():
-        n += len(mod._forward_hooks) + len(mod._forward_pre_hooks) + len(mod._backward_hooks) \
-            + len(mod._backward_pre_hooks)
-    return n
 
 
 def patched_experts(model) -> list[int]:

@@ -249,21 +249,11 @@ def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequenc
                                 cache, progress, base_identity, memo)}
     if not layers:
         raise FfkvError("no layers given for the statistics", "pass layers=[...]")
-    identity = base_identity if base_identity is not None else _identity_of(model)
-    memo = memo if memo is not None else {}
-    spec = str(corpus) if isinstance(corpus, (str, Path)) else \
-        "texts-" + hashlib.sha256("\x00".join(corpus).encode()).hexdigest()[:16]
-    memo_key = (spec, int(n_tokens), window, str(stats_dir), identity.get("fingerprint"))
+    identity, memo, memo_key = _memo(model, corpus, n_tokens, window, stats_dir, base_identity, memo)
     if not recompute and all((memo_key, l) in memo for l in layers):
         return {l: memo[memo_key, l] for l in layers}
-    name, texts = resolve_corpus(model, corpus)
-    window = window or min(256, model.context_length)
-    windows = token_windows(model, texts, int(n_tokens), window)
+    name, windows, window, corpus_key, stats_dir = _corpus_windows(model, corpus, n_tokens, window, stats_dir)
     n = windows.numel()
-    digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:10]
-    corpus_key = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:40]}-{digest}"
-    stats_dir = Path(stats_dir) if stats_dir is not None else default_stats_dir()
-
     out: dict[int, SecondMoment] = {}
     missing = []
     for l in layers:
@@ -288,23 +278,34 @@ def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequenc
     return out
 
 
-def _expert_stats(model, experts, corpus, n_tokens, stats_dir, window, batch_size, recompute, cache, progress,
-                  base_identity, memo) -> dict[tuple[int, int], SecondMoment]:
-    """:func:`layer_stats` of ``(layer, expert)`` pairs: C over the tokens routed to each expert."""
+def _memo(model, corpus, n_tokens, window, stats_dir, base_identity, memo):
+    """``(identity, memo, memo_key)``: what a statistics call is keyed by in the edit context's memo, known
+    before the corpus is read (so a repeated call tokenizes nothing)."""
     identity = base_identity if base_identity is not None else _identity_of(model)
     memo = memo if memo is not None else {}
     spec = str(corpus) if isinstance(corpus, (str, Path)) else \
         "texts-" + hashlib.sha256("\x00".join(corpus).encode()).hexdigest()[:16]
-    memo_key = (spec, int(n_tokens), window, str(stats_dir), identity.get("fingerprint"))
-    if not recompute and all((memo_key, k) in memo for k in experts):
-        return {k: memo[memo_key, k] for k in experts}
+    return identity, memo, (spec, int(n_tokens), window, str(stats_dir), identity.get("fingerprint"))
+
+
+def _corpus_windows(model, corpus, n_tokens, window, stats_dir):
+    """``(corpus name, token windows (n, window), window, cache key of those windows, stats folder)``."""
     name, texts = resolve_corpus(model, corpus)
     window = window or min(256, model.context_length)
     windows = token_windows(model, texts, int(n_tokens), window)
-    n = windows.numel()
     digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:10]
     corpus_key = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:40]}-{digest}"
-    stats_dir = Path(stats_dir) if stats_dir is not None else default_stats_dir()
+    return name, windows, window, corpus_key, Path(stats_dir) if stats_dir is not None else default_stats_dir()
+
+
+def _expert_stats(model, experts, corpus, n_tokens, stats_dir, window, batch_size, recompute, cache, progress,
+                  base_identity, memo) -> dict[tuple[int, int], SecondMoment]:
+    """:func:`layer_stats` of ``(layer, expert)`` pairs: C over the tokens routed to each expert."""
+    identity, memo, memo_key = _memo(model, corpus, n_tokens, window, stats_dir, base_identity, memo)
+    if not recompute and all((memo_key, k) in memo for k in experts):
+        return {k: memo[memo_key, k] for k in experts}
+    name, windows, window, corpus_key, stats_dir = _corpus_windows(model, corpus, n_tokens, window, stats_dir)
+    n = windows.numel()
     out: dict = {}
     missing = []
     for key in experts:

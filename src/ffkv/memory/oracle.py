@@ -30,11 +30,7 @@ def brute_force_triggers(model, units: list[Unit], top_k: int, batch_tokens: int
         c, g = batch_coefficients(model, ids, mask, torch.tensor([u.unit for u in batch]))
         all_c.append(torch.cat(c, dim=1).T.float().cpu().numpy())
         all_g.append(g.cpu().numpy())
-        for u in batch:
-            for t in range(len(u.tokens)):
-                prefix = tuple(u.tokens[: t + 1])
-                keep.append(not dedup or prefix not in seen)
-                seen.add(prefix)
+        keep.extend(_keep(batch, seen, dedup))
     keep = np.array(keep)
     C = np.concatenate(all_c, axis=1)[:, keep] + 0.0  # (L*d, N)
     G = np.concatenate(all_g)[keep]
@@ -50,6 +46,18 @@ def brute_force_triggers(model, units: list[Unit], top_k: int, batch_tokens: int
                 rows_c.append(c[order])
             res[kind], res[kind + "_coef"] = np.stack(rows_g), np.stack(rows_c)
         out[l] = res
+    return out
+
+
+def _keep(batch: list[Unit], seen: set, dedup: bool) -> list[bool]:
+    """Per prefix of the batch's units (in order), whether it takes part: with ``dedup`` only the first
+    occurrence of a token sequence over the whole corpus (``seen`` carries the ones met so far)."""
+    out = []
+    for u in batch:
+        for t in range(len(u.tokens)):
+            prefix = tuple(u.tokens[: t + 1])
+            out.append(not dedup or prefix not in seen)
+            seen.add(prefix)
     return out
 
 
@@ -72,11 +80,7 @@ def _brute_force_groups(model, units: list[Unit], top_k: int, batch_tokens: int,
             c = rec["coef", l] if e is None else caps[l, e].dense()
             cols[l, e].append(c.reshape(-1, c.shape[-1]).float().cpu().numpy()[real])
         all_g.append(np.array([(u.unit << POSITION_BITS) + t for u in batch for t in range(len(u.tokens))], np.int64))
-        for u in batch:
-            for t in range(len(u.tokens)):
-                prefix = tuple(u.tokens[: t + 1])
-                keep.append(not dedup or prefix not in seen)
-                seen.add(prefix)
+        keep.extend(_keep(batch, seen, dedup))
     keep = np.array(keep)
     G = np.concatenate(all_g)[keep]
     out = {}

@@ -66,11 +66,7 @@ def sub_updates(model, prompt: str, top_n: int = 10, value_top: int = 5, positio
         return _moe_sub_updates(model, prompt, batch, pos, layers, top_n, value_top, norm)
     with intervene(model, reads=[(s, l) for l in layers for s in ("coef", "ffn_out")]) as rec:
         logits = model.hf(**batch).logits[0, pos]
-    probs = torch.softmax(logits.float(), -1)
-    top = probs.topk(value_top)
-    out = {"prompt": prompt, "position": pos, "token": tok.decode(batch["input_ids"][0, pos: pos + 1]),
-           "prediction": [{"token": t, "p": p} for t, p in zip(_decode(tok, top.indices), top.values.tolist())],
-           "layers": []}
+    out = _prediction(tok, prompt, batch, pos, logits, value_top)
     for l in layers:
         m = rec["coef", l][0, pos].float()
         vnorm = model.write_values(l).float().norm(dim=0)
@@ -165,15 +161,19 @@ def layer_terms(model: MoEModel, drec, erec, layer: int, b: int, t: int, norms: 
     return out
 
 
+def _prediction(tok, prompt, batch, pos, logits, value_top) -> dict:
+    """The head of a sub-updates result: the prompt, the token read and the model's top predictions there."""
+    top = torch.softmax(logits.float(), -1).topk(value_top)
+    return {"prompt": prompt, "position": pos, "token": tok.decode(batch["input_ids"][0, pos: pos + 1]),
+            "prediction": [{"token": t, "p": p} for t, p in zip(_decode(tok, top.indices), top.values.tolist())],
+            "layers": []}
+
+
 def _moe_sub_updates(model: MoEModel, prompt, batch, pos, layers, top_n, value_top, norm) -> dict:
     tok = model.require_tokenizer()
     with _moe_recording(model, layers) as (drec, erec):
         logits = model.hf(**batch).logits[0, pos]
-    probs = torch.softmax(logits.float(), -1)
-    top = probs.topk(value_top)
-    out = {"prompt": prompt, "position": pos, "token": tok.decode(batch["input_ids"][0, pos: pos + 1]),
-           "prediction": [{"token": t, "p": p} for t, p in zip(_decode(tok, top.indices), top.values.tolist())],
-           "layers": []}
+    out = _prediction(tok, prompt, batch, pos, logits, value_top)
     for l in layers:
         terms = layer_terms(model, drec, erec, l, 0, pos)
         score = torch.cat([g.score for g in terms])
