@@ -20,12 +20,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import AdapterCheckFailed
-from .hooks import SITES, intervene
+from .hooks import intervene
 from .model import MemoryModel
-
-# The "ffn_write" hook site reads the write directly where the engine offers it.
-_WRITE_SITE = "ffn_write" in SITES
-
 
 def _tolerance(dtype: torch.dtype) -> float:
     return {torch.float32: 1e-4, torch.float64: 1e-8}.get(dtype, 2e-2)
@@ -44,9 +40,7 @@ def check_adapter(model: MemoryModel, seq_len: int = 8, seed: int = 0, raise_on_
     g = torch.Generator().manual_seed(seed)
     vocab = min(model.vocab_size, getattr(model.text_config, "vocab_size", None) or model.vocab_size)
     ids = torch.randint(0, vocab, (1, seq_len), generator=g).to(model.device)
-    sites = ["ffn_in", "coef", "ffn_out", "resid_pre", "resid_post", "attn_out"]
-    if _WRITE_SITE:
-        sites.append("ffn_write")
+    sites = ["ffn_in", "coef", "ffn_out", "ffn_write", "resid_pre", "resid_post", "attn_out"]
     reads = [(site, l) for l in range(model.n_layers) for site in sites]
     with intervene(model, reads=reads) as rec:
         logits = model.hf(input_ids=ids).logits
@@ -88,10 +82,7 @@ def _layer_errors(model: MemoryModel, l: int, rec) -> dict[str, tuple[float, flo
         "ffn_error": _safe_err(lambda: (model.ffn_output_from_coefficients(l, m), out)),
     }
     write = _safe(lambda: model.write_from_ffn_out(l, model.ffn_output_from_coefficients(l, m)))
-    if _WRITE_SITE:
-        errs["write_error"] = _safe_err(lambda: (write, model.residual_scale * rec["ffn_write", l]))
-    else:  # without the site, the write the spec computes from the recorded W_out output
-        errs["write_error"] = _safe_err(lambda: (write, model.write_from_ffn_out(l, out)))
+    errs["write_error"] = _safe_err(lambda: (write, model.residual_scale * rec["ffn_write", l]))
     errs["resid_error"] = _safe_err(lambda: (
         rec["resid_pre", l] + model.attn_write_from_attn_out(l, rec["attn_out", l], rec["resid_pre", l]) + write,
         rec["resid_post", l]))

@@ -42,14 +42,13 @@ from ..memory.atlas import Atlas
 from ..memory.queries import describe_memory
 from ..memory.subupdates import generate_with_memories, memory_rank, memory_switches, sub_updates, switch_effect
 from ..memory.values import nearest_values, promotes, token_id, value_logits, write_values
-from ..models.hooks import SITES, intervene
+from ..models.hooks import intervene
 from ..models.loading import load_model
 from ..models.memory_id import MemoryId, parse_memories
 from ..models.moe import MoEModel, expert_intervene
 
-# What the FFN adds to the residual: "ffn_write" where the adapter distinguishes it from W_out's output
-# (post-FFN-norm families), else the output of W_out itself.
-WRITE_SITE = "ffn_write" if "ffn_write" in SITES else "ffn_out"
+# What the FFN adds to the residual (the adapter's write site: W_out's output, or a post-FFN norm's).
+WRITE_SITE = "ffn_write"
 EDIT_METHODS = ("rome", "memit")
 
 
@@ -65,18 +64,6 @@ class Limits:
     switches: int = 64
     search_n: int = 100
     extra_prompts: int = 16
-
-
-def _context_length(model) -> int:
-    # MemoryModel.context_length is the one rule once the families refactor lands; until then the configs'.
-    n = getattr(model, "context_length", None)
-    if isinstance(n, int):
-        return n
-    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
-        v = getattr(model.config, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return 2048
 
 
 def _tokens(tok, ids) -> list[str]:
@@ -181,7 +168,7 @@ class Backend:
         if len(prompt) > self.limits.prompt_chars:
             raise FfkvError(f"the {what} has {len(prompt)} characters", f"use at most {self.limits.prompt_chars}")
         n = len(self.model.token_ids(prompt))
-        most = min(self.limits.prompt_tokens, _context_length(self.model) - self.limits.max_new_tokens)
+        most = min(self.limits.prompt_tokens, self.model.context_length - self.limits.max_new_tokens)
         if n > most:
             raise FfkvError(f"the {what} has {n} tokens", f"use at most {most}")
         if n == 0:
