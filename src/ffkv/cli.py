@@ -37,6 +37,9 @@ COMMANDS: dict[str, str] = {
     "recall": "ffkv.recall.cli:recall",
     "demo": "ffkv.demo:demo",
     "serve": "ffkv.serve.cli:serve",
+    "explain": "ffkv.memory.explain_cli:explain_cmd",
+    "index": "ffkv.recall.ask_cli:index",
+    "ask": "ffkv.recall.ask_cli:ask_cmd",
 }
 
 # click >= 8.2 shows a group's help for a bare group name through this UsageError; it stays as click prints it.

@@ -100,12 +100,15 @@ class VerdictModel:
         Z, _, _ = standardize(np.atleast_2d(np.asarray(X, float)), self.mean, self.std)
         return sigmoid(Z @ np.asarray(self.weights) + self.bias)
 
-    def score_features(self, feats: dict) -> float:
+    def score_features(self, feats: dict, impute: bool = False) -> float:
+        """The score of one query's features; with ``impute`` a missing feature takes its fitted mean (its
+        standardized value 0, so it moves the score neither way) instead of being refused."""
         missing = [f for f in self.features if f not in feats]
-        if missing:
+        if missing and not impute:
             raise FfkvError(f"the verdict needs signals {missing}",
                             "pass the subject (--subject) so that subject_familiarity can be read")
-        return float(self.score([[feats[f] for f in self.features]])[0])
+        mean = dict(zip(self.features, self.mean))
+        return float(self.score([[feats.get(f, mean[f]) for f in self.features]])[0])
 
     def verdict(self, score: float) -> str:
         return "recall" if score >= self.threshold else "retrieve"
@@ -145,12 +148,14 @@ def fit_verdict(X, y, features=FEATURES, l2: float = 1e-2, provenance: dict | No
 
 def judge(model: MemoryModel, prompt: str, subject: str | None = None, answer: str | None = None,
           n_samples: int | None = None, temperature: float | None = None, seed: int = 0,
-          weights: str | Path | None = None, trace: bool = False) -> dict:
+          weights: str | Path | None = None, trace: bool = False, impute_missing: bool = False) -> dict:
     """The per-query report: signals, score and verdict (and, given ``answer``, how the model treats it).
 
     The verdict reads the greedy answer's signals, computed with the settings the weights were fitted
     with (samples, temperature, adaptive ranking) unless overridden; with ``answer`` the report adds that
     answer's probability, rank, margin and storage strength, and whether greedy matches it.
+    ``impute_missing``: score a query without its subject by giving subject familiarity its fitted mean
+    (listed under ``imputed``); otherwise a missing subject is refused.
     """
     if subject is not None:
         model.find_subject(prompt, subject)
@@ -160,7 +165,7 @@ def judge(model: MemoryModel, prompt: str, subject: str | None = None, answer: s
     temperature = float(cfg.get("temperature", 1.0) if temperature is None else temperature)
     adaptive = bool(cfg.get("adaptive", True))
     sig = query_signals(model, prompt, subject, n_samples, temperature, seed, trace=trace, adaptive=adaptive)
-    score = vm.score_features(sig["features"])
+    score = vm.score_features(sig["features"], impute=impute_missing)
     st, sc = sig["strength"], sig["consistency"]
     out = {
         "prompt": prompt, "subject": subject, "greedy_answer": st.answer,
@@ -169,6 +174,7 @@ def judge(model: MemoryModel, prompt: str, subject: str | None = None, answer: s
         "self_consistency": sc.to_json(),
         "score": score, "threshold": vm.threshold, "verdict": vm.verdict(score),
         "verdict_weights": str(weights or DEFAULT_WEIGHTS),
+        "imputed": [f for f in vm.features if f not in sig["features"]],
     }
     if answer is not None:
         ans = storage_strength(model, prompt, answer, subject=subject, trace=False, adaptive=adaptive)
