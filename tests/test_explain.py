@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ffkv.cli import main
+from ffkv.cli import cli as main
 from ffkv.errors import FfkvError
 from ffkv.memory.explain import explain, frozen_norm
 from ffkv.models.loading import tiny_model
@@ -75,4 +75,4 @@ def test_cli_json(default_testbed):
     assert d["candidates"] == ["Dutch", "French"] and len(d["layers"]) == 6
     assert {"attn", "ffn", "memories"} <= set(d["layers"][0])
     r = CliRunner().invoke(main, ["explain", str(default_testbed / "model"), "--prompt", "x", "--candidates", "A"])
-    assert r.exit_code == 2 and r.stderr.startswith("ffkv: error:") and len(r.stderr.strip().splitlines()) == 1
+    assert isinstance(r.exception, FfkvError) and "at least two" in str(r.exception)
