@@ -7,7 +7,8 @@
     @quiet_option
     @model_options
     def trace(model, layers, as_json, quiet, **load):
-        mm = load_model_from_options(model, **load)       # --device --dtype --device-map --trust-remote-code --threads
+        mm = load_model_from_options(model, **load)       # --device --dtype --device-map --trust-remote-code
+                                                          # --threads --allow-nonfinite
         layer_list = parse_layers(layers, mm.n_layers)    # "0-3,5" -> [0, 1, 2, 3, 5], checked against the model
         ...
         emit_json({...})                                  # one JSON object, one line, on stdout
@@ -34,19 +35,23 @@ import torch
 from .cli import Group as FfkvGroup
 from . import validate
 from .errors import FfkvError
-from .models.loading import DTYPES, load_model
+from .models.integrity import describe_nonfinite
+from .models.loading import DTYPES, load_checked
 
 __all__ = ["MODEL_OPTIONS", "FfkvGroup", "model_options", "load_model_from_options", "layers_option",
            "parse_layers", "set_threads", "json_option", "emit_json", "to_json", "quiet_option", "show_progress",
            "hparams_options", "parse_settings", "default_of", "token_text", "predicted_token"]
 
 # The options of every command that loads a model (tests introspect the commands for exactly these).
-MODEL_OPTIONS = ("device", "dtype", "device_map", "trust_remote_code", "threads")
+MODEL_OPTIONS = ("device", "dtype", "device_map", "trust_remote_code", "threads", "allow_nonfinite")
 
 
 def model_options(f: Callable) -> Callable:
-    """Add ``--device --dtype --device-map --trust-remote-code --threads`` (their values go to
+    """Add ``--device --dtype --device-map --trust-remote-code --threads --allow-nonfinite`` (their values go to
     :func:`load_model_from_options` as keyword arguments of the same names)."""
+    f = click.option("--allow-nonfinite", is_flag=True,
+                     help="Use a model whose weights hold NaN or inf (refused otherwise; `ffkv inspect` lists "
+                          "them).")(f)
     f = click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="Torch CPU threads (default: torch's own choice).")(f)
     f = click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own code.")(f)
@@ -66,11 +71,19 @@ def set_threads(threads: int | None) -> None:
 
 def load_model_from_options(model: str | Path, device: str | None = None, dtype: str | None = None,
                             device_map: str | None = None, trust_remote_code: bool = False,
-                            threads: int | None = None, **load_kwargs):
-    """:func:`ffkv.models.loading.load_model` with the shared model options (``threads``: torch CPU threads)."""
+                            threads: int | None = None, allow_nonfinite: bool = False, **load_kwargs):
+    """:func:`ffkv.models.loading.load_model` with the shared model options (``threads``: torch CPU threads).
+
+    A model with NaN or inf weights is refused in one line; under ``--allow-nonfinite`` it loads with one
+    warning line on stderr naming them.
+    """
     set_threads(threads)
-    return load_model(model, dtype=dtype, device=device, device_map=device_map,
-                      trust_remote_code=trust_remote_code, **load_kwargs)
+    mm, nonfinite = load_checked(model, dtype=dtype, device=device, device_map=device_map,
+                                 trust_remote_code=trust_remote_code, allow_nonfinite=allow_nonfinite, **load_kwargs)
+    if nonfinite:
+        click.echo(f"ffkv: warning: the model's weights hold non-finite values ({describe_nonfinite(nonfinite)}); "
+                   "results may be NaN and the adapter check was not run", err=True)
+    return mm
 
 
 # ------------------------------------------------------------------------------------------------ layers

@@ -6,13 +6,14 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..clikit import emit_json, json_option, load_model_from_options, model_options
+from ..clikit import emit_json, json_option, model_options, set_threads
 from ..errors import AdapterCheckFailed
 from .adapters import get_spec
 from .census import census as count_parameters
 from .census import format_count
 from .check import check_adapter
-from .loading import SHIPPED_CONFIGS, load_config, tiny_model
+from .integrity import describe_nonfinite
+from .loading import SHIPPED_CONFIGS, load_checked, load_config, tiny_model
 from .moe import MoEModel, check_moe, moe_census
 
 
@@ -73,12 +74,17 @@ def padded_vocabulary(mm) -> dict:
     return {"embedding_rows": rows, "tokenizer_vocab_size": n_tok, "padded_vocab": rows > n_tok}
 
 
-def inspect_model(model: str, trust_remote_code: bool = False, **load_kwargs) -> dict:
-    """Family, shapes, activation, gating, the adapter check and the census of a model.
+def inspect_model(model: str, trust_remote_code: bool = False, threads: int | None = None, **load_kwargs) -> dict:
+    """Family, shapes, activation, gating, the adapter check, the census and the non-finite weights of a model.
 
-    A shipped config (no weights) is checked on a 2-layer, narrow model of the same family.
+    A shipped config (no weights) is checked on a 2-layer, narrow model of the same family. A model whose
+    weights hold NaN or inf loads (inspect is where they are looked at): ``"nonfinite_weights"`` lists them
+    (``[{"tensor", "nan", "inf", "numel"}]``, empty when every weight is finite, None for a shipped config) and
+    the adapter check is not run (``"passed": None``), since its comparison would be NaN.
     """
     config = load_config(model, trust_remote_code=trust_remote_code)
+    load_kwargs.pop("allow_nonfinite", None)  # always allowed here: inspect reports them
+    nonfinite = None
     if model in SHIPPED_CONFIGS:
         get_spec(config)
         mm = tiny_model(config.model_type, check=False)
@@ -86,14 +92,20 @@ def inspect_model(model: str, trust_remote_code: bool = False, **load_kwargs) ->
         cen = count_parameters(config)
         vocab = {"embedding_rows": None, "tokenizer_vocab_size": None, "padded_vocab": None}
     else:
-        mm = load_model_from_options(model, trust_remote_code=trust_remote_code, check=False, **load_kwargs)
+        set_threads(threads)
+        mm, nonfinite = load_checked(model, trust_remote_code=trust_remote_code, check=False, allow_nonfinite=True,
+                                     **load_kwargs)
         checked_on = "the loaded weights"
         cen = count_parameters(mm)
         vocab = padded_vocabulary(mm)
     spec = mm.spec  # hand-written, inferred, or a mixture-of-experts spec
     if isinstance(mm, MoEModel):  # experts are checked per expert and counted by expert
-        check = check_moe(mm, raise_on_fail=False)
         cen = {**cen, "experts": moe_census(mm)}
+    if nonfinite:
+        check = {"passed": None, "max_abs_error": None, "relative_tolerance": None}
+        checked_on = "not run: the weights hold non-finite values"
+    elif isinstance(mm, MoEModel):
+        check = check_moe(mm, raise_on_fail=False)
     else:
         check = check_adapter(mm, raise_on_fail=False)
     return {
@@ -113,6 +125,7 @@ def inspect_model(model: str, trust_remote_code: bool = False, **load_kwargs) ->
         "adapter_check": {"passed": check["passed"], "max_abs_error": check["max_abs_error"],
                           "relative_tolerance": check["relative_tolerance"], "checked_on": checked_on},
         "census": cen,
+        "nonfinite_weights": nonfinite,
     }
 
 
@@ -124,9 +137,14 @@ def inspect_cmd(model, as_json, **load):
     """Describe MODEL: family, layers, widths, activation, gating, vocabulary, adapter check and census.
 
     A model whose embedding matrix has more rows than its tokenizer has tokens (a padded vocabulary, as
-    Pythia's) gets a warning line on stderr and "padded_vocab": true in --json.
+    Pythia's) gets a warning line on stderr and "padded_vocab": true in --json. Weights holding NaN or inf
+    are reported (a warning line, "nonfinite_weights" in --json: tensor, NaN and inf counts) and the adapter
+    check is not run on them; other commands refuse such a model unless given --allow-nonfinite.
     """
     info = inspect_model(model, **load)
+    if info["nonfinite_weights"]:
+        click.echo(f"ffkv: warning: the weights hold non-finite values ({describe_nonfinite(info['nonfinite_weights'])});"
+                   f" other commands refuse this model unless given --allow-nonfinite", err=True)
     if info["padded_vocab"]:
         click.echo(f"ffkv: warning: the embedding matrix has {info['embedding_rows']} rows but the tokenizer has "
                    f"{info['tokenizer_vocab_size']} tokens (a padded vocabulary); ids "
@@ -139,11 +157,17 @@ def inspect_cmd(model, as_json, **load):
         for k in ("family", "model_type", "architecture", "layers", "d_model", "d_ffn", "vocab_size",
                   "tokenizer_vocab_size", "activation", "gated", "parallel_attention_ffn", "tokenizer"):
             t.add_row(k, str(info[k]))
+        nf = info["nonfinite_weights"]
+        if nf is not None:
+            t.add_row("non-finite weights", describe_nonfinite(nf, limit=10) if nf else "none")
         ac = info["adapter_check"]
-        t.add_row("adapter check", f"{'passed' if ac['passed'] else 'FAILED'} "
-                                   f"(max abs error {ac['max_abs_error']:.2e}; {ac['checked_on']})")
+        if ac["passed"] is None:
+            t.add_row("adapter check", ac["checked_on"])
+        else:
+            t.add_row("adapter check", f"{'passed' if ac['passed'] else 'FAILED'} "
+                                       f"(max abs error {ac['max_abs_error']:.2e}; {ac['checked_on']})")
         Console().print(t)
         _print_census(info["census"], title="census")
-    if not info["adapter_check"]["passed"]:
+    if info["adapter_check"]["passed"] is False:
         raise AdapterCheckFailed(f"adapter check failed for family '{info['family']}'",
                                  "the model's FFN does not match ffkv's spec; please report the model")
