@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from . import validate
 from ._version import __version__
 from .errors import FfkvError
 
@@ -109,7 +110,8 @@ class LazyGroup(Group):
             return None
         mod, attr = COMMANDS[name].split(":")
         # The one function-level import the house rules allow: sub-commands load when called.
-        return getattr(importlib.import_module(mod), attr)
+        # Every numeric option goes through ffkv.validate, with its range (validate.LIMITS) in --help.
+        return validate.harden(getattr(importlib.import_module(mod), attr))
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
@@ -131,9 +133,15 @@ def cli():
 
 
 def _quiet_transformers() -> None:
-    """ffkv shows its own progress; transformers' per-load bars and config warnings are noise here."""
+    """ffkv shows its own progress; transformers' per-load bars and config warnings are noise here (and a
+    refusal must be the only line on stderr)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # The variables are read at import: when this process imported transformers already (ffkv called from
+    # Python, the demo, tests), switch its bars off as the variables say.
+    tf = sys.modules.get("transformers")
+    if tf is not None and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":
+        tf.utils.logging.disable_progress_bar()
 
 
 def main(argv=None):
