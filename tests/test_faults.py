@@ -279,6 +279,8 @@ CASES: list[Case] = [
     # ---------------------------------------------------------------- evaluate
     C("evaluate", "usage: missing option", "{model}", "no edit data given"),
     C("evaluate", "path: missing", "{model} --data {tmp}/no-data.json", MISSING),
+    C("evaluate", "path: unrelated", "{model} --data {tb}/model", "has no counterfact.json"),
+    C("evaluate", "path: unrelated", "{tb} --stats-dir {f:corpus.txt}", "is a file"),
     C("evaluate", "number: zero", "{tb} --limit 0", RANGE),
     C("evaluate", "number: negative", "{tb} --limit -1", RANGE),
     C("evaluate", "number: zero", "{tb} --gen-tokens 0", RANGE),
@@ -342,6 +344,8 @@ CASES: list[Case] = [
     C("serve", "path: missing", "{model} --cases {tmp}/no-cases.json --state {out}", MISSING, guard=SERVE_GUARD),
     C("serve", "data: bad JSON", "{model} --cases {f:bad.json} --state {out}", "is not valid JSON",
       guard=SERVE_GUARD),
+    C("serve", "data: missing field", "{model} --cases {f:counterfact_missing.json} --state {out}",
+      "CounterFact record 2 lacks the field 'requested_rewrite.subject'", guard=SERVE_GUARD),
     C("serve", "path: unrelated", "{model} --state {f:corpus.txt}", "is a file", guard=SERVE_GUARD),
     C("serve", "path: missing", "{tmp}/no-model --state {out}", "not found", guard=SERVE_GUARD),
     C("serve", "out: unrelated folder", "{model} --state {keep}", "is not an ffkv serve state folder",
@@ -601,6 +605,7 @@ def _params():
 def test_fault(case: Case, default_testbed, inputs, tmp_path, monkeypatch, capsys):
     tmp = tmp_path / "w"
     tmp.mkdir()
+    monkeypatch.chdir(tmp)  # a default output path (ffkv serve --state ffkv-serve) lands here, and is seen
     argv, checked = resolve(case.args, tmp, default_testbed, inputs)
     argv = [*case.command.split(), *argv]
     before = {p: tree_digest(p) for p in checked}
@@ -748,9 +753,10 @@ def render_doc() -> str:
               "Every numeric option of every command is checked by `ffkv.validate` (`IntRange`, `FloatRange`: "
               "non-finite numbers are refused) and its range is shown in `--help`. Options that state no upper bound "
               "of their own get one from `ffkv.validate.LIMITS`:", "",
-              "| option | range |", "|---|---|"]
+              "| option | lowest | highest |", "|---|---|---|"]
     for opt, (lo, hi) in LIMITS_SORTED():
-        lines.append(f"| `{opt}` | {'(the command’s own)' if lo is None else lo}..{hi} |")
+        low = "the command's" if lo is None else lo
+        lines.append(f"| `{opt}` | {low} | {hi} |")
     return "\n".join(lines) + "\n"
 
 

@@ -111,7 +111,7 @@ class LazyGroup(Group):
         mod, attr = COMMANDS[name].split(":")
         # The one function-level import the house rules allow: sub-commands load when called.
         # Every numeric option goes through ffkv.validate, with its range (validate.LIMITS) in --help.
-        return validate.harden(getattr(importlib.import_module(mod), attr))
+        return validate.harden(getattr(importlib.import_module(mod), attr), name)
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:

@@ -162,8 +162,10 @@ def _range(lo, hi, lo_open: bool = False, hi_open: bool = False) -> str:
 # name: far above any real use, far below what would allocate without bound or run for days (issue 14:
 # ``--samples 1e9`` tried to allocate terabytes). A command's own bound wins when it is tighter.
 # ``ffkv <cmd> --help`` shows each as ``[lo<=x<=hi]``; tests/test_faults.py checks that every integer option of
-# every command has an upper bound.
+# every command has an upper bound. A key "<command> <option>" ("neurons --steps") is that command's alone.
 LIMITS: dict[str, tuple[int | None, int]] = {
+    # integrated-gradient steps run as one batch of scaled activations: steps x d_ffn x tokens floats
+    "neurons --steps": (None, 1_000),
     # counts of samples, steps, tokens, units
     "--samples": (None, 10_000), "--steps": (None, 10_000_000), "--tokens": (None, 1_000_000_000),
     "--stats-tokens": (1, 1_000_000_000), "--top-k": (None, 1_000), "--top-n": (None, 10_000),
@@ -232,12 +234,14 @@ class FloatRange(click.FloatRange):
             self.fail(f"{value} is not in the range {self._describe_range()}", param, ctx)
 
 
-def hardened_type(param: click.Parameter):
-    """The validated type for ``param``, or None when it is no number (or already validated / clamping)."""
+def hardened_type(param: click.Parameter, command_path: str = ""):
+    """The validated type for ``param`` of the command ``command_path`` ("atlas mine"), or None when it is no
+    number (or already validated, or clamping)."""
     t = param.type
     if isinstance(t, (IntRange, FloatRange)) or getattr(t, "clamp", False):
         return None
-    lo, hi = LIMITS.get(_option_name(param), (None, None))
+    opt = _option_name(param)
+    lo, hi = LIMITS.get(f"{command_path} {opt}".strip(), LIMITS.get(opt, (None, None)))
     if isinstance(t, click.IntRange):
         tlo = None if t.min is None else (t.min + 1 if t.min_open else t.min)
         thi = None if t.max is None else (t.max - 1 if t.max_open else t.max)
@@ -253,14 +257,16 @@ def hardened_type(param: click.Parameter):
     return None
 
 
-def harden(command: click.Command) -> click.Command:
+def harden(command: click.Command, path: str | None = None) -> click.Command:
     """Give every numeric option of ``command`` (and of its sub-commands) a validated type
-    (:class:`IntRange` / :class:`FloatRange`, bounds from the command or :data:`LIMITS`); idempotent."""
+    (:class:`IntRange` / :class:`FloatRange`, bounds from the command or :data:`LIMITS`); idempotent.
+    ``path``: the command as typed after ``ffkv`` (default: its name)."""
+    path = command.name or "" if path is None else path
     for param in command.params:
         if isinstance(param, click.Option) and not param.is_flag and param.nargs == 1:
-            new = hardened_type(param)
+            new = hardened_type(param, path)
             if new is not None:
                 param.type = new
-    for sub in getattr(command, "commands", {}).values():
-        harden(sub)
+    for name, sub in getattr(command, "commands", {}).items():
+        harden(sub, f"{path} {name}".strip())
     return command
