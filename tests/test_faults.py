@@ -21,6 +21,7 @@ the two equal; ``python tests/test_faults.py --run`` runs the suite and prints i
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import json
 import os
@@ -55,10 +56,11 @@ class Case:
     owner: str | None = None  # "h1: <the fix that is missing>": xfail until that owner's fix is merged
     guard: tuple[str, ...] = ()  # functions stubbed to fail the row if reached
     proc: bool = False  # run in a subprocess
+    fault: str | None = None  # "ENOSPC" / "EROFS": every final rename of an output fails so (see _fail_writes)
 
 
-def C(command, kind, args="", expect=None, owner=None, guard=(), proc=False) -> Case:
-    return Case(command, kind, args, expect, owner, tuple(guard), proc)
+def C(command, kind, args="", expect=None, owner=None, guard=(), proc=False, fault=None) -> Case:
+    return Case(command, kind, args, expect, owner, tuple(guard), proc, fault)
 
 
 RANGE = "is not in the range"
@@ -77,6 +79,8 @@ H1_CONFIG = "h1: ffkv.models.loading.load_config turns a config.json that is not
 H1_DEVICE = "h1: load_model checks --device against torch (cuda:N present) and raises FfkvError"
 H1_DEVMAP = "h1: load_model refuses an unknown --device-map in one line"
 H2_OUT = "h2: refuse an existing non-empty --out folder that is not this command's own output (ffkv.io)"
+H2_PARTIAL = "h2: testbed world writes --out whole (ffkv.io.atomic_path(out, is_dir=True)): a failed write " \
+             "leaves an empty OUT/ today"
 H2_JOURNAL = "h2: Journal.load checks journal.json's schema (entries, method, integer layer) and raises FfkvError"
 H2_DEMO = "h2: ffkv.demo checks --out (not an unrelated non-empty folder) before its first step"
 H2_REQ = "h2/h4: ffkv.edit.requests.load_requests reads through ffkv.validate.records (names the bad line / " \
@@ -89,6 +93,8 @@ H7_OUT = "h7: trace/neurons --out refuse an existing non-empty folder that is no
 H7_METHOD = "h7: neurons --method is a click.Choice of the locators (ig, screen)"
 H8_PARTIAL = "h8: atlas mine checks the whole corpus before it creates --out (or builds the atlas in a " \
              "temporary folder renamed into place at the end): a bad JSONL line leaves OUT/atlas.json today"
+H8_MERGE = "h8: atlas merge builds OUT in a temporary folder renamed into place: a failed write leaves a " \
+           "partial OUT/ today"
 H8_ATLAS = "h8: ffkv.memory.atlas.Atlas checks atlas.json's schema (integer n_layers, d_ffn, top_k) and names it"
 H8_TOKEN = "h8: ffkv.memory.values.token_id refuses an empty token in one line"
 
@@ -350,6 +356,15 @@ CASES: list[Case] = [
     C("serve", "path: missing", "{tmp}/no-model --state {out}", "not found", guard=SERVE_GUARD),
     C("serve", "out: unrelated folder", "{model} --state {keep}", "is not an ffkv serve state folder",
       guard=SERVE_GUARD),
+    # ---------------------------------------------------------------- the machine refuses the final write
+    C("testbed world", "fault: disk full", "--preset tiny --out {out}", "no space left on the device writing",
+      owner=H2_PARTIAL, fault="ENOSPC"),
+    C("testbed world", "fault: read-only folder", "--preset tiny --out {out}", "the file system is read-only",
+      owner=H2_PARTIAL, fault="EROFS"),
+    C("atlas merge", "fault: disk full", "{out} {f:atlas} {f:atlas_b}", "no space left on the device writing",
+      owner=H8_MERGE, fault="ENOSPC"),
+    C("atlas mine", "fault: disk full", "{model} --corpus {f:corpus.txt} --out {out}",
+      "no space left on the device writing", owner=H8_PARTIAL, fault="ENOSPC"),
     # ---------------------------------------------------------------- demo
     C("demo", "number: zero", "--out {out} --cases 0", RANGE, guard=("ffkv.demo._run",)),
     C("demo", "number: negative", "--out {out} --cases -1", RANGE, guard=("ffkv.demo._run",)),
@@ -461,6 +476,14 @@ class _Inputs:
         mine(load_model(self.tb / "model"), self.get("f", "corpus.txt"), p, top_k=3, progress=False)
         return p
 
+    def _f_atlas_b(self, p):  # a second shard of the same model, for atlas merge
+        from ffkv.memory.miner import mine
+        from ffkv.models.loading import load_model
+
+        corpus = _write(self.root / "f" / "corpus_b.txt", "Quoux Kurte grew up speaking Dutch.\n\nIt is new.\n")
+        mine(load_model(self.tb / "model"), corpus, p, top_k=3, progress=False)
+        return p
+
     # models
     def _m_truncated(self, p):
         _copy_model(self.tb, p)
@@ -559,13 +582,28 @@ class Reached(Exception):
     """The work a refusal must come before was started."""
 
 
-def run_in_process(argv, guards, monkeypatch, capsys):
+def _fail_writes(monkeypatch, code: int) -> None:
+    """Simulate a full disk (ENOSPC) or a read-only folder (EROFS) at the moment an output is moved into
+    place: every ``os.replace`` / ``os.rename`` / ``Path.rename`` fails as the kernel would. (A real small file
+    system needs root and a loop device; the rename is where every atomic write of ffkv.io ends.)"""
+    def fail(src, dst, *a, **k):
+        raise OSError(code, os.strerror(code), str(dst))
+
+    monkeypatch.setattr(os, "replace", fail)
+    monkeypatch.setattr(os, "rename", fail)
+    monkeypatch.setattr(Path, "rename", lambda self, dst: fail(self, dst))
+    monkeypatch.setattr(Path, "replace", lambda self, dst: fail(self, dst))
+
+
+def run_in_process(argv, guards, monkeypatch, capsys, fault=None):
     """``(exit code, stdout, stderr, traceback or None)`` of ``ffkv ARGV`` run by ffkv.cli.main in this process."""
     for g in guards:
         def stub(*a, _g=g, **k):
             raise Reached(f"accepted: the bad input reached {_g}")
 
         monkeypatch.setattr(g, stub)
+    if fault is not None:
+        _fail_writes(monkeypatch, getattr(errno, fault))
     capsys.readouterr()
     code, tb = None, None
     try:
@@ -613,7 +651,7 @@ def test_fault(case: Case, default_testbed, inputs, tmp_path, monkeypatch, capsy
     if case.proc:
         code, out, err, tb = run_subprocess(argv, tmp)
     else:
-        code, out, err, tb = run_in_process(argv, case.guard, monkeypatch, capsys)
+        code, out, err, tb = run_in_process(argv, case.guard, monkeypatch, capsys, case.fault)
     lines = [l for l in err.splitlines() if l.strip()]
     if os.environ.get("FFKV_FAULTS_LOG"):  # to read every row's line while writing the table
         with open(os.environ["FFKV_FAULTS_LOG"], "a") as f:
@@ -773,7 +811,7 @@ def test_case_table_is_well_formed():
     for c in CASES:
         assert c.expect or c.owner, c  # a passing row says what its line contains
         assert c.kind.split(":")[0] in ("usage", "number", "prompt", "path", "hparams", "set", "layer", "data",
-                                         "out", "model", "device"), c.kind
+                                         "out", "model", "device", "fault"), c.kind
 
 
 # ------------------------------------------------------------------------------------------------ counts
@@ -843,3 +881,12 @@ def test_evaluate_out_writes_the_format_its_extension_names(tmp_path):
     with pytest.raises(FfkvError, match="--sequential writes a folder"):
         check_out(str(tmp_path / "curves.csv"), sequential=True)
     check_out(str(tmp_path / "curves"), sequential=True)
+
+
+def test_the_machine_refusing_a_write_is_one_line_and_a_bug_keeps_its_traceback():
+    from ffkv.cli import os_error_line
+
+    assert os_error_line(OSError(errno.ENOSPC, "No space left on device", "/d/out.parquet")) == \
+        "no space left on the device writing /d/out.parquet. Free some space, or write to another --out."
+    assert os_error_line(OSError(errno.EROFS, "Read-only file system")).startswith("the file system is read-only.")
+    assert os_error_line(OSError(errno.ENOENT, "No such file or directory", "x")) is None  # a bug: re-raised

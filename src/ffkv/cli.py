@@ -13,6 +13,7 @@ from :mod:`ffkv.clikit`; docs/cli.md lists them.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import re
@@ -159,6 +160,33 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except OSError as e:
+        line = os_error_line(e)
+        if line is None:
+            raise
+        click.echo(f"ffkv: error: {line}", err=True)
+        sys.exit(2)
+
+
+# What the machine refused (errno -> problem, fix): a full disk, a read-only or forbidden folder. Any other
+# OSError is a bug and keeps its traceback.
+_OS_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space, or write to another --out"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free some space, or write to another --out"),
+    errno.EROFS: ("the file system is read-only", "write to another --out"),
+    errno.EACCES: ("permission denied", "write to a folder you may write to, or change its permissions"),
+    errno.EPERM: ("operation not permitted", "write to a folder you may write to, or change its permissions"),
+}
+
+
+def os_error_line(e: OSError) -> str | None:
+    """The one line for an OSError the machine raised while ffkv wrote (a full disk, a read-only folder), or
+    None when it is no such error."""
+    if e.errno not in _OS_ERRORS:
+        return None
+    problem, fix = _OS_ERRORS[e.errno]
+    where = f" writing {e.filename}" if e.filename else ""
+    return FfkvError(f"{problem}{where}", fix).line()
 
 
 if __name__ == "__main__":
