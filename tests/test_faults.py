@@ -756,6 +756,7 @@ def _shown(args: str) -> str:
         return {"model": "MODEL", "tb": "TESTBED", "tmp": "DIR", "out": "OUT", "keep": "NONEMPTY_DIR",
                 "atlas": "ATLAS", "f": arg, "m": f"{arg}_model"}.get(name, name.upper())
 
+    args = args.replace(EDIT, "EDIT").replace(LONG.replace(SUBJECT, "{}", 1), "<300 tokens>")
     text = _PLACEHOLDER.sub(sub, args.replace(LONG, "<300 tokens>"))
     return text.replace("|", "\\|")
 
@@ -770,7 +771,7 @@ def render_doc() -> str:
         "a test keeps this file equal to the table, and the suite runs every row in CI. Every row asserts: exit",
         "code 2, exactly one line on stderr, `ffkv: error: <problem>. <fix>.`, no traceback, and the output path",
         "unchanged (absent, or byte-identical, with nothing new beside it). `python tests/test_faults.py --run`",
-        "prints the counts.",
+        "prints the counts. In the arguments, EDIT stands for `" + EDIT + "`.",
         "",
         f"{len(CASES)} cases over {n_cmd} commands; {sum(owners.values())} are open (expected to fail, strictly, "
         "until their owner's fix is merged): " + ", ".join(f"{o} {n}" for o, n in sorted(owners.items())) + ".",
@@ -783,8 +784,8 @@ def render_doc() -> str:
         if c.owner:
             said = (said + " " if said else "") + "(open, " + _shown(c.owner) + ")"
         args = _shown(c.args)
-        if len(args) > 90:
-            args = args[:87] + "..."
+        if len(args) > 100:
+            args = args[:97] + "..."
         cmd = f"`ffkv {c.command}`" if c.command else "`ffkv`"
         lines.append(f"| {cmd} | {c.kind} | `{args}` | {said} |")
     lines += ["", "## Numeric ranges", "",
