@@ -13,6 +13,7 @@ from :mod:`ffkv.clikit`; docs/cli.md lists them.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import re
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import click
 
+from . import validate
 from ._version import __version__
 from .errors import FfkvError
 
@@ -112,7 +114,8 @@ class LazyGroup(Group):
             return None
         mod, attr = COMMANDS[name].split(":")
         # The one function-level import the house rules allow: sub-commands load when called.
-        return getattr(importlib.import_module(mod), attr)
+        # Every numeric option goes through ffkv.validate, with its range (validate.LIMITS) in --help.
+        return validate.harden(getattr(importlib.import_module(mod), attr), name)
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
@@ -134,9 +137,15 @@ def cli():
 
 
 def _quiet_transformers() -> None:
-    """ffkv shows its own progress; transformers' per-load bars and config warnings are noise here."""
+    """ffkv shows its own progress; transformers' per-load bars and config warnings are noise here (and a
+    refusal must be the only line on stderr)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # The variables are read at import: when this process imported transformers already (ffkv called from
+    # Python, the demo, tests), switch its bars off as the variables say.
+    tf = sys.modules.get("transformers")
+    if tf is not None and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":
+        tf.utils.logging.disable_progress_bar()
 
 
 def main(argv=None):
@@ -154,6 +163,33 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except OSError as e:
+        line = os_error_line(e)
+        if line is None:
+            raise
+        click.echo(f"ffkv: error: {line}", err=True)
+        sys.exit(2)
+
+
+# What the machine refused (errno -> problem, fix): a full disk, a read-only or forbidden folder. Any other
+# OSError is a bug and keeps its traceback.
+_OS_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space, or write to another --out"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free some space, or write to another --out"),
+    errno.EROFS: ("the file system is read-only", "write to another --out"),
+    errno.EACCES: ("permission denied", "write to a folder you may write to, or change its permissions"),
+    errno.EPERM: ("operation not permitted", "write to a folder you may write to, or change its permissions"),
+}
+
+
+def os_error_line(e: OSError) -> str | None:
+    """The one line for an OSError the machine raised while ffkv wrote (a full disk, a read-only folder), or
+    None when it is no such error."""
+    if e.errno not in _OS_ERRORS:
+        return None
+    problem, fix = _OS_ERRORS[e.errno]
+    where = f" writing {e.filename}" if e.filename else ""
+    return FfkvError(f"{problem}{where}", fix).line()
 
 
 if __name__ == "__main__":

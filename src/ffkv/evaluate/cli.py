@@ -6,18 +6,24 @@ defaults for the model, then ``--hparams JSON-or-FILE``, then ``--set key=value`
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import sys
+import tempfile
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from .. import validate
 from ..clikit import (emit_json, hparams_options, json_option, load_model_from_options, model_options,
                       quiet_option, show_progress)
 from ..edit.cli import method_hparams
 from ..edit.registry import METHODS
 from ..errors import FfkvError
+from ..io import write_json, write_text
 from ..testbed import default_testbed
 from .datasets import load_cases, spread_subjects
 from .metrics import generation_prompts
@@ -61,7 +67,9 @@ def _resolve_model_and_data(model: str, data: str | None) -> tuple[str, str]:
 @click.option("--probes", type=click.IntRange(min=0), default=50, show_default=True,
               help="Sequential: unedited cases (after the N edited ones) whose facts form the probe set.")
 @click.option("--out", type=click.Path(), default=None,
-              help="Per-case rows (.parquet or .json); with --sequential a folder for curves + figure.")
+              help="Per-case rows, in the format its extension names: .parquet, .csv, .json or .jsonl (.csv and "
+                   ".jsonl with the provenance beside them in OUT.meta.json); with --sequential a folder for "
+                   "curves + figure.")
 @json_option
 @quiet_option
 @model_options
@@ -72,6 +80,7 @@ def evaluate(model, data, method, limit, batch_size, gen_prompts, gen_tokens, st
     model_path, data = _resolve_model_and_data(model, data)
     if data is None:
         raise FfkvError("no edit data given", "pass --data FILE (CounterFact, zsRE or a testbed counterfact.json)")
+    check_out(out, sequential is not None)
     n_needed = sequential + probes if sequential is not None else None
     # A sequential run reads every case and spreads subjects (datasets.spread_subjects), so that its edits
     # are of distinct subjects for as long as the data allows and no edit silently overwrites another.
@@ -81,6 +90,7 @@ def evaluate(model, data, method, limit, batch_size, gen_prompts, gen_tokens, st
         info["order"] = "spread_subjects"
     mm = load_model_from_options(model_path, **load)
     overrides, defaults = method_hparams(mm, method, hparams, settings)
+    overrides = check_layer_settings(overrides, mm.n_layers)
     hp = {**defaults, **overrides}
     progress = show_progress(quiet)
     if sequential is not None:
@@ -90,7 +100,7 @@ def evaluate(model, data, method, limit, batch_size, gen_prompts, gen_tokens, st
     res = evaluate_edits(mm, cases, method=method, hparams=hp, stats_dir=stats_dir, batch_size=batch_size,
                          n_gen_prompts=gen_prompts, gen_tokens=gen_tokens, data_info=info, progress=progress)
     if out:
-        res.write_rows(out)
+        write_rows(res, out)
         res.meta["rows_file"] = str(out)
     if as_json:
         emit_json(res.to_json())
@@ -104,6 +114,77 @@ def evaluate(model, data, method, limit, batch_size, gen_prompts, gen_tokens, st
     Console(file=sys.stdout).print(t)
     click.echo(f"edit time {res.meta['timing']['edit_seconds_per_case']:.2f} s/case"
                + (f"; rows in {out}" if out else ""))
+
+
+ROW_FORMATS = (".parquet", ".csv", ".json", ".jsonl")
+
+
+def check_out(out: str | None, sequential: bool) -> None:
+    """``--out``: a row file whose extension names its format (:data:`ROW_FORMATS`), or with ``--sequential``
+    a folder; refused before any work."""
+    if out is None:
+        return
+    p = Path(out)
+    if sequential:
+        if p.suffix.lower() in ROW_FORMATS or p.is_file():
+            raise FfkvError(f"--out {p.name}: --sequential writes a folder (curves and a figure), not a file",
+                            "pass a folder name, e.g. --out sequential-rome")
+        return
+    if p.suffix not in ROW_FORMATS:
+        raise FfkvError(f"--out {p.name}: unknown format ({p.suffix or 'no extension'})",
+                        f"end the file name in {', '.join(ROW_FORMATS)}")
+    if p.is_dir():
+        raise FfkvError(f"--out {p} is a folder", "pass a file name")
+
+
+def check_layer_settings(overrides: dict, n_layers: int) -> dict:
+    """The ``layer`` / ``layers`` of ``--hparams`` / ``--set`` checked against the model (``"trace"`` and
+    None are the methods' own choices); ``layers`` may be written as ``--layers`` is, "3-5" or "3,4,5"."""
+    out = dict(overrides)
+    top = f" (the model has {n_layers} layers)"
+    if out.get("layer") not in (None, "trace"):
+        try:
+            out["layer"] = validate.integer(out["layer"], "hyperparameter layer", 0, n_layers - 1)
+        except FfkvError as e:
+            raise FfkvError(e.problem + (top if "out of range" in e.problem else ""), e.fix) from None
+    if out.get("layers") is not None:
+        v = out["layers"]
+        if isinstance(v, str):
+            out["layers"] = validate.layers(v, n_layers, option="hyperparameter layers")
+        elif isinstance(v, (list, tuple)):
+            try:
+                out["layers"] = [validate.integer(x, "hyperparameter layer", 0, n_layers - 1) for x in v]
+            except FfkvError as e:
+                raise FfkvError(e.problem + (top if "out of range" in e.problem else ""), e.fix) from None
+        else:
+            raise FfkvError(f"hyperparameter layers must be a list of layers, got {v!r}", "e.g. --set layers=[3,4]")
+    return out
+
+
+def write_rows(res, out: str | Path) -> Path:
+    """Per-case rows of an :class:`~ffkv.evaluate.run.EvalResult` in the format ``out``'s extension names.
+
+    .parquet and .json: :meth:`EvalResult.write_rows` (provenance inside). .csv and .jsonl: the same rows (list
+    cells as JSON text in CSV), written atomically, with the provenance in ``OUT.meta.json`` beside them.
+    """
+    out = Path(out)
+    if out.suffix in (".parquet", ".json"):
+        return res.write_rows(out)
+    with tempfile.TemporaryDirectory(prefix="ffkv-rows-") as d:
+        table = json.loads(res.write_rows(Path(d) / "rows.json").read_text())
+    rows = table.pop("rows")
+    if out.suffix == ".jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    else:
+        buf = io.StringIO()
+        fields = list(rows[0]) if rows else []
+        w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+        text = buf.getvalue()
+    write_json(out.with_name(out.name + ".meta.json"), table)
+    return write_text(out, text)
 
 
 def _run_sequential(mm, cases, info, method, hparams, stats_dir, n, batch_size, every, gen_prompts, gen_tokens,

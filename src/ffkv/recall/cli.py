@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import sys
+from pathlib import Path
 
 import click
 from tqdm import tqdm
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from ..clikit import (emit_json, json_option, load_model_from_options, model_options, quiet_option, show_progress,
                       token_text)
 from ..errors import FfkvError
-from ..io import provenance, write_parquet
+from ..io import provenance, read_json, write_parquet
 from .data import bucket_of, fact_queries, load_testbed_facts, stratified_facts
 from .stats import bootstrap_ci, spearman
 from .strength import storage_strength
@@ -49,9 +50,19 @@ def recall(model, prompt, subject, answer, samples, temperature, trace, weights,
     """Judge how strongly MODEL stores a fact and whether to trust its recall or retrieve the fact."""
     if (prompt is None) == (facts_path is None):
         raise FfkvError("give either --prompt (one query) or --facts (a data set)", "see ffkv recall --help")
-    mm = load_model_from_options(model, **load)
+    # Every input is checked before the model loads: a bad one is refused before any work.
+    if weights is not None:
+        read_json(weights)
     if facts_path is not None:
-        return _table(mm, facts_path, out, per_bucket, seed, as_json, quiet)
+        if out is None and not as_json:
+            raise FfkvError("--facts needs --out FILE.parquet or --json", "pass one")
+        if out is not None and Path(out).suffix != ".parquet":
+            raise FfkvError(f"--out {Path(out).name}: unknown format ({Path(out).suffix or 'no extension'})",
+                            "the table is written as Parquet: end the file name in .parquet")
+        facts = load_testbed_facts(facts_path)[0]
+        mm = load_model_from_options(model, **load)
+        return _table(mm, facts, facts_path, out, per_bucket, seed, as_json, quiet)
+    mm = load_model_from_options(model, **load)
     answer_id = mm.answer_id(answer) if answer is not None else None  # the one answer rule
     rep = judge(mm, prompt, subject=subject, answer=answer, n_samples=samples, temperature=temperature,
                 seed=seed, weights=weights, trace=trace)
@@ -70,10 +81,7 @@ def recall(model, prompt, subject, answer, samples, temperature, trace, weights,
     click.echo(f"score {rep['score']:.3f} (threshold {rep['threshold']:.3f}) -> verdict: {rep['verdict']}")
 
 
-def _table(mm, facts_path, out, per_bucket, seed, as_json, quiet):
-    if out is None and not as_json:
-        raise FfkvError("--facts needs --out FILE.parquet or --json", "pass one")
-    facts, _ = load_testbed_facts(facts_path)
+def _table(mm, facts, facts_path, out, per_bucket, seed, as_json, quiet):
     chosen = stratified_facts(facts, per_bucket, seed)
     rng = random.Random(f"recall-table-{seed}")
     cols: dict[str, list] = {k: [] for k in ("fact_id", "subject", "relation_id", "object", "train_count", "bucket",

@@ -9,9 +9,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import sys
+from pathlib import Path
 
 import click
 
+from .. import validate
 from ..clikit import load_model_from_options, model_options
 from ..errors import FfkvError
 from .app import LOOPBACK_HOSTS, create_app
@@ -77,31 +79,49 @@ def run_server(app, host: str = "127.0.0.1", port: int = 8765, on_start=None, lo
     return server
 
 
+STATE_ENTRIES = ("journal", "stats")  # what a --state folder holds (ffkv.serve.backend.Backend)
+
+
+def check_inputs(atlas: str | None, state_dir: str | None, cases: str | None) -> None:
+    """Refuse, before the model loads, an --atlas that is no atlas, a --state folder that holds something
+    else (the server writes its journal there), and --cases that are not a list of CounterFact records."""
+    if atlas is not None and not (Path(atlas) / "atlas.json").is_file():
+        raise FfkvError(f"--atlas {atlas} is not an atlas (no atlas.json)",
+                        "pass a folder written by `ffkv atlas mine`")
+    if state_dir is not None:
+        d = Path(state_dir)
+        if d.is_dir() and any(d.iterdir()) and not any((d / e).exists() for e in STATE_ENTRIES):
+            raise FfkvError(f"--state {d} is not an ffkv serve state folder (it holds other files)",
+                            "pass a new or empty folder, or one a previous `ffkv serve` wrote")
+    if cases is not None:
+        validate.records(cases, ("requested_rewrite.prompt", "requested_rewrite.subject",
+                                 "requested_rewrite.target_new.str"), what="CounterFact record")
+
+
 @click.command("serve")
 @click.argument("model")
-@click.option("--atlas", "atlas", type=click.Path(file_okay=False), default=None,
+@click.option("--atlas", "atlas", type=click.Path(exists=True, file_okay=False), default=None,
               help="An atlas folder mined on MODEL (`ffkv atlas mine`): trigger examples, patterns, text search.")
-@click.option("--port", type=int, default=8765, show_default=True, help="Port (0: any free port).")
+@click.option("--port", type=validate.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free port).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback needs --allow-remote.")
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host (no authentication: take care).")
 @click.option("--state", "state_dir", type=click.Path(file_okay=False), default="ffkv-serve", show_default=True,
               help="Folder of the edit journal (replayed at start, so a restart loses no edit) and edit statistics.")
-@click.option("--cases", type=click.Path(dir_okay=False), default=None,
+@click.option("--cases", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A CounterFact JSON file whose records fill the edit form (prompt, paraphrases, neighbours).")
-@click.option("--stats-tokens", type=int, default=None,
+@click.option("--stats-tokens", type=validate.IntRange(1, validate.LIMITS["--stats-tokens"][1]), default=None,
               help="Tokens of the edit statistics E[k k^T] (default: the method's).")
 @model_options
 def serve(model, atlas, port, host, allow_remote, state_dir, cases, stats_tokens, **load):
     """Serve the memory debugger for MODEL on http://127.0.0.1:PORT/ (prompt view, memory pages, search,
     trace and locate, edit with an undoable journal)."""
     check_host(host, allow_remote)
-    if not 0 <= port < 65536:
-        raise FfkvError(f"port {port} is out of range", "use 0..65535 (0: any free port)")
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="ffkv serve: %(message)s")
-    click.echo(f"ffkv serve: loading {model} ...", err=True)
+    check_inputs(atlas, state_dir, cases)
     hp = {"stats_tokens": stats_tokens} if stats_tokens else None
+    # No line before the model loads: a refusal is then the only line on stderr.
     backend = Backend(load_model_from_options(model, **load), atlas, state_dir, hp, Limits(), cases)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="ffkv serve: %(message)s")
     if len(backend.journal):
         click.echo(f"ffkv serve: replayed {len(backend.journal)} journal entries from {backend.journal_path}",
                    err=True)
@@ -113,3 +133,7 @@ def serve(model, atlas, port, host, allow_remote, state_dir, cases, stats_tokens
 
     allowed = list(LOOPBACK_HOSTS) if is_loopback(host) else None
     run_server(create_app(backend, allowed_hosts=allowed), host, port, on_start=started)
+
+
+# `python -m ffkv.serve` runs this command without the root group: its numbers are validated here too.
+validate.harden(serve)

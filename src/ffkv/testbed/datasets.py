@@ -22,6 +22,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from .. import validate
 from ..errors import FfkvError
 from ..io import atomic_path, provenance, read_json, write_json
 
@@ -126,6 +127,9 @@ def write_datasets(world, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
+FACT_FIELDS = ("subject", "relation_id", "object", "train_count", "train_templates", "heldout_templates")
+
+
 def load_facts(path: str | Path) -> tuple[list[dict], dict[str, list[str]]]:
     """Facts and candidate objects from a testbed folder, its ``data/`` folder, or a ``facts.jsonl``.
 
@@ -138,14 +142,24 @@ def load_facts(path: str | Path) -> tuple[list[dict], dict[str, list[str]]]:
     facts_path = path / "facts.jsonl" if path.is_dir() else path
     if not facts_path.exists():
         raise FfkvError(f"no facts.jsonl at {path}", "pass a testbed folder made by `ffkv testbed build`")
-    facts = read_json(facts_path)
-    required = {"subject", "relation_id", "object", "train_count", "train_templates", "heldout_templates"}
-    if not facts or not required <= set(facts[0]):
-        raise FfkvError(f"{facts_path} is not a testbed facts file (needs {sorted(required)})",
-                        "rebuild it with `ffkv testbed build`")
+    # Every record is checked (not only the first), so a bad line is named before any work starts.
+    facts = validate.records(facts_path, FACT_FIELDS, what="fact")
+    for n, f in enumerate(facts, 1):
+        bad = next((k for k in ("train_templates", "heldout_templates") if not isinstance(f[k], list)), None)
+        if bad is None and not isinstance(f["train_count"], int):
+            bad = "train_count"
+        if bad is not None:
+            raise FfkvError(f"{facts_path} fact {n} has a malformed {bad!r} ({type(f[bad]).__name__})",
+                            "rebuild it with `ffkv testbed build`")
     world_path = facts_path.parent / "world.json"
     if world_path.exists():
-        candidates = {rid: r["candidates"] for rid, r in read_json(world_path)["relations"].items()}
+        world = read_json(world_path)
+        rels = world.get("relations") if isinstance(world, dict) else None
+        if not isinstance(rels, dict) or not all(isinstance(r, dict) and isinstance(r.get("candidates"), list)
+                                                 for r in rels.values()):
+            raise FfkvError(f"{world_path} has no relations with candidate objects",
+                            "rebuild it with `ffkv testbed build`")
+        candidates = {rid: r["candidates"] for rid, r in rels.items()}
     else:
         candidates = defaultdict(list)
         for f in facts:
