@@ -151,7 +151,7 @@ def test_model_commands_share_the_model_options(edit_registry):
 
 def test_numeric_options_state_their_range_in_help(edit_registry):
     out = CliRunner().invoke(cli, ["trace", "--help"], terminal_width=200).output
-    assert "--samples" in out and "x>=1" in out
+    assert "--samples" in out and "1<=x<=10000" in out
     out = CliRunner().invoke(cli, ["neurons", "--help"], terminal_width=200).output
     assert "0<=x<=1" in out and "0<x<=1" in out
 
@@ -178,7 +178,7 @@ def test_emit_json_is_one_line_with_finite_numbers(capsys):
     (["nope"], "no such command 'nope'", None),
     (["trace", "m", "--sampels", "3"], "no such option '--sampels' (did you mean '--samples'?)", "ffkv trace"),
     (["trace", "m", "--samples", "x"], "'x' is not a valid integer", "ffkv trace"),
-    (["trace", "m", "--samples", "0"], "0 is not in the range x>=1", "ffkv trace"),
+    (["trace", "m", "--samples", "0"], "0 is not in the range 1<=x<=10000", "ffkv trace"),
     (["trace", "m", "--kind", "heat"], "'heat' is not one of", "ffkv trace"),
     (["atlas", "mine", "m", "--top-k"], "option '--top-k' requires an argument", "ffkv atlas mine"),
     (["edit", "undo", "{missing}", "--out", "{missing}2"], "does not exist", "ffkv edit undo"),
