@@ -239,9 +239,17 @@ def _stem(path: Path) -> str:
     return f".{path.name[:100]}"  # temporaries and locks beside ``path`` start with this
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _new_temp(path: Path, kind: str = _TMP) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f"{_stem(path)}{kind}{os.getpid()}.", dir=path.parent))
     _ACTIVE.add(str(tmp))
+    # mkdtemp makes a private (0700) folder; the output it becomes gets the permissions mkdir would give it.
+    os.chmod(tmp, 0o777 & ~_umask())
     (tmp / PID_FILE).write_text(f"{os.getpid()}\n")
     return tmp
 
@@ -312,7 +320,7 @@ def _discard(tmp: Path) -> None:
 
 def _pause_for_tests(tmp: Path) -> None:
     flag = os.environ.get(PAUSE_ENV)
-    if not flag:
+    if not flag or _ACTIVE - {str(tmp)}:  # only the final write: not a file or folder inside another output
         return
     Path(flag).write_text(str(tmp))
     deadline = time.monotonic() + 120
