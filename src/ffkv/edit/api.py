@@ -31,7 +31,7 @@ from .registry import EditMethod, get_method
 from .requests import EditRequest, as_requests, render_batch, target_ids
 
 __all__ = ["EditContext", "apply_edits", "check_requests", "edit_layers", "save_edited", "model_folder",
-           "undo_folder", "target_probs", "edit_outcome", "is_edit_output", "EDIT_MANIFEST"]
+           "undo_folder", "target_probs", "target_scores", "edit_outcome", "is_edit_output", "EDIT_MANIFEST"]
 
 
 def check_requests(model, requests: Sequence[EditRequest]) -> None:
@@ -86,33 +86,47 @@ def apply_edits(model, requests: EditRequest | Sequence[EditRequest], method: st
 
 
 @torch.no_grad()
-def target_probs(model, requests: EditRequest | Sequence[EditRequest], batch_size: int = 16) -> list[float]:
-    """P(target | prompt) of each request, as ROME reports it: ``exp(mean_j log p(t_j | prompt, t_<j))`` over
-    the target's tokens t (teacher-forced; one engine run per batch, the head only at the target positions)."""
+def target_scores(model, requests: EditRequest | Sequence[EditRequest], batch_size: int = 16
+                  ) -> list[tuple[float, bool]]:
+    """``(p, greedy)`` of each request's target after its prompt: p = P(target | prompt) as ROME reports it,
+    ``exp(mean_j log p(t_j | prompt, t_<j))`` over the target's tokens t (teacher-forced), and whether every
+    t_j is the argmax there (the model says the target). One engine run per batch, the head only at the target
+    positions."""
     requests = as_requests(requests)
-    out: list[float] = []
+    out: list[tuple[float, bool]] = []
     for start in range(0, len(requests), batch_size):
         chunk = requests[start:start + batch_size]
         b = render_batch(model, [("", r) for r in chunk], with_target=True)
         rows = torch.arange(len(chunk), device=b.input_ids.device)[:, None].expand_as(b.target_pos)
         logits = run(model, b.input_ids, attention_mask=b.attention_mask,
-                     head=(rows.reshape(-1), b.target_pos.reshape(-1))).logits  # (B * L, V)
-        ll = target_log_likelihood(logits.view(len(chunk), b.target_pos.shape[1], -1), b)  # (B,)
-        out += [math.exp(float(x)) for x in ll]
+                     head=(rows.reshape(-1), b.target_pos.reshape(-1))).logits
+        logits = logits.view(len(chunk), b.target_pos.shape[1], -1)  # (B, L, V)
+        ll = target_log_likelihood(logits, b)  # (B,)
+        greedy = ((logits.argmax(-1) == b.target_tok) | ~b.target_mask).all(1)  # (B,)
+        out += [(math.exp(float(x)), bool(g)) for x, g in zip(ll, greedy)]
     return out
 
 
-def edit_outcome(before: Sequence[float], after: Sequence[float], requests: Sequence[EditRequest]) -> dict:
-    """Whether the edits took: ``{"status": "edited" | "failed", "failed": [...], "probs": [...]}``.
+def target_probs(model, requests: EditRequest | Sequence[EditRequest], batch_size: int = 16) -> list[float]:
+    """P(target | prompt) of each request (:func:`target_scores`)."""
+    return [p for p, _ in target_scores(model, requests, batch_size)]
 
-    An edit *failed* when its target did not become more likely (p_after <= p_before, or p_after not finite):
-    the command then reports the failure and writes nothing.
+
+def edit_outcome(before: Sequence[tuple[float, bool]], after: Sequence[tuple[float, bool]],
+                 requests: Sequence[EditRequest]) -> dict:
+    """Whether the edits took, from :func:`target_scores` before and after:
+    ``{"status": "edited" | "failed", "failed": [...], "probs": [...]}``.
+
+    An edit *failed* when its target did not become more likely (p_after <= p_before, or p_after not finite),
+    unless the edited model says the target anyway (greedy: a fact edited to what it already was); the
+    command then reports the failure and writes nothing.
     """
     probs, failed = [], []
-    for i, (r, b, a) in enumerate(zip(requests, before, after)):
-        row = {"request": i, "subject": r.subject, "target": r.target, "prob_before": b, "prob_after": a}
+    for i, (r, (b, _), (a, greedy)) in enumerate(zip(requests, before, after)):
+        row = {"request": i, "subject": r.subject, "target": r.target, "prob_before": b, "prob_after": a,
+               "greedy_after": greedy}
         probs.append(row)
-        if not (math.isfinite(a) and a > b):
+        if not math.isfinite(a) or not (a > b or greedy):
             failed.append(row)
     return {"status": "failed" if failed else "edited", "failed": failed, "probs": probs}
 

@@ -21,7 +21,7 @@ from ..clikit import (FfkvGroup, emit_json, hparams_options, json_option, layers
 from ..errors import FfkvError
 from ..models.loading import tiny_model
 from ..models.memory_id import MemoryId
-from .api import apply_edits, edit_outcome, save_edited, target_probs, undo_folder
+from .api import apply_edits, edit_outcome, save_edited, target_scores, undo_folder
 from .hparams import load_hparams
 from .kn_edit import erase_relation
 from .registry import METHODS, get_method
@@ -178,10 +178,10 @@ def apply_cmd(model, method, prompt, subject, target, target_true, requests_file
         r.validate()
     mm = load_model_from_options(model, **load)
     overrides, _ = method_hparams(mm, method, hparams, settings, layers)
-    before = target_probs(mm, requests)
+    before = target_scores(mm, requests)
     journal = apply_edits(mm, requests, method=method, hparams=overrides, stats_dir=stats_dir, corpus=corpus,
                           progress=show_progress(quiet))
-    outcome = edit_outcome(before, target_probs(mm, requests), requests)
+    outcome = edit_outcome(before, target_scores(mm, requests), requests)
     edits = [{"layer": e.layer, "rank": e.rank, "update_norm": e.info.get("update_norm"),
               "target_prob": e.info.get("target_prob"), "memories": entry_memories(e)} for e in journal]
     result = {"status": outcome["status"], "out": str(out), "model": str(Path(out) / "model"),
