@@ -429,6 +429,16 @@ def test_a_fault_while_writing_an_edit_keeps_the_old_output(edit_setup, edited, 
     assert listing(out) == before and leftovers(tmp_path) == []
 
 
+def test_undo_in_place_replaces_the_folder_whole(edited, tmp_path, capsys):
+    from ffkv.edit import Journal
+
+    out = tmp_path / "ed"
+    shutil.copytree(edited, out)
+    rc, _, err = run_cli(["edit", "undo", out, "--out", out], capsys)
+    assert rc == 0, err
+    assert len(Journal.load(out)) == 0 and leftovers(tmp_path) == [] and sorted(os.listdir(tmp_path)) == ["ed"]
+
+
 def test_non_finite_weights_are_not_written(tmp_path):
     from ffkv.edit import Journal, save_edited
     from ffkv.testbed.planted import planted_model

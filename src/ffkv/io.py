@@ -303,10 +303,11 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
         if not p.is_dir() or not _is_stale(p):
             continue
         if name.startswith(stem + _OLD) and not os.path.lexists(path):
-            with contextlib.suppress(OSError):
-                (p / PID_FILE).unlink(missing_ok=True)
+            try:  # the only copy of the old output: put it back, never delete it
                 os.rename(p, path)
-                continue
+            except OSError:
+                pass
+            continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed
@@ -447,7 +448,11 @@ def _move_in(tmp: Path, path: Path) -> None:
     _ACTIVE.add(str(old))
     try:
         os.rename(path, old)
-        os.rename(tmp, path)  # a run killed just before this line: clean_stale puts ``old`` back
+        try:
+            os.rename(tmp, path)  # a run killed just before this line: clean_stale puts ``old`` back
+        except BaseException:
+            os.rename(old, path)
+            raise
         os.rename(old, tmp)
     finally:
         _ACTIVE.discard(str(old))

@@ -16,7 +16,11 @@ slice ``value_param(l, e)[value_slice(l, e)]`` of the fused (E, D, F) parameter:
 and its undo cover exactly that slice (``L3.E2`` in the files), and the other experts are never written.
 
 On disk (``Journal.save(dir)``): ``journal.json`` (entries, provenance), ``deltas.safetensors`` (u, v of
-each entry) and ``base.safetensors`` (the base W_out parameters).
+each entry) and ``base.safetensors`` (the base W_out parameters), written as one folder whole or not at all
+(:func:`ffkv.io.output_dir`). :meth:`Journal.load` checks ``journal.json`` against its schema first
+(:func:`check_journal_meta`: version, entries, each entry's method, integer layer, requests, checksums) and the
+tensors' shapes; undo and replay check the entries against the model (:meth:`Journal.check_model`): a tampered
+or foreign journal is one FfkvError line.
 """
 
 from __future__ import annotations
