@@ -180,6 +180,15 @@ def test_without_an_atomic_exchange_a_kill_between_the_two_renames_is_repaired(t
     assert (out / "v").read_text() == "newer" and leftovers(tmp_path) == []
 
 
+def test_out_dot_builds_beside_the_folder_not_inside(tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with io.output_dir(".", "thing") as tmp:
+        assert tmp.parent == tmp_path
+        (tmp / "v").write_text("1")
+    assert (tmp_path / "here" / "v").read_text() == "1" and leftovers(tmp_path) == []
+
+
 def test_an_unrelated_non_empty_folder_or_a_file_is_refused(tmp_path):
     home = tmp_path / "home"
     home.mkdir()

@@ -235,6 +235,13 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------- temporaries
+def _norm(path: str | os.PathLike) -> Path:
+    """``path`` as given, or absolute when its last part is empty, '.' or '..' (``--out .``): the temporary and
+    the lock must go beside the target, in its parent, never inside it."""
+    path = Path(path)
+    return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path
+
+
 def _stem(path: Path) -> str:
     return f".{path.name[:100]}"  # temporaries and locks beside ``path`` start with this
 
@@ -289,7 +296,7 @@ def _is_stale(tmp: Path) -> bool:
 def clean_stale(path: str | os.PathLike) -> list[Path]:
     """Remove the temporaries a killed run left beside ``path`` (those whose process is gone); a folder that a
     run killed between its two renames set aside is put back when ``path`` is missing. Returns what was removed."""
-    path = Path(path)
+    path = _norm(path)
     removed: list[Path] = []
     try:
         siblings = list(path.parent.iterdir())
@@ -336,7 +343,7 @@ def lock_output(path: str | os.PathLike) -> Iterator[Path]:
     ``.<name>.ffkv-lock`` beside it, non-blocking). A second writer gets one FfkvError:
     ``<path> is being written by another ffkv process (pid N). Wait for it or choose another --out.``
     Yields the lock file's path; the lock file is removed on release."""
-    path = Path(path)
+    path = _norm(path)
     lock = path.parent / f"{_stem(path)}{_LOCK}"
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -397,7 +404,7 @@ def check_output_target(path: str | os.PathLike, kind: str, manifest: Sequence[s
                         recognise: Callable[[Path], bool] | None = None) -> None:
     """Refuse to write the ``kind`` output at ``path`` when something else is there: a file, or a non-empty
     folder that is not an output of this kind (:func:`is_output`, or ``recognise(path)``)."""
-    path = Path(path)
+    path = _norm(path)
     if not os.path.lexists(path):
         return
     if path.is_symlink() or not path.is_dir():
@@ -470,7 +477,7 @@ def output_dir(path: str | os.PathLike, kind: str | None, manifest: Sequence[str
     Yields the empty temporary folder; on an exception (KeyboardInterrupt and SIGTERM included) it is removed
     and ``path`` is left as it was.
     """
-    path = Path(path)
+    path = _norm(path)
     with _sigterm_raises(), lock_output(path), writing(path):
         clean_stale(path)
         if kind is not None:
@@ -495,7 +502,7 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
     ``is_dir=True`` is :func:`output_dir` with no kind (any old folder is replaced) and no marker. For a file,
     the yielded path lies in a temporary folder beside ``path`` and is moved in with ``os.replace``.
     """
-    path = Path(path)
+    path = _norm(path)
     if is_dir:
         with output_dir(path, None, mark=False) as tmp:
             yield tmp
