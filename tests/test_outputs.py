@@ -355,7 +355,9 @@ def edit_args(edit_setup, out, subject="tower", target=" rome", hparams=None):
             "--stats-dir", d / "stats", "--out", out, "--quiet"]
 
 
-def test_edit_writes_model_and_journal_as_one_output(edit_setup, tmp_path, capsys):
+def test_edit_writes_model_and_journal_as_one_output(edit_setup, tmp_path, monkeypatch, capsys):
+    import ffkv.edit.api as api
+    import ffkv.edit.cli as edit_cli
     from ffkv.edit import Journal
 
     out = tmp_path / "ed"
@@ -369,9 +371,15 @@ def test_edit_writes_model_and_journal_as_one_output(edit_setup, tmp_path, capsy
     # an unrelated non-empty folder is refused, before the model is even loaded
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("keep")
-    rc, _, err = run_cli(edit_args(edit_setup, tmp_path / "docs"), capsys)
-    assert rc == 2 and "not an ffkv edit output" in one_error_line(err)
-    assert listing(tmp_path / "docs") == {"a.txt": b"keep"}
+    def no_load(*a, **k):
+        raise AssertionError("refused before the model is loaded")
+
+    monkeypatch.setattr(edit_cli, "load_model_from_options", no_load)
+    monkeypatch.setattr(api, "load_model", no_load)
+    for args in (edit_args(edit_setup, tmp_path / "docs"), ["edit", "undo", out, "--out", tmp_path / "docs"]):
+        rc, _, err = run_cli(args, capsys)
+        assert rc == 2 and "not an ffkv edit output" in one_error_line(err)
+        assert listing(tmp_path / "docs") == {"a.txt": b"keep"}
 
 
 @pytest.mark.parametrize("existing", [False, True])

@@ -19,9 +19,10 @@ import click
 from ..clikit import (FfkvGroup, emit_json, hparams_options, json_option, layers_option, load_model_from_options,
                       model_options, parse_layers, parse_settings, quiet_option, show_progress)
 from ..errors import FfkvError
+from ..io import check_output_target
 from ..models.loading import tiny_model
 from ..models.memory_id import MemoryId
-from .api import apply_edits, edit_outcome, save_edited, target_scores, undo_folder
+from .api import EDIT_MANIFEST, apply_edits, edit_outcome, save_edited, target_scores, undo_folder
 from .hparams import load_hparams
 from .kn_edit import erase_relation
 from .registry import METHODS, get_method
@@ -167,6 +168,7 @@ def apply_cmd(model, method, prompt, subject, target, target_true, requests_file
 
     Hyperparameters: the method's defaults for MODEL, then --hparams, then --set, then --layer.
     """
+    check_output_target(out, "edit", EDIT_MANIFEST)  # an unrelated --out is refused before any work
     if requests_file is not None:
         requests = load_requests(requests_file)[:limit]
     else:
@@ -224,6 +226,7 @@ def undo_cmd(src, out, n, as_json, quiet):
     The edited model is reloaded exactly as it was saved (no model options: another dtype or device would
     break the bit-for-bit undo).
     """
+    check_output_target(out, "edit", EDIT_MANIFEST)
     result = undo_folder(src, out, n, progress=show_progress(quiet))
     if as_json:
         emit_json(result)
@@ -271,6 +274,7 @@ def stats_cmd(model, layers, corpus, n_tokens, stats_dir, recompute, as_json, qu
 @model_options
 def erase_cmd(model, requests_file, min_share, out, as_json, **load):
     """Erase a relation: zero the values of the knowledge neurons its prompts share (Dai et al.)."""
+    check_output_target(out, "edit", EDIT_MANIFEST)
     mm = load_model_from_options(model, **load)
     journal = erase_relation(mm, load_requests(requests_file), {"min_share": min_share})
     save_edited(mm, journal, out)
