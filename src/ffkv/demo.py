@@ -3,6 +3,10 @@
 Each step calls the same public command a user would type (so the demo also checks those interfaces),
 keeps its JSON output under ``OUT/``, and the run ends with ``OUT/summary.md`` and a list of what was made.
 On 2 cores it takes a few minutes; every step's time is recorded in ``OUT/summary.json``.
+
+``OUT`` is one output, written whole or not at all (:func:`ffkv.io.output_dir`): the steps write into a
+temporary folder beside it that is renamed to ``OUT`` only when every step succeeded, so a failing or
+interrupted demo leaves nothing (and an earlier demo's ``OUT`` as it was).
 """
 
 from __future__ import annotations
@@ -18,15 +22,30 @@ import click
 import torch
 
 from .cli import cli
-from .io import write_json, write_text
+from .errors import FfkvError
+from .io import check_output_target, output_dir, write_json, write_text
 from .testbed import default_testbed, generate_world, load_facts
 
 
+# What a demo folder holds: an existing folder with only these names is an (older or partial) demo output.
+DEMO_FILES = frozenset({"inspect.json", "testbed_report.json", "corpus.txt", "atlas", "subupdates.json", "trace",
+                        "neurons.json", "edit", "edit-undone", "evaluate_rome.json", "recall.json", "summary.json",
+                        "summary.md"})
+
+
+def is_demo_output(path: Path) -> bool:
+    return any(path.iterdir()) and {p.name for p in path.iterdir()} <= DEMO_FILES | {".ffkv-output"}
+
+
 def _run(args: list[str]) -> str:
-    """Run one ffkv command in this process and return what it printed on stdout (errors propagate)."""
+    """Run one ffkv command in this process and return what it printed on stdout (errors propagate; a command
+    that ends with a non-zero exit code stops the demo too)."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        cli.main(args=args, prog_name="ffkv", standalone_mode=False)
+        rc = cli.main(args=args, prog_name="ffkv", standalone_mode=False)
+    if rc not in (None, 0):
+        raise FfkvError(f"the demo step `ffkv {' '.join(args[:2])}` failed (exit code {rc}); nothing was written",
+                        "run that command alone to see why")
     return buf.getvalue()
 
 
@@ -59,8 +78,17 @@ def _pick_facts(testbed: Path):
 def demo(out, cases):
     """Run the main job on the embedded default testbed: read, locate, edit, evaluate, judge recall."""
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out)
+    check_output_target(final, "demo", ("summary.json",), recognise=is_demo_output)
+    with output_dir(final, "demo", manifest=("summary.json",), recognise=is_demo_output) as tmp:
+        md = _demo(tmp, cases)
+    click.echo(md)
+    click.echo(f"\nOutputs are in {final.resolve()}/: summary.md, atlas/report.html, trace/ (heatmaps), "
+               f"edit/ (edited model + journal), evaluate_rome.json, recall.json")
+
+
+def _demo(out: Path, cases: int) -> str:
+    """Every step of the demo, written under ``out`` (the temporary folder); returns summary.md's text."""
     tb = Path(default_testbed())
     model = str(tb / "model")
     frequent, rare = _pick_facts(tb)
@@ -86,9 +114,8 @@ def demo(out, cases):
 
     # 3. Read the memories: mine trigger examples over the world's text, write the atlas report.
     corpus = out / "corpus.txt"
-    if not corpus.exists():
-        docs = generate_world(0, "default").documents()[:400]
-        write_text(corpus, "\n\n".join(docs) + "\n")
+    docs = generate_world(0, "default").documents()[:400]
+    write_text(corpus, "\n\n".join(docs) + "\n")
     step("atlas mine", lambda: _run(["atlas", "mine", model, "--corpus", str(corpus), "--out",
                                      str(out / "atlas"), "--top-k", "10"]))
     step("atlas report", lambda: _run(["atlas", "report", str(out / "atlas")]))
@@ -131,9 +158,7 @@ def demo(out, cases):
     write_json(out / "summary.json", summary)
     md = _summary_md(info, rep, traces, kn, metrics, verdicts, frequent, rare, summary)
     write_text(out / "summary.md", md)
-    click.echo(md)
-    click.echo(f"\nOutputs are in {out.resolve()}/: summary.md, atlas/report.html, trace/ (heatmaps), "
-               f"edit/ (edited model + journal), evaluate_rome.json, recall.json")
+    return md
 
 
 def _fmt(x, pct=False):

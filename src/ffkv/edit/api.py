@@ -12,13 +12,18 @@ range) the edits of this call are undone, so the model is left exactly as it was
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from ..errors import FfkvError
-from ..io import atomic_path, provenance
+from ..io import output_dir, provenance, require_finite
 from ..locate.layer_choice import trace_layer
+from ..models.engine import run
 from ..models.loading import load_model
+from .compute_value import target_log_likelihood
 from .context import EditContext
 from .hparams import resolve_hparams
 from .journal import Journal
@@ -26,7 +31,7 @@ from .registry import EditMethod, get_method
 from .requests import EditRequest, as_requests, render_batch, target_ids
 
 __all__ = ["EditContext", "apply_edits", "check_requests", "edit_layers", "save_edited", "model_folder",
-           "undo_folder"]
+           "undo_folder", "target_probs", "target_scores", "edit_outcome", "is_edit_output", "EDIT_MANIFEST"]
 
 
 def check_requests(model, requests: Sequence[EditRequest]) -> None:
@@ -80,25 +85,88 @@ def apply_edits(model, requests: EditRequest | Sequence[EditRequest], method: st
     return journal
 
 
+@torch.no_grad()
+def target_scores(model, requests: EditRequest | Sequence[EditRequest], batch_size: int = 16
+                  ) -> list[tuple[float, bool]]:
+    """``(p, greedy)`` of each request's target after its prompt: p = P(target | prompt) as ROME reports it,
+    ``exp(mean_j log p(t_j | prompt, t_<j))`` over the target's tokens t (teacher-forced), and whether every
+    t_j is the argmax there (the model says the target). One engine run per batch, the head only at the target
+    positions."""
+    requests = as_requests(requests)
+    out: list[tuple[float, bool]] = []
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start:start + batch_size]
+        b = render_batch(model, [("", r) for r in chunk], with_target=True)
+        rows = torch.arange(len(chunk), device=b.input_ids.device)[:, None].expand_as(b.target_pos)
+        logits = run(model, b.input_ids, attention_mask=b.attention_mask,
+                     head=(rows.reshape(-1), b.target_pos.reshape(-1))).logits
+        logits = logits.view(len(chunk), b.target_pos.shape[1], -1)  # (B, L, V)
+        ll = target_log_likelihood(logits, b)  # (B,)
+        greedy = ((logits.argmax(-1) == b.target_tok) | ~b.target_mask).all(1)  # (B,)
+        out += [(math.exp(float(x)), bool(g)) for x, g in zip(ll, greedy)]
+    return out
+
+
+def target_probs(model, requests: EditRequest | Sequence[EditRequest], batch_size: int = 16) -> list[float]:
+    """P(target | prompt) of each request (:func:`target_scores`)."""
+    return [p for p, _ in target_scores(model, requests, batch_size)]
+
+
+def edit_outcome(before: Sequence[tuple[float, bool]], after: Sequence[tuple[float, bool]],
+                 requests: Sequence[EditRequest]) -> dict:
+    """Whether the edits took, from :func:`target_scores` before and after:
+    ``{"status": "edited" | "failed", "failed": [...], "probs": [...]}``.
+
+    An edit *failed* when its target did not become more likely (p_after <= p_before, or p_after not finite),
+    unless the edited model says the target anyway (greedy: a fact edited to what it already was); the
+    command then reports the failure and writes nothing.
+    """
+    probs, failed = [], []
+    for i, (r, (b, _), (a, greedy)) in enumerate(zip(requests, before, after)):
+        row = {"request": i, "subject": r.subject, "target": r.target, "prob_before": b, "prob_after": a,
+               "greedy_after": greedy}
+        probs.append(row)
+        if not math.isfinite(a) or not (a > b or greedy):
+            failed.append(row)
+    return {"status": "failed" if failed else "edited", "failed": failed, "probs": probs}
+
+
 # ----------------------------------------------------------------------------------------------------
-# Edited model folders: DIR/model (save_pretrained) + DIR/journal.
+# Edited model folders: DIR/model (save_pretrained) + DIR/journal, one output written whole (ffkv.io.output_dir).
+
+EDIT_MANIFEST = ("journal/journal.json", "model/ffkv_edit.json")
+
+
+def is_edit_output(path: str | Path) -> bool:
+    """Whether ``path`` is a folder ``ffkv edit`` wrote (model/ and journal/)."""
+    path = Path(path)
+    return any((path / m).exists() for m in EDIT_MANIFEST)
 
 
 def save_edited(model, journal: Journal, out: str | Path) -> Path:
-    """Write ``out/model`` (``save_pretrained``, safetensors, tokenizer, ``ffkv_edit.json``) and ``out/journal``."""
+    """Write ``out/model`` (``save_pretrained``, safetensors, tokenizer, ``ffkv_edit.json``) and ``out/journal``
+    as ONE output: both are written into a temporary folder beside ``out`` that is renamed in whole, so a
+    crash or kill at any moment leaves the old ``out`` or the new one, never a model without its journal. An
+    existing edit output at ``out`` is replaced; any other non-empty folder is refused. The edited layers'
+    W_out must be finite."""
     out = Path(out)
-    with atomic_path(out / "model", is_dir=True) as tmp:
-        model.hf.save_pretrained(tmp, safe_serialization=True)
+    for site in journal.base:
+        layer, expert = (site, None) if isinstance(site, int) else site
+        require_finite(f"the edited W_out of layer {layer}" + ("" if expert is None else f" expert {expert}"),
+                       model.value_param(layer) if expert is None else model.value_param(layer, expert))
+    with output_dir(out, "edit", manifest=EDIT_MANIFEST) as tmp:
+        folder = tmp / "model"
+        model.hf.save_pretrained(folder, safe_serialization=True)
         if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(tmp)
+            model.tokenizer.save_pretrained(folder)
         src = Path(str(model.name_or_path))
         if (src / "testbed.json").exists():  # keeps the testbed corpus resolvable for the statistics
-            (tmp / "testbed.json").write_text((src / "testbed.json").read_text())
+            (folder / "testbed.json").write_text((src / "testbed.json").read_text())
         meta = provenance(journal.base_identity, n_edits=len(journal))
         meta.update(base_model=journal.base_identity, n_edits=len(journal),
                     edits=[{"method": e.method, "layer": e.layer, "requests": e.requests} for e in journal])
-        (tmp / "ffkv_edit.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    journal.save(out / "journal")
+        (folder / "ffkv_edit.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        journal.write_into(tmp / "journal", model)
     return out
 
 
@@ -114,7 +182,7 @@ def model_folder(path: str | Path) -> Path:
 
 def undo_folder(src: str | Path, out: str | Path, n: int | None = None, progress: bool = True) -> dict:
     """Load ``src/model`` and ``src/journal``, undo ``n`` edits (all by default), write ``out/model`` and
-    ``out/journal`` (the remaining edits). Returns a summary."""
+    ``out/journal`` (the remaining edits) as one output (:func:`save_edited`). Returns a summary."""
     src = Path(src)
     journal = Journal.load(src)
     model = load_model(model_folder(src), check=False)

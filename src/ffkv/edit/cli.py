@@ -19,9 +19,10 @@ import click
 from ..clikit import (FfkvGroup, emit_json, hparams_options, json_option, layers_option, load_model_from_options,
                       model_options, parse_layers, parse_settings, quiet_option, show_progress)
 from ..errors import FfkvError
+from ..io import check_output_target
 from ..models.loading import tiny_model
 from ..models.memory_id import MemoryId
-from .api import apply_edits, save_edited, undo_folder
+from .api import EDIT_MANIFEST, apply_edits, edit_outcome, save_edited, target_scores, undo_folder
 from .hparams import load_hparams
 from .kn_edit import erase_relation
 from .registry import METHODS, get_method
@@ -167,6 +168,7 @@ def apply_cmd(model, method, prompt, subject, target, target_true, requests_file
 
     Hyperparameters: the method's defaults for MODEL, then --hparams, then --set, then --layer.
     """
+    check_output_target(out, "edit", EDIT_MANIFEST)  # an unrelated --out is refused before any work
     if requests_file is not None:
         requests = load_requests(requests_file)[:limit]
     else:
@@ -178,17 +180,32 @@ def apply_cmd(model, method, prompt, subject, target, target_true, requests_file
         r.validate()
     mm = load_model_from_options(model, **load)
     overrides, _ = method_hparams(mm, method, hparams, settings, layers)
+    before = target_scores(mm, requests)
     journal = apply_edits(mm, requests, method=method, hparams=overrides, stats_dir=stats_dir, corpus=corpus,
                           progress=show_progress(quiet))
-    save_edited(mm, journal, out)
+    outcome = edit_outcome(before, target_scores(mm, requests), requests)
     edits = [{"layer": e.layer, "rank": e.rank, "update_norm": e.info.get("update_norm"),
               "target_prob": e.info.get("target_prob"), "memories": entry_memories(e)} for e in journal]
-    result = {"out": str(out), "model": str(Path(out) / "model"), "journal": str(Path(out) / "journal"),
-              "method": method, "n_edits": len(requests), "layers": journal.layers,
+    result = {"status": outcome["status"], "out": str(out), "model": str(Path(out) / "model"),
+              "journal": str(Path(out) / "journal"), "method": method, "n_edits": len(requests),
+              "layers": journal.layers,
               # the first token the edit writes, as the edit itself tokenizes the target
               "requests": [{**r.to_json(), "target_id": target_ids(mm, r)[0]} for r in requests],
               "memories": sorted({m for e in edits for m in e["memories"]}, key=MemoryId.parse),
-              "edits": edits}
+              "edits": edits, "probs": outcome["probs"]}
+    if outcome["status"] == "failed":
+        # Nothing is written: an edit that did not make its target more likely is not an edit.
+        f = outcome["failed"][0]
+        line = FfkvError(f"the edit failed: {len(outcome['failed'])} of {len(requests)} target(s) did not become "
+                         f"more likely (e.g. {f['target']!r} for {f['subject']!r}: p {f['prob_before']:.3g} -> "
+                         f"{f['prob_after']:.3g}); nothing was written to {out}",
+                         "try other hyperparameters (--set v_lr=..., v_num_grad_steps=...) or another layer")
+        if as_json:
+            emit_json({**result, "out": None, "model": None, "journal": None, "error": line.line()})
+            click.echo(f"ffkv: error: {line.line()}", err=True)
+            click.get_current_context().exit(2)
+        raise line
+    save_edited(mm, journal, out)
     if as_json:
         emit_json(result)
     else:
@@ -209,6 +226,7 @@ def undo_cmd(src, out, n, as_json, quiet):
     The edited model is reloaded exactly as it was saved (no model options: another dtype or device would
     break the bit-for-bit undo).
     """
+    check_output_target(out, "edit", EDIT_MANIFEST)
     result = undo_folder(src, out, n, progress=show_progress(quiet))
     if as_json:
         emit_json(result)
@@ -256,6 +274,7 @@ def stats_cmd(model, layers, corpus, n_tokens, stats_dir, recompute, as_json, qu
 @model_options
 def erase_cmd(model, requests_file, min_share, out, as_json, **load):
     """Erase a relation: zero the values of the knowledge neurons its prompts share (Dai et al.)."""
+    check_output_target(out, "edit", EDIT_MANIFEST)
     mm = load_model_from_options(model, **load)
     journal = erase_relation(mm, load_requests(requests_file), {"min_share": min_share})
     save_edited(mm, journal, out)

@@ -16,7 +16,11 @@ slice ``value_param(l, e)[value_slice(l, e)]`` of the fused (E, D, F) parameter:
 and its undo cover exactly that slice (``L3.E2`` in the files), and the other experts are never written.
 
 On disk (``Journal.save(dir)``): ``journal.json`` (entries, provenance), ``deltas.safetensors`` (u, v of
-each entry) and ``base.safetensors`` (the base W_out parameters).
+each entry) and ``base.safetensors`` (the base W_out parameters), written as one folder whole or not at all
+(:func:`ffkv.io.output_dir`). :meth:`Journal.load` checks ``journal.json`` against its schema first
+(:func:`check_journal_meta`: version, entries, each entry's method, integer layer, requests, checksums) and the
+tensors' shapes; undo and replay check the entries against the model (:meth:`Journal.check_model`): a tampered
+or foreign journal is one FfkvError line.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..errors import FfkvError
-from ..io import _jsonable, atomic_path, load_safetensors, provenance, save_safetensors
+from ..io import _jsonable, load_safetensors, output_dir, provenance, require_finite
 from .stats import base_identity as stats_base_identity
 
 JOURNAL_VERSION = 1
@@ -210,6 +215,7 @@ class Journal:
                             f"pass n in 0..{len(self.entries)}")
         if n == 0:
             return 0
+        self.check_model(model)
         keep, drop = self.entries[: len(self.entries) - n], self.entries[len(self.entries) - n:]
         sites = sorted({e.site for e in drop}, key=_site_name)
         for site in sites:
@@ -244,6 +250,7 @@ class Journal:
         Each entry's 'before' checksum must match the model's weights, so a journal is never replayed onto
         another model (or twice). Returns the journal.
         """
+        self.check_model(model)
         first = {}
         for i, e in enumerate(self.entries):
             first.setdefault(e.site, (i, e))
@@ -268,8 +275,19 @@ class Journal:
 
     # ------------------------------------------------------------------------------------------------
     def save(self, out: str | Path, model=None) -> Path:
-        """Write ``journal.json``, ``deltas.safetensors`` and ``base.safetensors`` under ``out`` (atomic)."""
+        """Write ``journal.json``, ``deltas.safetensors`` and ``base.safetensors`` as the folder ``out``, whole
+        or not at all (:func:`ffkv.io.output_dir`: an existing journal there is replaced in one rename; any
+        other non-empty folder is refused)."""
         out = Path(out)
+        with output_dir(out, "journal", manifest=JOURNAL_MANIFEST) as tmp:
+            self.write_into(tmp, model)
+        return out
+
+    def write_into(self, folder: str | Path, model=None) -> Path:
+        """Write the journal's three files into the existing (temporary) folder ``folder``: the part of
+        :meth:`save` that an output made of more than a journal (an edited model with its journal,
+        :func:`ffkv.edit.api.save_edited`) runs inside its own :func:`ffkv.io.output_dir`."""
+        folder = Path(folder)
         meta = provenance(self.base_identity or (model.identity if model is not None else {}),
                           journal_version=JOURNAL_VERSION)
         meta.update(journal_version=JOURNAL_VERSION, n_edits=len(self.entries),
@@ -284,17 +302,24 @@ class Journal:
             for name in ("keys", "targets"):
                 if getattr(e, name) is not None:
                     tensors[f"{i}.{name}"] = getattr(e, name)
-        with atomic_path(out, is_dir=True) as tmp:
-            (tmp / "journal.json").write_text(json.dumps(_plain(meta), indent=2) + "\n")
-            save_safetensors(tmp / "deltas.safetensors", tensors or {"empty": torch.zeros(0)}, {"n": len(self)})
-            save_safetensors(tmp / "base.safetensors",
-                             {_site_name(s): t for s, t in self.base.items()} or {"empty": torch.zeros(0)},
-                             {"layers": sorted(s for s in self.base if not isinstance(s, tuple))})
-        return out
+        require_finite("the journal's updates", tensors)
+        require_finite("the journal's base weights", list(self.base.values()))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "journal.json").write_text(json.dumps(_plain(meta), indent=2) + "\n")
+        _save_tensors(folder / "deltas.safetensors", tensors or {"empty": torch.zeros(0)}, {"n": len(self)})
+        _save_tensors(folder / "base.safetensors",
+                      {_site_name(s): t for s, t in self.base.items()} or {"empty": torch.zeros(0)},
+                      {"layers": sorted(s for s in self.base if not isinstance(s, tuple))})
+        return folder
 
     @classmethod
     def load(cls, path: str | Path) -> "Journal":
-        """Read a journal folder written by :meth:`save` (or ``DIR`` with ``DIR/journal``)."""
+        """Read a journal folder written by :meth:`save` (or ``DIR`` with ``DIR/journal``).
+
+        The files are checked before use (:func:`check_journal_meta`: version, entries, each entry's method,
+        layer, requests, checksums; every entry's u and v present, 2-D, of one rank): a tampered or truncated
+        journal is one FfkvError, never a traceback.
+        """
         path = Path(path)
         if (path / "journal" / "journal.json").exists():
             path = path / "journal"
@@ -303,25 +328,102 @@ class Journal:
             raise FfkvError(f"no edit journal at {path} (journal.json missing)", "pass the folder `ffkv edit` wrote")
         try:
             meta = json.loads(jp.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FfkvError(f"{jp} is not valid JSON ({e})", "the journal is corrupt") from None
-        if meta.get("journal_version") != JOURNAL_VERSION:
-            raise FfkvError(f"{jp} has journal version {meta.get('journal_version')}, not {JOURNAL_VERSION}",
-                            "write it again with this ffkv version")
+        check_journal_meta(meta, jp)
         deltas, _ = load_safetensors(path / "deltas.safetensors")
         base, _ = load_safetensors(path / "base.safetensors")
         j = cls()
         j.base_identity = meta.get("model") or None
-        j.base = {_parse_site(k): t for k, t in base.items() if k.startswith("L")}
+        try:
+            j.base = {_parse_site(k): t for k, t in base.items() if k.startswith("L")}
+        except ValueError:
+            raise FfkvError(f"{path}/base.safetensors has a tensor that names no layer "
+                            f"({', '.join(sorted(base)[:5])})", "the journal is corrupt") from None
         for i, m in enumerate(meta["entries"]):
-            if f"{i}.u" not in deltas:
+            u, v = deltas.get(f"{i}.u"), deltas.get(f"{i}.v")
+            if u is None or v is None:
                 raise FfkvError(f"{path}/deltas.safetensors lacks edit {i}", "the journal is corrupt")
-            j.entries.append(JournalEntry(m["method"], int(m["layer"]), deltas[f"{i}.u"].float(),
-                                          deltas[f"{i}.v"].float(), m["requests"], m["hparams"], m["before"],
-                                          m["after"], m.get("info", {}), m.get("created", ""),
-                                          deltas.get(f"{i}.keys"), deltas.get(f"{i}.targets"),
-                                          None if m.get("expert") is None else int(m["expert"])))
+            if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[1] or \
+                    ("rank" in m and m["rank"] != u.shape[1]):
+                raise FfkvError(f"{path}/deltas.safetensors: edit {i}'s u {tuple(u.shape)} and v {tuple(v.shape)} "
+                                f"are not one rank-{m.get('rank', '?')} update", "the journal is corrupt")
+            j.entries.append(JournalEntry(m["method"], m["layer"], u.float(), v.float(), m["requests"],
+                                          m["hparams"], m["before"], m["after"], m.get("info") or {},
+                                          m.get("created", ""), deltas.get(f"{i}.keys"), deltas.get(f"{i}.targets"),
+                                          m.get("expert")))
         return j
+
+    def check_model(self, model) -> None:
+        """Refuse (one FfkvError) a journal whose entries do not fit ``model``: a layer or expert it lacks, an
+        update of another shape. :meth:`undo` and :meth:`replay` check this before touching a weight."""
+        for i, e in enumerate(self.entries):
+            model.check_layer(e.layer)
+            if e.expert is not None:
+                model.check_expert(e.layer, e.expert)
+            d_ffn = _values(model, e.layer, e.expert).shape[1]
+            if tuple(e.u.shape[:1]) != (model.d_model,) or tuple(e.v.shape[:1]) != (d_ffn,):
+                raise FfkvError(f"edit {i} of the journal is a ({e.u.shape[0]} x {e.v.shape[0]}) update, but layer "
+                                f"{e.layer}'s W_out is ({model.d_model} x {d_ffn})",
+                                "use the journal with the model it was recorded on")
+
+
+def _save_tensors(path: Path, tensors: dict, meta: dict) -> None:
+    """safetensors straight into a folder that is already temporary (no second temporary inside it)."""
+    save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(path),
+              metadata={"ffkv": json.dumps(_plain(meta))})
+
+
+JOURNAL_MANIFEST = ("journal.json",)
+_HEX = set("0123456789abcdef")
+
+
+def check_journal_meta(meta, where: str | Path = "journal.json") -> dict:
+    """Check a ``journal.json`` record against the schema :meth:`Journal.save` writes; one FfkvError names the
+    first problem (missing ``entries``, an entry without ``method``, a non-integer layer, a wrong version ...)."""
+
+    def bad(problem: str):
+        raise FfkvError(f"{where} is not a valid ffkv journal: {problem}",
+                        "the journal is corrupt or was edited by hand; use the folder `ffkv edit` wrote")
+
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not isinstance(meta, dict):
+        bad(f"expected a JSON object, got {type(meta).__name__}")
+    version = meta.get("journal_version")
+    if not is_int(version) or version != JOURNAL_VERSION:
+        raise FfkvError(f"{where} has journal version {version!r}, not {JOURNAL_VERSION}",
+                        "write it again with this ffkv version")
+    entries = meta.get("entries")
+    if not isinstance(entries, list):
+        bad("'entries' is missing" if entries is None else f"'entries' is a {type(entries).__name__}, not a list")
+    if "n_edits" in meta and meta["n_edits"] != len(entries):
+        bad(f"n_edits is {meta['n_edits']!r} but it lists {len(entries)} entries")
+    if meta.get("model") is not None and not isinstance(meta["model"], dict):
+        bad("'model' is not an object")
+    for i, m in enumerate(entries):
+        if not isinstance(m, dict):
+            bad(f"entry {i} is not an object")
+        if not isinstance(m.get("method"), str) or not m["method"]:
+            bad(f"entry {i} has no method")
+        if not is_int(m.get("layer")) or m["layer"] < 0:
+            bad(f"entry {i}'s layer {m.get('layer')!r} is not a non-negative integer")
+        if m.get("expert") is not None and (not is_int(m["expert"]) or m["expert"] < 0):
+            bad(f"entry {i}'s expert {m['expert']!r} is not a non-negative integer")
+        if "rank" in m and (not is_int(m["rank"]) or m["rank"] < 1):
+            bad(f"entry {i}'s rank {m['rank']!r} is not a positive integer")
+        if not isinstance(m.get("requests"), list) or not all(isinstance(r, dict) for r in m["requests"]):
+            bad(f"entry {i}'s requests are not a list of objects")
+        if not isinstance(m.get("hparams"), dict):
+            bad(f"entry {i}'s hparams are not an object")
+        if m.get("info") is not None and not isinstance(m["info"], dict):
+            bad(f"entry {i}'s info is not an object")
+        for key in ("before", "after"):
+            c = m.get(key)
+            if not isinstance(c, str) or not c or not set(c) <= _HEX:
+                bad(f"entry {i}'s {key!r} checksum {c!r} is not a hex digest")
+    return meta
 
 
 def _split(site) -> tuple[int, int | None]:

@@ -6,6 +6,10 @@ A testbed folder:
     DIR/data/facts.jsonl    every fact with its training frequency and templates
     DIR/data/counterfact.json, DIR/data/known_facts.json, DIR/data/world.json
     DIR/report.json         recall by frequency bucket (written by build; `ffkv testbed report` recomputes)
+
+``build`` writes the folder whole or not at all (:func:`ffkv.io.output_dir`): everything is made in a
+temporary folder beside DIR and renamed in; an existing testbed at DIR is replaced, any other non-empty
+folder (a model folder, a home directory) is refused before any work.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ import sys
 from pathlib import Path
 
 from ..errors import FfkvError
-from ..io import provenance, write_json
+from ..io import output_dir, provenance, write_json
 from ..models.loading import load_model
 
 ASSETS = Path(__file__).parent / "assets"
+TESTBED_MANIFEST = ("data/facts.jsonl", "model/testbed.json")  # what makes an existing folder a testbed
 DEFAULT_SEED = 0
 
 
@@ -36,18 +41,23 @@ def build(preset: str = "default", out: str | Path = "testbed", seed: int = DEFA
     if arch not in ("gpt2", "llama"):
         raise FfkvError(f"unknown testbed architecture {arch!r}", "use --arch gpt2 or --arch llama")
     out = Path(out)
-    world = world or generate_world(seed, preset)
-    world.write_datasets(out / "data")
-    train_model(world, arch, preset, out / "model", seed=seed, steps=steps, progress=progress)
-    if report:
-        rep = testbed_report(out, progress=progress)
-        write_json(out / "report.json", rep)
+    # Refused (an unrelated folder, a second writer) before the world is generated or the model trained.
+    with output_dir(out, "testbed", manifest=TESTBED_MANIFEST) as tmp:
+        world = world or generate_world(seed, preset)
+        world.write_datasets(tmp / "data")
+        train_model(world, arch, preset, tmp / "model", seed=seed, steps=steps, progress=progress)
+        if report:
+            rep = testbed_report(tmp, progress=progress, record_as=out)
+            write_json(tmp / "report.json", rep)
     return out
 
 
 def testbed_report(testbed_dir: str | Path, n_samples: int = 10, max_facts_per_bucket: int | None = 1000,
-                   templates_per_fact: int | None = 2, progress: bool = True) -> dict:
-    """Load ``DIR/model`` through ``ffkv.load_model`` and run :func:`recall_report` on ``DIR/data``."""
+                   templates_per_fact: int | None = 2, progress: bool = True,
+                   record_as: str | Path | None = None) -> dict:
+    """Load ``DIR/model`` through ``ffkv.load_model`` and run :func:`recall_report` on ``DIR/data``.
+
+    record_as: the folder the provenance names (the final DIR when the report is made in its temporary)."""
     import torch
 
     from .datasets import load_facts
@@ -62,8 +72,11 @@ def testbed_report(testbed_dir: str | Path, n_samples: int = 10, max_facts_per_b
     model = load_model(str(d / "model"))
     rep = recall_report(model, facts, candidates, n_samples=n_samples, max_facts_per_bucket=max_facts_per_bucket,
                         templates_per_fact=templates_per_fact, progress=progress)
-    rep["provenance"] = provenance(model.identity, n_samples=n_samples, max_facts_per_bucket=max_facts_per_bucket,
-                                   templates_per_fact=templates_per_fact, testbed=str(d))
+    identity = dict(model.identity)
+    if record_as is not None:
+        identity["name_or_path"] = str(Path(record_as) / "model")
+    rep["provenance"] = provenance(identity, n_samples=n_samples, max_facts_per_bucket=max_facts_per_bucket,
+                                   templates_per_fact=templates_per_fact, testbed=str(record_as or d))
     return rep
 
 

@@ -8,11 +8,14 @@ from pathlib import Path
 import click
 
 from ..clikit import FfkvGroup, emit_json, json_option, quiet_option, show_progress
-from ..io import read_json, write_text
+from ..io import output_dir, read_json, write_text
 from .build import build, default_testbed, testbed_report
 from .pararel import pararel_world
 from .report import format_table
 from .world import generate_world
+
+
+WORLD_MANIFEST = ("facts.jsonl", "world.json")  # what makes an existing folder a world's data sets
 
 
 @click.group("testbed", cls=FfkvGroup)
@@ -77,14 +80,17 @@ def world_cmd(preset, out, seed, text):
 
     Prints one JSON object: the files written and the world's summary.
     """
-    world = generate_world(seed, preset)
-    paths = world.write_datasets(out)
-    if world.context_facts:  # in-context preset: the subjects seen only in their profile document
-        paths["context_facts"] = write_text(out / "context_facts.jsonl", "".join(
-            json.dumps(f.to_json()) + "\n" for f in world.context_facts))
-    if text:
-        paths["text"] = write_text(out / "train.txt", world.training_text() + "\n")
-    emit_json({k: str(v) for k, v in paths.items()} | {"summary": world.summary()})
+    # One output, written whole: an existing world folder is replaced, any other non-empty folder refused
+    # (and a second writer), before the world is generated.
+    with output_dir(out, "world", manifest=WORLD_MANIFEST) as tmp:
+        world = generate_world(seed, preset)
+        paths = world.write_datasets(tmp)
+        if world.context_facts:  # in-context preset: the subjects seen only in their profile document
+            paths["context_facts"] = write_text(tmp / "context_facts.jsonl", "".join(
+                json.dumps(f.to_json()) + "\n" for f in world.context_facts))
+        if text:
+            paths["text"] = write_text(tmp / "train.txt", world.training_text() + "\n")
+    emit_json({k: str(out / Path(v).name) for k, v in paths.items()} | {"summary": world.summary()})
 
 
 @testbed.command("default")
