@@ -339,6 +339,27 @@ CASES: list[Case] = [
     C("recall", "number: zero", "{model} --facts {tb} --out {out}.parquet --per-bucket 0", RANGE),
     C("recall", "model: truncated weights", "{m:truncated} --prompt 'x y'", owner=H1_LOAD),
     C("recall", "model: non-finite weights", "{m:nan} --prompt 'x y'", "non-finite", owner=H1_NAN),
+    # ---------------------------------------------------------------- explain
+    C("explain", "usage: missing option", "{model} --candidates a b", "missing option '--prompt'"),
+    C("explain", "usage: one candidate", "{model} --prompt 'x y' --candidates a", "at least two candidates"),
+    C("explain", "prompt: empty", "{model} --prompt '' --candidates a b", "empty"),
+    C("explain", "number: zero", "{model} --prompt 'x y' --candidates a b --top-n 0", RANGE),
+    C("explain", "layer: absent", "{model} --prompt 'x y' --candidates a b --layers 99", "layer"),
+    C("explain", "model: truncated weights", "{m:truncated} --prompt 'x y' --candidates a b"),
+    # ---------------------------------------------------------------- index
+    C("index", "usage: unknown command", "nonsense", "no such command 'nonsense'"),
+    C("index build", "usage: nothing to index", "--out {out}.sqlite", "give either DOCS or --testbed"),
+    C("index build", "path: missing", "{tmp}/no-docs --out {out}.sqlite", MISSING),
+    C("index build", "data: JSONL bad line", "{f:corpus_bad_line.jsonl} --out {out}.sqlite", "line 2"),
+    C("index search", "path: missing", "{tmp}/no-index.sqlite --query x", MISSING),
+    C("index search", "data: not an index", "{f:bad.json} --query x", "not an ffkv index"),
+    C("index search", "number: zero", "{f:bad.json} --query x -k 0", RANGE),
+    # ---------------------------------------------------------------- ask
+    C("ask", "usage: missing option", "{model}", "missing option '--question'"),
+    C("ask", "usage: retrieval without an index", "{model} --question 'x y' --route retrieval", "needs --index"),
+    C("ask", "path: missing", "{model} --question 'x y' --index {tmp}/no-index.sqlite", MISSING),
+    C("ask", "prompt: empty", "{model} --question ' ' --route weights", "empty"),
+    C("ask", "number: huge", "{model} --question 'x y' --route weights --max-new-tokens 100000", RANGE),
     # ---------------------------------------------------------------- serve
     C("serve", "number: huge", "{model} --port 70000", RANGE, guard=SERVE_GUARD),
     C("serve", "number: negative", "{model} --port -1", RANGE, guard=SERVE_GUARD),
