@@ -230,6 +230,8 @@ def load_checked(name_or_path: str, dtype: str | torch.dtype | None = None, devi
         if bars:
             hf_logging.enable_progress_bar()
     check_loading_info(info, name)
+    if device_map is not None:
+        _refuse_offload(hf, name)
     if device_map is None and device is not None:
         try:
             hf = hf.to(device)
@@ -242,6 +244,17 @@ def load_checked(name_or_path: str, dtype: str | torch.dtype | None = None, devi
     tok = _load_tokenizer(tokenizer if isinstance(tokenizer, str) else name, trust_remote_code,
                           explicit=isinstance(tokenizer, str)) if tokenizer else None
     return from_hf(hf, tok, name, check and not report), report
+
+
+def _refuse_offload(hf, name: str) -> None:
+    """A device map may place modules on any devices, but not offload them (to ``disk``/``cpu`` offload, which
+    leaves ``meta`` tensors in the model): ffkv reads keys and values and writes edits in the weights themselves,
+    and an offloaded weight is not there to read or write."""
+    off = sorted({n.rsplit(".", 1)[0] for n, p in hf.named_parameters() if p.device.type == "meta"})
+    if off:
+        raise FfkvError(f"the device map offloads {len(off)} modules of '{name}' (e.g. {off[0]}), whose weights "
+                        "ffkv cannot read or edit in place",
+                        "map every module to a device (cpu, cuda:N), or give the devices more memory (max_memory)")
 
 
 def _checked_checkpoint(name: str, config, trust_remote_code: bool) -> Checkpoint | None:
