@@ -138,3 +138,19 @@ def test_parse_control():
     assert parse_control("a b|c") == ("a b", "c", None)
     with pytest.raises(FfkvError):
         parse_control("a|b|c|d")
+
+
+def test_testbed_fact_defaults_to_its_heldout_paraphrases(testbed_model, tmp_path):
+    from ffkv.testbed.datasets import load_facts
+    from ffkv.testbed import default_testbed
+
+    facts, _ = load_facts(default_testbed())
+    f = max(facts, key=lambda f: f["train_count"])
+    prompt = f["train_templates"][0].format(f["subject"])
+    d = build_dossier(testbed_model, prompt, f["subject"], f["object"], samples=2, kn_steps=5, adaptive=False,
+                      verdict_samples=5, stats_tokens=3000, stats_dir=tmp_path, n_known=10, n_controls=3)
+    assert d["fact"]["paraphrase_source"] == "testbed heldout_templates"
+    assert d["fact"]["paraphrases"] == [prompt] + [t.format(f["subject"]) for t in f["heldout_templates"]]
+    assert d["fact"]["testbed_fact"]["train_count"] == f["train_count"]
+    assert len(d["subspace"]["controls"]) == 3 and d["edit_safety"]["n_known"] == 13
+    assert all(c["prompt"].count(f["subject"]) == 0 for c in d["fact"]["controls"])

@@ -324,11 +324,12 @@ def build_dossier(model: MemoryModel, prompt: str, subject: str, answer: str,
         facts = testbed_facts_of(model)
     fact = find_fact(facts, subject, answer, prompt)
     if paraphrases:
-        extra = [p for p in paraphrases if p != prompt]
+        extra, source = [p for p in paraphrases if p != prompt], "given"
     elif fact is not None:
         extra = [t.format(subject) for t in fact["heldout_templates"] if t.format(subject) != prompt]
+        source = "testbed heldout_templates"
     else:
-        extra = []
+        extra, source = [], "prompt only"
     paraphrases = [prompt] + list(dict.fromkeys(extra))
     for p in paraphrases[1:]:
         _check_fact(model, p, subject, answer, "paraphrase")
@@ -380,8 +381,7 @@ def build_dossier(model: MemoryModel, prompt: str, subject: str, answer: str,
     storage = {k: v for k, v in st.to_json().items() if k != "trace"}
     fact_section = {"prompt": prompt, "subject": subject, "answer": answer, "answer_id": answer_id,
                     "answer_token": model.decode([answer_id]), "paraphrases": paraphrases,
-                    "paraphrase_source": "given" if extra and not fact else
-                    ("testbed heldout_templates" if fact is not None and len(paraphrases) > 1 else "prompt only"),
+                    "paraphrase_source": source,
                     "answered": [g == answer_id for g in greedy], "answered_share": float(np.mean(
                         [g == answer_id for g in greedy])),
                     "testbed_fact": None if fact is None else {k: fact.get(k) for k in (
