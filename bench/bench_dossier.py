@@ -3,6 +3,8 @@ of GPT-2 small's shape.
 
     python bench/bench_dossier.py [--per-bucket 3] [--unseen 5] [--out dossier_bench.json]
     python bench/bench_dossier.py --gpt2-small [--stats-tokens 20000]
+    python bench/bench_dossier.py --mquake 10 [--method rome]      # MQuAKE multi-hop accuracy, testbed model
+    python bench/bench_dossier.py --two-hop 200                    # can the testbed model compose two facts?
 
 For a sample of testbed facts (stratified over the train-count buckets) and a few invented facts the model never
 saw, one dossier each (``ffkv.dossier.build.build_dossier`` with its defaults, paraphrases = the prompt + the
@@ -43,6 +45,8 @@ from ffkv.dossier.build import REMOVES_SHARE, SAFE_SHARE, SPARES_SHARE, build_do
 from ffkv.edit.api import apply_edits  # noqa: E402
 from ffkv.edit.context import EditContext  # noqa: E402
 from ffkv.edit.requests import EditRequest  # noqa: E402
+from ffkv.evaluate.datasets import load_mquake  # noqa: E402
+from ffkv.evaluate.multihop import multihop_accuracy, testbed_two_hop  # noqa: E402
 from ffkv.io import provenance, write_json  # noqa: E402
 from ffkv.locate.ground_truth import storage_profile  # noqa: E402
 from ffkv.locate.interventions import memories_off, variant_probs  # noqa: E402
@@ -182,6 +186,21 @@ def gpt2_small(args) -> dict:
             "cpu_seconds": time.process_time() - cpu, "sections_s": d["timings_s"]}
 
 
+def mquake(args) -> dict:
+    model = load_model(default_testbed() / "model")
+    cases = load_mquake(limit=args.mquake)
+    t = time.perf_counter()
+    r = multihop_accuracy(model, cases, args.method, progress=True)
+    r["seconds_per_case"] = (time.perf_counter() - t) / len(cases)
+    return r
+
+
+def two_hop(args) -> dict:
+    tb = default_testbed()
+    facts, _ = load_facts(tb)
+    return testbed_two_hop(load_model(tb / "model"), facts, n=args.two_hop, seed=args.seed)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-bucket", type=int, default=3)
@@ -192,12 +211,23 @@ def main():
     ap.add_argument("--gpt2-small", action="store_true")
     ap.add_argument("--stats-tokens", type=int, default=20_000)
     ap.add_argument("--stats-dir", default=None)
+    ap.add_argument("--mquake", type=int, default=None, help="MQuAKE cases to run on the testbed model")
+    ap.add_argument("--method", default="rome")
+    ap.add_argument("--two-hop", type=int, default=None, help="composed testbed facts to ask")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.gpt2_small:
         out = gpt2_small(args)
         print(out)
+    elif args.mquake:
+        out = mquake(args)
+        print({k: v for k, v in out.items() if k not in ("cases", "provenance")})
+        for c in out["cases"][:3]:
+            print(c)
+    elif args.two_hop:
+        out = two_hop(args)
+        print({k: v for k, v in out.items() if k != "examples"})
     else:
         out = testbed_bench(args)
         print(f"{'claim':30s} {'n':>4s} {'right':>6s} {'rate':>6s} {'claimed yes':>11s}")
