@@ -115,7 +115,7 @@ def check_fact(model, f, facts, candidates, d, rng, ctx) -> dict:
         for k in facts_known:
             probs = model.next_token_probs(k["prompt"])[0]
             before.append((float(probs[model.answer_id(k["answer"])]), int(probs.argmax())))
-        req = EditRequest(prompt, subject, " " + new, target_true=" " + f["object"])
+        req = EditRequest(prompt, subject, new, target_true=f["object"])
         j = apply_edits(model, [req], "rome", {"layer": int(c["traced_layer"])}, progress=False, context=ctx)
         try:
             dmg = damaged(model, facts_known, before)
