@@ -63,13 +63,14 @@ CLAIMS = ("traced_layer", "peak_at_subject", "ablation_removes_fact", "ablation_
           "strongly_stored", "recall", "edit_safe")
 
 
-def removed_share(model, carrying, pairs) -> float:
-    """Share of (prompt, answer) pairs whose fact the carrying memories, switched off, remove."""
-    off = memories_off(carrying)
+def removed_share(model, carrying, pairs, positions: str) -> float:
+    """Share of (prompt, answer) pairs whose fact the carrying memories, switched off where the dossier switched
+    them off ("last" or "all" positions), remove."""
     out = []
     for prompt, answer in pairs:
         a = model.answer_id(answer)
-        p, top = variant_probs(model, prompt, a, [[], off])
+        at = None if positions == "all" else [model.encode(prompt)["input_ids"].shape[1] - 1]
+        p, top = variant_probs(model, prompt, a, [[], memories_off(carrying, at)])
         out.append(int(top[1]) != a or p[1] < 0.5 * p[0])
     return float(np.mean(out)) if out else float("nan")
 
@@ -94,12 +95,13 @@ def check_fact(model, f, facts, candidates, d, rng, ctx) -> dict:
     t["recall"] = known_fact
     t["strongly_stored"] = f["train_count"] >= 8
     carrying = [MemoryId.parse(m) for m in d["subspace"]["memories"]]
+    pos = d["subspace"]["positions"]
     if f["train_count"] > 0:
         train = [(tpl.format(subject), f["object"]) for tpl in f["train_templates"] if tpl.format(subject) != prompt]
-        t["ablation_removes_fact"] = removed_share(model, carrying, train) >= REMOVES_SHARE if carrying else False
+        t["ablation_removes_fact"] = removed_share(model, carrying, train, pos) >= REMOVES_SHARE if carrying else False
         others = [g for g in facts if g["subject"] != subject]
         fresh = [(g["train_templates"][-1].format(g["subject"]), g["object"]) for g in rng.sample(others, 20)]
-        t["ablation_spares_other_facts"] = removed_share(model, carrying, fresh) <= SPARES_SHARE
+        t["ablation_spares_other_facts"] = removed_share(model, carrying, fresh, pos) <= SPARES_SHARE
     if known_fact:
         s, e = model.find_subject(prompt, subject)
         T = model.encode(prompt)["input_ids"].shape[1]
@@ -145,7 +147,7 @@ def testbed_bench(args) -> dict:
                   "subject": g["subject"]} for g in rng.sample(others, args.known)]
         paraphrases = [prompt] + [t.format(f["subject"]) for t in f["heldout_templates"]]
         d = build_dossier(model, prompt, f["subject"], f["object"], paraphrases=paraphrases, known=known,
-                          facts=facts, samples=args.samples, seed=args.seed)
+                          facts=facts, samples=args.samples, seed=args.seed, ablate_positions=args.ablate_positions)
         d["_known"] = known
         rows.append(check_fact(model, f, facts, candidates, d, rng, ctx))
     elapsed = time.perf_counter() - t0
@@ -162,7 +164,8 @@ def testbed_bench(args) -> dict:
             "n_damaged_keys": int(sum(dmg)), "n_facts": len(sample), "n_unseen": len(unseen),
             "seconds": elapsed, "seconds_per_dossier": elapsed / len(rows), "rows": rows,
             "provenance": provenance(model.identity, per_bucket=args.per_bucket, unseen=args.unseen,
-                                     known=args.known, samples=args.samples, seed=args.seed)}
+                                     known=args.known, samples=args.samples, seed=args.seed,
+                                     ablate_positions=args.ablate_positions)}
 
 
 def gpt2_small(args) -> dict:
@@ -208,6 +211,7 @@ def main():
     ap.add_argument("--known", type=int, default=50)
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ablate-positions", default="last", choices=("last", "all"))
     ap.add_argument("--gpt2-small", action="store_true")
     ap.add_argument("--stats-tokens", type=int, default=20_000)
     ap.add_argument("--stats-dir", default=None)

@@ -49,7 +49,7 @@ def river(planted, tmp_path_factory):
 def test_every_section_is_in_the_json(tower):
     assert set(SECTIONS) <= set(tower)
     json.dumps(tower)  # plain JSON all through
-    assert len(tower["tracing"]["paraphrases"]) == 3
+    assert len(tower["tracing"]["paraphrases"]) == 3 and tower["subspace"]["positions"] == "last"
     assert tower["provenance"]["ffkv_version"]
 
 

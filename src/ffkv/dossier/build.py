@@ -14,8 +14,9 @@ results (nothing here re-derives a trace, an attribution or a strength):
                  *carries* the fact when its promotion is at least :data:`CARRIER_SHARE` of the largest.
     subspace     the carrying memories: the knowledge neurons and the carrying sub-updates; the span of their values ``V = [v_i]`` (d_model, k): its rank and the share of
                  the answer's unembedding row inside it, ``||P_V u_a|| / ||u_a||``; and the ablation test: the
-                 memories switched off at every position (``m_i := 0``, :func:`ffkv.locate.interventions
-                 .memories_off`) on each paraphrase, on the control facts, and for random layer-matched
+                 memories switched off (``m_i := 0``, :func:`ffkv.locate.interventions.memories_off`) at the
+                 prediction position (``ablate_positions="last"``, where they were found; or ``"all"``) on each
+                 paraphrase, on the control facts, and for random layer-matched
                  memories (:func:`ffkv.locate.interventions.random_matched`). A prompt counts as *removed* when
                  the answer is no longer the top-1 token or P(answer) falls below half of its intact value.
     storage      :func:`ffkv.recall.strength.storage_strength` (strength, survival, redundancy k_50, margin).
@@ -75,6 +76,9 @@ SPARES_SHARE = 0.2
 # A promoting sub-update carries the fact (joins the ablated set) when its promotion is at least this share of the
 # largest one's: the long tail of faint promoters is in every prompt's update.
 CARRIER_SHARE = 0.1
+# Where the ablation switches the carrying memories off: "last" (the prediction position, where the knowledge
+# neurons and the sub-updates are read; Dai et al.'s suppression) or "all" (every position).
+ABLATE_POSITIONS = ("last", "all")
 # A rank-one update moves a known key when |s_j| >= this (a tenth of the edit's own change lands on it).
 MOVE_THRESHOLD = 0.1
 # The edit is predicted "safe" when it moves at most this share of the known keys.
@@ -216,39 +220,45 @@ def _removed(p0: float, p1: float, top1: int, answer_id: int) -> bool:
     return bool(top1 != answer_id or p1 < REMOVED_BELOW * p0)
 
 
-def _ablate(model, prompt, answer_id, variants) -> list[dict]:
-    p, top = variant_probs(model, prompt, answer_id, [[]] + variants)
+def _ablate(model, prompt, answer_id, memory_sets, positions: str) -> list[dict]:
+    """P(answer) of ``prompt`` intact and with each memory set switched off (at the last position or everywhere)."""
+    at = None if positions == "all" else [model.encode(prompt)["input_ids"].shape[1] - 1]
+    p, top = variant_probs(model, prompt, answer_id, [[]] + [memories_off(ms, at) for ms in memory_sets])
     return [{"p_before": float(p[0]), "p_after": float(p[k]), "top_after": int(top[k]),
              "was_top": bool(int(top[0]) == answer_id),
              "removed": _removed(float(p[0]), float(p[k]), int(top[k]), answer_id)} for k in range(1, len(p))]
 
 
-def subspace_section(model, carrying, paraphrases, answer_id, controls, random_trials, seed) -> dict:
+def subspace_section(model, carrying, paraphrases, answer_id, controls, random_trials, seed,
+                     positions: str = "last") -> dict:
     """The span of the carrying memories' values and what switching them off does (module docstring)."""
+    if positions not in ABLATE_POSITIONS:
+        raise FfkvError(f"unknown ablation positions {positions!r}", f"use one of {', '.join(ABLATE_POSITIONS)}")
     if not carrying:
         return {"memories": [], "rank": 0, "answer_in_span": 0.0, "paraphrases": [], "controls": [],
-                "removed_share": 0.0, "control_removed_share": 0.0, "random_removed_share": 0.0}
+                "removed_share": 0.0, "control_removed_share": 0.0, "random_removed_share": 0.0,
+                "positions": positions}
     V = torch.stack([write_values(model, m.layer)[:, m.index].detach().float() for m in carrying], 1)  # (d_model, k)
     U, S, _ = torch.linalg.svd(V, full_matrices=False)
     rank = int((S > S.max() * 1e-6).sum()) if S.numel() else 0
     u_a = model.unembedding.weight[answer_id].detach().float()
     Q = U[:, :rank]
     in_span = float((Q.T @ u_a).norm() / u_a.norm().clamp_min(1e-12))
-    off = memories_off(carrying)
-    randoms = [memories_off(random_matched(model, [(m.layer, m.index) for m in carrying], seed + k))
+    randoms = [[MemoryId(l, i) for l, i in random_matched(model, [(m.layer, m.index) for m in carrying], seed + k)]
                for k in range(random_trials)]
     para, rand = [], []
     for p in paraphrases:
-        res = _ablate(model, p, answer_id, [off] + randoms)
+        res = _ablate(model, p, answer_id, [carrying] + randoms, positions)
         para.append({"prompt": p, **res[0]})
         rand += [r["removed"] for r in res[1:]]
     ctrl = []
     for c in controls:
         cid = model.answer_id(c["answer"])
-        ctrl.append({"prompt": c["prompt"], "answer": c["answer"], **_ablate(model, c["prompt"], cid, [off])[0]})
+        ctrl.append({"prompt": c["prompt"], "answer": c["answer"],
+                     **_ablate(model, c["prompt"], cid, [carrying], positions)[0]})
     share = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
     return {"memories": [str(m) for m in carrying], "rank": rank, "singular_values": [float(s) for s in S],
-            "answer_in_span": in_span, "paraphrases": para, "controls": ctrl,
+            "answer_in_span": in_span, "positions": positions, "paraphrases": para, "controls": ctrl,
             "removed_share": share([r["removed"] for r in para]),
             "control_removed_share": share([r["removed"] for r in ctrl]),
             "random_removed_share": share(rand), "random_trials": random_trials}
@@ -299,7 +309,8 @@ def build_dossier(model: MemoryModel, prompt: str, subject: str, answer: str,
                   noise: str | float = "s3", samples: int = 10, window: int = 1, seed: int = 0,
                   kn_method: str = "ig", kn_steps: int = 20, kn_threshold: float = 0.2, kn_share: float = 0.5,
                   max_neurons: int | None = MAX_NEURONS, top_sub_updates: int = 10, per_layer: int = 10,
-                  random_trials: int = 3, adaptive: bool = True, verdict_samples: int | None = None,
+                  random_trials: int = 3, ablate_positions: str = "last", adaptive: bool = True,
+                  verdict_samples: int | None = None,
                   weights: str | Path | None = None, corpus="auto", stats_tokens: int = 100_000,
                   stats_dir: str | Path | None = None, move_threshold: float = MOVE_THRESHOLD,
                   n_known: int = 50, n_controls: int = 5, progress: bool = False) -> dict:
@@ -312,13 +323,16 @@ def build_dossier(model: MemoryModel, prompt: str, subject: str, answer: str,
     ``n_controls`` facts of other subjects). known: the stored facts whose keys the edit-safety section checks
     (default: the controls plus, on a testbed, ``n_known`` other facts). The other options are those of the
     owners (module docstring): noise / samples / window / seed of the trace; kn_* of the knowledge neurons;
-    per_layer / top_sub_updates of the sub-updates; adaptive of the storage strength; verdict_samples / weights
+    per_layer / top_sub_updates of the sub-updates; ablate_positions ("last" or "all") and random_trials of the
+    ablation; adaptive of the storage strength; verdict_samples / weights
     of the verdict; corpus / stats_tokens / stats_dir of C (ROME's 100,000 tokens by default).
     """
     t_start = time.perf_counter()
     _check_fact(model, prompt, subject, answer, "the prompt")
     samples = validate.integer(samples, "samples", lo=1)
     move_threshold = validate.number(move_threshold, "move_threshold", lo=0.0)
+    if ablate_positions not in ABLATE_POSITIONS:
+        raise FfkvError(f"unknown ablation positions {ablate_positions!r}", f"use one of {', '.join(ABLATE_POSITIONS)}")
     answer_id = model.answer_id(answer)
     if facts is None:
         facts = testbed_facts_of(model)
@@ -371,7 +385,7 @@ def build_dossier(model: MemoryModel, prompt: str, subject: str, answer: str,
                                                               top_sub_updates, per_layer))
         carrying = _carrying(memories)
         subspace = timed("subspace", lambda: subspace_section(model, carrying, paraphrases, answer_id, controls,
-                                                              random_trials, seed))
+                                                              random_trials, seed, ablate_positions))
         st = timed("storage", lambda: storage_strength(model, prompt, answer_id, subject=subject, adaptive=adaptive))
         verdict = timed("verdict", lambda: _verdict(model, prompt, subject, st, verdict_samples, weights, seed))
         safety = timed("edit_safety", lambda: edit_safety_section(model, tracing["layer"], prompt, subject, known,
@@ -404,7 +418,8 @@ def build_dossier(model: MemoryModel, prompt: str, subject: str, answer: str,
             "timings_s": {**timings, "total": round(time.perf_counter() - t_start, 3)},
             "provenance": provenance(model.identity, noise=noise, samples=samples, window=window, seed=seed,
                                      kn=kn_options, top_sub_updates=top_sub_updates, per_layer=per_layer,
-                                     random_trials=random_trials, adaptive=adaptive, corpus=str(corpus),
+                                     random_trials=random_trials, ablate_positions=ablate_positions,
+                                     adaptive=adaptive, corpus=str(corpus),
                                      stats_tokens=stats_tokens, move_threshold=move_threshold)}
 
 

@@ -11,7 +11,7 @@ from ..clikit import (default_of, emit_json, json_option, load_model_from_option
                       show_progress)
 from ..errors import FfkvError
 from ..testbed.datasets import load_facts
-from .build import build_dossier
+from .build import ABLATE_POSITIONS, build_dossier
 from .report import write_dossier
 
 
@@ -35,6 +35,8 @@ from .report import write_dossier
               help="Knowledge-neuron attribution (screen: faster on large models).")
 @click.option("--kn-steps", type=click.IntRange(min=1), default=default_of(build_dossier, "kn_steps"),
               show_default=True, help="Integrated-gradients steps.")
+@click.option("--ablate-positions", type=click.Choice(list(ABLATE_POSITIONS)), default="last", show_default=True,
+              help="Where the carrying memories are switched off: the prediction position or every position.")
 @click.option("--corpus", default="auto", show_default=True, help="Corpus of the key statistics C = E[kk^T].")
 @click.option("--stats-tokens", type=click.IntRange(min=1), default=default_of(build_dossier, "stats_tokens"),
               show_default=True, help="Corpus tokens of C.")
@@ -44,7 +46,7 @@ from .report import write_dossier
 @quiet_option
 @model_options
 def dossier(model, prompt, subject, answer, paraphrases, controls, facts_path, out, samples, noise, kn_method,
-            kn_steps, corpus, stats_tokens, stats_dir, seed, as_json, quiet, **load):
+            kn_steps, ablate_positions, corpus, stats_tokens, stats_dir, seed, as_json, quiet, **load):
     """Write one fact's dossier: where tracing puts it, which memories carry it, whether switching them off
     removes it (and only it), how strongly it is stored, the recall verdict and the predicted safety of editing it."""
     mm = load_model_from_options(model, **load)
@@ -57,7 +59,7 @@ def dossier(model, prompt, subject, answer, paraphrases, controls, facts_path, o
         raise FfkvError("--noise is empty", "use s3, a number, uniform or replace")
     d = build_dossier(mm, prompt, subject, answer, paraphrases=list(paraphrases) or None,
                       controls=list(controls) or None, facts=facts, noise=noise_value, samples=samples,
-                      kn_method=kn_method, kn_steps=kn_steps, corpus=corpus, stats_tokens=stats_tokens,
+                      kn_method=kn_method, kn_steps=kn_steps, ablate_positions=ablate_positions, corpus=corpus, stats_tokens=stats_tokens,
                       stats_dir=stats_dir, seed=seed, progress=show_progress(quiet))
     paths = write_dossier(d, out)
     if as_json:
