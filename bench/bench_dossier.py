@@ -15,7 +15,8 @@ fact's held-out templates), and per claim the ground truth the testbed gives:
     peak_at_subject             == that storage drop is larger at the subject tokens than at the last token
     ablation_removes_fact       == switching the dossier's carrying memories off removes the fact on at least half
                                    of the fact's *training* templates (prompts the dossier did not see)
-    ablation_spares_other_facts == it removes at most a fifth of 20 fresh facts of other subjects
+    ablation_spares_other_facts == it removes at most a fifth of 20 fresh facts of other subjects (seen >= 8 times;
+                                   the share is over those the model answers)
     strongly_stored             == the fact is frequent: train_count >= 8 (and exists: unseen facts have 0)
     recall                      == the model's greedy answer on the prompt is the fact's true object (unseen facts:
                                    the fact does not exist, so recall is wrong)
@@ -63,7 +64,7 @@ CLAIMS = ("traced_layer", "peak_at_subject", "ablation_removes_fact", "ablation_
           "strongly_stored", "recall", "edit_safe")
 
 
-def removed_share(model, carrying, pairs, positions: str) -> float:
+def removed_share(model, carrying, pairs, positions: str, answered_only: bool = False) -> float:
     """Share of (prompt, answer) pairs whose fact the carrying memories, switched off where the dossier switched
     them off ("last" or "all" positions), remove."""
     out = []
@@ -71,6 +72,8 @@ def removed_share(model, carrying, pairs, positions: str) -> float:
         a = model.answer_id(answer)
         at = None if positions == "all" else [model.encode(prompt)["input_ids"].shape[1] - 1]
         p, top = variant_probs(model, prompt, a, [[], memories_off(carrying, at)])
+        if answered_only and int(top[0]) != a:
+            continue  # the model does not answer it: no fact to remove
         out.append(int(top[1]) != a or p[1] < 0.5 * p[0])
     return float(np.mean(out)) if out else float("nan")
 
@@ -99,9 +102,11 @@ def check_fact(model, f, facts, candidates, d, rng, ctx) -> dict:
     if f["train_count"] > 0:
         train = [(tpl.format(subject), f["object"]) for tpl in f["train_templates"] if tpl.format(subject) != prompt]
         t["ablation_removes_fact"] = removed_share(model, carrying, train, pos) >= REMOVES_SHARE if carrying else False
-        others = [g for g in facts if g["subject"] != subject]
+        others = [g for g in facts if g["subject"] != subject and g["train_count"] >= 8]
         fresh = [(g["train_templates"][-1].format(g["subject"]), g["object"]) for g in rng.sample(others, 20)]
-        t["ablation_spares_other_facts"] = removed_share(model, carrying, fresh, pos) <= SPARES_SHARE
+        spared = removed_share(model, carrying, fresh, pos, answered_only=True)
+        if spared == spared:  # some of the fresh facts are answered
+            t["ablation_spares_other_facts"] = spared <= SPARES_SHARE
     if known_fact:
         s, e = model.find_subject(prompt, subject)
         T = model.encode(prompt)["input_ids"].shape[1]

@@ -260,7 +260,9 @@ def subspace_section(model, carrying, paraphrases, answer_id, controls, random_t
     return {"memories": [str(m) for m in carrying], "rank": rank, "singular_values": [float(s) for s in S],
             "answer_in_span": in_span, "positions": positions, "paraphrases": para, "controls": ctrl,
             "removed_share": share([r["removed"] for r in para]),
-            "control_removed_share": share([r["removed"] for r in ctrl]),
+            # a control the model does not answer has no fact to remove: the share is over the answered ones
+            "control_removed_share": share([r["removed"] for r in ctrl if r["was_top"]]),
+            "n_controls_answered": sum(r["was_top"] for r in ctrl),
             "random_removed_share": share(rand), "random_trials": random_trials}
 
 
@@ -320,7 +322,8 @@ def build_dossier(model: MemoryModel, prompt: str, subject: str, answer: str,
     the testbed's held-out templates when the fact is one of ``facts`` (default: the facts of the testbed the
     model was loaded from), else the prompt alone. controls: other facts the ablation must spare, as
     ``{"prompt", "answer"[, "subject"]}`` dicts or ``"PROMPT|ANSWER[|SUBJECT]"`` strings (default on a testbed:
-    ``n_controls`` facts of other subjects). known: the stored facts whose keys the edit-safety section checks
+    ``n_controls`` facts of other subjects seen at least 8 times; the spared share counts the controls the model
+    answers). known: the stored facts whose keys the edit-safety section checks
     (default: the controls plus, on a testbed, ``n_known`` other facts). The other options are those of the
     owners (module docstring): noise / samples / window / seed of the trace; kn_* of the knowledge neurons;
     per_layer / top_sub_updates of the sub-updates; ablate_positions ("last" or "all") and random_trials of the
@@ -350,9 +353,11 @@ def build_dossier(model: MemoryModel, prompt: str, subject: str, answer: str,
     controls = [_control(c) for c in (controls or [])]
     rng = np.random.default_rng(seed)
     others = [f for f in facts if f["subject"] != subject] if facts else []
-    if not controls and others:
-        for j in rng.choice(len(others), size=min(n_controls, len(others)), replace=False).tolist():
-            f = others[j]
+    # controls: facts the model is likely to know (seen 8 times or more, where the testbed has them)
+    frequent = [f for f in others if f["train_count"] >= 8] or others
+    if not controls and frequent:
+        for j in rng.choice(len(frequent), size=min(n_controls, len(frequent)), replace=False).tolist():
+            f = frequent[j]
             controls.append({"prompt": f["train_templates"][0].format(f["subject"]), "answer": f["object"],
                              "subject": f["subject"]})
     for c in controls:
