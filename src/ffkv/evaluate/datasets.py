@@ -13,6 +13,13 @@ Layouts (detected from the first record's keys, so a file is read the same whate
                prompt is an NQ question with its answer ``loc_ans``.
 
 Targets are kept as continuations with their leading space (``" Rome"``), as ROME scores them.
+
+Multi-hop editing cases (MQuAKE, Zhong et al. 2023) are read by :func:`load_mquake` into :class:`MultiHopCase`:
+``case_id``, ``requested_rewrite`` (a list of ROME-layout rewrites, each with its ``question``), ``questions``
+(3 phrasings of one multi-hop question), ``answer`` / ``answer_alias`` (before the edits), ``new_answer`` /
+``new_answer_alias`` (after them), ``single_hops`` / ``new_single_hops`` (``question, cloze, answer,
+answer_alias`` per hop). The published files (MQuAKE-CF-3k, MQuAKE-CF, MQuAKE-T, MQuAKE-hard) share this layout;
+the default file is ``$FFKV_SHARED_DATA/mquake/MQuAKE-hard.json`` (``../shared/data`` beside the project).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 from ..edit.requests import EditRequest
 from ..errors import FfkvError
 from ..io import read_json
+from ..memory.corpus import SHARED_DATA
 
 LAYOUTS = ("rome", "flat", "zsre")
 
@@ -238,3 +246,92 @@ def repeated_subjects(batch: list[list[int]], cases: list[EvalCase]) -> int:
         subjects = [cases[i].subject for i in idx]
         n += len(subjects) - len(set(subjects))
     return n
+
+
+# ----------------------------------------------------------------------------------------------- MQuAKE
+MQUAKE_FILES = ("MQuAKE-hard.json", "MQuAKE-CF-3k.json", "MQuAKE-CF.json", "MQuAKE-T.json")
+MQUAKE_KEYS = {"requested_rewrite", "questions", "new_answer"}
+
+
+@dataclass
+class MultiHopCase:
+    """One MQuAKE case: the rewrites to apply together and the multi-hop question they change.
+
+    rewrites: the case's edits as :class:`EvalCase`\ s (ROME layout; ``extra["question"]`` is the rewrite's own
+    question). Answers are kept as published (no leading space): ``answers`` = [answer] + answer_alias,
+    ``new_answers`` = [new_answer] + new_answer_alias.
+    """
+
+    case_id: int | str
+    rewrites: list[EvalCase]
+    questions: list[str]
+    answer: str
+    answer_alias: list[str]
+    new_answer: str
+    new_answer_alias: list[str]
+    single_hops: list[dict] = field(default_factory=list)
+    new_single_hops: list[dict] = field(default_factory=list)
+
+    @property
+    def answers(self) -> list[str]:
+        return [self.answer, *self.answer_alias]
+
+    @property
+    def new_answers(self) -> list[str]:
+        return [self.new_answer, *self.new_answer_alias]
+
+    def edit_requests(self) -> list[EditRequest]:
+        """The case's rewrites as :class:`ffkv.edit.EditRequest`\ s, in the published order."""
+        return [c.edit_request() for c in self.rewrites]
+
+
+def _mquake_case(r: dict, i: int) -> MultiHopCase:
+    cid = r.get("case_id", i)
+    rewrites = []
+    for j, rw in enumerate(r["requested_rewrite"]):
+        c = _rome_case({"case_id": cid, "requested_rewrite": rw}, i)
+        c.extra["question"] = rw.get("question")
+        c.extra["rewrite_index"] = j
+        rewrites.append(c)
+    if not rewrites or not r["questions"]:
+        raise FfkvError(f"MQuAKE case {cid} has no rewrites or no questions", None)
+    return MultiHopCase(cid, rewrites, list(r["questions"]), str(r["answer"]), list(r.get("answer_alias") or []),
+                        str(r["new_answer"]), list(r.get("new_answer_alias") or []),
+                        list(r.get("single_hops") or []), list(r.get("new_single_hops") or []))
+
+
+def mquake_path(path: str | Path | None = None) -> Path:
+    """The MQuAKE file: ``path`` (a file, or a folder holding one of :data:`MQUAKE_FILES`), default the shared
+    data's ``mquake/`` folder; absent is one clear error."""
+    where = Path(path) if path is not None else SHARED_DATA / "mquake"
+    if where.is_dir():
+        for name in MQUAKE_FILES:
+            if (where / name).exists():
+                return where / name
+    elif where.exists():
+        return where
+    raise FfkvError(f"no MQuAKE file at {where}",
+                    "pass the file (MQuAKE-CF-3k.json, MQuAKE-hard.json, ...) or set FFKV_SHARED_DATA to the folder "
+                    "that holds mquake/")
+
+
+def read_mquake(records, limit: int | None = None) -> list[MultiHopCase]:
+    """MQuAKE cases from parsed records (a JSON list); a record without the MQuAKE keys is an error."""
+    if not isinstance(records, list) or not records:
+        raise FfkvError("the MQuAKE file holds no records", "pass a non-empty JSON list of MQuAKE cases")
+    cases = []
+    for i, r in enumerate(records[:limit] if limit is not None else records):
+        if not isinstance(r, dict) or not MQUAKE_KEYS <= set(r):
+            got = sorted(r)[:8] if isinstance(r, dict) else type(r).__name__
+            raise FfkvError(f"record {i} is not an MQuAKE case (needs {sorted(MQUAKE_KEYS)}, has {got})",
+                            "pass a file in MQuAKE's published layout")
+        try:
+            cases.append(_mquake_case(r, i))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise FfkvError(f"MQuAKE record {i} lacks or mangles field {e}", "fix the record") from None
+    return cases
+
+
+def load_mquake(path: str | Path | None = None, limit: int | None = None) -> list[MultiHopCase]:
+    """Read MQuAKE as published (see the module docstring); ``path`` as :func:`mquake_path`."""
+    return read_mquake(read_json(mquake_path(path)), limit=limit)
