@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "explain": "ffkv.memory.explain_cli:explain_cmd",
     "index": "ffkv.recall.ask_cli:index",
     "ask": "ffkv.recall.ask_cli:ask_cmd",
+    "dossier": "ffkv.dossier.cli:dossier",
 }
 
 # click >= 8.2 shows a group's help for a bare group name through this UsageError; it stays as click prints it.

@@ -25,8 +25,9 @@ from ..edit.registry import METHODS
 from ..errors import FfkvError
 from ..io import write_json, write_text
 from ..testbed import default_testbed
-from .datasets import load_cases, spread_subjects
+from .datasets import load_cases, load_mquake, spread_subjects
 from .metrics import generation_prompts
+from .multihop import multihop_accuracy
 from .run import evaluate_edits, table_rows
 from .sequential import probe_pairs, sequential_edits
 
@@ -70,13 +71,29 @@ def _resolve_model_and_data(model: str, data: str | None) -> tuple[str, str]:
               help="Per-case rows, in the format its extension names: .parquet, .csv, .json or .jsonl (.csv and "
                    ".jsonl with the provenance beside them in OUT.meta.json); with --sequential a folder for "
                    "curves + figure.")
+@click.option("--multihop", is_flag=True,
+              help="Read --data (default: ../shared/data/mquake) as MQuAKE and report multi-hop accuracy after "
+                   "each case's edits (undone after each case).")
 @json_option
 @quiet_option
 @model_options
 def evaluate(model, data, method, limit, batch_size, gen_prompts, gen_tokens, stats_dir, hparams, settings,
-             sequential, every, probes, out, as_json, quiet, **load):
+             sequential, every, probes, out, multihop, as_json, quiet, **load):
     """Edit each case of a data set, measure ROME's CounterFact metrics (ES, PS, NS, S, GE, magnitudes)
     and EasyEdit's accuracies (reliability, generalization, locality) before and after, undo, repeat."""
+    if multihop:
+        if sequential is not None or out is not None:
+            raise FfkvError("--multihop takes neither --sequential nor --out", "run them separately")
+        cases = load_mquake(data, limit=limit)
+        mm = load_model_from_options(model, **load)
+        overrides, defaults = method_hparams(mm, method, hparams, settings)
+        r = multihop_accuracy(mm, cases, method, {**defaults, **check_layer_settings(overrides, mm.n_layers)},
+                              stats_dir=stats_dir, progress=show_progress(quiet))
+        if as_json:
+            emit_json(r)
+        else:
+            click.echo(json.dumps({k: v for k, v in r.items() if k not in ("cases", "provenance")}))
+        return
     model_path, data = _resolve_model_and_data(model, data)
     if data is None:
         raise FfkvError("no edit data given", "pass --data FILE (CounterFact, zsRE or a testbed counterfact.json)")
