@@ -339,6 +339,12 @@ CASES: list[Case] = [
     C("recall", "number: zero", "{model} --facts {tb} --out {out}.parquet --per-bucket 0", RANGE),
     C("recall", "model: truncated weights", "{m:truncated} --prompt 'x y'", owner=H1_LOAD),
     C("recall", "model: non-finite weights", "{m:nan} --prompt 'x y'", "non-finite", owner=H1_NAN),
+    # ---------------------------------------------------------------- dossier
+    C("dossier", "usage: missing option", "{model} --prompt 'x y' --subject x --out {out}", "missing option"),
+    C("dossier", "prompt: subject absent", "{model} --prompt 'x y' --subject zzz --answer a --out {out}", "zzz"),
+    C("dossier", "prompt: empty", "{model} --prompt '' --subject x --answer a --out {out}"),
+    C("dossier", "number: zero", "{model} --prompt 'x y' --subject x --answer a --out {out} --samples 0", RANGE),
+    C("dossier", "model: truncated weights", "{m:truncated} --prompt 'x y' --subject x --answer a --out {out}"),
     # ---------------------------------------------------------------- explain
     C("explain", "usage: missing option", "{model} --candidates a b", "missing option '--prompt'"),
     C("explain", "usage: one candidate", "{model} --prompt 'x y' --candidates a", "at least two candidates"),

@@ -165,7 +165,7 @@ def _range(lo, hi, lo_open: bool = False, hi_open: bool = False) -> str:
 # every command has an upper bound. A key "<command> <option>" ("neurons --steps") is that command's alone.
 LIMITS: dict[str, tuple[int | None, int]] = {
     # integrated-gradient steps run as one batch of scaled activations: steps x d_ffn x tokens floats
-    "neurons --steps": (None, 1_000),
+    "neurons --steps": (None, 1_000), "--kn-steps": (None, 1_000),
     # counts of samples, steps, tokens, units
     "--samples": (None, 10_000), "--steps": (None, 10_000_000), "--tokens": (None, 1_000_000_000),
     "--stats-tokens": (1, 1_000_000_000), "--top-k": (None, 1_000), "--top-n": (None, 10_000),
