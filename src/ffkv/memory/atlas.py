@@ -18,13 +18,13 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from ..errors import FfkvError
 from ..io import read_json
 from ..models.loading import load_model
 from ..models.memory_id import MemoryId
 from .miner import trigger_file
+from .schema import TRIGGER_COLUMNS, UNIT_COLUMNS, VALUE_COLUMNS, read_atlas_meta, read_table
 
 _MEMORY = re.compile(r"^[Ll]?(-?\d+)[.:](\d+)$")
 
@@ -56,7 +56,7 @@ class Atlas:
         meta_path = self.path / "atlas.json"
         if not meta_path.exists():
             raise FfkvError(f"'{path}' is not an atlas folder (no atlas.json)", "run `ffkv atlas mine` first")
-        self.meta = read_json(meta_path)
+        self.meta = read_atlas_meta(self.path)
         if self.meta.get("status") != "complete":
             raise FfkvError(f"atlas '{path}' is not complete (status {self.meta.get('status')})",
                             "run the same `ffkv atlas mine` command again to finish it")
@@ -142,7 +142,13 @@ class Atlas:
             if not f.exists():
                 raise FfkvError(f"atlas '{self.path}' has no trigger file for layer {layer}"
                                 + ("" if expert is None else f" expert {expert}"), "mine it again")
-            self._tables[key] = pq.read_table(f)
+            t = read_table(f, TRIGGER_COLUMNS)
+            d = self.width(layer, expert)
+            idx, rank = t["index"].to_numpy(), t["rank"].to_numpy()
+            if idx.size and (idx.min() < 0 or idx.max() >= d or rank.min() < 0 or rank.max() >= self.top_k):
+                raise FfkvError(f"{f} has an index or rank out of range (d_ffn {d}, top_k {self.top_k})",
+                                "mine the atlas again (or restore the file)")
+            self._tables[key] = t
         return self._tables[key]
 
     def trigger_matrix(self, layer: int, kind: str = "top", expert: int | None = None) -> dict:
@@ -162,7 +168,7 @@ class Atlas:
     @cached_property
     def units(self) -> dict:
         """``unit -> (tokens list, next_id)`` for every unit a trigger cites."""
-        t = pq.read_table(self.path / "units.parquet", columns=["unit", "tokens", "next_id"]).to_pydict()
+        t = read_table(self.path / "units.parquet", UNIT_COLUMNS, ["unit", "tokens", "next_id"]).to_pydict()
         return {u: (toks, nxt) for u, toks, nxt in zip(t["unit"], t["tokens"], t["next_id"])}
 
     def prefix(self, unit: int, position: int) -> list[int]:
@@ -205,7 +211,7 @@ class Atlas:
         if not f.exists():
             return None
         if "values" not in self._tables:
-            self._tables["values"] = pq.read_table(f)
+            self._tables["values"] = read_table(f, VALUE_COLUMNS)
         return self._tables["values"]
 
     def analysis(self, name: str) -> dict | None:
