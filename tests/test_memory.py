@@ -494,3 +494,22 @@ def test_the_testbed_world_is_a_corpus_for_both(testbed_model):
     assert auto.name == f"testbed-{world.seed}-{world.preset}" and auto.texts_list() == world.documents()
     assert corpus_mod.open_corpus(auto.spec) == auto  # what an atlas records resolves again without the model
     assert resolve_corpus(testbed_model, "testbed") == (auto.name, auto.texts_list())
+
+
+@pytest.mark.parametrize("threshold, topic_share", [(0.5, 0.3), (0.2, 0.1)])
+def test_vectorised_patterns_equal_the_per_key_rule(planted_atlas, planted, threshold, topic_share):
+    """The whole-layer pattern labels (no loop over keys) == key_pattern applied key by key."""
+    from ffkv.memory.patterns import key_pattern, layer_patterns
+
+    tok = planted.model.tokenizer
+    a = planted_atlas
+    for layer in range(a.n_layers):
+        got = layer_patterns(a, layer, threshold=threshold, topic_share=topic_share)
+        tm = a.trigger_matrix(layer, "top")
+        for i in range(a.d_ffn):
+            prefixes = [a.prefix(u, p) for u, p in zip(tm["unit"][i], tm["position"][i]) if u >= 0]
+            assert got[i] == {"index": i, **key_pattern(prefixes, lambda ids: tok.decode(list(ids)), threshold,
+                                                        topic_share)}, (layer, i)
+        ref = [a.next_token(u, p) if u >= 0 else -1 for u, p in zip(tm["unit"][:, 0], tm["position"][:, 0])]
+        assert a.next_tokens(layer).tolist() == ref
+    assert any(g["topic"] for g in got) and any(g["label"] == "shallow" for g in got)

@@ -11,8 +11,8 @@ the result a pure function of the corpus: batching, checkpoints and resumes do n
 the brute-force sort of :mod:`ffkv.memory.oracle`.
 
 **Length bucketing.** Units are read in consecutive *sort windows* (about ``SORT_WINDOW_BATCHES`` batches of
-tokens each); inside a window they are sorted by (length, unit) and packed, so a batch holds units of nearly
-one length and is nearly unpadded. The top-k merge orders by g, not by arrival
+tokens each, never across two files); inside a window they are grouped by exact length
+(:func:`length_batches`), so no batch is padded. The top-k merge orders by g, not by arrival
 (:func:`ffkv.memory.topk.merge_topk` with ``window``), and with dedup a prefix's first occurrence is found
 over the whole window before any batch runs (:func:`window_fresh`), so the tables stay exactly those of the
 corpus order.
@@ -59,8 +59,9 @@ from .corpus import Corpus, CorpusSpec, Unit, iter_units, open_corpus
 from .schema import ATLAS_VERSION, read_atlas_meta
 from .topk import POSITION_BITS, GroupBuffers, TriggerBuffers, first_occurrences, prefix_hashes
 
-SORT_WINDOW_BATCHES = 64  # batches' worth of tokens sorted by length together
+SORT_WINDOW_BATCHES = 128  # batches' worth of tokens grouped by length together
 MAX_TOP_K = 10_000
+MIN_ROWS = 16  # a batch of fewer token rows takes other matrix kernels (other last bits): filled up to this
 MAX_BUFFER_BYTES = 64 << 30  # refuse a --top-k whose buffers alone would need more
 
 
@@ -81,9 +82,35 @@ def batches(units, batch_tokens: int, max_len: int):
 
 
 def length_batches(units: list[Unit], batch_tokens: int, max_len: int) -> list[list[Unit]]:
-    """The batches of one sort window: its units sorted by (length, unit), then packed as :func:`batches`
-    does, so each batch holds units of (nearly) one length. Deterministic: a resumed run rebuilds them."""
-    return list(batches(sorted(units, key=lambda u: (len(u.tokens), u.unit)), batch_tokens, max_len))
+    """The batches of one sort window: its units grouped by exact length (in unit order within a length), each
+    group cut into batches of ``max(batch_tokens, max_len) // length`` units. No batch has padding, and a unit's
+    batch shape (B, length) does not depend on its neighbours' lengths, which keeps its coefficients' bits
+    the same wherever the corpus is cut (shards, resumes). Deterministic: a resumed run rebuilds them."""
+    by_len: dict[int, list[Unit]] = {}
+    for u in units:
+        by_len.setdefault(len(u.tokens), []).append(u)
+    budget = max(batch_tokens, max_len)
+    out = []
+    for n in sorted(by_len):
+        group, per = by_len[n], max(1, budget // n)
+        out += [group[i: i + per] for i in range(0, len(group), per)]
+    return out
+
+
+def window_batches(units: list[Unit], batch_tokens: int, max_len: int, by_length: bool = True) -> list[list[Unit]]:
+    """A sort window's batches: by exact length (:func:`length_batches`) for a dense model; in corpus order for
+    a mixture of experts, whose expert products take as many rows as tokens were routed to the expert, so
+    their last bits follow the batch's make-up: corpus order keeps merged shards equal to one run there."""
+    return length_batches(units, batch_tokens, max_len) if by_length else list(batches(iter(units), batch_tokens,
+                                                                                          max_len))
+
+
+def filled(batch: list[Unit]) -> tuple[list[Unit], int]:
+    """``batch`` with copies of its first unit appended until it has ``MIN_ROWS`` token rows, and the number of
+    real units: a lone short unit then runs through the same kernels as in a full batch (copies are not read)."""
+    rows = len(batch) * max(len(u.tokens) for u in batch)
+    extra = -(-(MIN_ROWS - rows) // len(batch[0].tokens)) if rows < MIN_ROWS else 0
+    return batch + [batch[0]] * extra, len(batch)
 
 
 def sort_windows(stream, window_tokens: int, max_units: int, resume: dict | None = None):
@@ -378,7 +405,7 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
             u0, end = wunits[0].unit, wunits[-1].unit + 1
             bt = bt or batch_tokens
             fresh = window_fresh(wunits) if dedup else None
-            wbatches = length_batches(wunits, bt, spec.window)
+            wbatches = window_batches(wunits, bt, spec.window, groups is None)
             for j in range(skip, len(wbatches)):
                 n_tok = _absorb(model, buffers, groups, wbatches[j], pad_id, fresh, (u0, stride))
                 done["tokens"], done["batches"] = done["tokens"] + n_tok, done["batches"] + 1
@@ -419,13 +446,18 @@ def utc_now() -> str:
 
 def _absorb(model, buffers, groups, batch: list[Unit], pad_id: int, fresh, window) -> int:
     """One batch of a sort window through the model into the buffers; returns its real tokens."""
+    n_tok = sum(len(u.tokens) for u in batch)
+    batch, n_real = filled(batch)
     unit_ids = torch.tensor([u.unit for u in batch], dtype=torch.long)
     dev = buffers.device
     if fresh is not None:
         ids, mask, hashes, select = encode_units(batch, pad_id, model.device, hashes=True, fresh=fresh)
     else:
         ids, mask = encode_units(batch, pad_id, model.device)
-        hashes = select = None
+        hashes, select = None, mask.bool()
+    if n_real < len(batch):
+        select = select.clone()
+        select[n_real:] = False
     if groups is not None:
         coefs, rows, gids, h = batch_group_coefficients(model, ids, mask, unit_ids, groups, hashes, select)
         for j, (c, r) in enumerate(zip(coefs, rows)):
@@ -438,7 +470,7 @@ def _absorb(model, buffers, groups, batch: list[Unit], pad_id: int, fresh, windo
         for l, c in enumerate(coefs):
             buffers.update(c.to(dev), gids.to(dev), layer=l, hashes=None if h is None else h.to(dev),
                            window=window)
-    return sum(len(u.tokens) for u in batch)
+    return n_tok
 
 
 def max_positions(model) -> int:

@@ -17,18 +17,19 @@ from ..models.memory_id import MemoryId
 from ..models.moe import expert_intervene
 from .corpus import Unit
 from . import miner
-from .miner import (POSITION_BITS, batch_coefficients, batches, encode_units, length_batches, mining_groups,
-                    sort_windows)
+from .miner import (POSITION_BITS, batch_coefficients, batches, encode_units, filled, window_batches,
+                    mining_groups, sort_windows)
 
 
-def reference_batches(units: list[Unit], batch_tokens: int, window: int, top_k: int, batching: str = "mining"):
+def reference_batches(units: list[Unit], batch_tokens: int, window: int, top_k: int, batching: str = "mining",
+                      by_length: bool = True):
     """The batches the reference computes coefficients in (see the module docstring)."""
     if batching == "consecutive":
         return list(batches(iter(units), batch_tokens, max(len(u.tokens) for u in units)))
     out = []
     for wunits, _, _ in sort_windows(iter(units), miner.SORT_WINDOW_BATCHES * max(batch_tokens, window),
                                      max(1, ((1 << 31) - 1 - top_k) // window)):
-        out += length_batches(wunits, batch_tokens, window)
+        out += window_batches(wunits, batch_tokens, window, by_length)
     return out
 
 
@@ -48,8 +49,11 @@ def brute_force_triggers(model, units: list[Unit], top_k: int, batch_tokens: int
         return _brute_force_groups(model, units, top_k, batch_tokens, dedup, pad_id, window, batching)
     all_c, all_g = [], []
     for batch in reference_batches(units, batch_tokens, window, top_k, batching):
-        ids, mask = encode_units(batch, pad_id, model.device)
-        c, g = batch_coefficients(model, ids, mask, torch.tensor([u.unit for u in batch]))
+        run_units, n = filled(batch) if batching == "mining" else (batch, len(batch))
+        ids, mask = encode_units(run_units, pad_id, model.device)
+        select = mask.bool()
+        select[n:] = False
+        c, g = batch_coefficients(model, ids, mask, torch.tensor([u.unit for u in run_units]), select=select)
         all_c.append(torch.cat(c, dim=1).T.float().cpu().numpy())
         all_g.append(g.cpu().numpy())
     G = np.concatenate(all_g)
@@ -95,22 +99,25 @@ def _brute_force_groups(model, units: list[Unit], top_k: int, batch_tokens: int,
     moe = sorted({l for l, e, _ in groups if e is not None})
     cols: dict = {(l, e): [] for l, e, _ in groups}
     all_g = []
-    for batch in reference_batches(units, batch_tokens, window, top_k, batching):
-        ids, mask = encode_units(batch, pad_id, model.device)
+    for batch in reference_batches(units, batch_tokens, window, top_k, batching, by_length=False):
+        run_units, n = filled(batch) if batching == "mining" else (batch, len(batch))
+        ids, mask = encode_units(run_units, pad_id, model.device)
+        mask_real = mask.clone()
+        mask_real[n:] = 0
         with intervene(model, reads=[("coef", l) for l in dense]) as rec, expert_intervene(model, reads=moe) as caps:
             model.hf(input_ids=ids, attention_mask=mask)
-        real = mask.reshape(-1).bool().cpu().numpy()
+        real = mask_real.reshape(-1).bool().cpu().numpy()
         for l, e, _ in groups:
             c = rec["coef", l] if e is None else caps[l, e].dense()
             cols[l, e].append(c.reshape(-1, c.shape[-1]).float().cpu().numpy()[real])
         all_g.append(np.array([(u.unit << POSITION_BITS) + t for u in batch for t in range(len(u.tokens))], np.int64))
     G = np.concatenate(all_g)
-    order = np.argsort(G, kind="stable")
+    in_corpus_order = np.argsort(G, kind="stable")
     keep = np.array(_keep(units, set(), dedup))
-    G = G[order][keep]
+    G = G[in_corpus_order][keep]
     out = {}
     for l, e, width in groups:
-        C = np.concatenate(cols[l, e])[order][keep].T + 0.0  # (width, N), NaN: not routed
+        C = np.concatenate(cols[l, e])[in_corpus_order][keep].T + 0.0  # (width, N), NaN: not routed
         res = {}
         for kind, sgn in (("top", -1.0), ("bottom", 1.0)):
             gs = np.full((width, top_k), -1, np.int64)
