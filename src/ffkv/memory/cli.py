@@ -61,7 +61,7 @@ def atlas():
 @click.argument("model")
 @click.option("--corpus", required=True, help="Text/JSONL/Parquet file, or a folder of them (also a datasets folder).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--top-k", type=click.IntRange(min=1), default=25, show_default=True, help="Trigger prefixes kept per key (top and bottom).")
+@click.option("--top-k", type=click.IntRange(min=1), default=25, show_default=True, help="Trigger prefixes kept per key (top and bottom), 1..10000.")
 @click.option("--split", type=click.Choice(["sentence", "window"]), default="sentence", show_default=True)
 @click.option("--window", type=click.IntRange(min=1), default=64, show_default=True, help="Window length / maximum sentence length (tokens).")
 @click.option("--min-tokens", type=click.IntRange(min=1), default=2, show_default=True, help="Drop units shorter than this.")
