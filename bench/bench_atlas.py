@@ -38,7 +38,7 @@ SHARED = Path(os.environ.get("FFKV_SHARED_DATA", REPO.parent / "shared" / "data"
 DEFAULT_CORPUS = SHARED / "text" / "wikitext-2" / "valid.txt"
 
 
-def load(model_arg: str, tokenizer_from: str | None):
+def load(model_arg: str, tokenizer_from: str | None, n_layer: int = 12):
     import torch
 
     import ffkv
@@ -48,7 +48,7 @@ def load(model_arg: str, tokenizer_from: str | None):
         from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
         torch.manual_seed(0)
-        hf = GPT2LMHeadModel(GPT2Config()).eval()
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer)).eval()
         return from_hf(hf, AutoTokenizer.from_pretrained(tokenizer_from), name_or_path="gpt2-config")
     return ffkv.load_model(model_arg)
 
@@ -125,6 +125,7 @@ def check_patterns(atlas, layers: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt2-config", help="model folder or gpt2-config")
+    ap.add_argument("--n-layer", type=int, default=12, help="layers of gpt2-config (GPT-2 small: 12)")
     ap.add_argument("--tokenizer-from", default=None, help="tokenizer folder for gpt2-config (default: testbed)")
     ap.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     ap.add_argument("--sentences", type=int, default=2000)
@@ -150,7 +151,7 @@ def main():
         from ffkv.testbed.build import default_testbed
 
         args.tokenizer_from = str(default_testbed(build_if_missing=False) / "model")
-    model = load(args.model, args.tokenizer_from)
+    model = load(args.model, args.tokenizer_from, args.n_layer)
     units = list(iter_units(model.tokenizer, CorpusSpec(args.corpus, max_units=args.sentences)))
     n_tok = sum(len(u.tokens) for u in units)
     fb = sorted_batches(model, units, args.batch_tokens, 64)

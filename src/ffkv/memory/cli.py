@@ -9,12 +9,12 @@ import click
 from ..clikit import (FfkvGroup, emit_json, json_option, layers_option, load_model_from_options, model_options,
                       parse_layers, quiet_option, set_threads, show_progress)
 from ..errors import FfkvError
-from ..io import read_json
 from .analysis import STEPS, analyze
 from .atlas import Atlas, parse_memory
 from .merge import merge_atlases
 from .miner import mine
 from .queries import describe_memory
+from .schema import read_atlas_meta
 from .report import format_summary, layer_summary, write_report
 from .subupdates import generate_with_memories, sub_updates, switch_effect
 from .values import nearest_values, promotes, token_id
@@ -23,7 +23,7 @@ from .values import nearest_values, promotes, token_id
 def _load(model: str, **load):
     p = Path(model)
     if (p / "atlas.json").exists():  # an atlas folder stands for the model it was mined from
-        model = read_json(p / "atlas.json")["model_path"]
+        model = read_atlas_meta(p)["model_path"]
     return load_model_from_options(model, **load)
 
 

@@ -12,7 +12,8 @@ the brute-force sort of :mod:`ffkv.memory.oracle`.
 
 **Length bucketing.** Units are read in consecutive *sort windows* (about ``SORT_WINDOW_BATCHES`` batches of
 tokens each, never across two files); inside a window they are grouped by exact length
-(:func:`length_batches`), so no batch is padded. The top-k merge orders by g, not by arrival
+(:func:`length_batches`): full batches of one length, no padding, and the remainders packed in length
+order. The top-k merge orders by g, not by arrival
 (:func:`ffkv.memory.topk.merge_topk` with ``window``), and with dedup a prefix's first occurrence is found
 over the whole window before any batch runs (:func:`window_fresh`), so the tables stay exactly those of the
 corpus order.
@@ -83,18 +84,20 @@ def batches(units, batch_tokens: int, max_len: int):
 
 def length_batches(units: list[Unit], batch_tokens: int, max_len: int) -> list[list[Unit]]:
     """The batches of one sort window: its units grouped by exact length (in unit order within a length), each
-    group cut into batches of ``max(batch_tokens, max_len) // length`` units. No batch has padding, and a unit's
-    batch shape (B, length) does not depend on its neighbours' lengths, which keeps its coefficients' bits
-    the same wherever the corpus is cut (shards, resumes). Deterministic: a resumed run rebuilds them."""
+    group cut into full batches of ``max(batch_tokens, max_len) // length`` units, which have no padding; the
+    remainders of all lengths, sorted by (length, unit), are packed as :func:`batches` does (padded to the
+    longest of each, a token or two). Deterministic: a resumed run rebuilds them."""
     by_len: dict[int, list[Unit]] = {}
     for u in units:
         by_len.setdefault(len(u.tokens), []).append(u)
     budget = max(batch_tokens, max_len)
-    out = []
+    out, rest = [], []
     for n in sorted(by_len):
         group, per = by_len[n], max(1, budget // n)
-        out += [group[i: i + per] for i in range(0, len(group), per)]
-    return out
+        full = len(group) // per * per
+        out += [group[i: i + per] for i in range(0, full, per)]
+        rest += group[full:]
+    return out + list(batches(iter(rest), batch_tokens, max_len))
 
 
 def window_batches(units: list[Unit], batch_tokens: int, max_len: int, by_length: bool = True) -> list[list[Unit]]:
