@@ -138,34 +138,47 @@ def layer_pattern_arrays(atlas, layer: int, n: int | None = None, threshold: flo
         gu, gp, gm = U[sh, gram_row[sh]], P[sh, gram_row[sh]], ngram[sh]
         grams = [atlas.units[int(u)][0][int(p) - int(m) + 1: int(p) + 1] for u, p, m in zip(gu, gp, gm)]
         pattern[sh] = decode_many(tok, grams)
-    rows, cols = np.nonzero(valid)
-    texts = decode_many(tok, [atlas.units[int(u)][0][: int(p) + 1] for u, p in zip(U[rows, cols], P[rows, cols])])
-    words = [[w.lower() for w in _WORD.findall(t)] for t in texts]
-    lens = np.array([len(w) for w in words], np.int64)
-    flat = np.array([w for ws in words for w in ws], dtype=object)
+    rows, cols = np.nonzero(valid)  # every trigger entry, key by key, rank by rank
+    code = U[rows, cols] * (1 << 20) + P[rows, cols]
+    uniq_pre, pre_of = np.unique(code, return_inverse=True)  # a prefix cited by many keys is decoded once
+    pre_of = pre_of.reshape(-1)
+    texts = decode_many(tok, [atlas.units[int(c >> 20)][0][: int(c & ((1 << 20) - 1)) + 1] for c in uniq_pre])
+    vocab: dict[str, int] = {}
+    stop: list[bool] = []
+    flat: list[int] = []
+    lens = np.zeros(len(texts), np.int64)
+    for j, t in enumerate(texts):  # a loop over distinct prefixes: their content words, once each, in order
+        ws = [vocab.setdefault(w, len(vocab)) for w in dict.fromkeys(x.lower() for x in _WORD.findall(t))]
+        if len(vocab) > len(stop):
+            stop += [w in STOP_WORDS for w in list(vocab)[len(stop):]]
+        flat += ws
+        lens[j] = len(ws)
     topic: list[list] = [[] for _ in range(d)]
-    if flat.size:
-        vocab, wid = np.unique(flat.astype(str), return_inverse=True)
-        stop = np.array([w in STOP_WORDS for w in vocab])
-        occ_key = np.repeat(rows, lens)  # the key of each word occurrence
-        occ_pre = np.repeat(np.arange(rows.size), lens)  # its prefix
-        occ = np.arange(flat.size)  # insertion order: prefixes by rank, words in text order
-        keep = ~stop[wid]
-        occ_key, occ_pre, occ, wid = occ_key[keep], occ_pre[keep], occ[keep], wid[keep]
-        # a word counts once per prefix (first appearance), then per key: count and first appearance
-        _, once = np.unique(occ_pre * len(vocab) + wid, return_index=True)
-        once = np.sort(once)  # back in insertion order, so that return_index below finds first appearances
-        occ_key, occ, wid = occ_key[once], occ[once], wid[once]
-        pair = occ_key * len(vocab) + wid
+    if flat:
+        flat_w, stop_w = np.asarray(flat, np.int64), np.asarray(stop, bool)
+        starts = np.cumsum(lens) - lens
+        # the words of every entry: its prefix's word range, entries in (key, rank) order
+        n_e = lens[pre_of]
+        total = int(n_e.sum())
+        first_of_entry = np.cumsum(n_e) - n_e
+        within = np.arange(total) - np.repeat(first_of_entry, n_e)
+        wid = flat_w[np.repeat(starts[pre_of], n_e) + within]
+        occ_key = np.repeat(rows, n_e)
+        occ = np.arange(total)  # insertion order of Counter.update: ranks in order, words in text order
+        keep = ~stop_w[wid]
+        occ_key, occ, wid = occ_key[keep], occ[keep], wid[keep]
+        V = len(vocab)
+        pair = occ_key * V + wid
         upair, first_idx, counts = np.unique(pair, return_index=True, return_counts=True)
-        pk, pw, pfirst = upair // len(vocab), upair % len(vocab), occ[first_idx]
+        pk, pw, pfirst = upair // V, upair % V, occ[first_idx]
         order = np.lexsort((pfirst, -counts, pk))  # per key: count desc, then first appearance
         pk, pw, counts = pk[order], pw[order], counts[order]
         rank = np.arange(pk.size) - np.searchsorted(pk, pk)  # position within the key's list
         share = counts / np.maximum(cnt[pk], 1)
         sel = np.nonzero((rank < 8) & (share >= topic_share))[0]
-        for i, w, c in zip(pk[sel].tolist(), vocab[pw[sel]].tolist(), (counts[sel] / cnt[pk[sel]]).tolist()):
-            topic[i].append((w, round(c, 3)))
+        words = list(vocab)
+        for i, w, c in zip(pk[sel].tolist(), pw[sel].tolist(), (counts[sel] / cnt[pk[sel]]).tolist()):
+            topic[i].append((words[w], round(c, 3)))
     label = np.where(cnt == 0, "none", np.where(shallow, "shallow", "semantic"))
     su, si = np.unique(share1, return_inverse=True)  # Python's round (as key_pattern), once per distinct share
     rounded = np.array([round(float(x), 4) for x in su])[si.reshape(-1)]
