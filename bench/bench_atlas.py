@@ -135,6 +135,7 @@ def main():
     ap.add_argument("--removal-keys", type=int, default=64)
     ap.add_argument("--check-sentences", type=int, default=150)
     ap.add_argument("--reference-layers", type=int, default=2)
+    ap.add_argument("--mining-only", action="store_true", help="skip the LM-head forward and the analyses")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     import torch
@@ -162,16 +163,17 @@ def main():
     print(json.dumps({"setup": res}), flush=True)
     with torch.no_grad():
         model.hf(input_ids=fb[0][0][:1], attention_mask=fb[0][1][:1])  # warm-up
-        t_fwd, _ = timed(lambda: [model.hf(input_ids=i, attention_mask=m) for i, m in fb])
+        t_fwd = float("nan") if args.mining_only else \
+            timed(lambda: [model.hf(input_ids=i, attention_mask=m) for i, m in fb])[0]
         t_body, _ = timed(lambda: [run(model, i, attention_mask=m, head="none") for i, m in fb])
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         t_mine, meta = timed(lambda: mine(model, args.corpus, tmp / "a", top_k=args.k, batch_tokens=args.batch_tokens,
                                           max_units=args.sentences))
         atlas = Atlas(tmp / "a", model=model)
-        t_an, an = timed(lambda: analyze(atlas, composition_units=args.composition_units,
-                                         removal_keys=args.removal_keys))
-        t_rep, _ = timed(lambda: write_report(atlas))
+        t_an, an = (float("nan"), {"seconds": {}}) if args.mining_only else \
+            timed(lambda: analyze(atlas, composition_units=args.composition_units, removal_keys=args.removal_keys))
+        t_rep = float("nan") if args.mining_only else timed(lambda: write_report(atlas))[0]
         res["seconds"] = {"forward_sorted": round(t_fwd, 2), "body_sorted": round(t_body, 2), "mine": round(t_mine, 2),
                           "analyses": round(t_an, 2), "report_after_analyses": round(t_rep, 2),
                           "analysis_steps": {k: round(v, 2) for k, v in an["seconds"].items()}}
