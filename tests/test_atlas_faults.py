@@ -154,3 +154,14 @@ def test_failed_merge_leaves_nothing(atlas_dir, tmp_path):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
     meta = merge_atlases([atlas_dir, atlas_dir], out)
     assert meta["status"] == "complete" and Atlas(out).top_k == 3 and (out / "run.json").exists()
+
+
+def test_mining_bar_has_a_total(planted, corpus, tmp_path, monkeypatch, capsys):
+    """The mining bar counts tokens against the corpus's total (so it shows an ETA); FFKV_PROGRESS forces it."""
+    from ffkv.memory.corpus import CorpusSpec, iter_units
+
+    monkeypatch.setenv("FFKV_PROGRESS", "1")
+    meta = mine(planted.model, corpus, tmp_path / "a", top_k=3, batch_tokens=32)
+    err = capsys.readouterr().err
+    total = sum(len(u.tokens) for u in iter_units(planted.model.tokenizer, CorpusSpec(str(corpus))))
+    assert "mining" in err and f"/{total}" in err.replace(" ", "") and meta["tokens"] == total

@@ -56,6 +56,7 @@ from ..models.engine import capture_coefficients, run
 from ..models.memory_id import MemoryId
 from ..models.moe import MoEModel, expert_intervene
 from ..progress import bar as progress_bar
+from ..progress import forced as progress_forced
 from .corpus import Corpus, CorpusSpec, Unit, iter_units, open_corpus
 from .schema import ATLAS_VERSION, read_atlas_meta
 from .topk import POSITION_BITS, GroupBuffers, TriggerBuffers, first_occurrences, prefix_hashes
@@ -400,7 +401,7 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
     finished = True
     bar = None
     try:
-        if progress:
+        if progress if progress_forced() is None else progress_forced():  # FFKV_PROGRESS decides first
             total = count_units(tok, spec, source)[1]
             bar = progress_bar(total=total, desc="mining", unit="tok", enabled=True, initial=done["tokens"],
                                unit_scale=True)
