@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from ffkv.errors import FfkvError
+from ffkv.io import load_safetensors
 from ffkv.memory import corpus as corpus_mod
 from ffkv.memory.atlas import Atlas, parse_memory
 from ffkv.memory.merge import merge_atlases
-from ffkv.memory.miner import POSITION_BITS, batch_coefficients, mine
+from ffkv.memory import miner as miner_mod
+from ffkv.memory.miner import POSITION_BITS, batch_coefficients, mine, state_path
 from ffkv.memory.oracle import brute_force_triggers
 from ffkv.memory.topk import TriggerBuffers, merge_topk
 from ffkv.testbed.planted import WORDS
@@ -87,6 +89,35 @@ def test_merge_topk_is_exact_with_ties(sparse_share, negate):
         assert np.allclose(buf_v[r].numpy(), v[order])
 
 
+@pytest.mark.parametrize("sparse_share", [0.0, 1.0])
+@pytest.mark.parametrize("negate", [False, True])
+def test_merge_topk_window_mode_is_order_free(sparse_share, negate):
+    """Batches of a sort window in any order (ties everywhere, as ReLU zeros) == one full sort by (value, g)."""
+    g = torch.Generator().manual_seed(2)
+    R, k, stride = 6, 4, 8
+    windows = []
+    for w in range(3):  # units 10w..10w+9, positions < stride
+        gids = torch.tensor([(u << POSITION_BITS) + t for u in range(10 * w, 10 * w + 10) for t in range(stride)])
+        vals = torch.randint(-2, 3, (gids.numel(), R), generator=g).float()
+        perm = torch.randperm(gids.numel(), generator=g)
+        windows.append((10 * w, [(gids[p].sort().values, vals[p][gids[p].sort().indices])
+                                 for p in perm.split(13)]))
+    buf_v = torch.full((R, k), float("-inf"))
+    buf_g = torch.full((R, k), -1, dtype=torch.long)
+    all_g, all_v = [], []
+    for u0, chunks in windows:
+        for ids, v in chunks:
+            buf_v, buf_g = merge_topk(buf_v, buf_g, v, ids, k, negate=negate, sparse_share=sparse_share,
+                                      window=(u0, stride))
+            all_g.append(ids), all_v.append(v)
+    G, V = torch.cat(all_g).numpy(), torch.cat(all_v).numpy()
+    for r in range(R):
+        v = -V[:, r] if negate else V[:, r]
+        order = np.lexsort((G, -v))[:k]
+        assert buf_g[r].tolist() == G[order].tolist()
+        assert np.array_equal(buf_v[r].numpy(), v[order] + 0.0)
+
+
 # ------------------------------------------------------------------------------------------- mining
 def test_coefficients_match_the_coef_site_for_every_family(tiny_models):
     """Mining's reader returns exactly what ``intervene(reads=[("coef", l)])`` records, for every adapter."""
@@ -133,30 +164,59 @@ def test_mining_equals_brute_force(planted, planted_atlas, corpus_file, dedup, t
         assert (len(set(prefixes)) == len(prefixes)) or not dedup
 
 
-def test_interrupted_run_resumes_to_the_same_atlas(planted, corpus_file, planted_atlas, tmp_path):
+def _files(folder):
+    """Every file of an atlas folder but run.json (the one file with times in it), as bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "run.json"}
+
+
+def test_interrupted_run_resumes_to_the_same_atlas(planted, corpus_file, tmp_path):
+    opts = dict(top_k=8, batch_tokens=96, progress=False)
+    mine(planted.model, corpus_file, tmp_path / "whole", **opts)
     out = tmp_path / "resumed"
-    first = mine(planted.model, corpus_file, out, top_k=8, batch_tokens=96, progress=False, max_batches=3,
-                 checkpoint_every=2)
-    assert first["status"] == "partial" and not (out / "triggers").exists()
-    with pytest.raises(FfkvError, match="not complete"):
+    first = mine(planted.model, corpus_file, out, max_batches=3, checkpoint_every=2, **opts)
+    # nothing at the target until the atlas is whole; the resumable state waits beside it
+    assert first["status"] == "partial" and not out.exists() and state_path(out).is_dir()
+    with pytest.raises(FfkvError, match="not an atlas folder"):
         Atlas(out)
-    second = mine(planted.model, corpus_file, out, top_k=8, batch_tokens=96, progress=False, max_batches=2)
-    assert second["units"] > first["units"]
-    mine(planted.model, corpus_file, out, top_k=8, batch_tokens=96, progress=False)
-    for layer in range(planted.model.n_layers):
-        a = pq.read_table(planted_atlas.path / "triggers" / f"layer-{layer:03d}.parquet")
-        b = pq.read_table(out / "triggers" / f"layer-{layer:03d}.parquet")
-        assert a.equals(b)
-    assert pq.read_table(planted_atlas.path / "units.parquet").equals(pq.read_table(out / "units.parquet"))
-    assert not (out / "state").exists()
+    second = mine(planted.model, corpus_file, out, max_batches=2, **opts)
+    assert second["tokens"] > first["tokens"]
+    mine(planted.model, corpus_file, out, **opts)
+    whole = _files(tmp_path / "whole")
+    assert {"atlas.json", "units.parquet", "triggers/layer-000.parquet"} <= set(whole)
+    assert _files(out) == whole  # byte-identical, times only in run.json
+    assert json.loads((out / "run.json").read_text())["calls"] == 3
+    assert not state_path(out).exists()
     # A finished atlas is returned as it is; a different top_k is refused.
-    assert mine(planted.model, corpus_file, out, top_k=8, batch_tokens=96, progress=False)["status"] == "complete"
+    assert mine(planted.model, corpus_file, out, **opts)["status"] == "complete"
     with pytest.raises(FfkvError, match="different top_k"):
         mine(planted.model, corpus_file, out, top_k=4, progress=False)
 
 
-def test_killed_between_shard_and_state_resumes_exactly(planted, corpus_file, planted_atlas, tmp_path,
-                                                        monkeypatch):
+def test_many_sort_windows_resume_to_brute_force(planted, corpus_file, tmp_path, monkeypatch):
+    """Small sort windows (many windows, each sorted by length), resumed mid-window, equal the reference."""
+    monkeypatch.setattr(miner_mod, "SORT_WINDOW_BATCHES", 2)
+    opts = dict(top_k=5, batch_tokens=40, progress=False)
+    out = tmp_path / "w"
+    n = 0
+    while mine(planted.model, corpus_file, out, max_batches=3, checkpoint_every=1, **opts)["status"] != "complete":
+        n += 1
+    assert n > 3
+    units = list(corpus_mod.iter_units(planted.model.tokenizer, corpus_mod.CorpusSpec(str(corpus_file))))
+    ref = brute_force_triggers(planted.model, units, top_k=5, batch_tokens=40, dedup=True)
+    a = Atlas(out, model=planted.model)
+    for layer in range(planted.model.n_layers):
+        for kind in ("top", "bottom"):
+            g, c = _dense(a, layer, kind)
+            assert (g == ref[layer][kind]).all()
+            assert np.array_equal(c, ref[layer][kind + "_coef"].astype(np.float32))
+    # in corpus order (batches padded to their longest unit) the ids agree and the values to rounding
+    cons = brute_force_triggers(planted.model, units, top_k=5, batch_tokens=40, dedup=True, batching="consecutive")
+    g, c = _dense(a, 1, "top")
+    assert (g == cons[1]["top"]).mean() > 0.95 and np.allclose(c, cons[1]["top_coef"], atol=1e-5)
+
+
+def test_killed_between_shard_and_state_resumes_exactly(planted, corpus_file, tmp_path, monkeypatch):
     """A crash after the units shard is written but before the buffers: the orphan shard is dropped."""
     from ffkv.memory import miner as mining
 
@@ -164,21 +224,22 @@ def test_killed_between_shard_and_state_resumes_exactly(planted, corpus_file, pl
     real = mining.save_safetensors
     calls = {"n": 0}
 
-    def crash_on_third(path, tensors, meta=None):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def crash_at_second_shard(path, tensors, meta=None):
+        if len(list(state_path(out).glob("units-*.parquet"))) == 2:
             raise KeyboardInterrupt("killed")
         return real(path, tensors, meta=meta)
 
-    monkeypatch.setattr(mining, "save_safetensors", crash_on_third)
+    monkeypatch.setattr(mining, "SORT_WINDOW_BATCHES", 1)  # small windows: a units shard at most checkpoints
+    monkeypatch.setattr(mining, "save_safetensors", crash_at_second_shard)
     with pytest.raises(KeyboardInterrupt):
         mine(planted.model, corpus_file, out, top_k=8, batch_tokens=96, progress=False, checkpoint_every=1)
     monkeypatch.setattr(mining, "save_safetensors", real)
-    assert len(list((out / "state").glob("units-*.parquet"))) == 3  # one of them is not committed
+    committed = load_safetensors(state_path(out) / "state.safetensors")[1]["shards"]
+    assert len(committed) == 1 and len(list(state_path(out).glob("units-*.parquet"))) == 2  # one not committed
+    assert not out.exists()
     mine(planted.model, corpus_file, out, top_k=8, batch_tokens=96, progress=False)
-    for layer in range(planted.model.n_layers):
-        assert pq.read_table(planted_atlas.path / "triggers" / f"layer-{layer:03d}.parquet").equals(
-            pq.read_table(out / "triggers" / f"layer-{layer:03d}.parquet"))
+    mine(planted.model, corpus_file, tmp_path / "whole", top_k=8, batch_tokens=96, progress=False)
+    assert _files(out) == _files(tmp_path / "whole")
 
 
 def test_merged_shards_equal_one_run(planted, tmp_path):
@@ -433,3 +494,22 @@ def test_the_testbed_world_is_a_corpus_for_both(testbed_model):
     assert auto.name == f"testbed-{world.seed}-{world.preset}" and auto.texts_list() == world.documents()
     assert corpus_mod.open_corpus(auto.spec) == auto  # what an atlas records resolves again without the model
     assert resolve_corpus(testbed_model, "testbed") == (auto.name, auto.texts_list())
+
+
+@pytest.mark.parametrize("threshold, topic_share", [(0.5, 0.3), (0.2, 0.1)])
+def test_vectorised_patterns_equal_the_per_key_rule(planted_atlas, planted, threshold, topic_share):
+    """The whole-layer pattern labels (no loop over keys) == key_pattern applied key by key."""
+    from ffkv.memory.patterns import key_pattern, layer_patterns
+
+    tok = planted.model.tokenizer
+    a = planted_atlas
+    for layer in range(a.n_layers):
+        got = layer_patterns(a, layer, threshold=threshold, topic_share=topic_share)
+        tm = a.trigger_matrix(layer, "top")
+        for i in range(a.d_ffn):
+            prefixes = [a.prefix(u, p) for u, p in zip(tm["unit"][i], tm["position"][i]) if u >= 0]
+            assert got[i] == {"index": i, **key_pattern(prefixes, lambda ids: tok.decode(list(ids)), threshold,
+                                                        topic_share)}, (layer, i)
+        ref = [a.next_token(u, p) if u >= 0 else -1 for u, p in zip(tm["unit"][:, 0], tm["position"][:, 0])]
+        assert a.next_tokens(layer).tolist() == ref
+    assert any(g["topic"] for g in got) and any(g["label"] == "shallow" for g in got)

@@ -23,7 +23,7 @@ def corpus_spec_of(atlas: Atlas, corpus: str | None = None) -> CorpusSpec:
 def analyze(atlas: Atlas, norm: bool = False, steps=STEPS, pattern_threshold: float = 0.5,
             topic_share: float = 0.3, removal_keys: int = 64, composition_units: int = 200,
             active_threshold: float | None = None, sample_corpus: str | None = None, seed: int = 0,
-            progress: bool = True) -> dict:
+            progress: bool = False) -> dict:
     """Compute the chosen analyses and write them into the atlas folder; returns {step: result}.
 
     composition and refinement run on ``composition_units`` units sampled from the mined corpus (or from
@@ -44,14 +44,14 @@ def analyze(atlas: Atlas, norm: bool = False, steps=STEPS, pattern_threshold: fl
         timing["values"] = time.perf_counter() - t
     if "patterns" in steps:
         t = time.perf_counter()
-        res = pattern_summary(atlas, threshold=pattern_threshold, topic_share=topic_share)
+        res = pattern_summary(atlas, threshold=pattern_threshold, topic_share=topic_share, progress=progress)
         write_json(atlas.path / "analysis" / "patterns.json",
                    {**provenance(ident, threshold=pattern_threshold, topic_share=topic_share), **res})
         results["patterns"] = res
         timing["patterns"] = time.perf_counter() - t
     if "removal" in steps:
         t = time.perf_counter()
-        res = removal_effects(atlas, keys_per_layer=removal_keys, seed=seed)
+        res = removal_effects(atlas, keys_per_layer=removal_keys, seed=seed, progress=progress)
         write_json(atlas.path / "analysis" / "removal.json", {**provenance(ident, keys=removal_keys, seed=seed), **res})
         results["removal"] = res
         timing["removal"] = time.perf_counter() - t

@@ -18,13 +18,13 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from ..errors import FfkvError
 from ..io import read_json
 from ..models.loading import load_model
 from ..models.memory_id import MemoryId
 from .miner import trigger_file
+from .schema import TRIGGER_COLUMNS, UNIT_COLUMNS, VALUE_COLUMNS, read_atlas_meta, read_table
 
 _MEMORY = re.compile(r"^[Ll]?(-?\d+)[.:](\d+)$")
 
@@ -56,7 +56,7 @@ class Atlas:
         meta_path = self.path / "atlas.json"
         if not meta_path.exists():
             raise FfkvError(f"'{path}' is not an atlas folder (no atlas.json)", "run `ffkv atlas mine` first")
-        self.meta = read_json(meta_path)
+        self.meta = read_atlas_meta(self.path)
         if self.meta.get("status") != "complete":
             raise FfkvError(f"atlas '{path}' is not complete (status {self.meta.get('status')})",
                             "run the same `ffkv atlas mine` command again to finish it")
@@ -142,7 +142,13 @@ class Atlas:
             if not f.exists():
                 raise FfkvError(f"atlas '{self.path}' has no trigger file for layer {layer}"
                                 + ("" if expert is None else f" expert {expert}"), "mine it again")
-            self._tables[key] = pq.read_table(f)
+            t = read_table(f, TRIGGER_COLUMNS)
+            d = self.width(layer, expert)
+            idx, rank = t["index"].to_numpy(), t["rank"].to_numpy()
+            if idx.size and (idx.min() < 0 or idx.max() >= d or rank.min() < 0 or rank.max() >= self.top_k):
+                raise FfkvError(f"{f} has an index or rank out of range (d_ffn {d}, top_k {self.top_k})",
+                                "mine the atlas again (or restore the file)")
+            self._tables[key] = t
         return self._tables[key]
 
     def trigger_matrix(self, layer: int, kind: str = "top", expert: int | None = None) -> dict:
@@ -162,8 +168,34 @@ class Atlas:
     @cached_property
     def units(self) -> dict:
         """``unit -> (tokens list, next_id)`` for every unit a trigger cites."""
-        t = pq.read_table(self.path / "units.parquet", columns=["unit", "tokens", "next_id"]).to_pydict()
+        t = read_table(self.path / "units.parquet", UNIT_COLUMNS, ["unit", "tokens", "next_id"]).to_pydict()
         return {u: (toks, nxt) for u, toks, nxt in zip(t["unit"], t["tokens"], t["next_id"])}
+
+    @cached_property
+    def unit_arrays(self) -> dict:
+        """The cited units as flat arrays: ``unit`` (U,) ascending, ``offset`` (U,) into ``tokens`` (all their
+        token ids, concatenated), ``length`` (U,), ``next_id`` (U,): for whole-layer lookups without a loop."""
+        t = read_table(self.path / "units.parquet", UNIT_COLUMNS, ["unit", "tokens", "next_id"])
+        units = t["unit"].to_numpy()
+        toks = t["tokens"].combine_chunks()
+        offs = toks.offsets.to_numpy().astype(np.int64)
+        flat = toks.values.to_numpy().astype(np.int64)
+        order = np.argsort(units, kind="stable")
+        return {"unit": units[order], "offset": offs[:-1][order], "length": np.diff(offs)[order],
+                "tokens": flat, "next_id": t["next_id"].to_numpy()[order]}
+
+    def token_at(self, units: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Token ids at ``positions`` of ``units`` (same shapes); -1 where a position is outside its unit
+        (negative, or at/after its end) or the unit is -1."""
+        ua = self.unit_arrays
+        units, positions = np.asarray(units, np.int64), np.asarray(positions, np.int64)
+        j = np.clip(np.searchsorted(ua["unit"], units), 0, max(len(ua["unit"]) - 1, 0))
+        ok = (units >= 0) & (len(ua["unit"]) > 0) & (positions >= 0)
+        ok &= ua["unit"][j] == units if len(ua["unit"]) else False
+        ok &= positions < ua["length"][j] if len(ua["unit"]) else False
+        out = np.full(units.shape, -1, np.int64)
+        out[ok] = ua["tokens"][ua["offset"][j[ok]] + positions[ok]]
+        return out
 
     def prefix(self, unit: int, position: int) -> list[int]:
         """Token ids of the prefix ``unit[:position + 1]``."""
@@ -177,8 +209,13 @@ class Atlas:
     def next_tokens(self, layer: int, rank: int = 0, expert: int | None = None) -> np.ndarray:
         """(d_ffn,) next token of each key's rank-th top trigger (-1 where unknown)."""
         tm = self.trigger_matrix(layer, "top", expert)
-        return np.array([self.next_token(u, p) if u >= 0 else -1
-                         for u, p in zip(tm["unit"][:, rank], tm["position"][:, rank])], np.int64)
+        u, p = tm["unit"][:, rank], tm["position"][:, rank]
+        inside = self.token_at(u, p + 1)
+        ua = self.unit_arrays
+        j = np.clip(np.searchsorted(ua["unit"], u), 0, max(len(ua["unit"]) - 1, 0))
+        at_end = (u >= 0) & (inside < 0)
+        out = np.where(at_end, ua["next_id"][j] if len(ua["unit"]) else -1, inside)
+        return np.where(u >= 0, out, -1).astype(np.int64)
 
     # ------------------------------------------------------------------ one memory
     def memory_triggers(self, layer, index: int | None = None, kind: str = "top", n: int | None = None,
@@ -205,7 +242,7 @@ class Atlas:
         if not f.exists():
             return None
         if "values" not in self._tables:
-            self._tables["values"] = pq.read_table(f)
+            self._tables["values"] = read_table(f, VALUE_COLUMNS)
         return self._tables["values"]
 
     def analysis(self, name: str) -> dict | None:

@@ -9,12 +9,12 @@ import click
 from ..clikit import (FfkvGroup, emit_json, json_option, layers_option, load_model_from_options, model_options,
                       parse_layers, quiet_option, set_threads, show_progress)
 from ..errors import FfkvError
-from ..io import read_json
 from .analysis import STEPS, analyze
 from .atlas import Atlas, parse_memory
 from .merge import merge_atlases
 from .miner import mine
 from .queries import describe_memory
+from .schema import read_atlas_meta
 from .report import format_summary, layer_summary, write_report
 from .subupdates import generate_with_memories, sub_updates, switch_effect
 from .values import nearest_values, promotes, token_id
@@ -23,7 +23,7 @@ from .values import nearest_values, promotes, token_id
 def _load(model: str, **load):
     p = Path(model)
     if (p / "atlas.json").exists():  # an atlas folder stands for the model it was mined from
-        model = read_json(p / "atlas.json")["model_path"]
+        model = read_atlas_meta(p)["model_path"]
     return load_model_from_options(model, **load)
 
 
@@ -61,7 +61,7 @@ def atlas():
 @click.argument("model")
 @click.option("--corpus", required=True, help="Text/JSONL/Parquet file, or a folder of them (also a datasets folder).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--top-k", type=click.IntRange(min=1), default=25, show_default=True, help="Trigger prefixes kept per key (top and bottom).")
+@click.option("--top-k", type=click.IntRange(min=1), default=25, show_default=True, help="Trigger prefixes kept per key (top and bottom), 1..10000.")
 @click.option("--split", type=click.Choice(["sentence", "window"]), default="sentence", show_default=True)
 @click.option("--window", type=click.IntRange(min=1), default=64, show_default=True, help="Window length / maximum sentence length (tokens).")
 @click.option("--min-tokens", type=click.IntRange(min=1), default=2, show_default=True, help="Drop units shorter than this.")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..models.hooks import intervene
+from ..progress import track
 from .corpus import CorpusSpec, iter_units
 from .miner import batches, encode_units
 from .patterns import is_stop_token
@@ -85,13 +86,8 @@ def composition_and_refinement(model, units: list, norm: bool = False, active_th
     stop_of_id: dict[int, bool] = {}
     acc = {l: {k: [] for k in ("active", "zero", "has_active", "res_is_out", "case")} for l in range(L)}
     stop_all, short_all = [], []
-    it = batches(iter(units), batch_tokens, max(len(u.tokens) for u in units))
-    if progress:
-        import sys
-
-        from tqdm import tqdm
-
-        it = tqdm(it, desc="composition", unit="batch", file=sys.stderr)
+    it = track(list(batches(iter(units), batch_tokens, max(len(u.tokens) for u in units))), desc="composition",
+               unit="batch", enabled=progress)
     reads = [(s, l) for l in range(L) for s in ("coef", "ffn_out", "resid_post")]
     if any(r == "gate" for r in rules.values()):
         reads += [("ffn_in", l) for l in range(L)]

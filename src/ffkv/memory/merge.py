@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ..errors import FfkvError
-from ..io import write_json, write_parquet
+from ..io import atomic_path, write_json, write_parquet
 from .atlas import Atlas
-from .miner import trigger_file
+from .miner import utc_now, trigger_file
+from .schema import UNIT_COLUMNS, read_table
 from .topk import prefix_hashes
 
 
@@ -34,16 +34,21 @@ def merge_atlases(parts: list[str | Path], out: str | Path) -> dict:
             raise FfkvError(f"atlas '{a.path}' was mined with another model or top_k than '{first.path}'",
                             "merge atlases of one model with the same --top-k")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FfkvError(f"output folder '{out}' exists and is not empty", "pass a new --out folder")
+    with atomic_path(out, is_dir=True) as tmp:  # the merged atlas appears whole or not at all
+        return _merge(atlases, first, tmp)
+
+
+def _merge(atlases: list[Atlas], first: Atlas, out: Path) -> dict:
     k = first.top_k
     offsets = np.cumsum([0] + [int(a.meta["units"]) for a in atlases[:-1]])
-    prov = {key: first.meta[key] for key in ("ffkv_version", "created", "model", "hyperparameters")}
+    prov = {key: first.meta[key] for key in ("ffkv_version", "model", "hyperparameters")}
     prov["hyperparameters"] = {**prov["hyperparameters"], "corpus": [a.meta["hyperparameters"]["corpus"]
                                                                       for a in atlases]}
     dedup = bool(first.meta["hyperparameters"].get("dedup", False))
-    all_units = pa.concat_tables([_offset_units(pq.read_table(a.path / "units.parquet"), off)
-                                  for a, off in zip(atlases, offsets)])
+    all_units = pa.concat_tables([_offset_units(read_table(a.path / "units.parquet", UNIT_COLUMNS), off)
+                                  for a, off in zip(atlases, offsets)]).combine_chunks()
     unit_tokens = dict(zip(all_units["unit"].to_pylist(), all_units["tokens"].to_pylist()))
     cache: dict = {}
 
@@ -79,6 +84,7 @@ def merge_atlases(parts: list[str | Path], out: str | Path) -> dict:
     meta = {**first.meta, **prov, "status": "complete", "units": int(sum(a.meta["units"] for a in atlases)),
             "tokens": int(sum(a.meta["tokens"] for a in atlases)), "merged_from": [str(a.path) for a in atlases]}
     write_json(out / "atlas.json", meta)
+    write_json(out / "run.json", {"created": utc_now(), "merged_from": meta["merged_from"]})
     return meta
 
 

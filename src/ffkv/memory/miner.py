@@ -10,10 +10,23 @@ Prefixes are identified by the global prefix id ``g = unit * 2^20 + t``; ties go
 the result a pure function of the corpus: batching, checkpoints and resumes do not change it, and it equals
 the brute-force sort of :mod:`ffkv.memory.oracle`.
 
-A run writes ``DIR/state/`` (buffers + the units read so far) every ``checkpoint_every`` batches, atomically;
-running it again resumes after the last checkpoint. The finished atlas has ``DIR/atlas.json``,
-``DIR/triggers/layer-LLL.parquet`` and ``DIR/units.parquet`` (the token ids of every unit a trigger cites).
-Atlases of corpus shards are merged by :mod:`ffkv.memory.merge`.
+**Length bucketing.** Units are read in consecutive *sort windows* (about ``SORT_WINDOW_BATCHES`` batches of
+tokens each, never across two files); inside a window they are grouped by exact length
+(:func:`length_batches`): full batches of one length, no padding, and the remainders packed in length
+order. The top-k merge orders by g, not by arrival
+(:func:`ffkv.memory.topk.merge_topk` with ``window``), and with dedup a prefix's first occurrence is found
+over the whole window before any batch runs (:func:`window_fresh`), so the tables stay exactly those of the
+corpus order.
+
+A run writes its state beside the target, in ``.NAME.mining/`` (:func:`state_path`: buffers, the units read
+so far, the batch reached inside the current window) every ``checkpoint_every`` batches, atomically; running
+the same command again resumes after the last checkpoint. The finished atlas is built in a temporary folder
+beside the target and renamed onto it whole (:func:`ffkv.io.atomic_path`): ``DIR/atlas.json``,
+``DIR/triggers/layer-LLL.parquet``, ``DIR/units.parquet`` (the token ids of every unit a trigger cites) and
+``DIR/run.json``, the only file with times in it (creation time, seconds, tokens per second), so a resumed
+atlas is byte-identical to an uninterrupted one in every other file. An :class:`FfkvError` while the corpus
+is read (a bad JSONL line) removes the state: nothing is left behind. Atlases of corpus shards are merged by
+:mod:`ffkv.memory.merge`.
 
 Mixture-of-experts models (:class:`ffkv.models.moe.MoEModel`) are mined per expert: each (layer, expert) is a
 group of ``d_expert`` keys whose candidates are only the prefixes *routed* to that expert (an unrouted
@@ -25,8 +38,8 @@ groups (a shared expert, a layer without experts). Their triggers go to
 
 from __future__ import annotations
 
+import datetime as _dt
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -35,18 +48,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
+from .. import validate
 from ..errors import FfkvError
-from ..io import load_safetensors, provenance, read_json, save_safetensors, write_json, write_parquet
+from ..io import atomic_path, load_safetensors, provenance, read_json, save_safetensors, write_json, write_parquet
 from ..models.engine import capture_coefficients, run
 from ..models.memory_id import MemoryId
 from ..models.moe import MoEModel, expert_intervene
+from ..progress import bar as progress_bar
+from ..progress import forced as progress_forced
 from .corpus import Corpus, CorpusSpec, Unit, iter_units, open_corpus
-from .topk import GroupBuffers, TriggerBuffers, first_occurrences, prefix_hashes
+from .schema import ATLAS_VERSION, read_atlas_meta
+from .topk import POSITION_BITS, GroupBuffers, TriggerBuffers, first_occurrences, prefix_hashes
 
-POSITION_BITS = 20  # global prefix id g = unit << 20 | position
-ATLAS_VERSION = 1
+SORT_WINDOW_BATCHES = 128  # batches' worth of tokens grouped by length together
+MAX_TOP_K = 10_000
+MIN_ROWS = 16  # a batch of fewer token rows takes other matrix kernels (other last bits): filled up to this
+MAX_BUFFER_BYTES = 64 << 30  # refuse a --top-k whose buffers alone would need more
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -65,44 +83,141 @@ def batches(units, batch_tokens: int, max_len: int):
         yield batch
 
 
-def encode_units(units: list[Unit], pad_id: int, device, hashes: bool = False):
+def length_batches(units: list[Unit], batch_tokens: int, max_len: int) -> list[list[Unit]]:
+    """The batches of one sort window: its units grouped by exact length (in unit order within a length), each
+    group cut into full batches of ``max(batch_tokens, max_len) // length`` units, which have no padding; the
+    remainders of all lengths, sorted by (length, unit), are packed as :func:`batches` does (padded to the
+    longest of each, a token or two). Deterministic: a resumed run rebuilds them."""
+    by_len: dict[int, list[Unit]] = {}
+    for u in units:
+        by_len.setdefault(len(u.tokens), []).append(u)
+    budget = max(batch_tokens, max_len)
+    out, rest = [], []
+    for n in sorted(by_len):
+        group, per = by_len[n], max(1, budget // n)
+        full = len(group) // per * per
+        out += [group[i: i + per] for i in range(0, full, per)]
+        rest += group[full:]
+    return out + list(batches(iter(rest), batch_tokens, max_len))
+
+
+def window_batches(units: list[Unit], batch_tokens: int, max_len: int, by_length: bool = True) -> list[list[Unit]]:
+    """A sort window's batches: by exact length (:func:`length_batches`) for a dense model; in corpus order for
+    a mixture of experts, whose expert products take as many rows as tokens were routed to the expert, so
+    their last bits follow the batch's make-up: corpus order keeps merged shards equal to one run there."""
+    return length_batches(units, batch_tokens, max_len) if by_length else list(batches(iter(units), batch_tokens,
+                                                                                          max_len))
+
+
+def filled(batch: list[Unit]) -> tuple[list[Unit], int]:
+    """``batch`` with copies of its first unit appended until it has ``MIN_ROWS`` token rows, and the number of
+    real units: a lone short unit then runs through the same kernels as in a full batch (copies are not read)."""
+    rows = len(batch) * max(len(u.tokens) for u in batch)
+    extra = -(-(MIN_ROWS - rows) // len(batch[0].tokens)) if rows < MIN_ROWS else 0
+    return batch + [batch[0]] * extra, len(batch)
+
+
+def sort_windows(stream, window_tokens: int, max_units: int, resume: dict | None = None):
+    """Consecutive windows of the unit stream, each ``window_tokens`` tokens (or ``max_units`` units) long and
+    within one source file (so the atlas of a file mined alone batches its units as the whole corpus's does:
+    merged shards equal one run bit for bit).
+
+    Yields ``(units, batch_tokens or None, batches already done)``; with ``resume`` (a checkpoint's window:
+    start, end, batch_tokens, batches_done) the first window is exactly the recorded one."""
+    units: list[Unit] = []
+    if resume is not None:
+        for u in stream:
+            units.append(u)
+            if u.unit + 1 >= resume["end"]:
+                break
+        if units:
+            yield units, int(resume["batch_tokens"]), int(resume["batches_done"])
+        units = []
+    n = 0
+    for u in stream:
+        if units and u.source != units[-1].source:  # a window never spans two files: shards batch alike
+            yield units, None, 0
+            units, n = [], 0
+        units.append(u)
+        n += len(u.tokens)
+        if n >= window_tokens or len(units) >= max_units:
+            yield units, None, 0
+            units, n = [], 0
+    if units:
+        yield units, None, 0
+
+
+def window_fresh(units: list[Unit]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per unit of a window: its prefix hashes (T,) int64 and (T,) bool, True where the prefix occurs for
+    the first time in the window (in corpus order), so that dedup does not depend on the batch order."""
+    hs = [prefix_hashes(u.tokens) for u in units]
+    flat = np.concatenate(hs)
+    _, first = np.unique(flat, return_index=True)
+    fresh = np.zeros(flat.size, bool)
+    fresh[first] = True
+    ends = np.cumsum([len(h) for h in hs])
+    return {u.unit: (h, f) for u, h, f in zip(units, hs, np.split(fresh, ends[:-1]))}
+
+
+def encode_units(units: list[Unit], pad_id: int, device, hashes: bool = False, fresh: dict | None = None):
     """Right-padded ``input_ids`` and ``attention_mask`` (B, T) of a batch of units (and, with ``hashes``,
-    the (B, T) int64 prefix hashes, 0 at padding)."""
+    the (B, T) int64 prefix hashes, 0 at padding; with ``fresh`` (:func:`window_fresh`) also the (B, T) bool
+    selection of the prefixes that take part)."""
     T = max(len(u.tokens) for u in units)
-    ids = torch.full((len(units), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(units), T), dtype=torch.long)
-    hs = np.zeros((len(units), T), np.int64) if hashes else None
-    for b, u in enumerate(units):
-        ids[b, : len(u.tokens)] = torch.tensor(u.tokens)
-        mask[b, : len(u.tokens)] = 1
-        if hashes:
-            hs[b, : len(u.tokens)] = prefix_hashes(u.tokens)
-    if hashes:
-        return ids.to(device), mask.to(device), torch.from_numpy(hs).to(device)
-    return ids.to(device), mask.to(device)
+    B = len(units)
+    lens = np.array([len(u.tokens) for u in units])
+    real = np.arange(T)[None, :] < lens[:, None]
+    flat = np.concatenate([np.asarray(u.tokens, np.int64) for u in units])
+    ids_np = np.full((B, T), pad_id, np.int64)
+    ids_np[real] = flat
+    ids = torch.from_numpy(ids_np).to(device)
+    mask = torch.from_numpy(real.astype(np.int64)).to(device)
+    if not hashes:
+        return ids, mask
+    hs = np.zeros((B, T), np.int64)
+    if fresh is not None:
+        hs[real] = np.concatenate([fresh[u.unit][0] for u in units])
+        sel = np.zeros((B, T), bool)
+        sel[real] = np.concatenate([fresh[u.unit][1] for u in units])
+        return ids, mask, torch.from_numpy(hs).to(device), torch.from_numpy(sel).to(device)
+    hs[real] = np.concatenate([prefix_hashes(u.tokens) for u in units])
+    return ids, mask, torch.from_numpy(hs).to(device)
+
+
+def _positions(ids, mask, unit_ids, hashes, select):
+    """Flat indices (N,) of the prefixes a batch contributes, sorted by g, their gids (N,) and hashes."""
+    B, T = ids.shape
+    sel = (mask.bool() if select is None else select).reshape(-1).nonzero().squeeze(1)
+    pos = torch.arange(T, device=ids.device).expand(B, T)
+    g_all = ((unit_ids.to(ids.device)[:, None] << POSITION_BITS) + pos).reshape(-1)
+    gids = g_all.index_select(0, sel)
+    order = gids.argsort()
+    sel, gids = sel[order], gids[order]
+    h = None
+    if hashes is not None:
+        h = hashes.reshape(-1).index_select(0, sel)
+        if select is None:  # repeats inside the batch: the first occurrence (smallest g) takes part
+            fresh = first_occurrences(h)
+            sel, gids, h = sel[fresh], gids[fresh], h[fresh]
+    return sel, gids, h
 
 
 @torch.no_grad()
 def batch_coefficients(model, ids: torch.Tensor, mask: torch.Tensor, unit_ids: torch.Tensor,
-                       layers: list[int] | None = None, hashes: torch.Tensor | None = None):
+                       layers: list[int] | None = None, hashes: torch.Tensor | None = None,
+                       select: torch.Tensor | None = None):
     """Coefficients of every real position of a batch, all layers, in one forward pass.
 
     ids, mask: (B, T); unit_ids: (B,). Returns one (N, d_ffn) tensor per layer (column i: key i) over the
-    N real positions, and gids (N,) = ``unit << 20 | t``, ascending. With ``hashes`` (B, T), positions
-    whose prefix already occurred earlier in the batch are left out, and their hashes (N,) are returned
-    third.
+    N positions taken, and gids (N,) = ``unit << 20 | t``, ascending. ``select`` (B, T) bool: the positions
+    taken (default: every real one). With ``hashes`` (B, T) their hashes (N,) are returned third, and
+    without ``select`` a prefix that already occurred earlier in the batch is left out.
     """
     layers = list(range(model.n_layers)) if layers is None else layers
     rec = capture_coefficients(model, ids, mask, layers)
     B, T = ids.shape
-    sel = mask.reshape(-1).nonzero().squeeze(1)
-    if hashes is not None:
-        h = hashes.reshape(-1).index_select(0, sel)
-        fresh = first_occurrences(h)
-        sel, h = sel[fresh], h[fresh]
+    sel, gids, h = _positions(ids, mask, unit_ids, hashes, select)
     coefs = [rec[l].reshape(B * T, -1).index_select(0, sel) for l in layers]  # (N, d) each
-    pos = torch.arange(T, device=ids.device).expand(B, T)
-    gids = ((unit_ids.to(ids.device)[:, None] << POSITION_BITS) + pos).reshape(-1).index_select(0, sel)
     return (coefs, gids) if hashes is None else (coefs, gids, h)
 
 
@@ -128,21 +243,18 @@ def trigger_file(layer: int, expert: int | None = None) -> str:
 
 @torch.no_grad()
 def batch_group_coefficients(model, ids: torch.Tensor, mask: torch.Tensor, unit_ids: torch.Tensor,
-                             groups: list[tuple[int, int | None, int]], hashes: torch.Tensor | None = None):
+                             groups: list[tuple[int, int | None, int]], hashes: torch.Tensor | None = None,
+                             select: torch.Tensor | None = None):
     """Coefficients of each key group of an MoE model at the real positions routed to it, one forward pass.
 
     ids, mask: (B, T); unit_ids: (B,). Returns ``(coefs, rows, gids, h)``: gids (N,) ascending over the N
-    real positions (first occurrences only, with ``hashes``; ``h`` (N,) their hashes, else None), and per
-    group ``coefs[j]`` (n_j, width_j) with ``rows[j]`` (n_j,) ascending indices into gids: every position for
-    a dense group, the positions routed to the expert for an expert group.
+    positions taken (``select``, or every real one; first occurrences only with ``hashes`` and no ``select``;
+    ``h`` (N,) their hashes, else None), and per group ``coefs[j]`` (n_j, width_j) with ``rows[j]`` (n_j,)
+    ascending indices into gids: every position for a dense group, the positions routed to the expert for an
+    expert group.
     """
     B, T = ids.shape
-    sel = mask.reshape(-1).nonzero().squeeze(1)
-    h = None
-    if hashes is not None:
-        h = hashes.reshape(-1).index_select(0, sel)
-        fresh = first_occurrences(h)
-        sel, h = sel[fresh], h[fresh]
+    sel, gids, h = _positions(ids, mask, unit_ids, hashes, select)
     dense = sorted({l for l, e, _ in groups if e is None})
     moe = sorted({l for l, e, _ in groups if e is not None})
     with expert_intervene(model, reads=moe) as caps:
@@ -158,11 +270,11 @@ def batch_group_coefficients(model, ids: torch.Tensor, mask: torch.Tensor, unit_
         else:
             cap = caps[l, e]
             p = where[cap.token.to(ids.device)]
-            keep = p >= 0  # routed, real and (with dedup) the prefix's first occurrence in the batch
-            coefs.append(cap.coef[keep])
-            rows.append(p[keep])
-    pos = torch.arange(T, device=ids.device).expand(B, T)
-    gids = ((unit_ids.to(ids.device)[:, None] << POSITION_BITS) + pos).reshape(-1).index_select(0, sel)
+            keep = p >= 0  # routed, taken and (with dedup) the prefix's first occurrence
+            p, c = p[keep], cap.coef[keep]
+            order = p.argsort()
+            coefs.append(c[order])
+            rows.append(p[order])
     return coefs, rows, gids, h
 
 
@@ -180,8 +292,38 @@ def _units_table(units: list[Unit]) -> dict:
             "next_id": pa.array([u.next_id for u in units], pa.int64())}
 
 
+def state_path(out: str | Path) -> Path:
+    """Where a run into ``out`` keeps its resumable state: the hidden folder ``.NAME.mining`` beside it."""
+    out = Path(out)
+    return out.parent / f".{out.name}.mining"
+
+
+def check_mining_options(model, top_k, batch_tokens, checkpoint_every, max_batches, dedup: bool) -> tuple:
+    """The numeric options of :func:`mine`, checked before anything is allocated or written."""
+    top_k = validate.integer(top_k, "--top-k", 1, MAX_TOP_K)
+    batch_tokens = validate.integer(batch_tokens, "--batch-tokens", 1)
+    checkpoint_every = validate.integer(checkpoint_every, "--checkpoint-every", 1)
+    if max_batches is not None:
+        max_batches = validate.integer(max_batches, "max_batches", 1)
+    rows = model.n_layers * model.d_ffn if mining_groups(model) is None else \
+        sum(w for _, _, w in mining_groups(model))
+    need = 2 * rows * top_k * (4 + 8 + (8 if dedup else 0))
+    if need > MAX_BUFFER_BYTES:
+        raise FfkvError(f"--top-k {top_k} needs {need / 2**30:.0f} GiB of buffers for {rows} keys",
+                        f"use a --top-k of at most {MAX_BUFFER_BYTES // (2 * rows * 20)}")
+    return top_k, batch_tokens, checkpoint_every, max_batches
+
+
+def count_units(tok, spec: CorpusSpec, source: Corpus) -> tuple[int, int]:
+    """``(units, tokens)`` of a corpus stream (a tokenizing pass without the model: the progress bar's total)."""
+    n = t = 0
+    for u in iter_units(tok, spec, source=source):
+        n, t = n + 1, t + len(u.tokens)
+    return n, t
+
+
 def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 25, batch_tokens: int = 2048,
-         checkpoint_every: int = 200, progress: bool = True, max_batches: int | None = None,
+         checkpoint_every: int = 200, progress: bool = False, max_batches: int | None = None,
          device_buffers: bool = True, dedup: bool = True, **corpus_options) -> dict:
     """Mine the top-k / bottom-k trigger prefixes of every key of ``model`` over ``corpus`` into ``out``.
 
@@ -192,11 +334,13 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
     corpus or top_k is refused. ``max_batches`` stops after that many batches of this call, leaving a
     checkpoint (for tests of resuming). ``dedup`` (default): a prefix that occurs several times in the
     corpus (the same token sequence from the start of its unit) counts once, at its first occurrence, so a
-    key's k triggers are k different prefixes. Returns the atlas metadata (``atlas.json``).
+    key's k triggers are k different prefixes. ``progress``: a bar with the corpus's total tokens and an ETA
+    (one extra tokenizing pass counts them). Returns the atlas metadata (``atlas.json``; ``status`` "partial"
+    when ``max_batches`` stopped it).
     """
     spec = corpus if isinstance(corpus, CorpusSpec) else CorpusSpec(str(corpus), **corpus_options)
-    if top_k < 1:
-        raise FfkvError(f"top_k must be at least 1, got {top_k}", "pass --top-k 25")
+    top_k, batch_tokens, checkpoint_every, max_batches = check_mining_options(
+        model, top_k, batch_tokens, checkpoint_every, max_batches, dedup)
     if spec.window >= 1 << POSITION_BITS:
         raise FfkvError(f"window {spec.window} is too long", f"use at most {(1 << POSITION_BITS) - 1} tokens")
     n_pos = max_positions(model)
@@ -205,85 +349,132 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
                         f"pass --window {n_pos} or less")
     source = open_corpus(spec.path, model)
     out = Path(out)
-    state_dir = out / "state"
+    state_dir = state_path(out)
     hyper = _hyper(spec, source, top_k, dedup)
     identity = model.identity
-    meta_path = out / "atlas.json"
     fingerprint = source.fingerprint
     tok = model.require_tokenizer()
-    if next(iter_units(tok, spec, source=source), None) is None:  # before anything is written
-        raise FfkvError(f"corpus '{spec.path}' yields no units of at least {spec.min_tokens} tokens",
-                        "pass a corpus with text in it (or lower --min-tokens)")
-    if meta_path.exists():
-        meta = read_json(meta_path)
+    if (out / "atlas.json").exists():
+        meta = read_atlas_meta(out)
         _check_same_run(meta, identity, hyper, fingerprint, out)
         if meta.get("status") == "complete":
             return meta
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FfkvError(f"output folder '{out}' exists and is not an atlas", "pass a new or empty --out folder")
+    if next(iter_units(tok, spec, source=source), None) is None:  # before anything is written
+        raise FfkvError(f"corpus '{spec.path}' yields no units of at least {spec.min_tokens} tokens",
+                        "pass a corpus with text in it (or lower --min-tokens)")
+    run_file = state_dir / "run.json"
+    if run_file.exists():
+        meta = read_json(run_file)
+        _check_same_run(meta, identity, hyper, fingerprint, out)
     else:
-        if out.exists() and any(out.iterdir()):
-            raise FfkvError(f"output folder '{out}' exists and is not an atlas", "pass a new or empty --out folder")
+        prov = provenance(identity, **hyper)
         meta = {"atlas_version": ATLAS_VERSION, "status": "mining", "model_path": _model_path(model),
-                "corpus_fingerprint": fingerprint, **provenance(identity, **hyper)}
-        write_json(meta_path, meta)
+                "corpus_fingerprint": fingerprint, **prov}
+    # creation times live in run.json only: every other file of a resumed atlas equals an uninterrupted run's
+    created = meta.pop("created", None) or utc_now()
 
     groups = mining_groups(model)
     buf_dev = model.device if device_buffers else "cpu"
     buffers = TriggerBuffers(model.n_layers, model.d_ffn, top_k, buf_dev, dedup=dedup) if groups is None else \
         GroupBuffers([w for _, _, w in groups], top_k, buf_dev, dedup=dedup)
-    done = {"units": 0, "tokens": 0, "batches": 0, "shards": []}
+    done = {"units": 0, "tokens": 0, "batches": 0, "shards": [], "window": None, "seconds": 0.0, "calls": 0}
     ckpt = state_dir / "state.safetensors"
     if ckpt.exists():
-        tensors, done = load_safetensors(ckpt)
+        tensors, saved = load_safetensors(ckpt)
         buffers.load(tensors)
+        done.update(saved)
         _drop_orphan_shards(state_dir, done["shards"])
+    done["calls"] = int(done.get("calls", 0)) + 1
+    call_meta = {**meta, "created": created}
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    stream = (u for u in iter_units(tok, spec, source=source) if u.unit >= done["units"])
+    resume = done.get("window")
+    first_unit = resume["start"] if resume else done["units"]
+    stream = (u for u in iter_units(tok, spec, source=source) if u.unit >= first_unit)
+    stride = spec.window  # positions are < window: the order code of a window entry fits 32 bits
+    windows = sort_windows(stream, SORT_WINDOW_BATCHES * max(batch_tokens, spec.window),
+                           max(1, ((1 << 31) - 1 - top_k) // stride), resume)
     pending: list[Unit] = []
-    bar = _progress(progress, done["tokens"])
     t0, tokens_this_call, n_batches = time.perf_counter(), 0, 0
     finished = True
+    bar = None
     try:
-        for batch in batches(stream, batch_tokens, spec.window):
-            ids, mask, hashes = encode_units(batch, pad_id, model.device, hashes=True)
-            unit_ids = torch.tensor([u.unit for u in batch], dtype=torch.long)
-            dev = buffers.device
-            if groups is not None:
-                coefs, rows, gids, hashes = batch_group_coefficients(model, ids, mask, unit_ids, groups,
-                                                                     hashes if dedup else None)
-                for j, (c, r) in enumerate(zip(coefs, rows)):
-                    buffers.update(j, c.to(dev), gids[r].to(dev),
-                                   hashes=None if hashes is None else hashes[r].to(dev))
-            else:
-                coefs, gids, hashes = batch_coefficients(model, ids, mask, unit_ids,
-                                                         hashes=hashes if dedup else None) \
-                    if dedup else (*batch_coefficients(model, ids, mask, unit_ids), None)
-                for l, c in enumerate(coefs):
-                    buffers.update(c.to(dev), gids.to(dev), layer=l,
-                                   hashes=None if hashes is None else hashes.to(dev))
-            pending.extend(batch)
-            n_tok = int(mask.sum())
-            done["units"], done["tokens"], done["batches"] = batch[-1].unit + 1, done["tokens"] + n_tok, \
-                done["batches"] + 1
-            tokens_this_call += n_tok
-            n_batches += 1
-            if bar is not None:
-                bar.update(n_tok)
-            if done["batches"] % checkpoint_every == 0:
-                done = _checkpoint(state_dir, buffers, pending, done)
-                pending = []
-            if max_batches is not None and n_batches >= max_batches:
-                finished = False
+        if progress if progress_forced() is None else progress_forced():  # FFKV_PROGRESS decides first
+            total = count_units(tok, spec, source)[1]
+            bar = progress_bar(total=total, desc="mining", unit="tok", enabled=True, initial=done["tokens"],
+                               unit_scale=True)
+        for wunits, bt, skip in windows:
+            u0, end = wunits[0].unit, wunits[-1].unit + 1
+            bt = bt or batch_tokens
+            fresh = window_fresh(wunits) if dedup else None
+            wbatches = window_batches(wunits, bt, spec.window, groups is None)
+            for j in range(skip, len(wbatches)):
+                n_tok = _absorb(model, buffers, groups, wbatches[j], pad_id, fresh, (u0, stride))
+                done["tokens"], done["batches"] = done["tokens"] + n_tok, done["batches"] + 1
+                done["window"] = {"start": u0, "end": end, "batch_tokens": bt, "batches_done": j + 1}
+                if j + 1 == len(wbatches):  # the window is complete: its units join the next shard
+                    pending.extend(wunits)
+                    done["units"], done["window"] = end, None
+                tokens_this_call += n_tok
+                n_batches += 1
+                if bar is not None:
+                    bar.update(n_tok)
+                if done["batches"] % checkpoint_every == 0:
+                    done = _checkpoint(state_dir, buffers, pending, done, call_meta, t0)
+                    pending = []
+                if max_batches is not None and n_batches >= max_batches:
+                    finished = False
+                    break
+            if not finished:
                 break
+    except FfkvError:
+        # the corpus itself is at fault (a bad line): the state could never resume, so nothing is left
+        shutil.rmtree(state_dir, ignore_errors=True)
+        raise
     finally:
         if bar is not None:
             bar.close()
-    if pending or not finished:
-        done = _checkpoint(state_dir, buffers, pending, done)
+    done = _checkpoint(state_dir, buffers, pending, done, call_meta, t0)
     if not finished:
         return {**meta, "status": "partial", "units": done["units"], "tokens": done["tokens"]}
     elapsed = time.perf_counter() - t0
-    return _finalize(model, out, buffers, done, meta, tokens_this_call / max(elapsed, 1e-9), groups)
+    done["seconds"] = float(done.get("seconds", 0.0)) + elapsed
+    return _finalize(model, out, buffers, done, meta, created, tokens_this_call / max(elapsed, 1e-9), groups)
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _absorb(model, buffers, groups, batch: list[Unit], pad_id: int, fresh, window) -> int:
+    """One batch of a sort window through the model into the buffers; returns its real tokens."""
+    n_tok = sum(len(u.tokens) for u in batch)
+    batch, n_real = filled(batch)
+    unit_ids = torch.tensor([u.unit for u in batch], dtype=torch.long)
+    dev = buffers.device
+    if fresh is not None:
+        ids, mask, hashes, select = encode_units(batch, pad_id, model.device, hashes=True, fresh=fresh)
+    else:
+        ids, mask = encode_units(batch, pad_id, model.device)
+        hashes, select = None, mask.bool()
+    if n_real < len(batch):
+        select = select.clone()
+        select[n_real:] = False
+    if groups is not None:
+        coefs, rows, gids, h = batch_group_coefficients(model, ids, mask, unit_ids, groups, hashes, select)
+        for j, (c, r) in enumerate(zip(coefs, rows)):
+            if r.numel():
+                buffers.update(j, c.to(dev), gids[r].to(dev), hashes=None if h is None else h[r].to(dev),
+                               window=window)
+    else:
+        out = batch_coefficients(model, ids, mask, unit_ids, hashes=hashes, select=select)
+        coefs, gids, h = out if hashes is not None else (*out, None)
+        for l, c in enumerate(coefs):
+            buffers.update(c.to(dev), gids.to(dev), layer=l, hashes=None if h is None else h.to(dev),
+                           window=window)
+    return n_tok
 
 
 def max_positions(model) -> int:
@@ -308,22 +499,18 @@ def _check_same_run(meta: dict, identity: dict, hyper: dict, fingerprint: str, o
                         "use the same model, corpus and options to resume, or a new --out folder")
 
 
-def _progress(enabled: bool, initial: int):
-    if not enabled:
-        return None
-    return tqdm(total=None, initial=initial, unit="tok", unit_scale=True, desc="mining", file=sys.stderr,
-                dynamic_ncols=True, mininterval=1.0)
-
-
-def _checkpoint(state_dir: Path, buffers: TriggerBuffers, pending: list[Unit], done: dict):
-    """Write the units read since the last checkpoint, then the buffers (the commit point)."""
+def _checkpoint(state_dir: Path, buffers, pending: list[Unit], done: dict, meta: dict, t0: float):
+    """Write the units of the windows finished since the last checkpoint, then the buffers (the commit point)."""
     state_dir.mkdir(parents=True, exist_ok=True)
+    if not (state_dir / "run.json").exists():
+        write_json(state_dir / "run.json", meta)
     done = dict(done)
     if pending:
         name = f"units-{pending[0].unit:012d}.parquet"
         write_parquet(state_dir / name, _units_table(pending))
         done["shards"] = list(done["shards"]) + [name]
-    save_safetensors(state_dir / "state.safetensors", buffers.state(), meta=done)
+    saved = {**done, "seconds": float(done.get("seconds", 0.0)) + time.perf_counter() - t0}
+    save_safetensors(state_dir / "state.safetensors", buffers.state(), meta=saved)
     return done
 
 
@@ -352,37 +539,42 @@ def _trigger_table(top_v, top_g, bot_v, bot_g, cited: set) -> dict:
     return {c: np.concatenate(parts) for c, parts in cols.items()}
 
 
-def _finalize(model, out: Path, buffers, done: dict, meta: dict, tok_per_s: float, groups=None) -> dict:
-    """Write ``triggers/layer-LLL.parquet`` (and ``layer-LLL-expert-EEE.parquet``) and ``units.parquet``;
-    mark the atlas complete."""
+def _finalize(model, out: Path, buffers, done: dict, meta: dict, created: str, tok_per_s: float,
+              groups=None) -> dict:
+    """Build the atlas in a temporary folder beside ``out`` and rename it onto ``out``: ``triggers/``,
+    ``units.parquet``, ``atlas.json``, ``run.json`` (the times); then drop the state."""
     k = buffers.k
-    prov = {k2: meta[k2] for k2 in ("ffkv_version", "created", "model", "hyperparameters")}
+    prov = {k2: meta[k2] for k2 in ("ffkv_version", "model", "hyperparameters")}
     cited: set = set()
-    if groups is None:
-        L, d = buffers.n_layers, buffers.d_ffn
-        for l in range(L):
-            block = slice(MemoryId(l, 0).flat(d), MemoryId(l + 1, 0).flat(d))  # the rows of layer l's keys
-            table = _trigger_table(buffers.top_v[block], buffers.top_g[block], buffers.bot_v[block],
-                                   buffers.bot_g[block], cited)
-            write_parquet(out / trigger_file(l), table, meta={**prov, "layer": l})
-        extra = {}
-    else:
-        L, d = model.n_layers, model.d_ffn
-        for j, (l, e, _) in enumerate(groups):
-            b = buffers.groups[j]
-            table = _trigger_table(b.top_v, b.top_g, b.bot_v, b.bot_g, cited)
-            write_parquet(out / trigger_file(l, e), table, meta={**prov, "layer": l, "expert": e})
-        extra = {"groups": [{"layer": l, "expert": e, "d_ffn": w} for l, e, w in groups],
-                 "n_experts": [model.n_experts(l) for l in range(L)]}
-    state_dir = out / "state"
-    shards = [pq.read_table(state_dir / s) for s in done["shards"]]
-    units = pa.concat_tables(shards) if shards else pa.table(_units_table([]))
-    keep = pa.array(sorted(cited), pa.int64())
-    units = units.filter(pc.is_in(units["unit"], value_set=keep))
-    write_parquet(out / "units.parquet", units, meta=prov)
-    meta = {**meta, "status": "complete", "units": done["units"], "tokens": done["tokens"],
-            "batches": done["batches"], "n_layers": L, "d_ffn": d, "top_k": k, **extra,
-            "tokens_per_second_last_call": round(tok_per_s, 1)}
-    write_json(out / "atlas.json", meta)
+    state_dir = state_path(out)
+    # h2's output lock (ffkv.io) belongs around this whole write, and around mine()'s state updates
+    with atomic_path(out, is_dir=True) as tmp:
+        if groups is None:
+            L, d = buffers.n_layers, buffers.d_ffn
+            for l in range(L):
+                block = slice(MemoryId(l, 0).flat(d), MemoryId(l + 1, 0).flat(d))  # the rows of layer l's keys
+                table = _trigger_table(buffers.top_v[block], buffers.top_g[block], buffers.bot_v[block],
+                                       buffers.bot_g[block], cited)
+                write_parquet(tmp / trigger_file(l), table, meta={**prov, "layer": l})
+            extra = {}
+        else:
+            L, d = model.n_layers, model.d_ffn
+            for j, (l, e, _) in enumerate(groups):
+                b = buffers.groups[j]
+                table = _trigger_table(b.top_v, b.top_g, b.bot_v, b.bot_g, cited)
+                write_parquet(tmp / trigger_file(l, e), table, meta={**prov, "layer": l, "expert": e})
+            extra = {"groups": [{"layer": l, "expert": e, "d_ffn": w} for l, e, w in groups],
+                     "n_experts": [model.n_experts(l) for l in range(L)]}
+        shards = [pq.read_table(state_dir / s) for s in done["shards"]]
+        units = pa.concat_tables(shards) if shards else pa.table(_units_table([]))
+        keep = pa.array(sorted(cited), pa.int64())
+        units = units.filter(pc.is_in(units["unit"], value_set=keep)).combine_chunks()
+        write_parquet(tmp / "units.parquet", units, meta=prov)
+        meta = {**meta, "status": "complete", "units": done["units"], "tokens": done["tokens"],
+                "batches": done["batches"], "n_layers": L, "d_ffn": d, "top_k": k, **extra}
+        write_json(tmp / "atlas.json", meta)
+        write_json(tmp / "run.json", {"created": created, "finished": utc_now(), "calls": int(done.get("calls", 1)),
+                                      "seconds": round(float(done.get("seconds", 0.0)), 3),
+                                      "tokens_per_second_last_call": round(tok_per_s, 1)})
     shutil.rmtree(state_dir, ignore_errors=True)
     return meta

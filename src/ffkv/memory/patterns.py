@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..models.engine import capture_coefficients
+from ..progress import track
 from .corpus import Unit
 from .miner import encode_units
 
@@ -61,57 +62,169 @@ def key_pattern(prefixes: list[list[int]], decode, threshold: float = 0.5, topic
                 break
             ngram, pattern = m, decode(list(g))
     words = Counter()
-    for p in prefixes:
-        words.update({w.lower() for w in _WORD.findall(decode(p)) if w.lower() not in STOP_WORDS})
+    for p in prefixes:  # a prefix's words in text order (each once): ties keep their first appearance
+        words.update(list(dict.fromkeys(w.lower() for w in _WORD.findall(decode(p)) if w.lower() not in STOP_WORDS)))
     topic = [(w, round(c / n, 3)) for w, c in words.most_common(8) if c / n >= topic_share]
     return {"label": "shallow" if share1 >= threshold else "semantic", "last_share": round(share1, 4),
             "ngram": ngram, "pattern": pattern, "last_token": decode([tok]), "topic": topic}
 
 
-def layer_patterns(atlas, layer: int, n: int | None = None, threshold: float = 0.5,
-                   topic_share: float = 0.3) -> list[dict]:
-    """:func:`key_pattern` of every key of a layer, from its ``n`` best top triggers (all by default)."""
+def decode_many(tok, seqs: list) -> list[str]:
+    """``[tok.decode(s) for s in seqs]`` in one call of the Rust tokenizer when it gives the same strings
+    (checked on the first sequences), else one decode each."""
+    seqs = [list(map(int, s)) for s in seqs]
+    backend = getattr(tok, "_tokenizer", None)
+    if backend is not None and seqs:
+        out = backend.decode_batch(seqs, skip_special_tokens=False)
+        if getattr(tok, "clean_up_tokenization_spaces", False):
+            out = [tok.clean_up_tokenization(t) for t in out]
+        if all(o == tok.decode(s) for o, s in zip(out[:8], seqs[:8])):
+            return out
+    return [tok.decode(s) for s in seqs]
+
+
+def _mode(eq: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the count of the most common item and the first column holding it (Counter.most_common's
+    tie rule: the item seen first). eq (R, k, k): item s equals item r; valid (R, k)."""
+    count = (eq & valid[:, None, :]).sum(2)  # (R, k): how many valid items equal item r
+    count = np.where(valid, count, 0)
+    best = count.max(1)
+    return best, (count == best[:, None]).argmax(1)
+
+
+def layer_pattern_arrays(atlas, layer: int, n: int | None = None, threshold: float = 0.5,
+                         topic_share: float = 0.3, max_n: int = 4) -> dict:
+    """:func:`key_pattern` of every key of a layer at once, as arrays over keys (no loop over keys).
+
+    With the (d, k) trigger matrix of the layer: ``share_1`` is the mode count of the last tokens over the
+    row (pairwise equality, (d, k, k)), the n-gram length the largest m whose mode count of last-m tokens
+    stays >= threshold, the topic words the content words of the prefixes' texts (every prefix of the layer
+    decoded in one tokenizer call) counted per key with ``np.unique``. Returns ``n``, ``label`` (d,) str,
+    ``last_share`` (d,) (rounded as key_pattern does), ``ngram`` (d,), ``pattern`` (d,) object,
+    ``last_token`` (d,) object, ``topic`` (list of d lists).
+    """
     tok = atlas.model.tokenizer
     tm = atlas.trigger_matrix(layer, "top")
     k = atlas.top_k if n is None else min(n, atlas.top_k)
-    cache: dict = {}
+    U, P = tm["unit"][:, :k], tm["position"][:, :k]
+    d = U.shape[0]
+    valid = U >= 0
+    cnt = valid.sum(1)
+    last = atlas.token_at(U, P)
+    eq = last[:, :, None] == last[:, None, :]
+    best1, first1 = _mode(eq, valid)
+    share1 = np.where(cnt > 0, best1 / np.maximum(cnt, 1), 0.0)
+    shallow = (cnt > 0) & (share1 >= threshold)
+    ngram = np.zeros(d, np.int64)
+    gram_row = np.zeros(d, np.int64)  # the column whose last-m tokens are the pattern
+    alive = shallow.copy()
+    eq_m = np.ones_like(eq)
+    for m in range(1, max_n + 1):
+        t = atlas.token_at(U, P - (m - 1))
+        eq_m = eq_m & (t[:, :, None] == t[:, None, :])
+        long = valid & (P + 1 >= m)
+        any_long = long.any(1)
+        best, first = _mode(eq_m, long)
+        alive &= any_long & (best / np.maximum(cnt, 1) >= threshold)
+        ngram[alive], gram_row[alive] = m, first[alive]
+    # texts: the last token of every key, its n-gram, and every prefix (for the topic words)
+    keys = np.arange(d)
+    last_tok = last[keys, first1]
+    uniq, inv = np.unique(np.where(cnt > 0, last_tok, 0), return_inverse=True)
+    last_text = np.array(decode_many(tok, [[t] for t in uniq]), dtype=object)[inv.reshape(-1)]
+    pattern = np.full(d, None, dtype=object)
+    sh = np.nonzero(ngram > 0)[0]
+    if sh.size:
+        gu, gp, gm = U[sh, gram_row[sh]], P[sh, gram_row[sh]], ngram[sh]
+        grams = [atlas.units[int(u)][0][int(p) - int(m) + 1: int(p) + 1] for u, p, m in zip(gu, gp, gm)]
+        pattern[sh] = decode_many(tok, grams)
+    rows, cols = np.nonzero(valid)  # every trigger entry, key by key, rank by rank
+    code = U[rows, cols] * (1 << 20) + P[rows, cols]
+    uniq_pre, pre_of = np.unique(code, return_inverse=True)  # a prefix cited by many keys is decoded once
+    pre_of = pre_of.reshape(-1)
+    texts = decode_many(tok, [atlas.units[int(c >> 20)][0][: int(c & ((1 << 20) - 1)) + 1] for c in uniq_pre])
+    vocab: dict[str, int] = {}
+    stop: list[bool] = []
+    flat: list[int] = []
+    lens = np.zeros(len(texts), np.int64)
+    for j, t in enumerate(texts):  # a loop over distinct prefixes: their content words, once each, in order
+        ws = [vocab.setdefault(w, len(vocab)) for w in dict.fromkeys(x.lower() for x in _WORD.findall(t))]
+        if len(vocab) > len(stop):
+            stop += [w in STOP_WORDS for w in list(vocab)[len(stop):]]
+        flat += ws
+        lens[j] = len(ws)
+    topic: list[list] = [[] for _ in range(d)]
+    if flat:
+        flat_w, stop_w = np.asarray(flat, np.int64), np.asarray(stop, bool)
+        starts = np.cumsum(lens) - lens
+        # the words of every entry: its prefix's word range, entries in (key, rank) order
+        n_e = lens[pre_of]
+        total = int(n_e.sum())
+        first_of_entry = np.cumsum(n_e) - n_e
+        within = np.arange(total) - np.repeat(first_of_entry, n_e)
+        wid = flat_w[np.repeat(starts[pre_of], n_e) + within]
+        occ_key = np.repeat(rows, n_e)
+        occ = np.arange(total)  # insertion order of Counter.update: ranks in order, words in text order
+        keep = ~stop_w[wid]
+        occ_key, occ, wid = occ_key[keep], occ[keep], wid[keep]
+        V = len(vocab)
+        pair = occ_key * V + wid
+        upair, first_idx, counts = np.unique(pair, return_index=True, return_counts=True)
+        pk, pw, pfirst = upair // V, upair % V, occ[first_idx]
+        order = np.lexsort((pfirst, -counts, pk))  # per key: count desc, then first appearance
+        pk, pw, counts = pk[order], pw[order], counts[order]
+        rank = np.arange(pk.size) - np.searchsorted(pk, pk)  # position within the key's list
+        share = counts / np.maximum(cnt[pk], 1)
+        sel = np.nonzero((rank < 8) & (share >= topic_share))[0]
+        words = list(vocab)
+        for i, w, c in zip(pk[sel].tolist(), pw[sel].tolist(), (counts[sel] / cnt[pk[sel]]).tolist()):
+            topic[i].append((words[w], round(c, 3)))
+    label = np.where(cnt == 0, "none", np.where(shallow, "shallow", "semantic"))
+    su, si = np.unique(share1, return_inverse=True)  # Python's round (as key_pattern), once per distinct share
+    rounded = np.array([round(float(x), 4) for x in su])[si.reshape(-1)]
+    return {"n": cnt, "label": label, "last_share": rounded, "ngram": ngram, "pattern": pattern,
+            "last_token": np.where(cnt > 0, last_text, None), "topic": topic}
 
-    def decode(ids):
-        key = tuple(ids)
-        if key not in cache:
-            cache[key] = tok.decode(list(ids))
-        return cache[key]
 
-    out = []
-    for i in range(atlas.d_ffn):
-        prefixes = [atlas.prefix(u, p) for u, p in zip(tm["unit"][i, :k], tm["position"][i, :k]) if u >= 0]
-        out.append({"index": i, **key_pattern(prefixes, decode, threshold, topic_share)})
-    return out
+def _pattern_row(arr: dict, i: int) -> dict:
+    """One key's :func:`key_pattern` dict from :func:`layer_pattern_arrays`."""
+    if arr["label"][i] == "none":
+        return {"index": i, "label": "none", "last_share": 0.0, "ngram": 0, "pattern": None, "topic": []}
+    return {"index": i, "label": str(arr["label"][i]), "last_share": float(arr["last_share"][i]),
+            "ngram": int(arr["ngram"][i]), "pattern": arr["pattern"][i], "last_token": arr["last_token"][i],
+            "topic": arr["topic"][i]}
+
+
+def layer_patterns(atlas, layer: int, n: int | None = None, threshold: float = 0.5,
+                   topic_share: float = 0.3) -> list[dict]:
+    """:func:`key_pattern` of every key of a layer, from its ``n`` best top triggers (all by default)."""
+    arr = layer_pattern_arrays(atlas, layer, n, threshold, topic_share)
+    return [_pattern_row(arr, i) for i in range(len(arr["label"]))]
 
 
 def pattern_summary(atlas, n: int | None = None, threshold: float = 0.5, topic_share: float = 0.3,
-                    examples: int = 3) -> dict:
+                    examples: int = 3, progress: bool = False) -> dict:
     """Share of shallow and semantic keys per layer (section 3), with example keys."""
     layers = []
-    for l in range(atlas.n_layers):
-        pats = layer_patterns(atlas, l, n, threshold, topic_share)
-        labels = np.array([p["label"] for p in pats])
-        with_topic = np.array([bool(p["topic"]) for p in pats])
+    for l in track(range(atlas.n_layers), desc="patterns", unit="layer", enabled=progress):
+        arr = layer_pattern_arrays(atlas, l, n, threshold, topic_share)
+        labels, share = arr["label"], arr["last_share"].astype(np.float64)
+        with_topic = np.array([bool(t) for t in arr["topic"]])
         sem = labels == "semantic"
+        by_share = np.argsort(-share, kind="stable")[:examples]
         layers.append({
             "layer": l, "shallow": float((labels == "shallow").mean()), "semantic": float(sem.mean()),
             "semantic_with_topic": float((sem & with_topic).mean()),
-            "mean_last_share": float(np.mean([p["last_share"] for p in pats])),
-            "examples_shallow": [p for p in sorted(pats, key=lambda p: -p["last_share"])[:examples]
-                                 if p["label"] == "shallow"],
-            "examples_semantic": [p for p in pats if p["label"] == "semantic" and p["topic"]][:examples],
+            "mean_last_share": float(np.mean(share)),
+            "examples_shallow": [_pattern_row(arr, int(i)) for i in by_share if labels[i] == "shallow"],
+            "examples_semantic": [_pattern_row(arr, int(i)) for i in np.nonzero(sem & with_topic)[0][:examples]],
         })
     return {"threshold": threshold, "topic_share": topic_share, "n_triggers": n or atlas.top_k, "layers": layers}
 
 
 @torch.no_grad()
 def removal_effects(atlas, keys_per_layer: int = 64, triggers_per_key: int = 1, seed: int = 0,
-                    batch_size: int = 64) -> dict:
+                    batch_size: int = 64, progress: bool = False) -> dict:
     """Coefficient change when a top prefix loses its last token or its first token, per layer.
 
     For sampled keys i and their top prefixes x = (x_1..x_t), t >= 2:
@@ -135,7 +248,7 @@ def removal_effects(atlas, keys_per_layer: int = 64, triggers_per_key: int = 1, 
     coefs = np.zeros(len(variants), np.float32)
     tok = model.tokenizer
     pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-    for s in range(0, len(variants), batch_size):
+    for s in track(range(0, len(variants), batch_size), desc="removal", unit="batch", enabled=progress):
         chunk = variants[s: s + batch_size]
         ids, mask = encode_units([Unit(j, 0, v, -1, "") for j, (_, v) in enumerate(chunk)], pad, model.device)
         coef = capture_coefficients(model, ids, mask, sorted({l for (l, _, _), _ in chunk}))

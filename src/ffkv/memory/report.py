@@ -303,7 +303,7 @@ def _write_index(atlas: Atlas, index: list[list[dict]]) -> list[str]:
     return names
 
 
-def write_report(atlas: Atlas, analyze_missing: bool = True, progress: bool = True, **analyze_options) -> str:
+def write_report(atlas: Atlas, analyze_missing: bool = True, progress: bool = False, **analyze_options) -> str:
     """Write ``DIR/report.html`` (+ figures), running any analysis not yet stored; returns its path."""
     stored = {s: atlas.analysis(s) for s in STEPS}
     missing = [s for s, v in stored.items() if v is None]

@@ -4,10 +4,20 @@ Every key (row) keeps the k prefixes with the largest coefficient; a batch is ab
 
     buffer <- top_k( [buffer ; batch] )      per key, over the concatenation (k + N candidates)
 
-Ties are broken by stream order (earlier prefixes first). Buffer entries always precede the batch in the
-stream, so a composite integer key (order-preserving bits of the coefficient, then the candidate's column)
-sorts by exactly (coefficient desc, stream order asc) in one ``topk``: the result is a pure function of the
-stream, whatever the batching. Shapes: buffers (R, k), R = L * d_ffn keys; a batch (N, R).
+Ties are broken by prefix id g (earlier prefixes first). A composite integer key (order-preserving bits of
+the coefficient, then a 32-bit order code c of the candidate) sorts by exactly (coefficient desc, g asc) in one
+``topk``. Two ways to give the code:
+
+- stream order (``window=None``): every buffer entry precedes the batch, so c = the buffer column, then
+  k + the batch position (the batch's ids ascending);
+- a sort window (``window=(u0, stride)``, what :func:`ffkv.memory.miner.mine` uses): the batches of one window
+  of units (``u >= u0``) arrive in any order (sorted by length, so that they are nearly unpadded), every
+  entry older than the window precedes it. Then c = the buffer column for entries older than the window,
+  and ``k + (u - u0) * stride + t`` (t < stride, the position) for every entry of the window, buffered or new:
+  a code that orders like g inside the window.
+
+Either way the result is a pure function of the set of prefixes absorbed, whatever the batching or the order
+of a window's batches. Shapes: buffers (R, k), R = L * d_ffn keys; a batch (N, R).
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ import torch
 
 from ..errors import FfkvError
 from ..models.memory_id import MemoryId
+
+POSITION_BITS = 20  # global prefix id g = unit << 20 | position
 
 
 def ordered_bits(x: torch.Tensor) -> torch.Tensor:
@@ -36,13 +48,29 @@ def _clean(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x) + 0.0
 
 
-def batch_topk(new_v: torch.Tensor, k: int, floor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def order_codes(buf_g: torch.Tensor, new_g: torch.Tensor, k: int, window: tuple[int, int] | None = None):
+    """The order codes c of a buffer (R, k) and of a batch's prefixes (N,) (module docstring): int64, smaller
+    = earlier prefix; unique within a key."""
+    cols = torch.arange(k, device=buf_g.device).expand(buf_g.shape[0], k)
+    if window is None:
+        return cols, k + torch.arange(new_g.numel(), device=new_g.device)
+    u0, stride = window
+    mask = (1 << POSITION_BITS) - 1
+
+    def local(g):
+        return k + ((g >> POSITION_BITS) - u0) * stride + (g & mask)
+
+    return torch.where(buf_g >= (u0 << POSITION_BITS), local(buf_g), cols), local(new_g)
+
+
+def batch_topk(new_v: torch.Tensor, k: int, floor: torch.Tensor | None = None,
+               strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best prefixes of a batch for every key by (value desc, position asc): values and positions (R, k).
 
     new_v: (N, R) cleaned float32, one column per key. A float ``topk(k + 1)`` finds them unless the k-th
     and (k+1)-th values tie; only keys with such a tie whose tied value can still enter the buffer (above
-    ``floor``, the buffer's k-th value) are redone with the exact composite key
-    ``bits(v) * 2^32 + (2^32 - 1 - position)`` (ReLU zeros are the usual ties).
+    ``floor``, the buffer's k-th value; or equal to it when not ``strict``) are redone with the exact composite
+    key ``bits(v) * 2^32 + (2^32 - 1 - position)`` (ReLU zeros are the usual ties).
     """
     N, R = new_v.shape
     if N <= k:
@@ -51,7 +79,7 @@ def batch_topk(new_v: torch.Tensor, k: int, floor: torch.Tensor | None = None) -
     vals, cols = top.values[:k].T, top.indices[:k].T
     tie = top.values[k - 1] == top.values[k]
     if floor is not None:
-        tie &= top.values[k - 1] > floor
+        tie &= (top.values[k - 1] > floor) if strict else (top.values[k - 1] >= floor)
     rows = tie.nonzero().squeeze(1)
     if rows.numel():
         sub = new_v.index_select(1, rows).T
@@ -62,18 +90,19 @@ def batch_topk(new_v: torch.Tensor, k: int, floor: torch.Tensor | None = None) -
     return vals, cols
 
 
-def _merge_dense(buf_v, buf_g, buf_h, new_v, new_g, new_h, k):
+def _merge_dense(buf_v, buf_g, buf_h, new_v, new_g, new_h, k, buf_c, new_c, strict=True):
     """Merge when many prefixes can enter (the start of a run): per-key top-k of the batch, then 2k.
 
-    A batch candidate whose prefix hash is already in the key's buffer is dropped (set to -inf: it can
-    then only fill a slot after every empty buffer slot, i.e. never)."""
+    buf_c (R, k), new_c (N,): order codes (:func:`order_codes`). A batch candidate whose prefix hash is already
+    in the key's buffer is dropped (set to -inf: it can then only fill a slot after every empty buffer slot,
+    i.e. never)."""
     new_v = _clean(new_v)
-    vals, cols = batch_topk(new_v, k, floor=buf_v[:, -1])
+    vals, cols = batch_topk(new_v, k, floor=buf_v[:, -1], strict=strict)
     if buf_h is not None:
         dup = (new_h[cols][:, :, None] == buf_h[:, None, :]).any(2)
         vals = vals.masked_fill(dup, float("-inf"))
     cat = torch.cat([buf_v, vals], dim=1)
-    order = torch.cat([torch.arange(k, device=cat.device).expand(cat.shape[0], k), k + cols], dim=1)
+    order = torch.cat([buf_c, new_c[cols]], dim=1)
     key = (ordered_bits(cat) << 32) + ((1 << 32) - 1 - order)
     idx = key.topk(k, dim=1, sorted=True).indices
     v = cat.gather(1, idx)
@@ -85,7 +114,7 @@ def _merge_dense(buf_v, buf_g, buf_h, new_v, new_g, new_h, k):
     return v, g, h
 
 
-def _merge_sparse(buf_v, buf_g, buf_h, pos, rows, vals, new_g, new_h, k):
+def _merge_sparse(buf_v, buf_g, buf_h, pos, rows, vals, new_g, new_h, k, buf_c, new_c):
     """Merge a few candidates (key ``rows[j]`` at batch position ``pos[j]``, value ``vals[j]``).
 
     All buffer entries and candidates are sorted once by the composite key, then stably by key row; the
@@ -100,7 +129,7 @@ def _merge_sparse(buf_v, buf_g, buf_h, pos, rows, vals, new_g, new_h, k):
     dev = buf_v.device
     all_rows = torch.cat([torch.arange(R, device=dev).repeat_interleave(k), rows])
     all_v = torch.cat([buf_v.reshape(-1), vals + 0.0])
-    order = torch.cat([torch.arange(k, device=dev).repeat(R), k + pos])
+    order = torch.cat([buf_c.reshape(-1), new_c[pos]])
     key = (ordered_bits(all_v) << 32) + ((1 << 32) - 1 - order)
     by_key = key.argsort(descending=True)
     perm = by_key[all_rows[by_key].argsort(stable=True)]
@@ -114,19 +143,23 @@ def _merge_sparse(buf_v, buf_g, buf_h, pos, rows, vals, new_g, new_h, k):
 
 def merge_topk(buf_v: torch.Tensor, buf_g: torch.Tensor, new_v: torch.Tensor, new_g: torch.Tensor,
                k: int, negate: bool = False, sparse_share: float = 0.05, buf_h: torch.Tensor | None = None,
-               new_h: torch.Tensor | None = None, col_best: torch.Tensor | None = None):
-    """The k largest of ``[buffer ; batch]`` for every key, ties to the earlier prefix.
+               new_h: torch.Tensor | None = None, col_best: torch.Tensor | None = None,
+               window: tuple[int, int] | None = None):
+    """The k largest of ``[buffer ; batch]`` for every key, ties to the earlier prefix (smaller g).
 
     buf_v (R, k) float32 sorted by (value desc, g asc); buf_g (R, k) int64 (-1 = empty);
     new_v (N, R): the batch's coefficients, one column per key (``-new_v`` is merged if ``negate``);
-    new_g (N,) int64, ascending and larger than every id in the buffer.
-    Only values above a key's current k-th value (its floor) can enter: equal ones lose the tie to the
-    older prefix. Keys whose batch maximum (``col_best``, computed if not given) is not above their floor
-    are skipped without touching the batch again. Among the others, when the candidates are few
-    (< ``sparse_share`` of the block: the usual case once the buffers fill) they are merged sparsely,
-    otherwise the batch is cut to its k best per key first. Both paths order by the composite key
-    ``bits(v) * 2^32 + (2^32 - 1 - c)``, c = stream order (buffer columns first, then k + batch position),
-    unique per key, so the result is exact.
+    new_g (N,) int64 ascending. Without ``window`` every id of the batch is larger than every id in the
+    buffer; with ``window=(u0, stride)`` the batch belongs to the sort window of units ``u >= u0`` (positions
+    ``< stride``) and only the buffer's entries older than the window must be older than the batch (see the
+    module docstring).
+    Only values above a key's current k-th value (its floor) can enter, or equal to it when the floor entry
+    is a later prefix of the same window. Keys whose batch maximum (``col_best``, computed if not given) cannot
+    beat their floor are skipped without touching the batch again. Among the others, when the candidates
+    are few (< ``sparse_share`` of the block: the usual case once the buffers fill) they are merged
+    sparsely, otherwise the batch is cut to its k best per key first. Both paths order by the composite key
+    ``bits(v) * 2^32 + (2^32 - 1 - c)``, c the order code (:func:`order_codes`), unique per key, so the result
+    is exact.
     With prefix hashes (buf_h (R, k), new_h (N,), the batch already free of repeats) a prefix whose hash is
     in a key's buffer is not added again, so each key keeps k distinct prefixes.
     Returns the new (buf_v, buf_g) or, with hashes, (buf_v, buf_g, buf_h).
@@ -135,7 +168,18 @@ def merge_topk(buf_v: torch.Tensor, buf_g: torch.Tensor, new_v: torch.Tensor, ne
     if col_best is None:
         col_best = (-new_v).amax(0) if negate else new_v.amax(0)
     col_best = torch.nan_to_num(col_best.float(), nan=float("inf"))  # a NaN column takes the exact path
-    keys = (col_best > buf_v[:, -1]).nonzero().squeeze(1)
+    floor_all = buf_v[:, -1]
+    enter = col_best > floor_all
+    tie_keys = None
+    if window is not None:
+        # a value equal to the floor enters when the floor entry is a later prefix of this window
+        u0, _ = window
+        floor_g = buf_g[:, -1]
+        tie = (floor_g >= (u0 << POSITION_BITS)) & (floor_g > new_g.min())
+        if bool(tie.any()):
+            enter |= tie & (col_best == floor_all)
+            tie_keys = tie
+    keys = enter.nonzero().squeeze(1)
     if keys.numel() == 0:
         return (buf_v, buf_g, buf_h) if buf_h is not None else (buf_v, buf_g)
     if keys.numel() == R:
@@ -144,14 +188,21 @@ def merge_topk(buf_v: torch.Tensor, buf_g: torch.Tensor, new_v: torch.Tensor, ne
         sub_v = new_v.index_select(1, keys)
         bv, bg = buf_v.index_select(0, keys), buf_g.index_select(0, keys)
         bh = None if buf_h is None else buf_h.index_select(0, keys)
+    buf_c, new_c = order_codes(bg, new_g, k, window)
     floor = bv[:, -1]
     mask = (sub_v < -floor) if negate else (sub_v > floor)
+    if tie_keys is not None:
+        tk = tie_keys[keys].nonzero().squeeze(1)
+        eq = (sub_v.index_select(1, tk) == (-floor[tk] if negate else floor[tk])) \
+            & (new_c[:, None] < buf_c[tk, -1][None, :])
+        mask[:, tk] |= eq
     pos, rows = mask.nonzero(as_tuple=True)
     if pos.numel() <= sparse_share * mask.numel():
         vals = sub_v[pos, rows].float()
-        out = _merge_sparse(bv, bg, bh, pos, rows, -vals if negate else vals, new_g, new_h, k)
+        out = _merge_sparse(bv, bg, bh, pos, rows, -vals if negate else vals, new_g, new_h, k, buf_c, new_c)
     else:
-        out = _merge_dense(bv, bg, bh, -sub_v if negate else sub_v, new_g, new_h, k)
+        out = _merge_dense(bv, bg, bh, -sub_v if negate else sub_v, new_g, new_h, k, buf_c, new_c,
+                           strict=window is None)
     if keys.numel() != R:
         out = (buf_v.index_copy(0, keys, out[0]), buf_g.index_copy(0, keys, out[1]),
                None if buf_h is None else buf_h.index_copy(0, keys, out[2]))
@@ -209,10 +260,10 @@ class TriggerBuffers:
         return self.top_v.device
 
     def update(self, coef: torch.Tensor, gids: torch.Tensor, layer: int | None = None,
-               hashes: torch.Tensor | None = None):
+               hashes: torch.Tensor | None = None, window: tuple[int, int] | None = None):
         """Absorb one batch. coef: (N, d_ffn) coefficients of one layer's keys (or (N, L * d_ffn) for all
         layers when ``layer`` is None) at N prefixes; gids: (N,) ascending; hashes: (N,) prefix hashes,
-        free of repeats (required with dedup)."""
+        free of repeats (required with dedup); ``window``: the batch's sort window (:func:`merge_topk`)."""
         if coef.shape[0] == 0:
             return
         rows = slice(None) if layer is None else slice(MemoryId(layer, 0).flat(self.d_ffn),
@@ -221,7 +272,8 @@ class TriggerBuffers:
         for kind, negate, best in (("top", False, hi), ("bot", True, -lo)):
             v, g, h = getattr(self, kind + "_v"), getattr(self, kind + "_g"), getattr(self, kind + "_h")
             out = merge_topk(v[rows], g[rows], coef, gids, self.k, negate=negate, col_best=best,
-                             buf_h=None if h is None else h[rows], new_h=hashes if self.dedup else None)
+                             buf_h=None if h is None else h[rows], new_h=hashes if self.dedup else None,
+                             window=window)
             v[rows], g[rows] = out[0], out[1]
             if h is not None:
                 h[rows] = out[2]
@@ -254,9 +306,10 @@ class GroupBuffers:
     def device(self) -> torch.device:
         return self.groups[0].device
 
-    def update(self, group: int, coef: torch.Tensor, gids: torch.Tensor, hashes: torch.Tensor | None = None):
+    def update(self, group: int, coef: torch.Tensor, gids: torch.Tensor, hashes: torch.Tensor | None = None,
+               window: tuple[int, int] | None = None):
         """Absorb one batch of group ``group``: coef (n, width) at prefixes gids (n,) ascending."""
-        self.groups[group].update(coef, gids, layer=0, hashes=hashes)
+        self.groups[group].update(coef, gids, layer=0, hashes=hashes, window=window)
 
     def state(self) -> dict:
         return {f"{j}.{name}": t for j, b in enumerate(self.groups) for name, t in b.state().items()}

@@ -32,6 +32,7 @@ import torch
 from ..errors import FfkvError
 from ..models.memory_id import MemoryId
 from ..models.moe import MoEModel
+from ..progress import track
 
 
 def write_values(model, layer: int, expert: int | None = None) -> torch.Tensor:
@@ -134,7 +135,7 @@ def agreement(top1: np.ndarray, next_ids: np.ndarray, n_random: int = 20, seed: 
 
 
 def analyze_values(atlas, norm: bool = False, top_n: int = 10, chunk: int = 1024, n_random: int = 20,
-                   seed: int = 0, progress: bool = True) -> tuple[dict, dict]:
+                   seed: int = 0, progress: bool = False) -> tuple[dict, dict]:
     """Project every value of the atlas's model; agreement, ranks and the top-100 ``max p`` histogram.
 
     Returns ``(columns, summary)``: columns for ``values.parquet`` (one row per memory) and the per-layer
@@ -144,12 +145,7 @@ def analyze_values(atlas, norm: bool = False, top_n: int = 10, chunk: int = 1024
     cols: dict[str, list] = {k: [] for k in ("layer", "index", "top_ids", "top_p", "bottom_ids", "max_p", "lse",
                                              "value_norm", "trigger_next_id", "trigger_next_rank")}
     layers = []
-    it = range(model.n_layers)
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc="values", unit="layer", file=__import__("sys").stderr)
-    for l in it:
+    for l in track(range(model.n_layers), desc="values", unit="layer", enabled=progress):
         nxt = atlas.next_tokens(l)
         pv = project_values(model, l, norm=norm, top_n=top_n, chunk=chunk, targets=nxt)
         d = model.d_ffn
@@ -183,16 +179,22 @@ def analyze_values(atlas, norm: bool = False, top_n: int = 10, chunk: int = 1024
 def values_arrow(columns: dict):
     import pyarrow as pa
 
+    def lists(rows, typ):  # (n, top_n) rows as one list column, without a Python loop over memories
+        m = np.asarray(np.stack(rows), dtype=typ)
+        offsets = pa.array(np.arange(0, m.size + 1, max(m.shape[1], 1), dtype=np.int32)[: m.shape[0] + 1])
+        return pa.ListArray.from_arrays(offsets, pa.array(m.reshape(-1)))
+
+    top = np.stack(columns["top_ids"])
     return pa.table({
         "layer": pa.array(columns["layer"]), "index": pa.array(columns["index"]),
-        "top_ids": pa.array([list(map(int, r)) for r in columns["top_ids"]], pa.list_(pa.int32())),
-        "top_p": pa.array([list(map(float, r)) for r in columns["top_p"]], pa.list_(pa.float32())),
-        "bottom_ids": pa.array([list(map(int, r)) for r in columns["bottom_ids"]], pa.list_(pa.int32())),
+        "top_ids": lists(columns["top_ids"], np.int32),
+        "top_p": lists(columns["top_p"], np.float32),
+        "bottom_ids": lists(columns["bottom_ids"], np.int32),
         "max_p": pa.array(columns["max_p"]), "lse": pa.array(columns["lse"]),
         "value_norm": pa.array(columns["value_norm"]),
         "trigger_next_id": pa.array(columns["trigger_next_id"]),
         "trigger_next_rank": pa.array(columns["trigger_next_rank"]),
-        "agrees": pa.array(np.array([int(r[0]) for r in columns["top_ids"]]) == columns["trigger_next_id"]),
+        "agrees": pa.array(top[:, 0].astype(np.int64) == columns["trigger_next_id"]),
     })
 
 
