@@ -124,7 +124,7 @@ def test_bad_jsonl_line_leaves_nothing(planted_dir, tmp_path, capsys):
 def test_bad_numbers_are_refused_before_anything_is_allocated(planted, planted_dir, corpus, tmp_path, capsys):
     out = tmp_path / "out"
     _one_line(["atlas", "mine", planted_dir, "--corpus", corpus, "--out", out, "--top-k", "1000000000"], capsys,
-              "--top-k 1000000000 is out of range")
+              "1000000000 is not in the range")
     assert _nothing_at(out)
     with pytest.raises(SystemExit) as e:  # click's own range check
         main(["atlas", "mine", str(planted_dir), "--corpus", str(corpus), "--out", str(out), "--checkpoint-every", "0"])
@@ -165,3 +165,21 @@ def test_mining_bar_has_a_total(planted, corpus, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     total = sum(len(u.tokens) for u in iter_units(planted.model.tokenizer, CorpusSpec(str(corpus))))
     assert "mining" in err and f"/{total}" in err.replace(" ", "") and meta["tokens"] == total
+
+
+def test_a_second_miner_of_the_same_folder_is_refused(tmp_path):
+    """While one ``mine`` holds an atlas folder's state, a second writer is refused in one line."""
+    from ffkv.io import lock_output
+    from ffkv.memory.miner import mine, state_path
+    from ffkv.testbed.planted import planted_model
+
+    pm = planted_model(arch="gpt2")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the old tower\nthe castle\n")
+    out = tmp_path / "atlas"
+    with lock_output(state_path(out)):
+        with pytest.raises(FfkvError, match="being written by another ffkv process"):
+            mine(pm.model, str(corpus), out, top_k=2)
+    assert not out.exists()
+    mine(pm.model, str(corpus), out, top_k=2)
+    assert (out / "atlas.json").exists()

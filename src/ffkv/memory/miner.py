@@ -51,7 +51,7 @@ import torch
 
 from .. import validate
 from ..errors import FfkvError
-from ..io import atomic_path, load_safetensors, provenance, read_json, save_safetensors, write_json, write_parquet
+from ..io import atomic_path, load_safetensors, lock_output, provenance, read_json, save_safetensors, write_json, write_parquet
 from ..models.engine import capture_coefficients, run
 from ..models.memory_id import MemoryId
 from ..models.moe import MoEModel, expert_intervene
@@ -325,6 +325,16 @@ def count_units(tok, spec: CorpusSpec, source: Corpus) -> tuple[int, int]:
 def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 25, batch_tokens: int = 2048,
          checkpoint_every: int = 200, progress: bool = False, max_batches: int | None = None,
          device_buffers: bool = True, dedup: bool = True, **corpus_options) -> dict:
+    # One writer at a time: the resumable state beside the target is locked for the whole run (a second
+    # ``atlas mine`` into the same folder is refused in one line); the final rename locks the target itself.
+    with lock_output(state_path(Path(out))):
+        return _mine(model, corpus, out, top_k, batch_tokens, checkpoint_every, progress, max_batches,
+                     device_buffers, dedup, **corpus_options)
+
+
+def _mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 25, batch_tokens: int = 2048,
+          checkpoint_every: int = 200, progress: bool = False, max_batches: int | None = None,
+          device_buffers: bool = True, dedup: bool = True, **corpus_options) -> dict:
     """Mine the top-k / bottom-k trigger prefixes of every key of ``model`` over ``corpus`` into ``out``.
 
     corpus: a corpus spec (a file or folder, "wikitext", "testbed", "auto": :func:`ffkv.memory.corpus.open_corpus`,
