@@ -2,8 +2,8 @@
 
 For every probe key k_j of the edited layer the prediction Δy_j = ΔW k_j (from C^-1 and the edit's key,
 computed on the unedited model) must equal the measured change of that layer's output at the probe's
-subject's last token after ffkv.edit.apply_edits, read through the engine. Planted model (fresh, since edits
-change weights) and the default testbed (edits undone bit for bit).
+subject's last token after ffkv.edit.apply_edits, read through the engine. Planted model and the default
+testbed (the shared fixtures: every edit is undone bit for bit, and checked).
 """
 
 from __future__ import annotations
@@ -62,16 +62,16 @@ def corpus():
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) for _ in range(400)]
 
 
-def test_planted_rome_prediction_equals_the_measured_change(corpus, tmp_path):
-    from ffkv.testbed.planted import planted_model
-
-    m = planted_model(arch="gpt2").model
+def test_planted_rome_prediction_equals_the_measured_change(planted, corpus, tmp_path):
+    m = planted.model  # the session's: the edit is undone bit for bit below
+    state = {k: v.clone() for k, v in m.hf.state_dict().items()}
     ctx = EditContext(corpus=corpus)
     req = EditRequest("the old {}", "tower", " rome")
     probes = [("the old {}", s) for s in ("castle", "river", "bridge", "house", "tower")] + \
              [("a big {}", s) for s in ("lake", "forest", "city")] + [("the {} of", "king")]
     hp = {**PLANTED_FAST, "layer": 1}
     rep, before, measured = check_prediction(m, req, "rome", hp, probes, ctx, tmp_path)
+    assert all(torch.equal(state[k], v) for k, v in m.hf.state_dict().items())
     pred = rep.delta_out[1].double()
     scale = before[1].norm(dim=1, keepdim=True).clamp_min(1.0)
     assert torch.allclose(pred, measured[1], rtol=0, atol=1e-4 * float(scale.max()))
