@@ -95,7 +95,7 @@ def testbed_setup(default_testbed, testbed_model, tmp_path_factory):
     return testbed_model, cases, tmp_path_factory.mktemp("stats")
 
 
-@pytest.mark.parametrize("method", ["rome", "memit"])
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
 def test_testbed_prediction_equals_the_measured_change(method, testbed_setup, default_testbed):
     model, cases, stats_dir = testbed_setup
     torch.set_num_threads(1)
@@ -136,7 +136,7 @@ def test_testbed_prediction_equals_the_measured_change(method, testbed_setup, de
 
 def test_refuses_what_it_cannot_predict(planted):
     m = planted.model
-    with pytest.raises(FfkvError, match="rome and memit"):
+    with pytest.raises(FfkvError, match="rome, memit, alphaedit"):
         predict_interference(m, [EditRequest("the old {}", "tower", " rome")], "kn", probes=[])
     with pytest.raises(FfkvError, match="does not occur"):
         probe_requests([("no subject here", "tower")])

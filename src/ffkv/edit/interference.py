@@ -12,7 +12,8 @@ output changes by exactly
 A key of W_out is the input of W_out, computed by the layers below and the layer's own W_in: editing W_out
 does not change it, so Δy_j is the whole change of the edited layer's output at that token. MEMIT's batched
 update of a layer, ΔW_l = R_l K_l^T (λ C_l + K_l K_l^T)^-1 = U V^T (:mod:`.memit`), gives Δy_j = U (V^T k_j)
-the same way. Everything here is computed on the unedited model with the methods' own pieces (the key
+the same way, and so does AlphaEdit's null-space projected one (:mod:`.methods.alphaedit`). Everything here
+is computed on the unedited model with the methods' own pieces (the key
 :func:`.compute_key.compute_keys`, the target :func:`.compute_value.compute_targets`, the closed forms
 :func:`.rome.rank_one_update` and :func:`.memit.memit_layer_update`, the statistics of an
 :class:`.context.EditContext`), so sharing the context with the edit that follows makes the prediction the
@@ -58,6 +59,7 @@ from .compute_value import compute_targets
 from .context import EditContext
 from .hparams import resolve_hparams
 from .memit import memit_layer_update
+from .methods import alphaedit as alphaedit_method
 from .requests import EditRequest, as_requests
 from .rome import rank_one_update, target_value
 from .stats import cholesky_factor
@@ -65,7 +67,7 @@ from .stats import cholesky_factor
 __all__ = ["InterferenceReport", "RequestDiagnostics", "predict_interference", "known_fact_probes",
            "probe_requests", "update_factors", "layer_output_shift", "trace_concentration", "key_spread"]
 
-METHODS = ("rome", "memit")
+METHODS = ("rome", "memit", "alphaedit")
 
 
 @dataclass
@@ -207,8 +209,8 @@ def probe_keys(model, probes: Sequence[EditRequest], layer: int, chunk: int = 25
 
 def _check(model, method: str, hp: dict):
     if method not in METHODS:
-        raise FfkvError(f"interference is predicted for {' and '.join(METHODS)} updates, not {method!r}",
-                        f"pass method={METHODS[0]!r} or {METHODS[1]!r}")
+        raise FfkvError(f"interference is predicted for {', '.join(METHODS)} updates, not {method!r}",
+                        f"pass method={METHODS[0]!r}, {METHODS[1]!r} or {METHODS[2]!r}")
     layers = [hp["layer"]] if method == "rome" else list(hp["layers"])
     if hp.get("layer") == "trace" or hp.get("expert") is not None:
         raise FfkvError("interference is predicted for dense layers named by index",
@@ -219,14 +221,16 @@ def _check(model, method: str, hp: dict):
     return layers
 
 
-def update_factors(model, requests: Sequence[EditRequest], method: str, hp: dict, context: EditContext
-                   ) -> tuple[dict, dict]:
+def update_factors(model, requests: Sequence[EditRequest], method: str, hp: dict, context: EditContext,
+                   journal=None) -> tuple[dict, dict]:
     """The update the method would make, without making it: ``({layer: (U, V)}, {layer: exact})``.
 
     ROME (one request at a time, as :func:`ffkv.edit.methods.rome.apply` makes them): U V^T is the sum of
     the requests' rank-one updates, each computed on the unedited model, so it is the update itself for one
     request (a later ROME request sees the earlier edits: ``exact`` is False for several). MEMIT: the batch's
-    update of every layer (exact at the first layer; module docstring).
+    update of every layer (exact at the first layer; module docstring). AlphaEdit: MEMIT's, with its null-space
+    projected solve (:func:`ffkv.edit.methods.alphaedit.projected_update`) against the keys of the earlier
+    AlphaEdit edits in ``journal`` (None: no earlier edits).
     """
     layers = _check(model, method, hp)
     stats = context.layer_stats(model, layers, hp)
@@ -246,7 +250,7 @@ def update_factors(model, requests: Sequence[EditRequest], method: str, hp: dict
                 us.append(u.float().double())
                 vs.append(v.float().double())
         return {l: (torch.stack(us, 1), torch.stack(vs, 1))}, {l: len(requests) == 1}
-    top = layers[-1]
+    top = layers[-1]  # MEMIT and AlphaEdit: targets after the last layer, the residual spread over the layers
     tgt = compute_targets(model, requests, "resid_post", top, hp, prefixes)
     z = (tgt.h + tgt.delta).detach()
     cur = read_at_subject(model, requests, "resid_post", top)
@@ -258,7 +262,13 @@ def update_factors(model, requests: Sequence[EditRequest], method: str, hp: dict
             raise FfkvError(f"layer {l} normalises its FFN output: MEMIT's write there is solved numerically",
                             "predict interference of ROME on this family")
         K = compute_keys(model, requests, l, prefixes).T
-        U, V = memit_layer_update(stats[l].C, K, R, float(hp["mom2_update_weight"]))
+        if method == "alphaedit":
+            P, _ = alphaedit_method.projector(context, l, stats[l], hp["nullspace_threshold"])
+            cache = (alphaedit_method.state_of(context).sync(journal, l, K.shape[0]) if journal is not None
+                     else torch.zeros(K.shape[0], K.shape[0], dtype=torch.float64))
+            U, V = alphaedit_method.projected_update(P, cache, K, R, hp["L2"])
+        else:
+            U, V = memit_layer_update(stats[l].C, K, R, float(hp["mom2_update_weight"]))
         out[l] = (U.float().double(), V.float().double())
         exact[l] = j == 0
     return out, exact
@@ -314,8 +324,8 @@ def paraphrase_templates(prompts: Sequence[str], subject: str) -> list[str]:
 
 def predict_interference(model, requests, method: str = "rome", hparams=None, probes=(),
                          paraphrases: Sequence[Sequence[str]] | None = None, context: EditContext | None = None,
-                         stats_dir=None, trace: bool = True, trace_window: int = 1, trace_samples: int = 10
-                         ) -> InterferenceReport:
+                         stats_dir=None, trace: bool = True, trace_window: int = 1, trace_samples: int = 10,
+                         journal=None) -> InterferenceReport:
     """Predict what editing ``requests`` with ``method`` ("rome" or "memit") does to the probes' keys.
 
     hparams: overrides of the method's defaults (as :func:`ffkv.edit.apply_edits` takes them; layer and
@@ -323,14 +333,15 @@ def predict_interference(model, requests, method: str = "rome", hparams=None, pr
     paraphrases: per request, extra prompt templates (``{}`` for the subject) for the key's spread.
     context: the :class:`EditContext` the edit will use (same statistics and prefixes: the prediction is the
     update itself). trace: run the MLP causal trace for concentration / peak / P(true) (else NaN).
-    Nothing of the model is changed.
+    journal: the journal of the model's earlier edits (AlphaEdit solves against their keys). Nothing of the
+    model is changed.
     """
     requests = as_requests(requests)
     hp = resolve_hparams(model, method, hparams)
     method = hp["method"]
     context = (context if context is not None else EditContext()).using(stats_dir=stats_dir, progress=False)
     preqs = probe_requests(probes)
-    factors, exact = update_factors(model, requests, method, hp, context)
+    factors, exact = update_factors(model, requests, method, hp, context, journal)
     layers = sorted(factors)
     delta_out, shift, relative, alpha = {}, {}, {}, {}
     for l in layers:
