@@ -11,6 +11,10 @@ every measurement). The figure is :func:`ffkv.evaluate.sequential.plot_curves` w
 table prints, at each measured number of edits, probe accuracy, perplexity and the efficacy of the earlier
 edits now (retention ES) per run, and each run's distance from the goal of docs/evaluate.md (probe accuracy
 within 5 points of the unedited model's, earlier-edit ES >= 0.9).
+
+``--nullspace MODEL`` also prints, for AlphaEdit's layers on that model, the null space its thresholds give:
+the eigenvectors of C = E[k k^T] (the edit statistics, AlphaEdit's defaults) with eigenvalue below each
+threshold, their number and the share of the keys' energy they hold, Σ_{λ<thr} λ / tr C.
 """
 
 from __future__ import annotations
@@ -25,7 +29,11 @@ def main():
     ap.add_argument("summaries", nargs="+")
     ap.add_argument("--out", required=True)
     ap.add_argument("--title", default="sequential edits on the default testbed")
+    ap.add_argument("--nullspace", default=None, help="a model folder: print AlphaEdit's null space on it")
+    ap.add_argument("--thresholds", default="2e-2,1e-3,1e-4")
     args = ap.parse_args()
+    if args.nullspace:
+        nullspace(args.nullspace, [float(x) for x in args.thresholds.split(",")])
     from ffkv.evaluate.sequential import SequentialResult, plot_curves
 
     results = {}
@@ -44,6 +52,24 @@ def main():
             print(f"{row['n_edits']:6d} {row['probe_acc']:9.2f} {row['ppl']:10.1f} {row['retention_ES']:7.2f} "
                   f"{row['efficacy_at_edit']:7.2f} {row['edited_NS']:5.2f}  {'met' if ok else 'missed'}")
     print(path)
+
+
+def nullspace(path: str, thresholds: list[float]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    import ffkv
+    from ffkv.edit import EditContext
+    from ffkv.edit.hparams import resolve_hparams
+
+    model = ffkv.load_model(path)
+    hp = resolve_hparams(model, "alphaedit")
+    stats = EditContext(progress=False).layer_stats(model, hp["layers"], hp)
+    for l in hp["layers"]:
+        s = torch.linalg.eigvalsh(stats[l].C.double())
+        parts = [f"thr {t:g}: {int((s < t).sum())} dims, {float(s[s < t].sum() / s.sum()):.2%} of the energy"
+                 for t in thresholds]
+        print(f"layer {l} (d_ffn {len(s)}, {stats[l].n_tokens} tokens): " + "; ".join(parts))
 
 
 if __name__ == "__main__":
