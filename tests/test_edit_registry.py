@@ -73,7 +73,7 @@ def toy(monkeypatch):
 def test_every_method_exports_the_contract():
     from ffkv.edit.registry import METHODS, EditMethod, get_method
 
-    assert list(METHODS) == ["rome", "memit", "kn"]
+    assert list(METHODS) == ["rome", "memit", "kn", "alphaedit"]
     m = fresh()
     for name, method in METHODS.items():
         assert isinstance(method, EditMethod) and method.name == name and get_method(name) is method
@@ -82,8 +82,9 @@ def test_every_method_exports_the_contract():
         assert set(hp) <= set(method.hparam_docs), name  # every hyperparameter is documented
         assert all(0 <= layer < m.n_layers for layer in method.layers(hp))
     assert METHODS["memit"].batched and not METHODS["rome"].batched and not METHODS["kn"].batched
-    with pytest.raises(FfkvError, match="unknown edit method 'alphaedit'.*rome, memit, kn"):
-        get_method("alphaedit")
+    assert METHODS["alphaedit"].batched
+    with pytest.raises(FfkvError, match="unknown edit method 'emmet'.*rome, memit, kn, alphaedit"):
+        get_method("emmet")
 
 
 def test_a_new_method_runs_through_apply_edits_the_journal_and_evaluation(toy, tmp_path):

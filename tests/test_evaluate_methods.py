@@ -137,3 +137,42 @@ def test_public_layouts_load_and_score(shared_data, testbed_model):
     assert zinfo["n_cases"] > 900
     rows = measure_cases(testbed_model, flat[:4] + zsre[:4], n_gen_prompts=1, gen_tokens=4)
     assert all(0.0 <= r["ES"] <= 1.0 and 0.0 <= r["NS"] <= 1.0 and r["locality"] == 1.0 for r in rows)
+
+
+def test_sequential_alphaedit_carries_the_keys_of_earlier_edits(default_testbed, testbed_model, stats_dir):
+    # AlphaEdit's state (the earlier edits' keys K_p K_p^T) lives in the editor's EditContext and follows its
+    # shared journal: the second step's update is solved against the first step's keys.
+    from ffkv.edit.context import EditContext
+    from ffkv.evaluate.datasets import spread_subjects
+    from ffkv.evaluate.run import make_editor
+
+    cases = spread_subjects(load_cases(default_testbed / "data" / "counterfact.json", limit=60)[0])[:6]
+    before = _state(testbed_model)
+    hp = _hp(testbed_model, "alphaedit")
+    ctx = EditContext()
+    editor = make_editor("alphaedit", hp, stats_dir, shared_journal=True, context=ctx)
+    res = sequential_edits(testbed_model, cases[:4], method="alphaedit", hparams=hp, editor=editor, batch_size=2,
+                           every=2, probes=probe_pairs(cases[4:]), progress=False)
+    assert [r["n_edits"] for r in res.curve] == [0, 2, 4] and not any(s["refused"] for s in res.steps)
+    assert res.curve[-1]["retention_ES"] >= 0.5
+    state = ctx.method_state["alphaedit"]
+    assert all(state.n_keys[l] == 2 for l in hp["layers"])  # the last step saw the first step's two keys
+    after = testbed_model.hf.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_cli_sequential_alphaedit_prints_the_keys_rome_prints(default_testbed, stats_dir, capsys):
+    from ffkv.cli import main
+
+    keys = {}
+    for method in ("rome", "alphaedit"):
+        main(["evaluate", str(default_testbed), "--method", method, "--sequential", "2", "--every", "2",
+              "--probes", "2", "--gen-prompts", "0", "--set", "stats_tokens=20000", "--set", "v_num_grad_steps=5",
+              "--stats-dir", str(stats_dir), "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert out["method"] == method and [r["n_edits"] for r in out["curve"]] == [0, 2]
+        for k in ("probe_acc", "ppl"):
+            assert 0.0 <= out["baseline"][k] < float("inf") and 0.0 <= out["final"][k] < float("inf")
+        assert 0.0 <= out["final"]["retention_ES"] <= 1.0
+        keys[method] = (set(out), set(out["final"]), set(out["baseline"]))
+    assert keys["alphaedit"] == keys["rome"]

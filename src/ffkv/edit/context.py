@@ -7,7 +7,9 @@
 It holds the statistics memo (``{(spec, layer): SecondMoment}``, :func:`ffkv.edit.stats.layer_stats`),
 the context-prefix cache (``{(spec, seed): [prefix, ...]}``, generated once per run on the unedited
 model, as ROME's global cache) and the base identity: the unedited model's, which the statistics of an
-edited model belong to. One context serves one model (and its edited states).
+edited model belong to. ``method_state`` holds what a method carries from one call to the next (AlphaEdit:
+the keys of its earlier edits, kept in step with the journal, :class:`ffkv.edit.methods.alphaedit.AlphaEditState`).
+One context serves one model (and its edited states).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class EditContext:
     stats_dir: str | Path | None = None
     corpus: object = None
     progress: bool = True
+    method_state: dict = field(default_factory=dict)  # a method's own state, keyed by its name (AlphaEdit's K_p K_p^T)
 
     def using(self, **settings) -> "EditContext":
         """A view with other settings (``stats_dir``, ``corpus``, ``progress``) sharing this context's state."""

@@ -15,6 +15,7 @@ ROME / MEMIT / EasyEdit files paste in: their names are ffkv's where they mean t
     context_template_length_params  -> prefixes
     layers: [17] (ROME)              -> layer: 17
     steps, adaptive_threshold (KN)   -> ig_steps, threshold
+    mom2_update_weight (AlphaEdit)   dropped with a warning: AlphaEdit's update does not read it
     alg_name                         must name the method; v_loss_layer must be the last layer (ffkv's loss is
                                      on the model's output); mom2_adjustment must be true (ffkv always uses C)
     model_name, device, stats_dir, fp16, model_parallel, max_length, batch_size, layer_selection,
@@ -141,6 +142,10 @@ def _translate(model, method_name: str, known: dict, over: dict) -> dict:
         if vl not in (model.n_layers - 1, -1):
             raise FfkvError(f"v_loss_layer={vl}: ffkv's target loss is on the model's output (layer "
                             f"{model.n_layers - 1})", "drop v_loss_layer or set it to the last layer")
+    if "mom2_update_weight" in over and "mom2_update_weight" not in known and "nullspace_threshold" in known:
+        over.pop("mom2_update_weight")
+        warnings.warn("mom2_update_weight is in AlphaEdit's files but its update does not use it (the null-space "
+                      "projector replaces lambda C); ignored", stacklevel=4)
     if "mom2_adjustment" in over and "mom2_adjustment" not in known:
         if not over.pop("mom2_adjustment"):
             raise FfkvError("mom2_adjustment=false (an update without the key statistics C) is not ffkv's "

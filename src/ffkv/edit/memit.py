@@ -39,7 +39,7 @@ the same way.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -115,10 +115,14 @@ def layer_experts(hparams: dict) -> list[int | None]:
 
 
 def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dict[int, SecondMoment],
-               journal: Journal, prefixes: list[str] | None = None) -> list[JournalEntry]:
+               journal: Journal, prefixes: list[str] | None = None, method: str = "memit",
+               layer_update: Callable | None = None) -> list[JournalEntry]:
     """Apply one MEMIT batch over ``hparams['layers']``; returns the journal entries (one per layer).
 
-    ``stats`` is keyed by layer, or by ``(layer, expert)`` for a layer whose expert is edited."""
+    ``stats`` is keyed by layer, or by ``(layer, expert)`` for a layer whose expert is edited.
+    ``layer_update(site, K, R) -> (u, v, info)`` replaces the per-layer solve ΔW = u v^T (default: MEMIT's,
+    :func:`memit_layer_update` with λ = ``mom2_update_weight``); AlphaEdit passes its null-space projected
+    solve (:mod:`ffkv.edit.methods.alphaedit`), and ``method`` names the journal entries."""
     layers = list(hparams["layers"])
     experts = layer_experts(hparams)
     top = layers[-1]
@@ -165,9 +169,13 @@ def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dic
             g = shared_gates(model, requests, layer, prefixes)
             R = R / g.to(R.device)[None, :]
             info["shared_gates"] = [float(x) for x in g]
-        u, v = memit_layer_update(stats[site].C, K, R, float(hparams["mom2_update_weight"]))
+        if layer_update is None:
+            u, v = memit_layer_update(stats[site].C, K, R, float(hparams["mom2_update_weight"]))
+        else:
+            u, v, extra = layer_update(site, K, R)
+            info.update(extra)
         info.update({"targets": info_req if j == 0 else None, "residual_norm": float(R.norm()),
                      "stats_tokens": stats[site].n_tokens, "stats_corpus": stats[site].corpus})
-        entries.append(journal.record(model, "memit", layer, u.float(), v.float(), reqs, hparams, info,
+        entries.append(journal.record(model, method, layer, u.float(), v.float(), reqs, hparams, info,
                                       max_ratio=hparams["max_update_ratio"], keys=K, expert=expert))
     return entries

@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..errors import FfkvError
 from ..models.model import MemoryModel
-from .methods import kn, memit, rome
+from .methods import alphaedit, kn, memit, rome
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ METHODS: dict[str, EditMethod] = {
     "rome": EditMethod.from_module(rome),
     "memit": EditMethod.from_module(memit),
     "kn": EditMethod.from_module(kn),
+    "alphaedit": EditMethod.from_module(alphaedit),
 }
 
 

@@ -349,3 +349,39 @@ def summarize(rows: list[dict], scale: float = 100.0) -> dict:
 def _scaled(st: dict, scale: float) -> dict:
     return {"mean": None if st["mean"] is None else st["mean"] * scale,
             "ci95": None if st["ci95"] is None else st["ci95"] * scale, "n": st["n"]}
+
+
+# ---------------------------------------------------------------------------------------------- rankings
+
+
+def ranks(x) -> np.ndarray:
+    """Ranks 1..n of ``x``, ties given their mean rank (as scipy.stats.rankdata)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    r = np.empty(len(x), dtype=np.float64)
+    r[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):  # ties: the mean of their ranks
+        tie = x == v
+        if tie.sum() > 1:
+            r[tie] = r[tie].mean()
+    return r
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels``: P(score of a positive > score of a
+    negative), ties counting one half (Mann-Whitney U / (n_pos n_neg)); NaN without both classes."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = ranks(s)
+    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (Pearson's of the tie-averaged ranks); NaN when either is constant."""
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
