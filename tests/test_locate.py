@@ -44,8 +44,8 @@ def test_trace_equals_rome_reference_tiny(mt, kind):
     from ffkv.models.loading import tiny_model
 
     m = with_words(tiny_model(mt, n_layers=4))
-    args = dict(kind=kind, noise="s3", samples=3, window=3, seed=0)
-    fast = causal_trace(m, PROMPT, SUBJECT, bands=2, **args)
+    args = dict(kind=kind, noise="s3", subjects="vocabulary", samples=3, window=3, seed=0)
+    fast = causal_trace(m, PROMPT, SUBJECT, max_rows=6, **args)
     ref = causal_trace_reference(m, PROMPT, SUBJECT, **args)
     assert fast.answer_id == ref.answer_id and fast.tokens == ref.tokens
     np.testing.assert_allclose(fast.scores, ref.scores, rtol=1e-5, atol=0)
