@@ -321,8 +321,13 @@ def _mean_prob(logits: torch.Tensor, answer_id: int, samples: int) -> torch.Tens
     return p.reshape(-1, samples).mean(1)
 
 
-class _Tracer:
-    """The clean and corrupted runs of one prompt, shared by every kind, and the exact restored P of any cell."""
+class Tracer:
+    """The clean and corrupted runs of one prompt, shared by every kind, and the exact restored P of any cell.
+
+    ``Tracer(model, prompt, subject, kinds, answer, noise, samples, window, seed, subjects, max_rows, cost)``;
+    ``.prep`` (tokens, subject range, answer, p_clean, clean states, noise), ``.low`` (p_*), ``.crec`` (the
+    corrupted run's residual streams), ``.scores(kind, cells)`` (exact restored P of chosen cells).
+    """
 
     def __init__(self, model, prompt, subject, kinds, answer, noise, samples, window, seed, subjects, max_rows,
                  cost):
@@ -484,7 +489,7 @@ def causal_traces(model: MemoryModel, prompt: str, subject: str, kinds=KINDS, an
     kinds = [kinds] if isinstance(kinds, str) else [k or "hidden" for k in kinds]  # ROME's kind=None = hidden
     _check_args(model, kinds, samples, window)
     cost = cost if cost is not None else Cost()
-    tr = _Tracer(model, prompt, subject, kinds, answer, noise, samples, window, seed, subjects, max_rows, cost)
+    tr = Tracer(model, prompt, subject, kinds, answer, noise, samples, window, seed, subjects, max_rows, cost)
     out = {}
     with bar(total=sum(tr.n_steps(k) for k in kinds), desc=f"trace {'/'.join(kinds)}", unit="layer",
              enabled=progress) as b:
@@ -522,7 +527,7 @@ def exact_cells(model: MemoryModel, prompt: str, subject: str, cells: dict[str, 
     kinds = list(cells)
     _check_args(model, kinds, samples, window)
     cost = cost if cost is not None else Cost()
-    tr = _Tracer(model, prompt, subject, kinds or ["hidden"], answer, noise, samples, window, seed, subjects,
+    tr = Tracer(model, prompt, subject, kinds or ["hidden"], answer, noise, samples, window, seed, subjects,
                  max_rows, cost)
     return {k: tr.scores(k, list(c)) for k, c in cells.items()}, tr.prep.high_score, tr.low
 
