@@ -52,7 +52,7 @@ import torch
 
 from ..errors import FfkvError
 from ..io import read_json
-from ..models.engine import Cost, reference_run, run
+from ..models.engine import Cost, run
 from ..models.hooks import Intervention, intervene
 from ..models.model import MemoryModel
 from ..progress import bar
@@ -297,9 +297,8 @@ def _prepare(model, prompt, subject, kinds, answer, noise, samples, seed, subjec
     ids = model.encode(prompt)["input_ids"]
     s, e = model.find_subject(prompt, subject)
     sites = sorted({SITE_OF_KIND[k] for k in kinds})
-    logits, rec, _ = reference_run(model, ids, reads=[(site, l) for site in sites for l in range(model.n_layers)],
-                                   cost=cost)
-    probs = torch.softmax(logits[0, -1].float(), -1)
+    out = run(model, ids, reads=[(site, l) for site in sites for l in range(model.n_layers)], head="last", cost=cost)
+    rec, probs = out.rec, torch.softmax(out.logits[0].float(), -1)
     if answer is None:
         # ROME traces the model's top prediction; a padded vocabulary's rows past the tokenizer are no text
         real = model.tokenizer_vocab_size or probs.numel()
@@ -337,10 +336,11 @@ class Tracer:
         self.L, self.T = model.n_layers, self.prep.ids.shape[1]
         reads = [("resid_pre", l) for l in range(self.L)] + [("resid_post", l) for l in range(self.L)]
         ids_n = self.prep.ids.expand(samples, self.T)
-        logits, self.crec, self.cache = reference_run(
-            model, ids_n, edits=[corruption(self.prep.noise, self.prep.subject_range, self.prep.mode)], reads=reads,
-            cost=cost)
-        self.low = float(_mean_prob(logits[:, -1], self.prep.answer_id, samples)[0])
+        # only the last position is unembedded; the cache holds every position for the cells' partial runs
+        out = run(model, ids_n, edits=[corruption(self.prep.noise, self.prep.subject_range, self.prep.mode)],
+                  reads=reads, head="last", return_cache=True, cost=cost)
+        self.crec, self.cache = out.rec, out.cache
+        self.low = float(_mean_prob(out.logits, self.prep.answer_id, samples)[0])
 
     def groups(self, kind: str, cells=None) -> tuple[dict, dict]:
         """``(known, groups)``: the cells whose score needs no run ``{(t, l): p}``, and the rest as

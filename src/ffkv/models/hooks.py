@@ -72,7 +72,7 @@ class Intervention:
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         """Return a rewritten copy of h (B, T, D); h itself is never modified in place."""
-        if self.batch is None and self.positions is None and self.indices is None:
+        if self.batch is None and self.positions is None and self.indices is None and not h.requires_grad:
             return self._apply_whole(h)
         idx = _block_index(h, self.batch, self.positions, self.indices)
         if self.op == "off":
@@ -94,7 +94,8 @@ class Intervention:
 
     def _apply_whole(self, h: torch.Tensor) -> torch.Tensor:
         # The whole tensor is selected: the same values as the indexed path, without building index tensors
-        # (a run's starting residual is written this way at every partial run).
+        # (a run's starting residual is written this way at every partial run). Not under autograd: there the
+        # indexed path's result stays a function of h (a gradient w.r.t. a set site is defined, and zero).
         if self.op == "off":
             return torch.zeros_like(h)
         if self.op == "fn":
