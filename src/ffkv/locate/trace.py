@@ -328,6 +328,7 @@ class Tracer:
     corrupted run's residual streams), ``.scores(kind, cells)`` (exact restored P of chosen cells).
     """
 
+    @torch.no_grad()
     def __init__(self, model, prompt, subject, kinds, answer, noise, samples, window, seed, subjects, max_rows,
                  cost):
         self.model, self.samples, self.window, self.max_rows, self.cost = model, samples, window, max_rows, cost
@@ -435,6 +436,7 @@ class Tracer:
             parts.append(self._layer(t, j, state[lo:hi], sub))
         return torch.cat(parts)
 
+    @torch.no_grad()
     def scores(self, kind: str, cells=None, progress=None) -> dict[tuple[int, int], float]:
         """Exact restored P(answer) of ``cells`` [(t, l)] (default: every cell)."""
         known, groups = self.groups(kind, cells)
