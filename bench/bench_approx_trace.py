@@ -1,10 +1,10 @@
 """The approximate causal trace (attribution patching + exact verification) against the exact trace and ROME's loop.
 
-1. Speed: on a randomly initialised model of GPT-2 small's shape (``transformers.GPT2Config()`` defaults: 12 x 768,
-   d_ffn 3072, 50,257 vocabulary rows; the testbed's tokenizer), one prompt: ``ffkv.locate.approx.approx_trace``
-   (all three kinds from one forward and one backward pass of the noised rows, ``verify`` cells per kind
-   restored exactly) against ROME's per-cell loop (``ffkv.locate.trace.causal_trace_reference``) for each kind,
-   and ffkv's exact ``causal_trace``; the verified cells are checked equal to ROME's values there.
+1. Speed: on a randomly initialised model of GPT-2 small's shape (12 x 768, d_ffn 3072, 50,257 vocabulary rows;
+   the testbed's tokenizer), one 10-token prompt: ``ffkv.locate.approx.approx_trace`` (all three kinds from one
+   forward and one backward pass of the noised rows, ``verify`` cells per kind restored exactly; and each kind
+   alone) against ROME's per-cell loop (``ffkv.locate.trace.causal_trace_reference``, ``--rome-kinds``) and
+   ffkv's exact ``causal_traces``; the verified cells are checked equal to ROME's values there.
 2. Agreement: on the testbed, over ``--n`` frequent known facts (``data/facts.jsonl``, train_count >= 30, the
    first training template the model answers correctly): Spearman rank correlation of the estimated grid with
    the exact ``causal_trace`` grid (cells from the first subject token on), and how often the peak is the same
@@ -54,39 +54,46 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def speed(tb: Path, verify: int, window: int) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
+def speed(tb: Path, verify: int, window: int, rome_kinds: list[str]) -> dict:
+    """On GPT-2 small's shape: approx (all kinds, and each kind alone) against ROME's loop (``rome_kinds``; every
+    kind of ROME's loop is the same 121 passes of 11 rows, so one kind's time stands for each), and against ffkv's
+    exact trace of all kinds; the verified cells equal ROME's values there."""
+    import ffkv
+    from bench_trace import random_gpt2
 
     from ffkv.locate.approx import approx_trace
-    from ffkv.locate.trace import causal_trace, causal_trace_reference
-    from ffkv.models.model import MemoryModel
+    from ffkv.locate.trace import causal_trace_reference, causal_traces
 
-    torch.manual_seed(0)
-    tok = PreTrainedTokenizerFast.from_pretrained(str(tb / "model"))
-    model = MemoryModel.from_hf(AutoModelForCausalLM.from_config(GPT2Config()).eval(), tok, check=False)
+    model = random_gpt2(ffkv.load_model(tb / "model"), 12, 768)
     prompt, subject = "According to the records, Lian Terkeli was born in", "Lian Terkeli"
     T = model.encode(prompt)["input_ids"].shape[1]
-    opts = {"noise": "s3", "samples": 10, "window": window, "seed": 0}
-    approx, t_approx = timed(lambda: approx_trace(model, prompt, subject, verify=verify, **opts))
-    out = {"model": "random GPT2Config() 12x768", "tokens": T, "verify": verify, "window": window,
-           "approx_s": t_approx, "kinds": {}}
-    for i, kind in enumerate(("hidden", "mlp", "attn")):
-        ref, t_ref = timed(lambda: causal_trace_reference(model, prompt, subject, kind=kind,
-                                                          answer=approx.answer_id, **opts))
-        exact, t_exact = timed(lambda: causal_trace(model, prompt, subject, kind=kind, answer=approx.answer_id,
-                                                    **opts))
-        diff = max(abs(p - ref.scores[t, l]) for t, l, p in approx.detail["verified"][kind])
-        out["kinds"][kind] = {"rome_s": t_ref, "ffkv_exact_s": t_exact, "verified_max_abs_diff": diff}
-        print(f"speed {kind}: ROME loop {t_ref:.1f}s, ffkv exact {t_exact:.1f}s; verified cells vs ROME "
-              f"max |diff| {diff:.2g}", flush=True)
-    rome = sum(k["rome_s"] for k in out["kinds"].values())
-    out["ratio_vs_rome_all_kinds"] = rome / t_approx
-    out["ratio_vs_rome_hidden"] = out["kinds"]["hidden"]["rome_s"] / t_approx
-    out["ratio_vs_ffkv_exact_all_kinds"] = sum(k["ffkv_exact_s"] for k in out["kinds"].values()) / t_approx
-    print(f"speed: approx (3 kinds, verify {verify}) {t_approx:.2f}s; ROME's loop, 3 kinds {rome:.1f}s = "
-          f"{out['ratio_vs_rome_all_kinds']:.1f}x; hidden alone {out['ratio_vs_rome_hidden']:.1f}x; ffkv exact "
-          f"3 kinds {out['ratio_vs_ffkv_exact_all_kinds']:.1f}x", flush=True)
+    opts = {"noise": "s3", "samples": 10, "window": window}
+    approx, t_all = timed(lambda: approx_trace(model, prompt, subject, verify=verify, **opts))
+    out = {"model": "random GPT-2 12x768, 50,257 vocabulary rows", "tokens": T, "verify": verify, "window": window,
+           "approx_all_kinds_s": t_all, "kinds": {}}
+    _, t_exact = timed(lambda: causal_traces(model, prompt, subject, answer=approx.answer_id, **opts))
+    out["ffkv_exact_all_kinds_s"] = t_exact
+    for kind in ("hidden", "mlp", "attn"):
+        one, t_one = timed(lambda: approx_trace(model, prompt, subject, kinds=[kind], answer=approx.answer_id,
+                                                verify=verify, **opts))
+        row = {"approx_alone_s": t_one}
+        if kind in rome_kinds:
+            ref, t_ref = timed(lambda: causal_trace_reference(model, prompt, subject, kind=kind,
+                                                              answer=approx.answer_id, **opts))
+            row.update({"rome_s": t_ref, "verified_max_abs_diff": max(
+                abs(p - ref.scores[t, l]) for t, l, p in approx.detail["verified"][kind])})
+        out["kinds"][kind] = row
+        print(f"speed {kind}: approx alone {t_one:.2f}s" + (f", ROME loop {row['rome_s']:.1f}s; verified cells vs "
+              f"ROME max |diff| {row['verified_max_abs_diff']:.2g}" if "rome_s" in row else ""), flush=True)
+    rome = np.mean([k["rome_s"] for k in out["kinds"].values() if "rome_s" in k])
+    out["rome_per_kind_s"] = float(rome)
+    out["ratio_per_kind_all_kinds_at_once"] = 3 * rome / t_all
+    out["ratio_per_kind_alone"] = {k: rome / v["approx_alone_s"] for k, v in out["kinds"].items()}
+    out["ratio_vs_ffkv_exact_all_kinds"] = t_exact / t_all
+    print(f"speed: approx, 3 kinds at once {t_all:.2f}s: {out['ratio_per_kind_all_kinds_at_once']:.1f}x ROME's loop "
+          f"per kind ({rome:.1f}s); one kind alone: " + ", ".join(f"{k} {v:.1f}x" for k, v in
+                                                             out["ratio_per_kind_alone"].items())
+          + f"; ffkv exact 3 kinds {t_exact:.1f}s = {out['ratio_vs_ffkv_exact_all_kinds']:.1f}x approx", flush=True)
     return out
 
 
@@ -108,7 +115,7 @@ def agreement(tb: Path, n: int, verify: int, window: int) -> dict:
             break
     rows = {k: {"spearman": [], "same_peak_screen": [], "same_peak_verified": [], "same_cell": []}
             for k in ("hidden", "mlp", "attn")}
-    opts = {"noise": "s3", "samples": 10, "window": window, "seed": 0}
+    opts = {"noise": "s3", "samples": 10, "window": window}
     t_approx = t_exact = 0.0
     for prompt, subject, obj in cases:
         r, dt = timed(lambda: approx_trace(model, prompt, subject, answer=obj, verify=verify, **opts))
@@ -149,6 +156,8 @@ def main():
     ap.add_argument("--verify", type=int, default=3, help="cells per kind restored exactly")
     ap.add_argument("--windows", default="10,1", help="mlp/attn windows for the agreement (ROME's 10, and 1)")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-agreement", action="store_true")
+    ap.add_argument("--rome-kinds", default="hidden", help="kinds of ROME's loop to time on GPT-2 small's shape")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     import torch
@@ -160,9 +169,10 @@ def main():
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     res = {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "agreement": [agreement(tb, args.n, args.verify, int(w)) for w in args.windows.split(",")]}
+           "agreement": [] if args.skip_agreement else [agreement(tb, args.n, args.verify, int(w))
+                                                        for w in args.windows.split(",")]}
     if not args.skip_speed:
-        res["speed"] = speed(tb, args.verify, 10)
+        res["speed"] = speed(tb, args.verify, 10, args.rome_kinds.split(","))
     print(json.dumps(res))
     if args.out:
         from ffkv.io import write_json

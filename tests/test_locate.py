@@ -44,8 +44,8 @@ def test_trace_equals_rome_reference_tiny(mt, kind):
     from ffkv.models.loading import tiny_model
 
     m = with_words(tiny_model(mt, n_layers=4))
-    args = dict(kind=kind, noise="s3", samples=3, window=3, seed=0)
-    fast = causal_trace(m, PROMPT, SUBJECT, bands=2, **args)
+    args = dict(kind=kind, noise="s3", subjects="vocabulary", samples=3, window=3, seed=0)
+    fast = causal_trace(m, PROMPT, SUBJECT, max_rows=6, **args)
     ref = causal_trace_reference(m, PROMPT, SUBJECT, **args)
     assert fast.answer_id == ref.answer_id and fast.tokens == ref.tokens
     np.testing.assert_allclose(fast.scores, ref.scores, rtol=1e-5, atol=0)
@@ -185,3 +185,61 @@ def test_average_skips_wrong_prompts(planted, tmp_path):
     with pytest.raises(FfkvError, match="known_1000"):
         write_json(tmp_path / "bad.json", [{"x": 1}])
         load_known(tmp_path / "bad.json")
+
+
+def test_default_trace_is_romes_noise_on_the_testbed(testbed_model, default_testbed, shared_data):
+    """With no noise options, tracing is ROME's: s3 = 3 x std of the embeddings of known_1000's subjects (each
+    tokenized alone, as collect_embedding_std), draws from RandomState(1), 10 samples; equal to ROME's loop."""
+    from ffkv.locate.average import knows, load_known
+    from ffkv.models.hooks import Intervention, intervene
+
+    m = testbed_model
+    rec = next(r for r in load_known(default_testbed) if knows(m, r)[0])
+    prompt, subject = rec["prompt"], rec["subject"]
+    subjects = [r["subject"] for r in json.loads((shared_data / "known_facts" / "known_1000.json").read_text())]
+    with torch.no_grad():
+        emb = torch.cat([m.embedding(torch.tensor([m.tokenizer.encode(s)]))[0] for s in subjects])
+    level = 3 * emb.std().item()
+    d = causal_trace(m, prompt, subject, kind="mlp")
+    assert d.seed == 1 and d.samples == 10 and d.window == 10 and d.noise == "s3"
+    assert d.noise_level == pytest.approx(level, rel=1e-5) and d.noise_subjects.startswith("known_1000")
+    # the corrupted run by hand: ROME's draws on the subject tokens of 10 copies
+    s, e = d.subject_range
+    z = level * torch.from_numpy(np.random.RandomState(1).randn(10, e - s, m.d_model))
+    ids = m.encode(prompt)["input_ids"]
+    with torch.no_grad(), intervene(m, edits=[Intervention("embed", None, "add", value=z, positions=list(range(s, e)))]):
+        p = torch.softmax(m.hf(input_ids=ids.expand(10, ids.shape[1])).logits[:, -1].float(), -1)[:, d.answer_id]
+    assert d.low_score == pytest.approx(p.mean().item(), abs=1e-6)
+    assert d.high_score - d.low_score > 0.05  # ROME's level really corrupts the fact here
+    ref = causal_trace_reference(m, prompt, subject, kind="mlp", noise=level, seed=1)
+    np.testing.assert_allclose(d.scores, ref.scores, atol=1e-6)
+    # a numeric level and another data set are recorded as such
+    assert causal_trace(m, prompt, subject, noise=0.3, samples=2).noise_subjects == "fixed level"
+    given = causal_trace(m, prompt, subject, samples=2, subjects=[subject])
+    assert given.noise_subjects.startswith("given") and given.noise_level != pytest.approx(d.noise_level)
+
+
+def test_fallback_noise_subjects_without_shared_data(planted, monkeypatch, tmp_path):
+    monkeypatch.setenv("FFKV_SHARED_DATA", str(tmp_path / "absent"))
+    r = causal_trace(planted.model, "the old tower", "old tower", samples=2)
+    assert r.noise_subjects.startswith("prompt subject")
+    from ffkv.locate.trace import embedding_std
+    assert r.noise_level == pytest.approx(3 * embedding_std(planted.model, ["old tower"]), rel=1e-6)
+    f = tmp_path / "subjects.txt"
+    f.write_text("tower\ncastle\n")
+    r2 = causal_trace(planted.model, "the old tower", "old tower", samples=2, subjects=f)
+    assert r2.noise_subjects.startswith("file") and r2.noise_level == pytest.approx(
+        3 * embedding_std(planted.model, ["tower", "castle"]), rel=1e-6)
+
+
+def test_trace_cost_is_the_exact_bound(planted):
+    """Each cell recomputes only positions from its token on and layers above its first restored layer."""
+    from ffkv.locate.trace import work_bound
+
+    m = planted.model
+    for kind, window in (("hidden", 1), ("mlp", 1), ("attn", 2)):
+        r = causal_trace(m, "the old tower", "old tower", kind=kind, noise=3.0, samples=4, window=window)
+        b = work_bound(3, m.n_layers, r.subject_range[0], [kind], 4, window)
+        # the mlp / attn cells add their first layer at their own token alone: samples x 1 x 1 each
+        extra = 0 if kind == "hidden" else 4 * (3 - r.subject_range[0]) * m.n_layers
+        assert r.cost["layer_tokens"] <= b["bound"] + extra, kind

@@ -13,12 +13,15 @@ layers' first-order terms. Cells whose exact value is known without running are 
 them (tokens before the subject: ``p_*``; the last layer's hidden state: ``p_clean`` at the last token, ``p_*``
 elsewhere).
 
-Screen-then-verify: the ``verify`` cells of each kind with the largest estimate are then restored exactly with
-:func:`ffkv.locate.trace.restore_states` (ROME's ``trace_with_patch``), and their scores are replaced by the
-exact values (for hidden states, the last token's last layer, exact by definition, counts as verified);
-:func:`verified_peaks` reads the best verified cell of each kind. Noise, answer and settings
-follow :func:`ffkv.locate.trace.causal_trace` (the same ``noise_level`` / ``draw_noise`` / ``corruption``, so
-the same seed gives the same corrupted runs).
+Screen-then-verify: the ``verify`` cells of each kind with the largest estimate are then restored exactly by the
+exact tracer (:class:`ffkv.locate.trace.Tracer`, the same runs as :func:`ffkv.locate.trace.causal_trace`), and
+their scores are replaced by the exact values (for hidden states, the last token's last layer, exact by
+definition, counts as verified); :func:`verified_peaks` reads the best verified cell of each kind. The clean and
+corrupted runs, noise (ROME's defaults: s3, ``RandomState(1)``), answer and settings are the exact tracer's, so
+the same seed gives the same corrupted runs and the verified cells equal the exact trace's.
+
+Cost: one clean run (1 row), one corrupted run (``samples`` rows, with its key/value cache), one forward and one
+backward pass of the corrupted rows, and the verified cells' partial runs, for all kinds at once.
 """
 
 from __future__ import annotations
@@ -27,36 +30,27 @@ import numpy as np
 import torch
 
 from ..errors import FfkvError
-from ..models.hooks import intervene
-from ..models.model import MemoryModel
 from ..models.engine import Cost
+from ..models.model import MemoryModel
+from ..progress import bar
 from .attribution import activation_gradients
 from .result import LocateResult
-from .trace import KINDS, SITE_OF_KIND, corruption, draw_noise, noise_level, restore_states, restored_layers
+from .trace import DEFAULT_SEED, KINDS, SITE_OF_KIND, Tracer, corruption, restored_layers
 
 VERIFY = 3  # cells of each kind restored exactly after the screen
 
 
-@torch.no_grad()
-def _record(model: MemoryModel, ids: torch.Tensor, reads, cost: Cost):
-    """The clean run: its states ``reads`` and P at the last position, (vocab,)."""
-    with intervene(model, reads=reads) as rec:
-        logits = model.hf(input_ids=ids).logits[0, -1]
-    cost.add(1, ids.shape[1], model.n_layers)
-    return rec, torch.softmax(logits.float(), -1)
-
-
 def approx_trace(model: MemoryModel, prompt: str, subject: str, answer: str | int | None = None,
-                 kinds=KINDS, noise: str | float = "s3", samples: int = 10, window: int = 10, seed: int = 0,
-                 subjects: list[str] | None = None, verify: int = VERIFY, cost: Cost | None = None
-                 ) -> LocateResult:
+                 kinds=KINDS, noise: str | float = "s3", samples: int = 10, window: int = 10,
+                 seed: int = DEFAULT_SEED, subjects=None, verify: int = VERIFY, cost: Cost | None = None,
+                 progress: bool = False) -> LocateResult:
     """Approximate causal traces of ``kinds`` (default all three) from one forward and one backward pass of the
     ``samples`` corrupted rows, then ``verify`` cells per kind restored exactly.
 
-    answer, noise, samples, window, seed, subjects: as :func:`ffkv.locate.trace.causal_trace`. Returns a
-    :class:`~ffkv.locate.result.LocateResult` with one site per kind, ``scores[s, t, l]`` = the estimated
-    restored probability (exact at verified cells); ``detail`` = ``{"estimate": (kinds, T, L) array,
-    "verified": {kind: [(token, layer, exact p), ...]}}``.
+    answer, noise, samples, window, seed, subjects: as :func:`ffkv.locate.trace.causal_trace`. progress: a bar
+    (:mod:`ffkv.progress`). Returns a :class:`~ffkv.locate.result.LocateResult` with one site per kind,
+    ``scores[s, t, l]`` = the estimated restored probability (exact at verified cells); ``detail`` =
+    ``{"estimate": (kinds, T, L) array, "verified": {kind: [(token, layer, exact p), ...]}}``.
     """
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     bad = [k for k in kinds if k not in KINDS]
@@ -67,64 +61,50 @@ def approx_trace(model: MemoryModel, prompt: str, subject: str, answer: str | in
                         "use samples >= 1, window >= 1, verify >= 0")
     cost = cost if cost is not None else Cost()
     L = model.n_layers
-    ids = model.encode(prompt)["input_ids"]
-    T = ids.shape[1]
-    s, e = model.find_subject(prompt, subject)
-    sites = sorted({SITE_OF_KIND[k] for k in kinds})
-    reads = [(site, l) for site in sites for l in range(L)]
-    # The clean run: its states and p_clean (one forward pass without gradients).
-    clean, probs = _record(model, ids, reads, cost)
-    if answer is None:  # the top prediction among real tokens (a padded vocabulary's extra rows are no text)
-        answer_id = int(probs[: min(model.tokenizer_vocab_size or probs.numel(), probs.numel())].argmax())
-    elif isinstance(answer, int):
-        answer_id = answer
-    else:
-        answer_id = model.answer_id(answer)
-    high = float(probs[answer_id])
-    level, mode = noise_level(model, noise, subjects)
-    z = draw_noise(level, mode, samples, e - s, model.d_model, seed)
-    low, corr, grads = activation_gradients(model, ids.expand(samples, T), answer_id, reads,
-                                            edits=[corruption(z, (s, e), mode)], cost=cost)
-    # First-order effect of restoring each single state: (site) -> (T, L).
-    effect = {}
-    for site in sites:
-        eff = np.zeros((T, L))
-        for l in range(L):
-            d = clean[site, l][0].double() - corr[site, l].double()  # (S, T, d)
-            eff[:, l] = (grads[site, l].double() * d).sum((0, 2)).cpu().numpy()
-        effect[site] = eff
-    est = np.full((len(kinds), T, L), low, dtype=np.float64)
-    for i, kind in enumerate(kinds):
-        eff = effect[SITE_OF_KIND[kind]]
-        for l in range(L):
-            est[i, s:, l] = low + eff[s:, list(restored_layers(kind, l, L, window))].sum(1)
-        if kind == "hidden":
-            est[i, :, L - 1] = low
-            est[i, T - 1, L - 1] = high
-    scores = est.copy()
-    verified: dict[str, list] = {}
-    # Same corrupted runs as the screen: pass the level itself when the noise is Gaussian.
-    spec = level if mode == "gaussian" else noise
-    for i, kind in enumerate(kinds):
-        order = np.argsort(-est[i].reshape(-1), kind="stable")[:verify]
-        # the last layer's hidden state at the last token is the clean output: exact without a run
-        verified[kind] = [(T - 1, L - 1, high)] if kind == "hidden" else []
-        for flat in order.tolist():
-            t, l = divmod(flat, L)
-            if kind == "hidden" and (t, l) == (T - 1, L - 1):
-                continue
-            states = [(t, j) for j in restored_layers(kind, l, L, window)]
-            p = restore_states(model, prompt, subject, states, kind=kind, answer=answer_id, noise=spec,
-                               samples=samples, seed=seed, subjects=subjects)
-            cost.add(samples + 1, T, L)
-            scores[i, t, l] = p
-            verified[kind].append((t, l, p))
-    tokens = [model.decode([int(i)]) for i in ids[0]]
-    return LocateResult("approx-trace", prompt, subject, model.decode([answer_id]), answer_id, tokens, list(kinds),
-                        scores, f"restored p({model.decode([answer_id]).strip()}), first-order estimate "
-                        f"(top {verify} per kind exact)", (s, e), high, low,
-                        {"kinds": list(kinds), "noise": noise, "noise_level": level, "samples": samples,
-                         "window": window, "seed": seed, "verify": verify}, cost.as_dict(),
+    with bar(total=2 + len(kinds), desc="approx trace", unit="step", enabled=progress) as b:
+        tr = Tracer(model, prompt, subject, kinds, answer, noise, samples, window, seed, subjects, 400, cost)
+        b.update(1)
+        prep, low, high = tr.prep, tr.low, tr.prep.high_score
+        T, (s, e) = tr.T, prep.subject_range
+        sites = sorted({SITE_OF_KIND[k] for k in kinds})
+        reads = [(site, l) for site in sites for l in range(L)]
+        _, corr, grads = activation_gradients(model, prep.ids.expand(samples, T), prep.answer_id, reads,
+                                              edits=[corruption(prep.noise, (s, e), prep.mode)], cost=cost)
+        b.update(1)
+        # First-order effect of restoring each single state: (site) -> (T, L).
+        effect = {}
+        for site in sites:
+            eff = np.zeros((T, L))
+            for l in range(L):
+                d = prep.clean[site, l].double() - corr[site, l].double()  # (S, T, d)
+                eff[:, l] = (grads[site, l].double() * d).sum((0, 2)).cpu().numpy()
+            effect[site] = eff
+        est = np.full((len(kinds), T, L), low, dtype=np.float64)
+        for i, kind in enumerate(kinds):
+            eff = effect[SITE_OF_KIND[kind]]
+            for l in range(L):
+                est[i, s:, l] = low + eff[s:, list(restored_layers(kind, l, L, window))].sum(1)
+            if kind == "hidden":
+                est[i, :, L - 1] = low
+                est[i, T - 1, L - 1] = high
+        scores = est.copy()
+        verified: dict[str, list] = {}
+        for i, kind in enumerate(kinds):
+            order = [divmod(f, L) for f in np.argsort(-est[i].reshape(-1), kind="stable")[:verify].tolist()]
+            # the last layer's hidden state at the last token is the clean output: exact without a run
+            verified[kind] = [(T - 1, L - 1, high)] if kind == "hidden" else []
+            cells = [c for c in order if not (kind == "hidden" and c == (T - 1, L - 1))]
+            exact = tr.scores(kind, cells)
+            for t, l in cells:
+                scores[i, t, l] = exact[t, l]
+                verified[kind].append((t, l, exact[t, l]))
+            b.update(1)
+    name = prep.answer.strip()
+    return LocateResult("approx-trace", prompt, subject, prep.answer, prep.answer_id, prep.tokens, list(kinds),
+                        scores, f"restored p({name}), first-order estimate (top {verify} per kind exact)", (s, e),
+                        high, low, {"kinds": list(kinds), "noise": noise, "noise_level": prep.level,
+                                    "noise_subjects": prep.source, "samples": samples, "window": window,
+                                    "seed": seed, "verify": verify}, cost.as_dict(),
                         {"estimate": est, "verified": verified})
 
 

@@ -74,7 +74,7 @@ from ..models.hooks import Intervention, intervene, switch_memories
 from ..models.memory_id import MemoryId, parse_memories
 from ..models.model import MemoryModel
 from ..models.moe import ExpertEdit, MoEModel, expert_intervene
-from ..models.engine import Cost, reference_run, run_tail
+from ..models.engine import Cost, reference_run, run, run_tail
 from .result import LocateResult
 
 RULES = ("left", "right", "midpoint", "linspace", "geometric", "gauss", "adaptive")
@@ -623,10 +623,10 @@ def activation_gradients(model: MemoryModel, input_ids: torch.Tensor, answer_id:
     """
     reads = list(reads)
     B, T = input_ids.shape
-    with torch.enable_grad(), intervene(model, reads=reads, edits=edits, keep_grad=True) as rec:
-        logits = model.hf(input_ids=input_ids).logits[:, -1]
-        f = torch.softmax(logits.float(), -1)[:, answer_id].mean()
-        acts = [rec[r] for r in reads]
+    with torch.enable_grad():
+        out = run(model, input_ids, reads=reads, edits=edits, keep_grad=True, head="last")
+        f = torch.softmax(out.logits.float(), -1)[:, answer_id].mean()
+        acts = [out.rec[r] for r in reads]
         grads = torch.autograd.grad(f, acts, allow_unused=True)
     if cost is not None:
         cost.add(B, T, model.n_layers, backward=True)

@@ -21,17 +21,16 @@ of a prompt that ends right after the subject). Average indirect effect (AIE) of
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from ..errors import FfkvError
 from ..io import read_json
 from ..models.model import MemoryModel
 from ..models.engine import Cost
-from .trace import causal_trace, noise_level
+from ..progress import track
+from .trace import DEFAULT_SEED, causal_traces, noise_setting
 
 GROUPS = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",
           "further tokens", "last token")
@@ -72,30 +71,35 @@ def knows(model: MemoryModel, record: dict) -> tuple[bool, int]:
 
 
 def average_traces(model: MemoryModel, records: list[dict], kinds=("hidden", "mlp", "attn"), noise="s3",
-                   samples: int = 10, window: int = 10, seed: int = 0, progress: bool = True,
-                   keep_traces: bool = False) -> dict:
+                   samples: int = 10, window: int = 10, seed: int = DEFAULT_SEED, progress: bool = False,
+                   keep_traces: bool = False, subjects=None) -> dict:
     """Trace every record the model knows and average by token group.
 
     Returns ``{"n_records", "n_skipped", "skipped": [known_id...], "noise_level", "cost", kind: {"groups",
-    "indirect": (groups, layers), "n": per-group counts, "ate"}, "traces": [...] (keep_traces)}``. The s3 level
-    is computed from all records' subjects, as ROME does.
+    "indirect": (groups, layers), "n": per-group counts, "ate"}, "noise_subjects", "traces": [...] (keep_traces)}``.
+    The s3 level is computed from all records' subjects, as ROME does with its known facts (``subjects``: another
+    data set, :func:`ffkv.locate.trace.noise_subjects`). progress: a bar over the records (:mod:`ffkv.progress`).
     """
-    subjects = [r["subject"] for r in records]
-    level, mode = noise_level(model, noise, subjects)
+    given = subjects
+    subjects = given if given is not None else [r["subject"] for r in records]
+    level, mode, source = noise_setting(model, noise, subjects)
+    if given is None and source != "fixed level":
+        source = f"the records' subjects ({len(subjects)})"  # ROME: the known facts it averages over
     spec = level if mode == "gaussian" else noise
     cost = Cost()
     sums = {k: {g: np.zeros(model.n_layers) for g in GROUPS} for k in kinds}
     counts = {k: {g: 0 for g in GROUPS} for k in kinds}
     ate = {k: [] for k in kinds}
     skipped, traces = [], []
-    for r in tqdm(records, desc="tracing", file=sys.stderr, leave=False, disable=not progress):
+    for r in track(records, desc="tracing", unit="fact", enabled=progress):
         ok, answer_id = knows(model, r)
         if not ok:
             skipped.append(r.get("known_id"))
             continue
+        traces_r = causal_traces(model, r["prompt"], r["subject"], kinds, answer=answer_id, noise=spec,
+                                 samples=samples, window=window, seed=seed, subjects=subjects, cost=cost)
         for k in kinds:
-            tr = causal_trace(model, r["prompt"], r["subject"], kind=k, answer=answer_id, noise=spec,
-                              samples=samples, window=window, seed=seed, subjects=subjects, cost=cost)
+            tr = traces_r[k]
             ate[k].append(tr.total_effect)
             for g, row in group_rows(tr.indirect_effects, tr.subject_range).items():
                 sums[k][g] += row
@@ -103,7 +107,7 @@ def average_traces(model: MemoryModel, records: list[dict], kinds=("hidden", "ml
             if keep_traces:
                 traces.append({**tr.to_json(), "known_id": r.get("known_id")})
     out = {"n_records": len(records), "n_skipped": len(skipped), "skipped": skipped, "noise_level": level,
-           "cost": cost.as_dict()}
+           "noise_subjects": source, "cost": cost.as_dict()}
     for k in kinds:
         groups = [g for g in GROUPS if counts[k][g]]
         out[k] = {"groups": groups, "indirect": [(sums[k][g] / counts[k][g]).tolist() for g in groups],

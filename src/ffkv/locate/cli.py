@@ -16,7 +16,7 @@ from .average import average_traces, load_known
 from .interventions import ablation_curve, intervention_effects
 from .neurons import knowledge_neurons
 from .plots import plot_ablation, plot_average, plot_trace
-from .trace import causal_trace
+from .trace import DEFAULT_SEED, causal_traces
 
 
 def _noise(value: str):
@@ -43,15 +43,19 @@ def _noise(value: str):
 @click.option("--samples", type=click.IntRange(min=1), default=10, show_default=True, help="Noise samples.")
 @click.option("--window", type=click.IntRange(min=1), default=10, show_default=True,
               help="Layers restored together for mlp/attn.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed: the same seed gives the same heatmap.")
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True,
+              help="Noise seed (ROME's RandomState(1)): the same seed gives the same heatmap.")
+@click.option("--subjects", "subjects_file", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Data set whose subjects set the s3 noise level (known_1000 layout, a testbed folder or one "
+                   "subject per line; default: ROME's known_1000 from the shared data, else the prompt's subject).")
 @layers_option(help="Report these layers only, e.g. '0-3,5' (default: all; the trace itself covers every layer).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for trace_<kind>.json and heatmaps (PNG and SVG).")
 @json_option
 @quiet_option
 @model_options
-def trace(model, prompt, subject, known, limit, kind, answer, noise, samples, window, seed, layers, out, as_json,
-          quiet, **load):
+def trace(model, prompt, subject, known, limit, kind, answer, noise, samples, window, seed, subjects_file, layers, out,
+          as_json, quiet, **load):
     """Causal tracing (ROME): where in MODEL the fact PROMPT -> answer is recalled.
 
     With --known, traces every record the model answers correctly and averages by ROME's token groups
@@ -66,12 +70,15 @@ def trace(model, prompt, subject, known, limit, kind, answer, noise, samples, wi
     mm = load_model_from_options(model, **load)
     shown = parse_layers(layers, mm.n_layers) or list(range(mm.n_layers))
     if known is not None:
-        return _trace_known(mm, known, limit, kinds, noise, samples, window, seed, shown, out, as_json, quiet)
+        return _trace_known(mm, known, limit, kinds, noise, samples, window, seed, subjects_file, shown, out, as_json,
+                            quiet)
     # The one answer rule (MemoryModel.answer_id): "Paris" and " Paris" are the same token.
     answer_id = mm.answer_id(answer) if answer is not None else predicted_token(mm, prompt)
-    results = {k: causal_trace(mm, prompt, subject, kind=k, answer=answer_id, noise=_noise(noise), samples=samples,
-                               window=window, seed=seed) for k in kinds}
-    prov = provenance(mm.identity, noise=noise, samples=samples, window=window, seed=seed)
+    results = causal_traces(mm, prompt, subject, kinds, answer=answer_id, noise=_noise(noise), samples=samples,
+                            window=window, seed=seed, subjects=subjects_file, progress=show_progress(quiet))
+    first = results[kinds[0]]
+    prov = provenance(mm.identity, noise=noise, noise_level=first.noise_level, noise_subjects=first.noise_subjects,
+                      samples=samples, window=window, seed=seed)
     if out is not None:
         for k, r in results.items():
             write_json(out / f"trace_{k}.json", {**r.to_json(), "provenance": prov})
@@ -96,19 +103,21 @@ def _trace_json(mm, r, shown: list[int]) -> dict:
     js = int(np.argmax(scores[last]))
     d = r.to_json()
     out = {key: d[key] for key in ("tokens", "subject_range", "answer_id", "high_score", "low_score", "kind",
-                                    "window", "noise", "noise_level", "samples", "seed", "cost")}
+                                    "window", "noise", "noise_level", "noise_subjects", "samples", "seed", "cost")}
     return {**out, "answer": token_text(mm, r.answer_id), "layers": shown, "scores": scores.tolist(),
             "peak": {"token": int(t), "layer": shown[int(j)], "score": float(scores[t, j])},
             "subject_peak": {"token": last, "layer": shown[js], "score": float(scores[last, js])}}
 
 
-def _trace_known(mm, known, limit, kinds, noise, samples, window, seed, shown, out, as_json, quiet):
+def _trace_known(mm, known, limit, kinds, noise, samples, window, seed, subjects_file, shown, out, as_json, quiet):
     records = load_known(known, limit)
     avg = average_traces(mm, records, kinds=kinds, noise=_noise(noise), samples=samples, window=window, seed=seed,
-                         progress=show_progress(quiet))
+                         subjects=subjects_file, progress=show_progress(quiet))
     for k in kinds:
         avg[k] = {**avg[k], "indirect": [[row[l] for l in shown] for row in avg[k]["indirect"]]}
     payload = {**avg, "layers": shown, "provenance": provenance(mm.identity, known=known, limit=limit, noise=noise,
+                                                                  noise_level=avg["noise_level"],
+                                                                  noise_subjects=avg["noise_subjects"],
                                                                   samples=samples, window=window, seed=seed)}
     if out is not None:
         write_json(out / "average.json", payload)
@@ -170,7 +179,8 @@ def neurons(model, prompts, answer, threshold, share, steps, max_neurons, method
     res = knowledge_neurons(mm, list(prompts), target, threshold=threshold, share=share, steps=steps, method=method,
                             layers=layer_list, progress=show_progress(quiet), **limit)
     effects = intervention_effects(mm, list(prompts), target, res.neurons, unrelated=pairs)
-    curve = ablation_curve(mm, list(prompts), target, res.neurons) if res.neurons else []
+    curve = ablation_curve(mm, list(prompts), target, res.neurons, progress=show_progress(quiet)) \
+        if res.neurons else []
     prov = provenance(mm.identity, threshold=threshold, share=share, steps=steps, method=method, layers=layer_list,
                       max_neurons=max_neurons)
     memories = [str(MemoryId(l, i)) for l, i, _ in res.neurons]

@@ -24,20 +24,19 @@ from a training template that the model answers correctly:
 from __future__ import annotations
 
 import random
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tqdm import tqdm
 
 from ..models.hooks import intervene, switch_memories
 from ..models.model import MemoryModel
 from ..testbed.buckets import BUCKETS, bucket_of, group_by_bucket
 from ..testbed.datasets import load_facts
 from ..models.engine import Cost
+from ..progress import track
 from .attribution import integrated_gradients, top_memories
 from .average import group_rows
 from .interventions import intervention_effects
@@ -103,7 +102,7 @@ def testbed_ground_truth(model: MemoryModel, facts: list[dict], per_bucket: int 
     level, _ = noise_level(model, "s3", [f["subject"] for f in facts])
     cost = Cost()
     rows = []
-    for f in tqdm(sample, desc="ground truth", file=sys.stderr, leave=False, disable=not progress):
+    for f in track(sample, desc="ground truth", unit="fact", enabled=progress):
         answer_id = model.answer_id(f["object"])
         prompts = [_render(t, f["subject"]) for t in f["train_templates"]]
         known = [p for p in prompts if _known(model, p, answer_id)]

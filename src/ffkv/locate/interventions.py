@@ -29,6 +29,8 @@ from ..errors import FfkvError
 from ..models.hooks import Intervention, intervene, switch_memories
 from ..models.memory_id import MemoryId
 from ..models.model import MemoryModel
+from ..models.engine import run
+from ..progress import track
 
 OPS = {"suppress": ("off", None), "amplify": ("scale", 2.0)}
 POSITIONS = ("last", "all")
@@ -204,7 +206,7 @@ def _curve_masks(model: MemoryModel, neurons: list, grid: list[int], factor: flo
 
 def ablation_curve(model: MemoryModel, prompts: list[str] | str, answer: str | int, neurons, ks=None,
                    max_k: int | None = None, op: str = "suppress", positions: str = "last",
-                   max_points: int | None = MAX_CURVE_POINTS) -> list[dict]:
+                   max_points: int | None = MAX_CURVE_POINTS, progress: bool = False) -> list[dict]:
     """P(answer) and flip rate as the first k ``neurons`` (in the given order) are suppressed, for each k.
 
     ks: the grid of k (default :func:`curve_grid`: 0..N, N = len(neurons) or max_k, at most ``max_points``
@@ -212,7 +214,7 @@ def ablation_curve(model: MemoryModel, prompts: list[str] | str, answer: str | i
     position, Dai et al.) or "all" (every position). op: "suppress" (m_i := 0) or "amplify" (m_i := 2 m_i).
     One forward pass per prompt: row r has the first ``ks[r]`` memories changed, by one multiplier edit per
     layer. Returns ``[{"k", "prob", "relative_change", "flip_rate"}]`` averaged over ``prompts``; relative
-    change and flips are against the intact model.
+    change and flips are against the intact model. progress: a bar over the prompts (:mod:`ffkv.progress`).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -228,13 +230,13 @@ def ablation_curve(model: MemoryModel, prompts: list[str] | str, answer: str | i
     masks = _curve_masks(model, neurons[:N], grid, 0.0 if op == "suppress" else OPS[op][1])
     a = answer if isinstance(answer, int) else model.answer_id(answer)
     probs, tops = [], []
-    for prompt in prompts:
+    for prompt in track(prompts, desc="ablation curve", unit="prompt", enabled=progress):
         ids = model.encode(prompt)["input_ids"]
         at = None if positions == "all" else [ids.shape[1] - 1]
         edits = [Intervention("coef", l, "scale", value=m, positions=at) for l, m in masks.items()]
-        with torch.no_grad(), intervene(model, edits=edits):
+        with torch.no_grad():
             # only the last position is unembedded: (rows, T, vocab) logits were what made long curves unbounded
-            logits = model.hf(input_ids=ids.expand(len(grid) + 1, ids.shape[1]), logits_to_keep=1).logits[:, -1]
+            logits = run(model, ids.expand(len(grid) + 1, ids.shape[1]), edits=edits, head="last").logits
         p = torch.softmax(logits.float(), -1)
         probs.append(p[:, a].cpu().numpy())
         tops.append(p.argmax(-1).cpu().numpy())

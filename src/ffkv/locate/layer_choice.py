@@ -2,8 +2,8 @@
 
 For each request (prompt with the subject filled in, ``request.text``; subject ``request.subject``), the MLP causal
 trace :func:`ffkv.locate.trace.causal_trace` (kind="mlp", ROME's definition and ``ffkv trace``'s defaults: noise
-s3, 10 samples, window 10, seed 0) gives ``scores[t, l]``, the probability of the answer with the MLP outputs of
-the window around layer l restored at token t. At the subject's last token ``e - 1``:
+s3, 10 samples, window 10, seed 1 as ROME's RandomState(1)) gives ``scores[t, l]``, the probability of the answer
+with the MLP outputs of the window around layer l restored at token t. At the subject's last token ``e - 1``:
 
     layer = argmax_{l < L - 1} (1/|R|) sum_{r in R} scores_r[e_r - 1, l]
 

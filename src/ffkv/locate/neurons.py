@@ -19,17 +19,16 @@ attribution of memories outside those layers is taken as 0.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import torch
-from tqdm import tqdm
 
 from ..errors import FfkvError
 from ..models.memory_id import MemoryId
 from ..models.model import MemoryModel
 from ..models.engine import Cost
+from ..progress import track
 from .attribution import (DEFAULT_MAX_STEPS, DEFAULT_RULE, DEFAULT_TOL, completeness, grad_x_activation,
                           integrated_gradients)
 from .interventions import specificity as neuron_specificity
@@ -223,8 +222,7 @@ def knowledge_neurons(model: MemoryModel, prompts: Sequence[str] | str, answer: 
         experts = {int(l): int(e) for l, e in experts.items()}
         ig["experts"] = experts
     attrs, checks = [], []
-    for p, a in tqdm(list(zip(prompts, answers)), desc="attribution", file=sys.stderr, leave=False,
-                     disable=not progress):
+    for p, a in track(list(zip(prompts, answers)), desc="attribution", unit="prompt", enabled=progress):
         if method == "ig":
             full = integrated_gradients(model, p, a, layers=layers, **ig)
             attrs.append(full)
@@ -241,7 +239,7 @@ def knowledge_neurons(model: MemoryModel, prompts: Sequence[str] | str, answer: 
     dropped = []
     if background:
         counts: dict[tuple[int, int], int] = {}
-        for p, a in tqdm(list(background), desc="background", file=sys.stderr, leave=False, disable=not progress):
+        for p, a in track(list(background), desc="background", unit="fact", enabled=progress):
             attr = integrated_gradients(model, p, a, layers=layers, **ig)
             for n in coarse_neurons(attr, threshold, max_neurons):
                 counts[n.layer, n.index] = counts.get((n.layer, n.index), 0) + 1

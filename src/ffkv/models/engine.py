@@ -130,23 +130,31 @@ def layer_suffix(model: "MemoryModel", start: int):
             cfg.layer_types = types
 
 
-def tile_cache(cache, rows: torch.Tensor, length: int):
+def tile_cache(cache, rows: torch.Tensor, length: int, layers: range | None = None):
     """A new cache with the reference cache's rows ``rows`` (B,) and its first ``length`` positions.
 
-    The reference cache is not modified (a run appends to the copy). None when ``length == 0``.
+    The reference cache is not modified (a run appends to the copy). None when ``length == 0``. ``layers``: the
+    decoder layers the run will execute (default: all); the others get a zero-copy view of the right shape (the
+    model reads only their length), so a run of one layer copies one layer's keys and values, not all of them.
     """
     if length == 0 or cache is None:
         return None
     new = copy.copy(cache)
     new.layers = []
-    for layer in cache.layers:
+    for i, layer in enumerate(cache.layers):
         lay = copy.copy(layer)
         if getattr(layer, "keys", None) is not None and layer.keys.numel():
             if layer.keys.shape[-2] < length:
                 raise FfkvError(f"the prompt is longer than the model's sliding attention window "
                                 f"({layer.keys.shape[-2]} tokens)", "use a shorter prompt")
-            lay.keys = layer.keys[rows.to(layer.keys.device), :, :length]
-            lay.values = layer.values[rows.to(layer.values.device), :, :length]
+            if layers is None or i in layers:
+                lay.keys = layer.keys[rows.to(layer.keys.device), :, :length]
+                lay.values = layer.values[rows.to(layer.values.device), :, :length]
+            else:
+                shape = (rows.numel(), *layer.keys.shape[1:-2], length, layer.keys.shape[-1])
+                lay.keys = layer.keys[:1, ..., :length, :].expand(shape)
+                lay.values = layer.values[:1, ..., :length, :].expand(
+                    (rows.numel(), *layer.values.shape[1:-2], length, layer.values.shape[-1]))
             if hasattr(lay, "cumulative_length"):
                 lay.cumulative_length = length
         new.layers.append(lay)
@@ -220,7 +228,7 @@ def run(model: "MemoryModel", input_ids: torch.Tensor, *, attention_mask: torch.
     past = None
     if prefix_len:
         rows_c = cache_rows if cache_rows is not None else torch.zeros(B, dtype=torch.long)
-        past = tile_cache(cache, rows_c, prefix_len)
+        past = tile_cache(cache, rows_c, prefix_len, range(start_layer, stop + 1))
         if attention_mask is None:
             attention_mask = torch.ones(B, prefix_len + T, dtype=torch.long, device=input_ids.device)
     kwargs: dict = {"input_ids": input_ids}

@@ -72,6 +72,8 @@ class Intervention:
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         """Return a rewritten copy of h (B, T, D); h itself is never modified in place."""
+        if self.batch is None and self.positions is None and self.indices is None and not h.requires_grad:
+            return self._apply_whole(h)
         idx = _block_index(h, self.batch, self.positions, self.indices)
         if self.op == "off":
             new = torch.zeros((), dtype=h.dtype, device=h.device)
@@ -88,6 +90,22 @@ class Intervention:
         out = h.clone()
         out[idx] = torch.as_tensor(new, dtype=h.dtype, device=h.device).expand_as(out[idx])
         return out
+
+
+    def _apply_whole(self, h: torch.Tensor) -> torch.Tensor:
+        # The whole tensor is selected: the same values as the indexed path, without building index tensors
+        # (a run's starting residual is written this way at every partial run). Not under autograd: there the
+        # indexed path's result stays a function of h (a gradient w.r.t. a set site is defined, and zero).
+        if self.op == "off":
+            return torch.zeros_like(h)
+        if self.op == "fn":
+            new = self.value(h)
+        else:
+            v = self.value.to(h.device, h.dtype) if torch.is_tensor(self.value) else self.value
+            new = {"set": lambda: v, "patch": lambda: v, "on": lambda: v, "scale": lambda: h * v,
+                   "add": lambda: h + v}[self.op]()
+        new = torch.as_tensor(new, dtype=h.dtype, device=h.device)
+        return new.expand_as(h).clone(memory_format=torch.contiguous_format)
 
 
 def _as_index(sel: Index, size: int, device) -> torch.Tensor:
