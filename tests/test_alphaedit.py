@@ -102,7 +102,7 @@ def test_preserved_keys_outputs_unchanged_to_float_tolerance(which, planted, req
         model, reqs = request.getfixturevalue("tb")
         reqs, over = reqs[:2], dict(TESTBED_FAST)
     n_tokens = model.d_ffn // 2
-    over.update(stats_tokens=n_tokens)
+    over.update(stats_tokens=n_tokens)  # a stream sample, which preserved_keys reads again
     ctx = EditContext(stats_dir=tmp_path, progress=False)
     # the float32 sums leave the exact null space's eigenvalues at about 1e-7 of the largest
     hp = resolve_hparams(model, "alphaedit", over)

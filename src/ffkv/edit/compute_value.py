@@ -7,7 +7,12 @@ layer, ``resid_post``), in every rewriting prompt ``x_j + prompt(subject)`` and 
 
     L(δ) = - (1/N) Σ_j (1/|o|) Σ_t log p(o_t | x_j + p, o_<t ; h + δ)          (new object o)
            + kl_factor · KL( p(· | "{s} is a"; h + δ) || p(· | "{s} is a"; h) )   (keep the subject's essence)
-           + v_weight_decay · ||δ||² / ||h||²
+           + v_weight_decay · ||δ|| / ||h||²        (``v_weight_decay_form="reference"``, the default)
+
+The weight-decay term is the one kmeng01's compute_v / compute_z (and AlphaEdit's compute_z) compute,
+``v_weight_decay * norm(delta) / norm(target_init) ** 2``; the papers write ||δ||² / ||h||², available as
+``v_weight_decay_form="squared"``. The form decides when the early stop (loss < ``early_stop_loss``) fires:
+the squared term is smaller for ||δ|| < 1 and larger beyond.
 
 with Adam (``v_lr``, ``v_num_grad_steps``), stopping when L < ``early_stop_loss``, and δ projected back into
 the ball ||δ|| <= clamp_norm_factor · ||h|| after every step. h (d_model,) is the site's activation on the
@@ -92,6 +97,18 @@ def add_at_rows(rows: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor
     return fn
 
 
+WEIGHT_DECAY_FORMS = ("reference", "squared")
+
+
+def weight_decay_norm(delta: torch.Tensor, form: str) -> torch.Tensor:
+    """(n,) ||δ_i|| ("reference": kmeng01's code) or ||δ_i||² ("squared": the papers); δ: (n, d_model).
+
+    ``vector_norm``'s gradient at δ = 0 is 0 (the first step starts there), as torch.norm's in the reference."""
+    if form == "squared":
+        return delta.pow(2).sum(1)
+    return torch.linalg.vector_norm(delta, dim=1)
+
+
 def target_log_likelihood(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Mean log p of each rewriting row's target tokens: (n_rows,) from logits (n_rows, L, V) at target_pos."""
     lp = torch.log_softmax(logits.float(), -1)
@@ -128,6 +145,7 @@ def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: in
     steps = torch.zeros(n, dtype=torch.long)
     max_norm = hparams["clamp_norm_factor"] * h.norm(dim=1)  # (n,)
     h_sq = h.pow(2).sum(1)
+    form = hparams.get("v_weight_decay_form", "reference")
     nll = torch.zeros(n)
     n_steps = int(hparams["v_num_grad_steps"])
     with frozen_parameters(model):
@@ -162,7 +180,7 @@ def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: in
                 nll_r = -target_log_likelihood(logits[: n_rw * L].view(n_rw, L, -1), sub).view(a, P).mean(1)
                 lp_new = torch.log_softmax(logits[n_rw * L:].float(), -1)  # (a, V)
                 kl_r = (lp_new.exp() * (lp_new - kl_ref[act])).sum(-1)  # KL(p_new || p_orig), as ROME's kl_div
-                wd_r = hparams["v_weight_decay"] * delta[act].pow(2).sum(1) / h_sq[act]
+                wd_r = hparams["v_weight_decay"] * weight_decay_norm(delta[act], form) / h_sq[act]
                 loss_r = nll_r + hparams["kl_factor"] * kl_r + wd_r  # (a,)
                 nll[act.cpu()] = nll_r.detach().cpu()
                 go = loss_r.detach() >= hparams["early_stop_loss"]  # still optimising after this step

@@ -175,7 +175,8 @@ def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dic
             u, v, extra = layer_update(site, K, R)
             info.update(extra)
         info.update({"targets": info_req if j == 0 else None, "residual_norm": float(R.norm()),
-                     "stats_tokens": stats[site].n_tokens, "stats_corpus": stats[site].corpus})
+                     "stats_tokens": stats[site].n_tokens, "stats_texts": stats[site].n_texts,
+                     "stats_corpus": stats[site].corpus})
         entries.append(journal.record(model, method, layer, u.float(), v.float(), reqs, hparams, info,
                                       max_ratio=hparams["max_update_ratio"], keys=K, expert=expert))
     return entries

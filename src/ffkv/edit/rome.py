@@ -82,7 +82,8 @@ def rome_edit(model, request: EditRequest, hparams: dict, stats: SecondMoment, j
     with torch.no_grad():
         v_star = target_value(W, b, k, delta)
         u, v = rank_one_update(W, b, cholesky_factor(stats.C), k, v_star)
-    info = {**tgt.info(0), "stats_tokens": stats.n_tokens, "stats_corpus": stats.corpus}
+    info = {**tgt.info(0), "stats_tokens": stats.n_tokens, "stats_texts": stats.n_texts,
+            "stats_corpus": stats.corpus}
     if w_e is not None:
         info["routing_weight" if expert is not None else "shared_gate"] = w_e
     return journal.record(model, "rome", layer, u.float(), v.float(), [request.to_json()], hparams, info,
