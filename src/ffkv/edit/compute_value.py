@@ -23,6 +23,9 @@ request has its own row of δ (n, d_model) and its own loss term, Adam acts elem
 has converged leaves the batch (its rows are no longer run) with δ frozen, so each row follows the same
 trajectory as a one-request-at-a-time run and no work is spent on finished requests.
 
+δ enters at layer l, so the layers below l compute the same residual at every step: each step runs layers
+l .. L-1 only, from the residual entering l recorded once (the engine's ``start_layer`` / ``start_resid``).
+
 The loss reads a few positions per row, and the LM head over every position of every row would be most of
 the work (B x T x V logits): each step is one engine run with the head only at those positions
 (``head=(rows, positions)`` of :func:`ffkv.models.engine.run`: the family's real head, soft-capping included).
@@ -38,6 +41,7 @@ import torch
 
 from ..models.engine import run
 from ..models.hooks import Intervention
+from ..progress import bar
 from .requests import Batch, EditRequest, render_batch
 
 
@@ -134,8 +138,11 @@ def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: in
 
     with torch.no_grad():
         ref = run(model, batch.inputs["input_ids"], attention_mask=batch.inputs["attention_mask"],
-                  reads=[(site, layer)])
+                  reads=[(site, layer)] + ([("resid_pre", layer)] if layer else []))
     logits, rec = ref.logits, ref.rec
+    # δ enters at ``layer``: the layers below it give the same residual at every step, so each step starts
+    # there from the residual this reference run recorded (run(start_layer=...), the engine's suffix run)
+    resid0 = rec["resid_pre", layer] if layer else None  # (B, T, d_model)
     h = rec[site, layer][torch.arange(0, n * P, P, device=dev), batch.subject_last[: n * P: P]].float()
     kl_ref = torch.log_softmax(logits[kl_rows, batch.last[kl_rows]].float(), -1)  # (n, V)
 
@@ -148,8 +155,11 @@ def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: in
     form = hparams.get("v_weight_decay_form", "reference")
     nll = torch.zeros(n)
     n_steps = int(hparams["v_num_grad_steps"])
-    with frozen_parameters(model):
+    pbar = bar(total=n_steps, desc=f"target delta ({n} request{'s' if n > 1 else ''})", unit="step",
+               enabled=progress)
+    with frozen_parameters(model), pbar:
         for it in range(n_steps):
+            pbar.update(1)
             # Only the requests still optimising run: a converged request leaves the batch, as it would
             # stop in a one-request-at-a-time run.
             act_all = torch.nonzero(active).flatten()  # request ids still optimising
@@ -176,7 +186,9 @@ def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: in
                 pos = torch.cat([sub.target_pos.flatten(), batch.last[n * P + act]])
                 # the family's real head, only where the loss reads: (n_rw * L + a, V)
                 logits = run(model, inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                             edits=[Intervention(site, layer, "fn", value=fn)], head=(rows, pos)).logits
+                             edits=[Intervention(site, layer, "fn", value=fn)], head=(rows, pos),
+                             **({} if resid0 is None else {"start_layer": layer,
+                                                           "start_resid": resid0[sel, :width]})).logits
                 nll_r = -target_log_likelihood(logits[: n_rw * L].view(n_rw, L, -1), sub).view(a, P).mean(1)
                 lp_new = torch.log_softmax(logits[n_rw * L:].float(), -1)  # (a, V)
                 kl_r = (lp_new.exp() * (lp_new - kl_ref[act])).sum(-1)  # KL(p_new || p_orig), as ROME's kl_div

@@ -23,8 +23,8 @@ ROME / MEMIT / EasyEdit files paste in: their names are ffkv's where they mean t
     *_module_tmp, ln_f_module, lm_head_module, mom2_dataset, mom2_n_samples, mom2_dtype
                                      say where a module or file is, or how the reference ran: ffkv finds the
                                      modules from the model, so they are dropped, with a warning naming them
-                                     (the statistics corpus is ``corpus`` / ``stats_tokens``: ROME's
-                                     mom2_n_samples counts Wikipedia records, not tokens)
+                                     (the statistics corpus is ``corpus``; mom2_n_samples is ffkv's name too
+                                     for the methods with key statistics: texts, as the reference counts)
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def layer_experts(hparams: dict) -> list[int | None]:
 
 def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dict[int, SecondMoment],
                journal: Journal, prefixes: list[str] | None = None, method: str = "memit",
-               layer_update: Callable | None = None) -> list[JournalEntry]:
+               layer_update: Callable | None = None, progress: bool = False) -> list[JournalEntry]:
     """Apply one MEMIT batch over ``hparams['layers']``; returns the journal entries (one per layer).
 
     ``stats`` is keyed by layer, or by ``(layer, expert)`` for a layer whose expert is edited.
@@ -138,7 +138,7 @@ def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dic
     for layer, expert in zip(layers, experts):  # refuse an expert a request is not routed to, before optimising
         if expert is not None:
             compute_expert_keys(model, requests, layer, expert, [""])
-    tgt = compute_targets(model, requests, "resid_post", top, hparams, prefixes)
+    tgt = compute_targets(model, requests, "resid_post", top, hparams, prefixes, progress=progress)
     z = tgt.h + tgt.delta  # (n, d_model)
     reqs = [r.to_json() for r in requests]
     info_req = [tgt.info(i) for i in range(len(requests))]

@@ -159,4 +159,4 @@ def apply(model, requests, hp: dict, journal, context) -> None:
         return u, v, {"nullspace_dim": dim, "preserved_edit_keys": state.n_keys[site]}
 
     memit_edit(model, requests, hp, stats, journal, context.context_prefixes(model, hp["prefixes"], hp["seed"]),
-               method=NAME, layer_update=layer_update)
+               method=NAME, layer_update=layer_update, progress=context.progress)
