@@ -68,3 +68,18 @@ def test_edit_defaults_count_texts_and_the_journal_says_so(planted, tmp_path):
     assert info["stats_texts"] == 30 and info["stats_tokens"] == sum(len(s) for s in text_sample(m, corpus(), 30))
     j.undo(m)
     assert all(torch.equal(before[k], v) for k, v in m.hf.state_dict().items())
+
+
+def test_statistics_and_value_optimisation_show_bars_when_the_context_says_so(planted, tmp_path, capsys,
+                                                                              monkeypatch):
+    from ffkv.edit import EditRequest, apply_edits
+
+    monkeypatch.delenv("FFKV_PROGRESS", raising=False)
+    m = planted.model
+    hp = {"layer": 1, "mom2_n_samples": 20, "v_num_grad_steps": 2, "prefixes": [[3, 1]], "max_update_ratio": 1e4}
+    req = EditRequest("the old {}", "tower", " rome")
+    apply_edits(m, [req], "rome", hp, corpus=corpus(), stats_dir=tmp_path / "a", progress=False).undo(m)
+    assert capsys.readouterr().err == ""
+    apply_edits(m, [req], "rome", hp, corpus=corpus(), stats_dir=tmp_path / "b", progress=True).undo(m)
+    err = capsys.readouterr().err
+    assert "C=E[kk^T] L1" in err and "target delta" in err

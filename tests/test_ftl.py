@@ -69,12 +69,11 @@ def tb():
 
 
 def test_ft_l_equals_a_direct_version_of_the_reference(tb):
-    from ffkv.edit.methods.ft_l import ft_delta
+    from ffkv.edit.compute_value import constrained_finetune
 
     model, reqs = tb
     before = state_bits(model)
-    hp = {"layer": 0, "num_steps": 6, "lr": 5e-4, "weight_decay": 0.0, "norm_constraint": 5e-3}
-    ours, info = ft_delta(model, reqs[0], hp)
+    ours, info = constrained_finetune(model, reqs[0], 0, 6, 5e-4, 0.0, 5e-3)
     assert same_bits(before, state_bits(model))  # the model is as it was
     ref = direct_ft(model, reqs[0], 0, 6, 5e-4, 5e-3)
     assert ours.abs().max() > 0 and info["ft_steps"] == 6

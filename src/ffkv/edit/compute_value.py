@@ -42,7 +42,7 @@ import torch
 from ..models.engine import run
 from ..models.hooks import Intervention
 from ..progress import bar
-from .requests import Batch, EditRequest, render_batch
+from .requests import Batch, EditRequest, render_batch, target_ids
 
 
 MICRO_BATCH_ROWS = 256
@@ -214,3 +214,49 @@ def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: in
     with torch.no_grad():
         prob = (-nll).exp()
     return TargetResult(delta.detach(), h, nll, prob, steps)
+
+
+FT_STOP_LOSS = 1e-2  # kmeng01's execute_ft: no step below this loss, and the loop ends
+
+
+def constrained_finetune(model, request: EditRequest, layer: int, num_steps: int, lr: float,
+                         weight_decay: float = 0.0, norm_constraint: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """FT-L's fine-tuning of layer ``layer``'s W_out on one request (:mod:`ffkv.edit.methods.ft_l`): Adam on
+    L(W) = -(1/|o|) Σ_t log p(o_t | prompt) at the prompt's last position, a step only while L >= 1e-2, then
+    W clamped into ||W - W_0||_∞ <= norm_constraint (0: no bound). Returns ΔW (d_model, d_ffn) float64 and its
+    info; the model's weights are as they were when it returns."""
+    b = render_batch(model, [("", request)])
+    ids = b.inputs["input_ids"].to(model.device)
+    mask = b.inputs["attention_mask"].to(model.device)
+    tgt = torch.tensor(target_ids(model, request), device=model.device)
+    head = (torch.zeros(1, dtype=torch.long), b.last[:1].cpu())
+    param = model.value_param(layer)
+    W0 = param.detach().clone()
+    eps = float(norm_constraint or 0.0)
+    losses = []
+    try:
+        with frozen_parameters(model), torch.enable_grad():
+            param.requires_grad_(True)
+            opt = torch.optim.Adam([param], lr=lr, weight_decay=weight_decay)
+            for _ in range(int(num_steps)):
+                opt.zero_grad()
+                logits = run(model, ids, attention_mask=mask, head=head).logits  # (1, V) at the last token
+                loss = -torch.log_softmax(logits.float(), -1)[0, tgt].mean()
+                losses.append(float(loss.detach()))
+                if losses[-1] >= FT_STOP_LOSS:
+                    loss.backward()
+                    opt.step()
+                if eps > 0:
+                    with torch.no_grad():
+                        param.copy_(torch.maximum(torch.minimum(param, W0 + eps), W0 - eps))
+                if losses[-1] < FT_STOP_LOSS:
+                    break
+        with torch.no_grad():
+            new = model.values(layer).detach().double().clone()
+    finally:
+        with torch.no_grad():
+            param.copy_(W0)
+            param.grad = None
+    D = new - model.values(layer).detach().double()
+    return D, {"ft_steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
+               "linf": float(D.abs().max())}

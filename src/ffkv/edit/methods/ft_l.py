@@ -12,6 +12,7 @@ into the box ||W - W_0||_∞ <= norm_constraint (element-wise clamp; ``norm_cons
 bound, the unconstrained FT). W: (d_model, d_ffn) in value orientation (the clamp is element-wise, so a
 Conv1D's transposed layout does not matter).
 
+The loop is :func:`ffkv.edit.compute_value.constrained_finetune` (the edit's one place for gradient steps).
 The change ΔW = W - W_0 is full rank. It goes into the journal as ``u = I`` (d_model, d_model), ``v = ΔW^T``
 (d_ffn, d_model), so ``W_0 + u v^T`` is the fine-tuned matrix (rounded to float32 once) and undo and replay
 are bit-exact like every other entry. Departure: the reference's ``rewrite_module_tmp`` also matches the
@@ -26,9 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ...models.engine import run
-from ..compute_value import frozen_parameters
-from ..requests import render_batch, target_ids
+from ..compute_value import constrained_finetune
 
 NAME = "ft-l"
 SUMMARY = "fine-tune one layer's W_out on the target under an L-infinity bound on the change (Meng et al., 2022)"
@@ -41,12 +40,11 @@ HPARAM_DOCS = {
     "norm_constraint": "L-infinity bound on W_out - W_out_0 after every step (0: unconstrained)",
     "max_update_ratio": "refuse an update with ||dW||_F > max_update_ratio * ||W||_F",
 }
-STOP_LOSS = 1e-2  # the reference's fixed threshold
 
 # (family, n_layers) -> norm_constraint of the published files (layer 0 in all of them)
 NORM_TABLE = {("gpt2", 48): 5e-4, ("gpt2", 36): 1e-3, ("gpt2", 24): 2e-3, ("gpt-j", 28): 5e-5,
               # testbed: one request at a time on 8 CounterFact cases, the new object top-1 after the edit in
-              # 0 / 8 / 8 of 8 at 5e-4 / 5e-3 / 5e-2 (2026-12-02, measured before commit of this line)
+              # 0 / 8 / 8 of 8 at 5e-4 / 5e-3 / 5e-2 (2026-12-02, commit e1e2a98)
               ("gpt2", 6): 5e-3}
 
 
@@ -59,50 +57,10 @@ def layers(hp: dict) -> list[int]:
     return [hp["layer"]]
 
 
-def ft_delta(model, request, hp: dict) -> tuple[torch.Tensor, dict]:
-    """ΔW (d_model, d_ffn) float64 of one request's constrained fine-tuning (module docstring) and its info;
-    the model's weights are as they were when it returns."""
-    layer = hp["layer"]
-    b = render_batch(model, [("", request)])
-    ids = b.inputs["input_ids"].to(model.device)
-    tgt = torch.tensor(target_ids(model, request), device=model.device)
-    head = (torch.zeros(1, dtype=torch.long), b.last[:1].cpu())
-    param = model.value_param(layer)
-    W0 = param.detach().clone()
-    eps = float(hp["norm_constraint"] or 0.0)
-    losses = []
-    try:
-        with frozen_parameters(model), torch.enable_grad():
-            param.requires_grad_(True)
-            opt = torch.optim.Adam([param], lr=hp["lr"], weight_decay=hp["weight_decay"])
-            for _ in range(hp["num_steps"]):
-                opt.zero_grad()
-                logits = run(model, ids, attention_mask=b.inputs["attention_mask"].to(model.device),
-                             head=head).logits  # (1, V) at the prompt's last token
-                loss = -torch.log_softmax(logits.float(), -1)[0, tgt].mean()
-                losses.append(float(loss.detach()))
-                if losses[-1] >= STOP_LOSS:
-                    loss.backward()
-                    opt.step()
-                if eps > 0:
-                    with torch.no_grad():
-                        param.copy_(torch.maximum(torch.minimum(param, W0 + eps), W0 - eps))
-                if losses[-1] < STOP_LOSS:
-                    break
-        with torch.no_grad():
-            new = model.values(layer).detach().double().clone()
-    finally:
-        with torch.no_grad():
-            param.copy_(W0)
-            param.grad = None
-    D = new - model.values(layer).detach().double()
-    return D, {"ft_steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
-               "linf": float(D.abs().max())}
-
-
 def apply(model, requests, hp: dict, journal, context) -> None:
     """One request at a time: each a full-rank entry ΔW = I (ΔW^T)^T of ``hp['layer']``."""
     for r in requests:
-        D, info = ft_delta(model, r, hp)
+        D, info = constrained_finetune(model, r, hp["layer"], hp["num_steps"], hp["lr"], hp["weight_decay"],
+                                       hp["norm_constraint"])
         journal.record(model, NAME, hp["layer"], torch.eye(model.d_model, dtype=torch.float32), D.T.float(),
                        [r.to_json()], hp, info, max_ratio=hp["max_update_ratio"])
