@@ -245,11 +245,11 @@ def gpt2_small_shape(tokenizer_dir):
     testbed's tokenizer (its ids stay below the vocabulary, which is all an edit needs)."""
     from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
 
-    from ffkv.models.model import MemoryModel
+    from ffkv.models.loading import from_hf
 
     torch.manual_seed(0)
     tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
-    return MemoryModel.from_hf(AutoModelForCausalLM.from_config(GPT2Config()).eval(), tok, check=False)
+    return from_hf(AutoModelForCausalLM.from_config(GPT2Config()).eval(), tok, name_or_path="gpt2-config")
 
 
 def main(argv=None):
