@@ -286,12 +286,13 @@ def main(argv=None):
     if "small" not in skip and a.n_small > 0:
         from pathlib import Path
 
+        from ffkv.edit.stats import resolve_corpus
+
         small = gpt2_small_shape(Path(path))
         # statistics of the small shape over a stream of the testbed's text (both sides read the same C)
-        over = {"corpus": "testbed" if (Path(path) / "testbed.json").exists() else "auto",
-                "stats_tokens": a.stats_tokens}
-        res["rome_gpt2_small_shape"] = bench_rome(small, reqs[: a.n_small], EditContext(stats_dir=a.stats_dir,
-                                                                                          progress=False), over)
+        texts = resolve_corpus(model, "auto")[1][:2000]
+        ctx = EditContext(stats_dir=a.stats_dir, progress=False, corpus=texts)
+        res["rome_gpt2_small_shape"] = bench_rome(small, reqs[: a.n_small], ctx, {"stats_tokens": a.stats_tokens})
         print(f"rome (GPT-2-small shape): {json.dumps(res['rome_gpt2_small_shape'])}", file=sys.stderr)
     print(json.dumps(res, indent=None if a.json else 2))
 
