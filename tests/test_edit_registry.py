@@ -73,7 +73,7 @@ def toy(monkeypatch):
 def test_every_method_exports_the_contract():
     from ffkv.edit.registry import METHODS, EditMethod, get_method
 
-    assert list(METHODS) == ["rome", "memit", "kn", "alphaedit"]
+    assert list(METHODS) == ["rome", "memit", "kn", "alphaedit", "ft-l"]
     m = fresh()
     for name, method in METHODS.items():
         assert isinstance(method, EditMethod) and method.name == name and get_method(name) is method
@@ -83,7 +83,7 @@ def test_every_method_exports_the_contract():
         assert all(0 <= layer < m.n_layers for layer in method.layers(hp))
     assert METHODS["memit"].batched and not METHODS["rome"].batched and not METHODS["kn"].batched
     assert METHODS["alphaedit"].batched
-    with pytest.raises(FfkvError, match="unknown edit method 'emmet'.*rome, memit, kn, alphaedit"):
+    with pytest.raises(FfkvError, match="unknown edit method 'emmet'.*rome, memit, kn, alphaedit, ft-l"):
         get_method("emmet")
 
 

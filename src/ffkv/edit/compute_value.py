@@ -7,7 +7,12 @@ layer, ``resid_post``), in every rewriting prompt ``x_j + prompt(subject)`` and 
 
     L(δ) = - (1/N) Σ_j (1/|o|) Σ_t log p(o_t | x_j + p, o_<t ; h + δ)          (new object o)
            + kl_factor · KL( p(· | "{s} is a"; h + δ) || p(· | "{s} is a"; h) )   (keep the subject's essence)
-           + v_weight_decay · ||δ||² / ||h||²
+           + v_weight_decay · ||δ|| / ||h||²        (``v_weight_decay_form="reference"``, the default)
+
+The weight-decay term is the one kmeng01's compute_v / compute_z (and AlphaEdit's compute_z) compute,
+``v_weight_decay * norm(delta) / norm(target_init) ** 2``; the papers write ||δ||² / ||h||², available as
+``v_weight_decay_form="squared"``. The form decides when the early stop (loss < ``early_stop_loss``) fires:
+the squared term is smaller for ||δ|| < 1 and larger beyond.
 
 with Adam (``v_lr``, ``v_num_grad_steps``), stopping when L < ``early_stop_loss``, and δ projected back into
 the ball ||δ|| <= clamp_norm_factor · ||h|| after every step. h (d_model,) is the site's activation on the
@@ -17,6 +22,9 @@ A batch of requests is optimised together: one forward pass per step holds every
 request has its own row of δ (n, d_model) and its own loss term, Adam acts element-wise, and a request that
 has converged leaves the batch (its rows are no longer run) with δ frozen, so each row follows the same
 trajectory as a one-request-at-a-time run and no work is spent on finished requests.
+
+δ enters at layer l, so the layers below l compute the same residual at every step: each step runs layers
+l .. L-1 only, from the residual entering l recorded once (the engine's ``start_layer`` / ``start_resid``).
 
 The loss reads a few positions per row, and the LM head over every position of every row would be most of
 the work (B x T x V logits): each step is one engine run with the head only at those positions
@@ -33,7 +41,8 @@ import torch
 
 from ..models.engine import run
 from ..models.hooks import Intervention
-from .requests import Batch, EditRequest, render_batch
+from ..progress import bar
+from .requests import Batch, EditRequest, render_batch, target_ids
 
 
 MICRO_BATCH_ROWS = 256
@@ -92,6 +101,18 @@ def add_at_rows(rows: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor
     return fn
 
 
+WEIGHT_DECAY_FORMS = ("reference", "squared")
+
+
+def weight_decay_norm(delta: torch.Tensor, form: str) -> torch.Tensor:
+    """(n,) ||δ_i|| ("reference": kmeng01's code) or ||δ_i||² ("squared": the papers); δ: (n, d_model).
+
+    ``vector_norm``'s gradient at δ = 0 is 0 (the first step starts there), as torch.norm's in the reference."""
+    if form == "squared":
+        return delta.pow(2).sum(1)
+    return torch.linalg.vector_norm(delta, dim=1)
+
+
 def target_log_likelihood(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Mean log p of each rewriting row's target tokens: (n_rows,) from logits (n_rows, L, V) at target_pos."""
     lp = torch.log_softmax(logits.float(), -1)
@@ -117,8 +138,11 @@ def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: in
 
     with torch.no_grad():
         ref = run(model, batch.inputs["input_ids"], attention_mask=batch.inputs["attention_mask"],
-                  reads=[(site, layer)])
+                  reads=[(site, layer)] + ([("resid_pre", layer)] if layer else []))
     logits, rec = ref.logits, ref.rec
+    # δ enters at ``layer``: the layers below it give the same residual at every step, so each step starts
+    # there from the residual this reference run recorded (run(start_layer=...), the engine's suffix run)
+    resid0 = rec["resid_pre", layer] if layer else None  # (B, T, d_model)
     h = rec[site, layer][torch.arange(0, n * P, P, device=dev), batch.subject_last[: n * P: P]].float()
     kl_ref = torch.log_softmax(logits[kl_rows, batch.last[kl_rows]].float(), -1)  # (n, V)
 
@@ -128,10 +152,14 @@ def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: in
     steps = torch.zeros(n, dtype=torch.long)
     max_norm = hparams["clamp_norm_factor"] * h.norm(dim=1)  # (n,)
     h_sq = h.pow(2).sum(1)
+    form = hparams.get("v_weight_decay_form", "reference")
     nll = torch.zeros(n)
     n_steps = int(hparams["v_num_grad_steps"])
-    with frozen_parameters(model):
+    pbar = bar(total=n_steps, desc=f"target delta ({n} request{'s' if n > 1 else ''})", unit="step",
+               enabled=progress)
+    with frozen_parameters(model), pbar:
         for it in range(n_steps):
+            pbar.update(1)
             # Only the requests still optimising run: a converged request leaves the batch, as it would
             # stop in a one-request-at-a-time run.
             act_all = torch.nonzero(active).flatten()  # request ids still optimising
@@ -158,11 +186,13 @@ def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: in
                 pos = torch.cat([sub.target_pos.flatten(), batch.last[n * P + act]])
                 # the family's real head, only where the loss reads: (n_rw * L + a, V)
                 logits = run(model, inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                             edits=[Intervention(site, layer, "fn", value=fn)], head=(rows, pos)).logits
+                             edits=[Intervention(site, layer, "fn", value=fn)], head=(rows, pos),
+                             **({} if resid0 is None else {"start_layer": layer,
+                                                           "start_resid": resid0[sel, :width]})).logits
                 nll_r = -target_log_likelihood(logits[: n_rw * L].view(n_rw, L, -1), sub).view(a, P).mean(1)
                 lp_new = torch.log_softmax(logits[n_rw * L:].float(), -1)  # (a, V)
                 kl_r = (lp_new.exp() * (lp_new - kl_ref[act])).sum(-1)  # KL(p_new || p_orig), as ROME's kl_div
-                wd_r = hparams["v_weight_decay"] * delta[act].pow(2).sum(1) / h_sq[act]
+                wd_r = hparams["v_weight_decay"] * weight_decay_norm(delta[act], form) / h_sq[act]
                 loss_r = nll_r + hparams["kl_factor"] * kl_r + wd_r  # (a,)
                 nll[act.cpu()] = nll_r.detach().cpu()
                 go = loss_r.detach() >= hparams["early_stop_loss"]  # still optimising after this step
@@ -184,3 +214,49 @@ def compute_targets(model, requests: Sequence[EditRequest], site: str, layer: in
     with torch.no_grad():
         prob = (-nll).exp()
     return TargetResult(delta.detach(), h, nll, prob, steps)
+
+
+FT_STOP_LOSS = 1e-2  # kmeng01's execute_ft: no step below this loss, and the loop ends
+
+
+def constrained_finetune(model, request: EditRequest, layer: int, num_steps: int, lr: float,
+                         weight_decay: float = 0.0, norm_constraint: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """FT-L's fine-tuning of layer ``layer``'s W_out on one request (:mod:`ffkv.edit.methods.ft_l`): Adam on
+    L(W) = -(1/|o|) Σ_t log p(o_t | prompt) at the prompt's last position, a step only while L >= 1e-2, then
+    W clamped into ||W - W_0||_∞ <= norm_constraint (0: no bound). Returns ΔW (d_model, d_ffn) float64 and its
+    info; the model's weights are as they were when it returns."""
+    b = render_batch(model, [("", request)])
+    ids = b.inputs["input_ids"].to(model.device)
+    mask = b.inputs["attention_mask"].to(model.device)
+    tgt = torch.tensor(target_ids(model, request), device=model.device)
+    head = (torch.zeros(1, dtype=torch.long), b.last[:1].cpu())
+    param = model.value_param(layer)
+    W0 = param.detach().clone()
+    eps = float(norm_constraint or 0.0)
+    losses = []
+    try:
+        with frozen_parameters(model), torch.enable_grad():
+            param.requires_grad_(True)
+            opt = torch.optim.Adam([param], lr=lr, weight_decay=weight_decay)
+            for _ in range(int(num_steps)):
+                opt.zero_grad()
+                logits = run(model, ids, attention_mask=mask, head=head).logits  # (1, V) at the last token
+                loss = -torch.log_softmax(logits.float(), -1)[0, tgt].mean()
+                losses.append(float(loss.detach()))
+                if losses[-1] >= FT_STOP_LOSS:
+                    loss.backward()
+                    opt.step()
+                if eps > 0:
+                    with torch.no_grad():
+                        param.copy_(torch.maximum(torch.minimum(param, W0 + eps), W0 - eps))
+                if losses[-1] < FT_STOP_LOSS:
+                    break
+        with torch.no_grad():
+            new = model.values(layer).detach().double().clone()
+    finally:
+        with torch.no_grad():
+            param.copy_(W0)
+            param.grad = None
+    D = new - model.values(layer).detach().double()
+    return D, {"ft_steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
+               "linf": float(D.abs().max())}

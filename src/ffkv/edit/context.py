@@ -40,9 +40,14 @@ class EditContext:
         return dataclasses.replace(self, **{k: v for k, v in settings.items() if v is not None})
 
     def layer_stats(self, model, layers: Sequence[int], hp: dict) -> dict[int, SecondMoment]:
-        """C = E[k k^T] of ``layers`` for the hyperparameters ``hp`` (``corpus``, ``stats_tokens``)."""
+        """C = E[k k^T] of ``layers`` for the hyperparameters ``hp``: ``corpus`` and the sample, the corpus's
+        first ``stats_tokens`` tokens as a stream when it is a number, else ``mom2_n_samples`` texts (default
+        100,000) as kmeng01's ``layer_stats`` counts them (:mod:`.stats`)."""
         corpus = self.corpus if self.corpus is not None else hp["corpus"]
-        kw = dict(corpus=corpus, n_tokens=hp["stats_tokens"], stats_dir=self.stats_dir, progress=self.progress)
+        n_tokens = hp.get("stats_tokens")
+        kw = dict(corpus=corpus, n_tokens=n_tokens,
+                  n_texts=hp.get("mom2_n_samples", 100_000) if n_tokens is None else None,
+                  stats_dir=self.stats_dir, progress=self.progress)
         return layer_stats(model, list(layers), base_identity=self.base_identity, memo=self.memo, **kw)
 
     def context_prefixes(self, model, spec, seed: int) -> list[str]:

@@ -16,14 +16,15 @@ ROME / MEMIT / EasyEdit files paste in: their names are ffkv's where they mean t
     layers: [17] (ROME)              -> layer: 17
     steps, adaptive_threshold (KN)   -> ig_steps, threshold
     mom2_update_weight (AlphaEdit)   dropped with a warning: AlphaEdit's update does not read it
+    norm_constraint: false (FT)      0 (no bound); FT's kl_factor 0 is dropped (its code does not read it)
     alg_name                         must name the method; v_loss_layer must be the last layer (ffkv's loss is
                                      on the model's output); mom2_adjustment must be true (ffkv always uses C)
     model_name, device, stats_dir, fp16, model_parallel, max_length, batch_size, layer_selection,
     *_module_tmp, ln_f_module, lm_head_module, mom2_dataset, mom2_n_samples, mom2_dtype
                                      say where a module or file is, or how the reference ran: ffkv finds the
                                      modules from the model, so they are dropped, with a warning naming them
-                                     (the statistics corpus is ``corpus`` / ``stats_tokens``: ROME's
-                                     mom2_n_samples counts Wikipedia records, not tokens)
+                                     (the statistics corpus is ``corpus``; mom2_n_samples is ffkv's name too
+                                     for the methods with key statistics: texts, as the reference counts)
 """
 
 from __future__ import annotations
@@ -146,6 +147,11 @@ def _translate(model, method_name: str, known: dict, over: dict) -> dict:
         over.pop("mom2_update_weight")
         warnings.warn("mom2_update_weight is in AlphaEdit's files but its update does not use it (the null-space "
                       "projector replaces lambda C); ignored", stacklevel=4)
+    if "norm_constraint" in known:  # ROME's FT files: false = unconstrained, kl_factor 0 is not read
+        if over.get("norm_constraint") is False:
+            over["norm_constraint"] = 0.0
+        if "kl_factor" in over and "kl_factor" not in known and over["kl_factor"] == 0:
+            over.pop("kl_factor")
     if "mom2_adjustment" in over and "mom2_adjustment" not in known:
         if not over.pop("mom2_adjustment"):
             raise FfkvError("mom2_adjustment=false (an update without the key statistics C) is not ffkv's "
@@ -182,7 +188,7 @@ def check_hparams(model, method, hp: dict) -> dict:
     ref = m.defaults(model)
     for name, d in ref.items():
         v = hp.get(name)
-        if name in ("layer", "layers", "neurons") or (d is None and v is None):
+        if name in ("layer", "layers", "neurons", "stats_tokens") or (d is None and v is None):
             continue
         if name == "trace_noise":
             if not (isinstance(v, str) or (_is_number(v) and math.isfinite(v) and v >= 0)):
@@ -202,6 +208,12 @@ def check_hparams(model, method, hp: dict) -> dict:
             raise _bad(name, v, "a string", d)
     if "kl_prompt" in hp and hp["kl_prompt"].count("{}") != 1:
         raise _bad("kl_prompt", hp["kl_prompt"], "a prompt with one '{}' for the subject", ref.get("kl_prompt"))
+    if "v_weight_decay_form" in hp and hp["v_weight_decay_form"] not in ("reference", "squared"):
+        raise _bad("v_weight_decay_form", hp["v_weight_decay_form"], "reference or squared", "reference")
+    if "stats_tokens" in hp and hp["stats_tokens"] is not None and not (
+            isinstance(hp["stats_tokens"], int) and not isinstance(hp["stats_tokens"], bool)
+            and hp["stats_tokens"] >= 1):
+        raise _bad("stats_tokens", hp["stats_tokens"], "a positive integer or null", ref.get("stats_tokens"))
     if "fact_token" in hp and hp["fact_token"] != "subject_last":
         raise _bad("fact_token", hp["fact_token"], "subject_last (the only token ffkv edits at)", "subject_last")
     if "prefixes" in hp:

@@ -116,7 +116,7 @@ def layer_experts(hparams: dict) -> list[int | None]:
 
 def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dict[int, SecondMoment],
                journal: Journal, prefixes: list[str] | None = None, method: str = "memit",
-               layer_update: Callable | None = None) -> list[JournalEntry]:
+               layer_update: Callable | None = None, progress: bool = False) -> list[JournalEntry]:
     """Apply one MEMIT batch over ``hparams['layers']``; returns the journal entries (one per layer).
 
     ``stats`` is keyed by layer, or by ``(layer, expert)`` for a layer whose expert is edited.
@@ -138,7 +138,7 @@ def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dic
     for layer, expert in zip(layers, experts):  # refuse an expert a request is not routed to, before optimising
         if expert is not None:
             compute_expert_keys(model, requests, layer, expert, [""])
-    tgt = compute_targets(model, requests, "resid_post", top, hparams, prefixes)
+    tgt = compute_targets(model, requests, "resid_post", top, hparams, prefixes, progress=progress)
     z = tgt.h + tgt.delta  # (n, d_model)
     reqs = [r.to_json() for r in requests]
     info_req = [tgt.info(i) for i in range(len(requests))]
@@ -175,7 +175,8 @@ def memit_edit(model, requests: Sequence[EditRequest], hparams: dict, stats: dic
             u, v, extra = layer_update(site, K, R)
             info.update(extra)
         info.update({"targets": info_req if j == 0 else None, "residual_norm": float(R.norm()),
-                     "stats_tokens": stats[site].n_tokens, "stats_corpus": stats[site].corpus})
+                     "stats_tokens": stats[site].n_tokens, "stats_texts": stats[site].n_texts,
+                     "stats_corpus": stats[site].corpus})
         entries.append(journal.record(model, method, layer, u.float(), v.float(), reqs, hparams, info,
                                       max_ratio=hparams["max_update_ratio"], keys=K, expert=expert))
     return entries

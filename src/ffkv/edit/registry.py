@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..errors import FfkvError
 from ..models.model import MemoryModel
-from .methods import alphaedit, kn, memit, rome
+from .methods import alphaedit, ft_l, kn, memit, rome
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ METHODS: dict[str, EditMethod] = {
     "memit": EditMethod.from_module(memit),
     "kn": EditMethod.from_module(kn),
     "alphaedit": EditMethod.from_module(alphaedit),
+    "ft-l": EditMethod.from_module(ft_l),
 }
 
 

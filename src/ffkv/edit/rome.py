@@ -61,7 +61,7 @@ def rank_one_update(W: torch.Tensor, b: torch.Tensor | None, C_chol: torch.Tenso
 
 
 def rome_edit(model, request: EditRequest, hparams: dict, stats: SecondMoment, journal: Journal,
-              prefixes: list[str] | None = None) -> JournalEntry:
+              prefixes: list[str] | None = None, progress: bool = False) -> JournalEntry:
     """Apply one ROME edit at ``hparams['layer']`` (expert ``hparams['expert']`` of it, when set) and record
     it in ``journal``; returns the entry."""
     layer = hparams["layer"]
@@ -77,12 +77,13 @@ def rome_edit(model, request: EditRequest, hparams: dict, stats: SecondMoment, j
         K, w = compute_expert_keys(model, [request], layer, expert, prefixes)  # refuses an unrouted expert
         k, w_e = K[0], float(w[0])
         W, b = model.values(layer, expert), None
-    tgt = compute_targets(model, [request], "ffn_out", layer, hparams, prefixes)
+    tgt = compute_targets(model, [request], "ffn_out", layer, hparams, prefixes, progress=progress)
     delta = tgt.delta[0] if w_e is None else tgt.delta[0] / w_e
     with torch.no_grad():
         v_star = target_value(W, b, k, delta)
         u, v = rank_one_update(W, b, cholesky_factor(stats.C), k, v_star)
-    info = {**tgt.info(0), "stats_tokens": stats.n_tokens, "stats_corpus": stats.corpus}
+    info = {**tgt.info(0), "stats_tokens": stats.n_tokens, "stats_texts": stats.n_texts,
+            "stats_corpus": stats.corpus}
     if w_e is not None:
         info["routing_weight" if expert is not None else "shared_gate"] = w_e
     return journal.record(model, "rome", layer, u.float(), v.float(), [request.to_json()], hparams, info,

@@ -4,6 +4,14 @@ For layer l the key k is the FFN's memory coefficient vector (the input of W_out
 
     C_l = (1 / N) Σ_t k_t k_t^T            k_t: (d_ffn,)   C_l: (d_ffn, d_ffn)
 
+The sample (``n_texts``): as kmeng01's ``layer_stats`` counts it (``mom2_n_samples``), ``n_texts`` records of
+the corpus drawn in the order of ``random.Random(1).shuffle`` of their indices (its ``FixedRandomSubsetSampler``,
+seed 1), each tokenized alone and truncated to the model's context, every token of every record counted
+(``n_tokens``, when given, caps the total). The records are those of ffkv's corpus reader, which drops empty
+ones (WikiText's blank lines are records of the Hugging Face data set the reference reads). Without ``n_texts``: the corpus's first ``n_tokens`` tokens as one
+stream (records joined by eos) cut into windows of ``window`` tokens. Every result says which: ``n_texts``
+(None for the stream), ``n_tokens`` and the corpus.
+
 All requested layers are accumulated in one pass (the forward pass stops after the deepest requested layer),
 batch products in float32 and running sums in float64, whatever the model's dtype. Results are cached on
 disk as safetensors, one file per layer, with the model's identity, the layer, the corpus and the token
@@ -32,21 +40,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from tqdm import tqdm
-
 from ..errors import FfkvError
 from ..io import load_safetensors, provenance, save_safetensors
 from ..memory.corpus import SHARED_DATA, open_corpus, testbed_world_of
 from ..models.engine import capture_coefficients, run
 from ..models.moe import expert_intervene
+from ..progress import bar
 
 __all__ = ["SHARED_DATA", "SecondMoment", "accumulate_expert_second_moments", "accumulate_second_moments",
+           "accumulate_text_second_moments", "text_sample",
            "base_identity", "cholesky_factor",
            "default_stats_dir", "layer_stats", "load_second_moment", "resolve_corpus", "testbed_world_of",
            "token_windows"]
@@ -63,6 +72,12 @@ class SecondMoment:
     corpus: str
     path: Path | None = None
     expert: int | None = None
+    n_texts: int | None = None  # corpus records sampled (kmeng01's mom2_n_samples); None: a token stream
+
+    def describe(self) -> str:
+        """'N tokens of T texts of CORPUS' (or 'N tokens of CORPUS' for a stream sample)."""
+        of = f" of {self.n_texts} texts" if self.n_texts is not None else ""
+        return f"{self.n_tokens} tokens{of} of {self.corpus}"
 
 
 def default_stats_dir() -> Path:
@@ -146,8 +161,8 @@ def accumulate_second_moments(model, windows: torch.Tensor, layers: Sequence[int
     layers = sorted(set(layers))
     sums: dict[int, torch.Tensor] = {}  # width read from the coefficients (an MoE shared expert's is its own)
     count = 0
-    bar = tqdm(total=windows.numel(), desc=f"C=E[kk^T] L{','.join(map(str, layers))}", unit="tok",
-               disable=not progress, file=None, mininterval=1.0, leave=False)
+    pbar = bar(total=windows.numel(), desc=f"C=E[kk^T] L{','.join(map(str, layers))}", unit="tok",
+               enabled=progress)
     with torch.no_grad():
         for i in range(0, windows.shape[0], batch_size):
             ids = windows[i:i + batch_size].to(model.device)
@@ -158,8 +173,71 @@ def accumulate_second_moments(model, windows: torch.Tensor, layers: Sequence[int
                     sums[l] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64, device=model.device)
                 sums[l] += (k.T @ k).double()
             count += ids.numel()
-            bar.update(ids.numel())
-    bar.close()
+            pbar.update(ids.numel())
+    pbar.close()
+    return {l: s.cpu() for l, s in sums.items()}, count
+
+
+def text_sample(model, texts: Sequence[str], n_texts: int, n_tokens: int | None = None, seed: int = 1
+                ) -> list[list[int]]:
+    """kmeng01's statistics sample: token ids of ``n_texts`` records (module docstring), each truncated to
+    the model's context; records without tokens count as records and give none. ``n_tokens`` caps the total."""
+    tok = model.require_tokenizer()
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    maxlen = int(model.context_length)
+    out, total = [], 0
+    for i in order[: int(n_texts)]:
+        ids = tok(texts[i], add_special_tokens=False, verbose=False)["input_ids"][:maxlen]
+        if n_tokens is not None:
+            ids = ids[: max(0, int(n_tokens) - total)]
+        out.append(ids)
+        total += len(ids)
+        if n_tokens is not None and total >= n_tokens:
+            break
+    if total == 0:
+        raise FfkvError("the statistics sample tokenizes to nothing", "pass a corpus with text in it")
+    return out
+
+
+def accumulate_text_second_moments(model, seqs: Sequence[Sequence[int]], layers: Sequence[int],
+                                   batch_tokens: int | None = None, progress: bool = True
+                                   ) -> tuple[dict[int, torch.Tensor], int]:
+    """Σ_t k_t k_t^T over every token of every record in ``seqs`` (token id lists), as
+    :func:`accumulate_second_moments`; records sorted by length and padded on the right into batches of at
+    most ``batch_tokens`` (default 3 x the context, the reference's) tokens, pads left out of the sums."""
+    layers = sorted(set(layers))
+    batch_tokens = int(batch_tokens or 3 * model.context_length)
+    seqs = sorted((s for s in seqs if len(s)), key=len, reverse=True)
+    pad = model.require_tokenizer().pad_token_id
+    pad = 0 if pad is None else pad
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+    total = sum(len(s) for s in seqs)
+    pbar = bar(total=total, desc=f"C=E[kk^T] L{','.join(map(str, layers))}", unit="tok", enabled=progress)
+    i = 0
+    with torch.no_grad():
+        while i < len(seqs):
+            T = len(seqs[i])  # the longest of the batch (sorted)
+            j = min(len(seqs), i + max(1, batch_tokens // T))
+            ids = torch.full((j - i, T), pad, dtype=torch.long)
+            mask = torch.zeros((j - i, T), dtype=torch.long)
+            for r, sq in enumerate(seqs[i:j]):
+                ids[r, : len(sq)] = torch.tensor(sq, dtype=torch.long)
+                mask[r, : len(sq)] = 1
+            ids, mask = ids.to(model.device), mask.to(model.device)
+            coef = capture_coefficients(model, ids, attention_mask=mask, layers=layers)
+            keep = mask.reshape(-1).bool()
+            for l in layers:
+                k = coef[l].reshape(-1, coef[l].shape[-1])[keep].float()
+                if l not in sums:
+                    sums[l] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64, device=model.device)
+                sums[l] += (k.T @ k).double()
+            n = int(keep.sum())
+            count += n
+            pbar.update(n)
+            i = j
+    pbar.close()
     return {l: s.cpu() for l, s in sums.items()}, count
 
 
@@ -176,8 +254,8 @@ def accumulate_expert_second_moments(model, windows: torch.Tensor, experts: Sequ
     sums = {k: None for k in experts}
     counts = {k: 0 for k in experts}
     stop = max(l for l, _ in experts)
-    bar = tqdm(total=windows.numel(), desc="C=E[kk^T] " + ",".join(f"L{l}.E{e}" for l, e in experts), unit="tok",
-               disable=not progress, file=None, mininterval=1.0, leave=False)
+    pbar = bar(total=windows.numel(), desc="C=E[kk^T] " + ",".join(f"L{l}.E{e}" for l, e in experts), unit="tok",
+               enabled=progress)
     for i in range(0, windows.shape[0], batch_size):
         ids = windows[i:i + batch_size].to(model.device)
         with expert_intervene(model, reads=experts) as rec:
@@ -187,8 +265,8 @@ def accumulate_expert_second_moments(model, windows: torch.Tensor, experts: Sequ
             s = (k.T @ k).double()
             sums[key] = s if sums[key] is None else sums[key] + s
             counts[key] += k.shape[0]
-        bar.update(ids.numel())
-    bar.close()
+        pbar.update(ids.numel())
+    pbar.close()
     return {key: s.cpu() for key, s in sums.items()}, counts
 
 
@@ -217,15 +295,16 @@ def load_second_moment(path: str | Path, identity: dict | None = None, layer: in
     if layer is not None and meta.get("expert") != expert:
         raise FfkvError(f"statistics {path} are for expert {meta.get('expert')}, not {expert}",
                         "delete it and recompute")
+    n_texts = meta.get("n_texts")
     return SecondMoment(int(meta["layer"]), tensors["C"].double(), int(meta["n_tokens"]), meta.get("corpus", ""),
-                        Path(path), meta.get("expert"))
+                        Path(path), meta.get("expert"), None if n_texts is None else int(n_texts))
 
 
 def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequence[str] = "auto",
                 n_tokens: int = 100_000, stats_dir: str | Path | None = None, window: int | None = None,
                 batch_size: int = 8, recompute: bool = False, cache: bool = True,
                 progress: bool = True, base_identity: dict | None = None,
-                memo: dict | None = None) -> dict[int, SecondMoment]:
+                memo: dict | None = None, n_texts: int | None = None) -> dict[int, SecondMoment]:
     """C = E[k k^T] of each layer in ``layers``, from the cache or computed in one pass over ``corpus``.
 
     ``layers`` holds layers and/or ``(layer, expert)`` pairs (an MoE layer's expert: the statistics over the
@@ -235,7 +314,8 @@ def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequenc
     model's context)). Cached under ``stats_dir`` (default ``$FFKV_STATS_DIR`` or ``~/.cache/ffkv/stats``).
     base_identity: the identity the statistics belong to (an edited model's base, from its journal;
     default :func:`base_identity` of the model). memo: a dict that keeps results between calls (sequential
-    edits); None keeps nothing.
+    edits); None keeps nothing. n_texts: sample ``n_texts`` records as kmeng01 does (module docstring),
+    ``n_tokens`` then caps the total (None: no cap); an expert's statistics always use the token stream.
     """
     if isinstance(layers, int):
         layers = [layers]
@@ -244,16 +324,29 @@ def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequenc
     layers = sorted({model.check_layer(l) for l in layers if not isinstance(l, (tuple, list))})
     if experts:
         return {**(layer_stats(model, layers, corpus, n_tokens, stats_dir, window, batch_size, recompute, cache,
-                               progress, base_identity, memo) if layers else {}),
-                **_expert_stats(model, experts, corpus, n_tokens, stats_dir, window, batch_size, recompute,
-                                cache, progress, base_identity, memo)}
+                               progress, base_identity, memo, n_texts) if layers else {}),
+                **_expert_stats(model, experts, corpus, n_tokens or 100_000, stats_dir, window, batch_size,
+                                recompute, cache, progress, base_identity, memo)}
     if not layers:
         raise FfkvError("no layers given for the statistics", "pass layers=[...]")
+    if n_texts is None and n_tokens is None:
+        raise FfkvError("the statistics sample has no size", "pass n_tokens (a token stream) or n_texts (records)")
     identity, memo, memo_key = _memo(model, corpus, n_tokens, window, stats_dir, base_identity, memo)
+    memo_key = memo_key + ((n_texts,) if n_texts is not None else ())
     if not recompute and all((memo_key, l) in memo for l in layers):
         return {l: memo[memo_key, l] for l in layers}
-    name, windows, window, corpus_key, stats_dir = _corpus_windows(model, corpus, n_tokens, window, stats_dir)
-    n = windows.numel()
+    if n_texts is None:
+        name, windows, window, corpus_key, stats_dir = _corpus_windows(model, corpus, n_tokens, window, stats_dir)
+        n = windows.numel()
+    else:
+        name, texts = resolve_corpus(model, corpus)
+        seqs = text_sample(model, texts, n_texts, n_tokens)
+        n_texts = len(seqs)  # fewer when the corpus has fewer records or the cap ended the sample
+        n = sum(len(q) for q in seqs)
+        digest = hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:10]
+        corpus_key = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:40]}-texts{n_texts}-{digest}"
+        window = int(model.context_length)
+        stats_dir = Path(stats_dir) if stats_dir is not None else default_stats_dir()
     out: dict[int, SecondMoment] = {}
     missing = []
     for l in layers:
@@ -263,16 +356,21 @@ def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequenc
         else:
             missing.append(l)
     if missing:
-        sums, count = accumulate_second_moments(model, windows, missing, batch_size, progress)
+        if n_texts is None:
+            sums, count = accumulate_second_moments(model, windows, missing, batch_size, progress)
+        else:
+            sums, count = accumulate_text_second_moments(model, seqs, missing, progress=progress)
+        sample = "stream" if n_texts is None else "texts"
         for l in missing:
             C = sums[l] / count
             path = _stats_path(stats_dir, identity, corpus_key, l, n)
             if cache:
                 meta = provenance(identity, layer=l, corpus=name, corpus_key=corpus_key, n_tokens=count,
-                                  window=window)
-                meta.update(layer=l, corpus=name, n_tokens=count)
+                                  window=window, n_texts=n_texts, sample=sample)
+                meta.update(layer=l, corpus=name, n_tokens=count, n_texts=n_texts, sample=sample,
+                            window=window)
                 save_safetensors(path, {"C": C}, meta)
-            out[l] = SecondMoment(l, C, count, name, path if cache else None)
+            out[l] = SecondMoment(l, C, count, name, path if cache else None, None, n_texts)
     for l in layers:
         memo[memo_key, l] = out[l]
     return out
@@ -285,7 +383,8 @@ def _memo(model, corpus, n_tokens, window, stats_dir, base_identity, memo):
     memo = memo if memo is not None else {}
     spec = str(corpus) if isinstance(corpus, (str, Path)) else \
         "texts-" + hashlib.sha256("\x00".join(corpus).encode()).hexdigest()[:16]
-    return identity, memo, (spec, int(n_tokens), window, str(stats_dir), identity.get("fingerprint"))
+    return identity, memo, (spec, None if n_tokens is None else int(n_tokens), window, str(stats_dir),
+                            identity.get("fingerprint"))
 
 
 def _corpus_windows(model, corpus, n_tokens, window, stats_dir):

@@ -30,7 +30,7 @@ loaded in another process) it is summed again from the journal, in the same orde
 Defaults: AlphaEdit's published files (GPT-2 XL, GPT-J, Llama-3-8B): MEMIT's layers, clamp 0.75, 20 (GPT-2)
 or 25 Adam steps at lr 0.5 (Llama-3: 0.1), weight decay 0.5, KL 0.0625, nullspace_threshold 2e-2, L2 10,
 and context prefixes [[10, 5]] (``{}`` plus five generated 10-token prefixes). On the testbed the target's
-clamp is ffkv's tuned MEMIT value (4, :data:`.common.TESTBED_TUNED`). AlphaEdit's files also carry
+clamp is ffkv's tuned MEMIT value (4, :data:`.common.TESTBED_TUNED`, with the measurements). AlphaEdit's files also carry
 ``mom2_update_weight``, which its update does not read: pasted in, it is dropped with a warning.
 """
 
@@ -159,4 +159,4 @@ def apply(model, requests, hp: dict, journal, context) -> None:
         return u, v, {"nullspace_dim": dim, "preserved_edit_keys": state.n_keys[site]}
 
     memit_edit(model, requests, hp, stats, journal, context.context_prefixes(model, hp["prefixes"], hp["seed"]),
-               method=NAME, layer_update=layer_update)
+               method=NAME, layer_update=layer_update, progress=context.progress)

@@ -55,4 +55,5 @@ def apply(model, requests, hp: dict, journal, context) -> None:
     """The whole batch at once: one journal entry of rank len(requests) per layer."""
     sites = [l if e is None else (l, e) for l, e in zip(hp["layers"], layer_experts(hp))]
     stats = context.layer_stats(model, sites, hp)
-    memit_edit(model, requests, hp, stats, journal, context.context_prefixes(model, hp["prefixes"], hp["seed"]))
+    memit_edit(model, requests, hp, stats, journal, context.context_prefixes(model, hp["prefixes"], hp["seed"]),
+               progress=context.progress)

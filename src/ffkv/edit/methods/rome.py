@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import copy
 
-from tqdm.auto import tqdm
-
 from ...errors import FfkvError
+from ...progress import track
 from ..compute_key import compute_expert_keys, routed_experts
 from ..rome import rome_edit
 from .common import VALUE_DEFAULTS, VALUE_DOCS, tuned
@@ -66,14 +65,15 @@ def apply(model, requests, hp: dict, journal, context) -> None:
     prefixes = context.context_prefixes(model, hp["prefixes"], hp["seed"])
     if expert is None:
         stats = context.layer_stats(model, [layer], hp)[layer]
-    for r in tqdm(requests, desc="ROME", disable=not context.progress or len(requests) < 2, leave=False):
+    for r in track(requests, desc="ROME", unit="edit", enabled=context.progress and len(requests) > 1):
         if expert is None:
-            rome_edit(model, r, hp, stats, journal, prefixes)
+            rome_edit(model, r, hp, stats, journal, prefixes, progress=context.progress)
             continue
         e = pick_expert(model, r, layer, expert)
         compute_expert_keys(model, [r], layer, e, [""])  # refuses an unrouted expert before its statistics
         site = (layer, e)
-        rome_edit(model, r, {**hp, "expert": e}, context.layer_stats(model, [site], hp)[site], journal, prefixes)
+        rome_edit(model, r, {**hp, "expert": e}, context.layer_stats(model, [site], hp)[site], journal, prefixes,
+                  progress=context.progress)
 
 
 def pick_expert(model, request, layer: int, expert) -> int:
