@@ -258,7 +258,7 @@ def test_memit_batch_edits_all_requests_and_undoes(corpus, stats_dir):
     m = fresh()
     s0 = state(m)
     reqs = [request(), request("castle", " oslo"), request("river", " paris")]
-    j = apply_edits(m, reqs, "memit", {**FAST, "layers": [0, 1], "mom2_update_weight": 100.0, "clamp_norm_factor": 4.0,
+    j = apply_edits(m, reqs, "memit", {**FAST, "layers": [0, 1], "mom2_update_weight": 100.0, "clamp_norm_factor": 4.0, "v_weight_decay_form": "squared",
                                        "v_num_grad_steps": 15}, stats_dir=stats_dir, corpus=corpus,
                     progress=False)
     assert [e.layer for e in j] == [0, 1] and all(e.rank == 3 for e in j)
