@@ -37,7 +37,7 @@ from ..io import read_json
 from ..edit import EditRequest, Journal, apply_edits
 from ..edit.registry import get_method
 from ..locate.neurons import knowledge_neurons
-from ..locate.trace import KINDS, causal_trace
+from ..locate.trace import KINDS, causal_traces
 from ..memory.atlas import Atlas
 from ..memory.queries import describe_memory
 from ..memory.subupdates import generate_with_memories, memory_rank, memory_switches, sub_updates, switch_effect
@@ -445,8 +445,9 @@ class Backend:
         with self.lock:
             t0 = time.perf_counter()
             a = self.model.answer_id(answer) if answer else None
-            traces = {k: causal_trace(self.model, prompt, subject, kind=k, answer=a, samples=samples).to_json()
-                      for k in KINDS}
+            # one clean and one corrupted run shared by the three kinds
+            traces = {k: t.to_json() for k, t in
+                      causal_traces(self.model, prompt, subject, KINDS, answer=a, samples=samples).items()}
             answer_text = traces["hidden"]["answer"] if answer is None else answer
             kn, kn_note = None, None
             m = self.model
