@@ -234,7 +234,8 @@ def test_edit_help_lists_every_method_with_its_hyperparameters(edit_registry):
             for key, doc in spec.hparam_docs.items():
                 assert key in out and " ".join(doc.split()) in out, (name, key)
             defaults = static_defaults(name)
-            assert PER_MODEL in defaults.values() or name == "kn"  # the edited layer(s) depend on the model
+            # the edited layer(s) depend on the model; KN finds its neurons, FT-L edits layer 0 as ROME's paper does
+            assert PER_MODEL in defaults.values() or name in ("kn", "ft-l")
             for key, value in defaults.items():
                 assert f"{key} " in out
                 expected = " ".join(f"{key} {spec.hparam_docs.get(key, '')} [default: {value!r}]".split())
