@@ -9,8 +9,7 @@ types it (``ffkv.cli.main`` in this process; ``proc`` rows in a subprocess) and 
   beside it (no partial output, no temporary left behind);
 - the line contains the row's ``expect`` text, where the row gives one.
 
-A row with an ``owner`` fails today because its fix lives in that helper's files; it is
-``xfail(strict=True)``, so it turns red once fixed and must then be un-marked. ``guard`` names the work a
+``guard`` names the work a
 refusal must come before (training a model, serving, running the demo's steps): it is stubbed so that a bad
 value that is accepted fails the row at once instead of running for minutes.
 
@@ -53,14 +52,13 @@ class Case:
     kind: str  # "number: huge", ...
     args: str  # after the command words, shell-quoted; {placeholders} as in _Env.resolve
     expect: str | None = None  # text the line must contain
-    owner: str | None = None  # "h1: <the fix that is missing>": xfail until that owner's fix is merged
     guard: tuple[str, ...] = ()  # functions stubbed to fail the row if reached
     proc: bool = False  # run in a subprocess
     fault: str | None = None  # "ENOSPC" / "EROFS": every final rename of an output fails so (see _fail_writes)
 
 
-def C(command, kind, args="", expect=None, owner=None, guard=(), proc=False, fault=None) -> Case:
-    return Case(command, kind, args, expect, owner, tuple(guard), proc, fault)
+def C(command, kind, args="", expect=None, guard=(), proc=False, fault=None) -> Case:
+    return Case(command, kind, args, expect, tuple(guard), proc, fault)
 
 
 RANGE = "is not in the range"
@@ -68,35 +66,9 @@ NOT_INT = "is not a valid integer"
 NONFINITE = "is not a finite number"
 MISSING = "does not exist"
 SERVE_GUARD = ("ffkv.serve.cli.run_server",)
-TRACE_GUARD = ("ffkv.locate.cli.causal_trace",)
+TRACE_GUARD = ("ffkv.locate.cli.causal_traces",)
 NEURONS_GUARD = ("ffkv.locate.cli.knowledge_neurons",)
 EVAL_GUARD = ("ffkv.evaluate.cli.evaluate_edits", "ffkv.evaluate.cli.sequential_edits")
-H1_LOAD = "h1: ffkv.models.loading checks the weights file (safetensors header, sizes, shapes against config.json) " \
-          "before from_pretrained and raises FfkvError"
-H1_NAN = "h1: ffkv.models.loading refuses non-finite weights (FfkvError naming the tensor) unless --allow-nonfinite"
-H1_CONFIG = "h1: ffkv.models.loading.load_config turns a config.json that is not JSON into FfkvError " \
-            "('config.json is not valid JSON'), not 'not found'"
-H1_DEVICE = "h1: load_model checks --device against torch (cuda:N present) and raises FfkvError"
-H1_DEVMAP = "h1: load_model refuses an unknown --device-map in one line"
-H2_OUT = "h2: refuse an existing non-empty --out folder that is not this command's own output (ffkv.io)"
-H2_PARTIAL = "h2: testbed world writes --out whole (ffkv.io.atomic_path(out, is_dir=True)): a failed write " \
-             "leaves an empty OUT/ today"
-H2_JOURNAL = "h2: Journal.load checks journal.json's schema (entries, method, integer layer) and raises FfkvError"
-H2_DEMO = "h2: ffkv.demo checks --out (not an unrelated non-empty folder) before its first step"
-H2_REQ = "h2/h4: ffkv.edit.requests.load_requests reads through ffkv.validate.records (names the bad line / " \
-         "the missing field)"
-H6_CF = "h6: ffkv.evaluate.datasets.load_cases reads through ffkv.validate.records and refuses a record with a " \
-        "missing field (naming it) instead of skipping it"
-H7_KNOWN = "h7: ffkv.locate.average.load_known checks every record (ffkv.validate.records), not only the first"
-H7_NOISE = "h7: ffkv.locate.cli._noise refuses a non-finite or negative --noise"
-H7_OUT = "h7: trace/neurons --out refuse an existing non-empty folder that is not their own output"
-H7_METHOD = "h7: neurons --method is a click.Choice of the locators (ig, screen)"
-H8_PARTIAL = "h8: atlas mine checks the whole corpus before it creates --out (or builds the atlas in a " \
-             "temporary folder renamed into place at the end): a bad JSONL line leaves OUT/atlas.json today"
-H8_MERGE = "h8: atlas merge builds OUT in a temporary folder renamed into place: a failed write leaves a " \
-           "partial OUT/ today"
-H8_ATLAS = "h8: ffkv.memory.atlas.Atlas checks atlas.json's schema (integer n_layers, d_ffn, top_k) and names it"
-H8_TOKEN = "h8: ffkv.memory.values.token_id refuses an empty token in one line"
 
 CASES: list[Case] = [
     # ---------------------------------------------------------------- the root: click's usage errors in one line
@@ -176,12 +148,12 @@ CASES: list[Case] = [
     C("atlas promotes", "usage: missing argument", "{atlas}", "missing argument 'TOKEN'"),
     C("atlas promotes", "number: zero", "{atlas} Paris -n 0", RANGE),
     C("atlas promotes", "number: negative", "{atlas} Paris --triggers -1", RANGE),
-    C("atlas promotes", "prompt: empty token", "{atlas} ''", owner=H8_TOKEN),
+    C("atlas promotes", "prompt: empty token", "{atlas} ''", "the token is empty"),
     C("atlas nearest", "usage: missing option", "{atlas}", "give exactly one of --memory and --token"),
     C("atlas nearest", "layer: not a number", "{atlas} --memory abc", "abc"),
     C("atlas nearest", "layer: absent", "{atlas} --memory 99.0", "99"),
     C("atlas nearest", "number: zero", "{atlas} --memory 0.1 -n 0", RANGE),
-    C("atlas nearest", "prompt: empty token", "{atlas} --token ''", owner=H8_TOKEN),
+    C("atlas nearest", "prompt: empty token", "{atlas} --token ''", "the token is empty"),
     C("atlas subupdates", "usage: missing option", "{model}", "missing option '--prompt'"),
     C("atlas subupdates", "prompt: empty", "{model} --prompt ''", "empty"),
     C("atlas subupdates", "prompt: too long", f"{{model}} --prompt '{LONG}'", "longer than the model's context"),
@@ -202,14 +174,14 @@ CASES: list[Case] = [
     C("trace", "number: huge", f"{{model}} --prompt 'x y' --subject x --samples 1000000000", RANGE),
     C("trace", "number: non-integer", f"{{model}} --prompt 'x y' --subject x --samples 1e9", NOT_INT),
     C("trace", "number: negative", f"{{model}} --prompt 'x y' --subject x --seed -1", RANGE),
-    C("trace", "number: nan", f"{{model}} --prompt 'x y' --subject x --noise nan", owner=H7_NOISE,
+    C("trace", "number: nan", f"{{model}} --prompt 'x y' --subject x --noise nan", "finite number",
       guard=TRACE_GUARD),
     C("trace", "layer: not a number", f"{{model}} --prompt 'x y' --subject x --layers abc", "is not a list of layers"),
     C("trace", "layer: absent", f"{{model}} --prompt 'x y' --subject x --layers 99", "the model has 6 layers"),
     C("trace", "path: missing", "{model} --known {tmp}/no-known.json", MISSING),
-    C("trace", "data: missing field", "{model} --known {f:known_missing.json}", owner=H7_KNOWN),
+    C("trace", "data: missing field", "{model} --known {f:known_missing.json}", "lacks the field"),
     C("trace", "out: unrelated folder", f"{{model}} --prompt 'x y' --subject x --samples 1 --out {{keep}}",
-      owner=H7_OUT, guard=TRACE_GUARD),
+      "is a non-empty folder that is not an ffkv", guard=TRACE_GUARD),
     C("trace", "model: truncated weights", f"{{m:truncated}} --prompt 'x y' --subject x", "is truncated"),
     C("trace", "model: non-finite weights", f"{{m:nan}} --prompt 'x y' --subject x --samples 1", "non-finite"),
     # ---------------------------------------------------------------- neurons
@@ -225,9 +197,9 @@ CASES: list[Case] = [
     C("neurons", "usage: malformed value", "{model} --prompt 'x y' --answer Peru --unrelated nobar",
       "is not 'PROMPT|ANSWER'"),
     C("neurons", "usage: bad choice", "{model} --prompt 'x y' --answer Peru --method bogus --steps 1",
-      owner=H7_METHOD, guard=NEURONS_GUARD),
+      "invalid value for '--method'", guard=NEURONS_GUARD),
     C("neurons", "out: unrelated folder", "{model} --prompt 'x y' --answer Peru --steps 1 --out {keep}",
-      owner=H7_OUT, guard=NEURONS_GUARD),
+      "is a non-empty folder that is not an ffkv", guard=NEURONS_GUARD),
     # ---------------------------------------------------------------- edit
     C("edit", "usage: unknown command", "undo", "missing argument 'SRC'"),
     C("edit apply", "usage: missing option", f"{{model}} {EDIT}", "missing option '--out'"),
@@ -256,11 +228,11 @@ CASES: list[Case] = [
     C("edit apply", "set: malformed", f"{{model}} {EDIT} --set =3 --out {{out}}", "--set expects key=value"),
     C("edit apply", "path: missing", f"{{model}} --requests {{tmp}}/no-requests.json --out {{out}}", MISSING),
     C("edit apply", "data: JSONL bad line", f"{{model}} --requests {{f:requests_bad_line.jsonl}} --out {{out}}",
-      "line 2", owner=H2_REQ),
+      "line 2"),
     C("edit apply", "data: missing field", f"{{model}} --requests {{f:requests_missing.json}} --out {{out}}",
       "target"),
     C("edit apply", "out: unrelated folder", f"{{model}} {EDIT} --method kn --out {{keep}}",
-      guard=("ffkv.edit.cli.apply_edits",)),
+      "is a non-empty folder that is not an ffkv", guard=("ffkv.edit.cli.apply_edits",)),
     C("edit apply", "model: truncated weights", f"{{m:truncated}} {EDIT} --out {{out}}", "is truncated"),
     C("edit undo", "usage: missing argument", "--out {out}", "missing argument 'SRC'"),
     C("edit undo", "path: missing", "{tmp}/no-edit --out {out}", MISSING),
@@ -278,7 +250,7 @@ CASES: list[Case] = [
     C("edit erase", "number: nan", "{model} --requests {f:requests.json} --min-share nan --out {out}", NONFINITE),
     C("edit erase", "number: huge", "{model} --requests {f:requests.json} --min-share 2 --out {out}", RANGE),
     C("edit erase", "data: JSONL bad line", "{model} --requests {f:requests_bad_line.jsonl} --out {out}",
-      "line 2", owner=H2_REQ),
+      "line 2"),
     # ---------------------------------------------------------------- evaluate
     C("evaluate", "usage: missing option", "{model}", "no edit data given"),
     C("evaluate", "path: missing", "{model} --data {tmp}/no-data.json", MISSING),
@@ -308,12 +280,12 @@ CASES: list[Case] = [
     C("evaluate", "out: format", "{tb} --sequential 2 --out {tmp}/curves.csv", "--sequential writes a folder",
       guard=EVAL_GUARD),
     C("evaluate", "usage: bad choice", "{tb} --method bogus", "invalid value for '--method'"),
-    C("evaluate", "data: missing field", "{model} --data {f:counterfact_missing.json}", "subject", owner=H6_CF,
+    C("evaluate", "data: missing field", "{model} --data {f:counterfact_missing.json}", "subject",
       guard=EVAL_GUARD),
-    C("evaluate", "data: JSONL bad line", "{model} --data {f:counterfact_bad_line.jsonl}", "line 2", owner=H6_CF,
+    C("evaluate", "data: JSONL bad line", "{model} --data {f:counterfact_bad_line.jsonl}", "line 2",
       guard=EVAL_GUARD),
     C("evaluate", "model: truncated weights", "{m:truncated} --data {tb}/data/counterfact.json",
-      guard=EVAL_GUARD),
+      "is truncated", guard=EVAL_GUARD),
     # ---------------------------------------------------------------- recall
     C("recall", "usage: missing option", "{model}", "give either --prompt"),
     C("recall", "prompt: empty", "{model} --prompt ' '", "empty"),
@@ -381,14 +353,11 @@ CASES: list[Case] = [
     C("serve", "out: unrelated folder", "{model} --state {keep}", "is not an ffkv serve state folder",
       guard=SERVE_GUARD),
     # ---------------------------------------------------------------- the machine refuses the final write
-    C("testbed world", "fault: disk full", "--preset tiny --out {out}", "no space left on the device writing",
-      owner=H2_PARTIAL, fault="ENOSPC"),
-    C("testbed world", "fault: read-only folder", "--preset tiny --out {out}", "the file system is read-only",
-      owner=H2_PARTIAL, fault="EROFS"),
-    C("atlas merge", "fault: disk full", "{out} {f:atlas} {f:atlas_b}", "no space left on the device writing",
-      owner=H8_MERGE, fault="ENOSPC"),
+    C("testbed world", "fault: disk full", "--preset tiny --out {out}", "no space left on the device", fault="ENOSPC"),
+    C("testbed world", "fault: read-only folder", "--preset tiny --out {out}", "read-only file system", fault="EROFS"),
+    C("atlas merge", "fault: disk full", "{out} {f:atlas} {f:atlas_b}", "no space left on the device", fault="ENOSPC"),
     C("atlas mine", "fault: disk full", "{model} --corpus {f:corpus.txt} --out {out}",
-      "no space left on the device writing", owner=H8_PARTIAL, fault="ENOSPC"),
+      "no space left on the device", fault="ENOSPC"),
     # ---------------------------------------------------------------- demo
     C("demo", "number: zero", "--out {out} --cases 0", RANGE, guard=("ffkv.demo._run",)),
     C("demo", "number: negative", "--out {out} --cases -1", RANGE, guard=("ffkv.demo._run",)),
@@ -659,8 +628,7 @@ IDS = [case_id(c) for c in CASES]
 
 def _params():
     for c, i in zip(CASES, IDS):
-        marks = [pytest.mark.xfail(strict=True, reason=f"owner {c.owner}")] if c.owner else []
-        yield pytest.param(c, id=i, marks=marks)
+        yield pytest.param(c, id=i)
 
 
 @pytest.mark.parametrize("case", list(_params()))
@@ -786,7 +754,6 @@ def _shown(args: str) -> str:
 
 
 def render_doc() -> str:
-    owners = collections.Counter(c.owner.split(":")[0] for c in CASES if c.owner)
     n_cmd = len({c.command for c in CASES})
     lines = [
         "# What ffkv refuses, and how",
@@ -797,16 +764,13 @@ def render_doc() -> str:
         "unchanged (absent, or byte-identical, with nothing new beside it). `python tests/test_faults.py --run`",
         "prints the counts. In the arguments, EDIT stands for `" + EDIT + "`.",
         "",
-        f"{len(CASES)} cases over {n_cmd} commands; {sum(owners.values())} are open (expected to fail, strictly, "
-        "until their owner's fix is merged): " + ", ".join(f"{o} {n}" for o, n in sorted(owners.items())) + ".",
+        f"{len(CASES)} cases over {n_cmd} commands.",
         "",
         "| command | bad input | arguments | the line contains |",
         "|---|---|---|---|",
     ]
     for c in CASES:
         said = f"`{_shown(c.expect)}`" if c.expect else ""
-        if c.owner:
-            said = (said + " " if said else "") + "(open, " + _shown(c.owner) + ")"
         args = _shown(c.args)
         if len(args) > 100:
             args = args[:97] + "..."
@@ -834,7 +798,7 @@ def test_docs_faults_is_the_generated_table():
 def test_case_table_is_well_formed():
     assert len(set(IDS)) == len(IDS)
     for c in CASES:
-        assert c.expect or c.owner, c  # a passing row says what its line contains
+        assert c.expect, c  # every row says what its line contains
         assert c.kind.split(":")[0] in ("usage", "number", "prompt", "path", "hparams", "set", "layer", "data",
                                          "out", "model", "device", "fault"), c.kind
 
@@ -858,9 +822,7 @@ if __name__ == "__main__":
     counts = _Counts()
     rc = pytest.main(["-q", "-p", "no:cacheprovider", __file__, "-k", "test_fault"], plugins=[counts])
     tally = collections.Counter(counts.outcome.values())
-    owners = collections.Counter(c.owner.split(":")[0] for c in CASES if c.owner)
-    print(f"fault suite: {len(CASES)} cases, {tally['passed']} passed, {tally['xfailed']} xfail "
-          f"({', '.join(f'{o} {n}' for o, n in sorted(owners.items()))}), {tally['failed']} failed")
+    print(f"fault suite: {len(CASES)} cases, {tally['passed']} passed, {tally['failed']} failed")
     sys.exit(rc)
 
 

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from .. import validate
 from ..errors import FfkvError
 from ..io import read_json
 
@@ -115,13 +116,26 @@ def _continuation(obj: str) -> str:
 
 
 def load_requests(path: str | Path) -> list[EditRequest]:
-    """Requests from a JSON list or a JSONL file of request dicts or CounterFact records."""
-    data = read_json(path)
-    if isinstance(data, dict):
-        data = [data]
+    """Requests from a JSON list or a JSONL file of request dicts or CounterFact records (one object alone is one
+    request). A bad record is refused naming its line (JSONL) or position (JSON list)."""
+    if Path(path).suffix == ".jsonl":
+        data = validate.records(path, what="edit request")
+        lines = [n for n, l in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if l.strip()]
+        where = [f"line {n}" for n in lines]
+    else:
+        data = read_json(path)
+        if isinstance(data, dict):
+            data = [data]
+        where = [f"record {i}" for i in range(1, len(data) + 1)] if isinstance(data, list) else []
     if not isinstance(data, list) or not data:
         raise FfkvError(f"{path} holds no edit requests", "give a JSON list (or JSONL) of requests")
-    return [EditRequest.from_json(d) for d in data]
+    out = []
+    for d, w in zip(data, where):
+        try:
+            out.append(EditRequest.from_json(d))
+        except FfkvError as e:
+            raise FfkvError(f"{path} {w}: {e.problem}", e.fix) from None
+    return out
 
 
 def as_requests(requests, need_target: bool = True) -> list[EditRequest]:

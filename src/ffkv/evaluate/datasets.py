@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..edit.requests import EditRequest
+from .. import validate
 from ..errors import FfkvError
 from ..io import read_json
 from ..memory.corpus import SHARED_DATA
@@ -175,7 +176,10 @@ def read_cases(records: list, limit: int | None = None, skip_bad: bool = True) -
             if not c.target_new or not c.target_new.strip():
                 raise FfkvError(f"record {i} has an empty target_new", None)
             cases.append(c)
-        except (FfkvError, KeyError, TypeError, AttributeError, IndexError) as e:
+        except KeyError as e:  # a record without a field its layout needs is a broken file, not a skippable case
+            raise FfkvError(f"record {i + 1} of the {layout} data lacks the field {e.args[0]!r}",
+                            "fix or remove that record") from None
+        except (FfkvError, TypeError, AttributeError, IndexError) as e:
             why = e.line() if isinstance(e, FfkvError) else f"record {i} lacks or mangles field {e}"
             if not skip_bad:
                 raise FfkvError(why, "fix the record or pass skip_bad=True") from None
@@ -201,7 +205,8 @@ def load_cases(path: str | Path, limit: int | None = None, skip_bad: bool = True
                 break
         else:
             raise FfkvError(f"folder {path} has no counterfact.json", "pass the edit-data file itself")
-    cases, info = read_cases(read_json(path), limit=limit, skip_bad=skip_bad)
+    records = validate.records(path, what="edit case") if path.suffix == ".jsonl" else read_json(path)
+    cases, info = read_cases(records, limit=limit, skip_bad=skip_bad)
     info["path"] = str(path)
     return cases, info
 

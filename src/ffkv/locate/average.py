@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import validate
 from ..errors import FfkvError
 from ..io import read_json
 from ..models.model import MemoryModel
@@ -41,11 +42,9 @@ def load_known(path: str | Path, limit: int | None = None) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / "data" / "known_facts.json" if (path / "data").is_dir() else path / "known_facts.json"
-    records = read_json(path)
-    need = {"subject", "prompt", "attribute"}
-    if not isinstance(records, list) or not records or not need <= set(records[0]):
-        raise FfkvError(f"{path} is not in ROME's known_1000 layout (needs {sorted(need)})",
-                        "pass known_1000.json or a testbed's data/known_facts.json")
+    records = validate.records(path, required=("subject", "prompt", "attribute"), what="known-facts record")
+    if not records:
+        raise FfkvError(f"{path} holds no records", "pass known_1000.json or a testbed's data/known_facts.json")
     return records[:limit] if limit else records
 
 

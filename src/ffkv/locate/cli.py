@@ -7,23 +7,31 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .. import validate
 from ..clikit import (default_of, emit_json, json_option, layers_option, load_model_from_options, model_options,
                       parse_layers, predicted_token, quiet_option, show_progress, token_text)
 from ..errors import FfkvError
-from ..io import provenance, write_json
+from ..io import check_output_target, output_dir, provenance, write_json
 from ..models.memory_id import MemoryId
 from .average import average_traces, load_known
 from .interventions import ablation_curve, intervention_effects
-from .neurons import knowledge_neurons
+from .neurons import METHODS as NEURON_METHODS, knowledge_neurons
 from .plots import plot_ablation, plot_average, plot_trace
 from .trace import DEFAULT_SEED, causal_traces
 
 
+# What marks a folder as trace / neurons output (an existing non-empty --out must be one, or it is refused).
+TRACE_FILES = ("trace_hidden.json", "trace_mlp.json", "trace_attn.json", "average.json")
+NEURON_FILES = ("neurons.json",)
+
+
 def _noise(value: str):
+    """--noise: a number (the noise's standard deviation, finite and >= 0) or a named level such as s3."""
     try:
-        return float(value)
+        x = float(value)
     except ValueError:
         return value
+    return validate.number(x, "--noise", lo=0.0)
 
 
 @click.command("trace")
@@ -67,6 +75,8 @@ def trace(model, prompt, subject, known, limit, kind, answer, noise, samples, wi
     if known is None and (not prompt or not subject):
         raise FfkvError("trace needs --prompt and --subject (or --known FILE)",
                         "e.g. ffkv trace gpt2 --prompt 'The Eiffel Tower is in' --subject 'The Eiffel Tower'")
+    if out is not None:  # before any work: an unrelated folder is refused, not overwritten after minutes
+        check_output_target(out, "trace", TRACE_FILES)
     mm = load_model_from_options(model, **load)
     shown = parse_layers(layers, mm.n_layers) or list(range(mm.n_layers))
     if known is not None:
@@ -79,11 +89,12 @@ def trace(model, prompt, subject, known, limit, kind, answer, noise, samples, wi
     first = results[kinds[0]]
     prov = provenance(mm.identity, noise=noise, noise_level=first.noise_level, noise_subjects=first.noise_subjects,
                       samples=samples, window=window, seed=seed)
-    if out is not None:
-        for k, r in results.items():
-            write_json(out / f"trace_{k}.json", {**r.to_json(), "provenance": prov})
-            for ext in ("png", "svg"):
-                plot_trace(r, out / f"trace_{k}.{ext}")
+    if out is not None:  # the folder is written whole (ffkv.io.output_dir)
+        with output_dir(out, "trace", TRACE_FILES) as tmp:
+            for k, r in results.items():
+                write_json(tmp / f"trace_{k}.json", {**r.to_json(), "provenance": prov})
+                for ext in ("png", "svg"):
+                    plot_trace(r, tmp / f"trace_{k}.{ext}")
     payload = {k: _trace_json(mm, r, shown) for k, r in results.items()}
     if as_json:
         obj = payload[kinds[0]] if len(kinds) == 1 else {"kinds": payload}
@@ -120,9 +131,10 @@ def _trace_known(mm, known, limit, kinds, noise, samples, window, seed, subjects
                                                                   noise_subjects=avg["noise_subjects"],
                                                                   samples=samples, window=window, seed=seed)}
     if out is not None:
-        write_json(out / "average.json", payload)
-        for ext in ("png", "svg"):
-            plot_average({k: avg[k] for k in kinds}, out / f"average.{ext}")
+        with output_dir(out, "trace", TRACE_FILES) as tmp:
+            write_json(tmp / "average.json", payload)
+            for ext in ("png", "svg"):
+                plot_average({k: avg[k] for k in kinds}, tmp / f"average.{ext}")
     if as_json:
         emit_json(payload)
         return
@@ -147,7 +159,8 @@ def _trace_known(mm, known, limit, kinds, noise, samples, window, seed, subjects
               show_default=True, help="Integrated-gradient steps.")
 @click.option("--max-neurons", type=click.IntRange(min=1), default=None,
               help="Keep at most this many neurons, strongest first (default: all).")
-@click.option("--method", default=default_of(knowledge_neurons, "method"), show_default=True,
+@click.option("--method", type=click.Choice(list(NEURON_METHODS)), default=default_of(knowledge_neurons, "method"),
+              show_default=True,
               help="ig: exact integrated gradients on every layer; screen: gradient x activation first.")
 @layers_option(help="Attribute these layers only, e.g. '0-3,5' (default: all).")
 @click.option("--unrelated", "unrelated", multiple=True,
@@ -169,6 +182,8 @@ def neurons(model, prompts, answer, threshold, share, steps, max_neurons, method
             raise FfkvError(f"--unrelated {u!r} is not 'PROMPT|ANSWER'", "write it as 'The capital of Peru is|Lima'")
         p, a = u.rsplit("|", 1)
         pairs.append((p, a))
+    if out is not None:
+        check_output_target(out, "neurons", NEURON_FILES)
     mm = load_model_from_options(model, **load)
     layer_list = parse_layers(layers, mm.n_layers)
     # The one answer rule (MemoryModel.answer_tokens); an answer of one token is passed as its id, so that
@@ -187,9 +202,10 @@ def neurons(model, prompts, answer, threshold, share, steps, max_neurons, method
     payload = {**res.to_json(), "answer": answer, "answer_id": answer_id, "answer_token": token_text(mm, answer_id),
                "memories": memories, "effects": effects, "ablation_curve": curve, "provenance": prov}
     if out is not None:
-        write_json(out / "neurons.json", payload)
-        if curve:
-            plot_ablation(curve, out / "ablation.png")
+        with output_dir(out, "neurons", NEURON_FILES) as tmp:
+            write_json(tmp / "neurons.json", payload)
+            if curve:
+                plot_ablation(curve, tmp / "ablation.png")
     if as_json:
         emit_json(payload)
         return

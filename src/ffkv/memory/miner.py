@@ -327,9 +327,17 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
          device_buffers: bool = True, dedup: bool = True, **corpus_options) -> dict:
     # One writer at a time: the resumable state beside the target is locked for the whole run (a second
     # ``atlas mine`` into the same folder is refused in one line); the final rename locks the target itself.
-    with lock_output(state_path(Path(out))):
-        return _mine(model, corpus, out, top_k, batch_tokens, checkpoint_every, progress, max_batches,
-                     device_buffers, dedup, **corpus_options)
+    state = state_path(Path(out))
+    with lock_output(state):
+        fresh = not state.exists()
+        try:
+            return _mine(model, corpus, out, top_k, batch_tokens, checkpoint_every, progress, max_batches,
+                         device_buffers, dedup, **corpus_options)
+        except FfkvError:
+            # A run that fails before its first checkpoint leaves nothing to resume: remove what it began.
+            if fresh and state.exists() and not (state / "state.safetensors").exists():
+                shutil.rmtree(state, ignore_errors=True)
+            raise
 
 
 def _mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 25, batch_tokens: int = 2048,

@@ -202,6 +202,8 @@ def values_arrow(columns: dict):
 def token_id(model, token: str | int) -> int:
     """A vocabulary id from an id, an exact vocabulary entry, or a word (its first token, with a leading
     space if the tokenizer marks word starts); unknown -> FfkvError."""
+    if isinstance(token, str) and not token.strip():
+        raise FfkvError("the token is empty", "pass a word, a vocabulary entry or a token id")
     if isinstance(token, int) or (isinstance(token, str) and token.isdigit() and model.tokenizer is None):
         t = int(token)
         if not 0 <= t < model.vocab_size:
