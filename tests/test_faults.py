@@ -877,3 +877,26 @@ def test_the_machine_refusing_a_write_is_one_line_and_a_bug_keeps_its_traceback(
         "no space left on the device writing /d/out.parquet. Free some space, or write to another --out."
     assert os_error_line(OSError(errno.EROFS, "Read-only file system")).startswith("the file system is read-only.")
     assert os_error_line(OSError(errno.ENOENT, "No such file or directory", "x")) is None  # a bug: re-raised
+
+
+def test_a_non_finite_result_is_refused_before_it_is_written(default_testbed, tmp_path, monkeypatch):
+    """An overflow inside a computation (finite weights, NaN result) is refused in one line, nothing written."""
+    import numpy as np
+
+    import ffkv.locate.cli as lc
+    from ffkv.cli import main
+
+    real = lc.causal_traces
+
+    def nan_traces(*a, **k):
+        out = real(*a, **k)
+        for r in out.values():
+            r.scores = np.full_like(r.scores, np.nan)
+        return out
+
+    monkeypatch.setattr(lc, "causal_traces", nan_traces)
+    out = tmp_path / "trace"
+    with pytest.raises(SystemExit) as e:
+        main(["trace", str(default_testbed / "model"), "--prompt", "The native language of Quoux Kurte is",
+              "--subject", "Quoux Kurte", "--samples", "1", "--out", str(out)])
+    assert e.value.code == 2 and not out.exists()

@@ -11,7 +11,7 @@ from .. import validate
 from ..clikit import (default_of, emit_json, json_option, layers_option, load_model_from_options, model_options,
                       parse_layers, predicted_token, quiet_option, show_progress, token_text)
 from ..errors import FfkvError
-from ..io import check_output_target, output_dir, provenance, write_json
+from ..io import check_output_target, output_dir, provenance, require_finite, write_json
 from ..models.memory_id import MemoryId
 from .average import average_traces, load_known
 from .interventions import ablation_curve, intervention_effects
@@ -86,6 +86,8 @@ def trace(model, prompt, subject, known, limit, kind, answer, noise, samples, wi
     answer_id = mm.answer_id(answer) if answer is not None else predicted_token(mm, prompt)
     results = causal_traces(mm, prompt, subject, kinds, answer=answer_id, noise=_noise(noise), samples=samples,
                             window=window, seed=seed, subjects=subjects_file, progress=show_progress(quiet))
+    for k, r in results.items():  # a NaN grid (an overflow in the model) is refused, never written or printed
+        require_finite(f"the {k} trace's scores", r.scores)
     first = results[kinds[0]]
     prov = provenance(mm.identity, noise=noise, noise_level=first.noise_level, noise_subjects=first.noise_subjects,
                       samples=samples, window=window, seed=seed)
@@ -193,6 +195,7 @@ def neurons(model, prompts, answer, threshold, share, steps, max_neurons, method
     limit = {"max_neurons": max_neurons} if max_neurons is not None else {}  # the API's default otherwise
     res = knowledge_neurons(mm, list(prompts), target, threshold=threshold, share=share, steps=steps, method=method,
                             layers=layer_list, progress=show_progress(quiet), **limit)
+    require_finite("the neurons' attributions", [float(a) for _, _, a in res.neurons])
     effects = intervention_effects(mm, list(prompts), target, res.neurons, unrelated=pairs)
     curve = ablation_curve(mm, list(prompts), target, res.neurons, progress=show_progress(quiet)) \
         if res.neurons else []
