@@ -42,7 +42,7 @@ def load_known(path: str | Path, limit: int | None = None) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / "data" / "known_facts.json" if (path / "data").is_dir() else path / "known_facts.json"
-    records = validate.records(path, required=("subject", "prompt", "attribute"), what="known-facts record")
+    records = validate.records(path, required=("subject", "prompt", "attribute"), what="known_1000 record")
     if not records:
         raise FfkvError(f"{path} holds no records", "pass known_1000.json or a testbed's data/known_facts.json")
     return records[:limit] if limit else records
