@@ -51,7 +51,8 @@ import torch
 
 from .. import validate
 from ..errors import FfkvError
-from ..io import atomic_path, load_safetensors, lock_output, provenance, read_json, save_safetensors, write_json, write_parquet
+from ..io import (atomic_path, load_safetensors, lock_output, provenance, read_json, require_finite, save_safetensors,
+                  write_json, write_parquet)
 from ..models.engine import capture_coefficients, run
 from ..models.memory_id import MemoryId
 from ..models.moe import MoEModel, expert_intervene
@@ -565,7 +566,7 @@ def _finalize(model, out: Path, buffers, done: dict, meta: dict, created: str, t
     prov = {k2: meta[k2] for k2 in ("ffkv_version", "model", "hyperparameters")}
     cited: set = set()
     state_dir = state_path(out)
-    # h2's output lock (ffkv.io) belongs around this whole write, and around mine()'s state updates
+    # atomic_path locks ``out`` for the rename; mine() holds the state's lock for the whole run
     with atomic_path(out, is_dir=True) as tmp:
         if groups is None:
             L, d = buffers.n_layers, buffers.d_ffn
@@ -573,6 +574,7 @@ def _finalize(model, out: Path, buffers, done: dict, meta: dict, created: str, t
                 block = slice(MemoryId(l, 0).flat(d), MemoryId(l + 1, 0).flat(d))  # the rows of layer l's keys
                 table = _trigger_table(buffers.top_v[block], buffers.top_g[block], buffers.bot_v[block],
                                        buffers.bot_g[block], cited)
+                require_finite(f"the trigger coefficients of layer {l}", table["coef"])
                 write_parquet(tmp / trigger_file(l), table, meta={**prov, "layer": l})
             extra = {}
         else:
@@ -580,6 +582,7 @@ def _finalize(model, out: Path, buffers, done: dict, meta: dict, created: str, t
             for j, (l, e, _) in enumerate(groups):
                 b = buffers.groups[j]
                 table = _trigger_table(b.top_v, b.top_g, b.bot_v, b.bot_g, cited)
+                require_finite(f"the trigger coefficients of layer {l} expert {e}", table["coef"])
                 write_parquet(tmp / trigger_file(l, e), table, meta={**prov, "layer": l, "expert": e})
             extra = {"groups": [{"layer": l, "expert": e, "d_ffn": w} for l, e, w in groups],
                      "n_experts": [model.n_experts(l) for l in range(L)]}
