@@ -80,12 +80,23 @@ def top1(model, r) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-def preserved_keys(model, layer: int, n_tokens: int) -> torch.Tensor:
+def planted_corpus() -> list[str]:
+    """Texts in the planted model's word vocabulary (no data set needed: CI runs without ../shared)."""
+    import random
+
+    from ffkv.testbed.planted import WORDS
+
+    rng = random.Random(0)
+    return [" ".join(rng.choice(WORDS[3:]) for _ in range(12)) for _ in range(64)]
+
+
+def preserved_keys(model, layer: int, n_tokens: int, corpus="auto") -> torch.Tensor:
     """K0 (N, d_ffn): the keys at every token of the statistics sample (the corpus's first n_tokens)."""
     from ffkv.edit.stats import resolve_corpus, token_windows
     from ffkv.models.engine import capture_coefficients
 
-    windows = token_windows(model, resolve_corpus(model, "auto")[1], n_tokens, min(256, model.context_length))
+    texts = corpus if isinstance(corpus, list) else resolve_corpus(model, corpus)[1]
+    windows = token_windows(model, texts, n_tokens, min(256, model.context_length))
     with torch.no_grad():
         k = capture_coefficients(model, windows.to(model.device), layers=[layer])[layer]
     return k.reshape(-1, k.shape[-1]).double().cpu()
@@ -98,8 +109,11 @@ def test_preserved_keys_outputs_unchanged_to_float_tolerance(which, planted, req
     from ffkv.edit import EditContext, EditRequest, apply_edits, resolve_hparams
     from ffkv.edit.journal import delta_matrix
 
+    corpus = "auto"
     if which == "planted":
         model, reqs, over = planted.model, [EditRequest("the old {}", "tower", " rome")], dict(PLANTED_FAST)
+        corpus = planted_corpus()
+        over["corpus"] = corpus
     else:
         model, reqs = request.getfixturevalue("tb")
         reqs, over = reqs[:2], dict(TESTBED_FAST)
@@ -115,7 +129,7 @@ def test_preserved_keys_outputs_unchanged_to_float_tolerance(which, planted, req
     assert [e.method for e in j] == ["alphaedit"] * len(hp["layers"])
     for e in j:
         assert e.info["nullspace_dim"] == model.d_ffn - n_tokens
-        K0 = preserved_keys(model, e.layer, n_tokens)  # (N, d_ffn)
+        K0 = preserved_keys(model, e.layer, n_tokens, corpus)  # (N, d_ffn)
         D = delta_matrix(e.u, e.v)
         moved = float((K0 @ D.T).norm())
         assert D.norm() > 0 and moved <= 1e-5 * float((K0 @ model.values(e.layer).detach().double().cpu().T).norm())
