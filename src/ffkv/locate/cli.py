@@ -86,8 +86,9 @@ def trace(model, prompt, subject, known, limit, kind, answer, noise, samples, wi
     answer_id = mm.answer_id(answer) if answer is not None else predicted_token(mm, prompt)
     results = causal_traces(mm, prompt, subject, kinds, answer=answer_id, noise=_noise(noise), samples=samples,
                             window=window, seed=seed, subjects=subjects_file, progress=show_progress(quiet))
-    for k, r in results.items():  # a NaN grid (an overflow in the model) is refused, never written or printed
-        require_finite(f"the {k} trace's scores", r.scores)
+    for k, r in results.items():  # a NaN grid (an overflow in the model) is refused, never written or printed,
+        if not load.get("allow_nonfinite"):  # unless the user let a model with NaN/inf weights in on purpose
+            require_finite(f"the {k} trace's scores", r.scores)
     first = results[kinds[0]]
     prov = provenance(mm.identity, noise=noise, noise_level=first.noise_level, noise_subjects=first.noise_subjects,
                       samples=samples, window=window, seed=seed)
@@ -195,7 +196,8 @@ def neurons(model, prompts, answer, threshold, share, steps, max_neurons, method
     limit = {"max_neurons": max_neurons} if max_neurons is not None else {}  # the API's default otherwise
     res = knowledge_neurons(mm, list(prompts), target, threshold=threshold, share=share, steps=steps, method=method,
                             layers=layer_list, progress=show_progress(quiet), **limit)
-    require_finite("the neurons' attributions", [float(a) for _, _, a in res.neurons])
+    if not load.get("allow_nonfinite"):
+        require_finite("the neurons' attributions", [float(a) for _, _, a in res.neurons])
     effects = intervention_effects(mm, list(prompts), target, res.neurons, unrelated=pairs)
     curve = ablation_curve(mm, list(prompts), target, res.neurons, progress=show_progress(quiet)) \
         if res.neurons else []
