@@ -18,6 +18,7 @@ import torch
 
 from ..errors import FfkvError
 from ..models.engine import run
+from ..progress import bar
 from .index import Index, Passage
 from .verdict import judge
 
@@ -76,8 +77,9 @@ def _fit(model, passages: list[Passage], question: str) -> tuple[str, list[Passa
 
 
 def ask(model, question: str, index: Index | None = None, route: str = "auto", k: int = 3,
-        subject: str | None = None, max_new_tokens: int = 8, weights=None) -> Answer:
-    """Answer ``question`` by ``route`` (module docstring). ``index`` is needed unless route is "weights"."""
+        subject: str | None = None, max_new_tokens: int = 8, weights=None, progress: bool = False) -> Answer:
+    """Answer ``question`` by ``route`` (module docstring). ``index`` is needed unless route is "weights".
+    progress: a bar over the steps (the verdict, the search, the answer; :mod:`ffkv.progress`)."""
     if route not in ROUTES:
         raise FfkvError(f"unknown route {route!r}", f"use one of {', '.join(ROUTES)}")
     if not question.strip():
@@ -87,12 +89,20 @@ def ask(model, question: str, index: Index | None = None, route: str = "auto", k
     model.check_length(len(model.token_ids(question)), "the question")
     verdict = None
     taken = route
-    if route == "auto":
-        # Without a subject its familiarity is imputed at the fitted mean (docs/recall.md, "Retrieval").
-        verdict = judge(model, question, subject=subject, weights=weights, impute_missing=subject is None)
-        taken = "weights" if verdict["verdict"] == "recall" else "retrieval"
-    if taken == "weights":
-        return Answer(question, greedy_answer(model, question, max_new_tokens), "weights", [], question, verdict)
-    hits = index.search(question if subject is None else f"{subject} {question}", k=k)
-    prompt, kept = _fit(model, hits, question)
-    return Answer(question, greedy_answer(model, prompt, max_new_tokens), "retrieval", kept, prompt, verdict)
+    with bar(total=3 if route == "auto" else 2, desc="ask", unit="step", enabled=progress) as b:
+        if route == "auto":
+            # Without a subject its familiarity is imputed at the fitted mean (docs/recall.md, "Retrieval").
+            verdict = judge(model, question, subject=subject, weights=weights, impute_missing=subject is None)
+            taken = "weights" if verdict["verdict"] == "recall" else "retrieval"
+            b.update(1)
+        if taken == "weights":
+            b.update(1)
+            answer = greedy_answer(model, question, max_new_tokens)
+            b.update(1)
+            return Answer(question, answer, "weights", [], question, verdict)
+        hits = index.search(question if subject is None else f"{subject} {question}", k=k)
+        prompt, kept = _fit(model, hits, question)
+        b.update(1)
+        answer = greedy_answer(model, prompt, max_new_tokens)
+        b.update(1)
+    return Answer(question, answer, "retrieval", kept, prompt, verdict)

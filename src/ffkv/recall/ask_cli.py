@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from ..clikit import FfkvGroup, emit_json, json_option, load_model_from_options, model_options
+from ..clikit import (FfkvGroup, emit_json, json_option, load_model_from_options, model_options, quiet_option,
+                      show_progress)
 from ..errors import FfkvError
 from .ask import ROUTES, ask
 from .data import load_testbed_facts
@@ -81,8 +82,9 @@ def search_cmd(db, query, k, as_json):
 @click.option("--max-new-tokens", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Longest answer, in tokens.")
 @json_option
+@quiet_option
 @model_options
-def ask_cmd(model, question, index_path, route, subject, k, max_new_tokens, as_json, **load):
+def ask_cmd(model, question, index_path, route, subject, k, max_new_tokens, as_json, quiet, **load):
     """Answer QUESTION from MODEL's weights or from retrieved passages, as the recall verdict says."""
     ix = open_index(index_path) if index_path is not None else None
     if route != "weights" and ix is None:
@@ -90,7 +92,8 @@ def ask_cmd(model, question, index_path, route, subject, k, max_new_tokens, as_j
                                                              "--route weights")
     mm = load_model_from_options(model, **load)
     try:
-        a = ask(mm, question, ix, route=route, k=k, subject=subject, max_new_tokens=max_new_tokens)
+        a = ask(mm, question, ix, route=route, k=k, subject=subject, max_new_tokens=max_new_tokens,
+                progress=show_progress(quiet))
     finally:
         if ix is not None:
             ix.close()
