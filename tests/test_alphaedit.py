@@ -8,7 +8,6 @@ E ||ΔW k||² = tr(ΔW C ΔW^T), is at most threshold · ||ΔW||²_F.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -46,17 +45,8 @@ def check_null_space(model, journal, hp, ctx):
 
 
 @pytest.fixture(scope="module")
-def testbed():
-    from ffkv.testbed import default_testbed
-
-    try:
-        return Path(default_testbed(build_if_missing=False))
-    except FfkvError as e:
-        pytest.skip(f"default testbed not installed ({e})")
-
-
-@pytest.fixture(scope="module")
-def tb(testbed):
+def tb(default_testbed):
+    testbed = default_testbed
     import ffkv
     from ffkv.edit import EditRequest
     from ffkv.io import read_json

@@ -117,24 +117,16 @@ def _continuation(obj: str) -> str:
 
 def load_requests(path: str | Path) -> list[EditRequest]:
     """Requests from a JSON list or a JSONL file of request dicts or CounterFact records (one object alone is one
-    request). A bad record is refused naming its line (JSONL) or position (JSON list)."""
-    if Path(path).suffix == ".jsonl":
-        data = validate.records(path, what="edit request")
-        lines = [n for n, l in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if l.strip()]
-        where = [f"line {n}" for n in lines]
-    else:
-        data = read_json(path)
-        if isinstance(data, dict):
-            data = [data]
-        where = [f"record {i}" for i in range(1, len(data) + 1)] if isinstance(data, list) else []
-    if not isinstance(data, list) or not data:
+    request); a bad line or record is refused naming it (:func:`ffkv.validate.records`)."""
+    data = validate.records(path, what="edit request")
+    if not data:
         raise FfkvError(f"{path} holds no edit requests", "give a JSON list (or JSONL) of requests")
     out = []
-    for d, w in zip(data, where):
+    for i, d in enumerate(data, 1):
         try:
             out.append(EditRequest.from_json(d))
         except FfkvError as e:
-            raise FfkvError(f"{path} {w}: {e.problem}", e.fix) from None
+            raise FfkvError(f"{path} record {i}: {e.problem}", e.fix) from None
     return out
 
 

@@ -202,13 +202,13 @@ def explain(model, prompt: str, candidates: Sequence[str], top_n: int = 5, layer
             entry["memories_sum_error"] = float((lin_sum - tf).abs().max()) if model.post_norm(l) is None else None
         out_layers.append(entry)
     actual = r.logits[0].float()[idx]
-    scale = _logit_scale(model)
+    scale = model.logit_scale
     pre_cap = total * scale
-    cap = getattr(model.text_config, model.spec.softcap, None) if model.spec.softcap else None
+    cap = model.logit_softcap
     modelled = torch.tanh(pre_cap / cap) * cap if cap else pre_cap
     check = {"sum": _centred(cands, pre_cap), "actual": _centred(cands, actual),
              "error": float((modelled - actual).abs().max()),
-             "softcap": float(cap) if cap else None,
+             "softcap": cap,
              "softcap_gap": float((_c(pre_cap) - _c(actual)).abs().max()) if cap else 0.0}
     sc = lambda t: _centred(cands, t * scale)
     for e in out_layers:
@@ -242,13 +242,3 @@ def _linear_head(model, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def _head_bias(model, idx: torch.Tensor) -> torch.Tensor:
     bias = getattr(model.unembedding, "bias", None)
     return torch.zeros(len(idx)) if bias is None else bias[idx].float()
-
-
-def _logit_scale(model) -> float:
-    cfg, s = model.text_config, model.spec
-    k = 1.0
-    if s.logit_scale is not None:
-        k *= float(getattr(cfg, s.logit_scale))
-    if s.logit_divisor is not None:
-        k /= float(getattr(cfg, s.logit_divisor))
-    return k

@@ -369,14 +369,33 @@ class MemoryModel:
             x = proj(x)
         return self.scale_logits(self.unembedding(x))
 
+    @property
+    def logit_scale(self) -> float:
+        """The family's linear logit factor: Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``, else 1."""
+        cfg, s = self.text_config, self.spec
+        k = 1.0
+        if s.logit_scale is not None:
+            k *= float(getattr(cfg, s.logit_scale))
+        if s.logit_divisor is not None:
+            k /= float(getattr(cfg, s.logit_divisor))
+        return k
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """Final soft-capping ``c`` of ``c tanh(z / c)`` (Gemma-2/3's ``final_logit_softcapping``), or None."""
+        s = self.spec
+        cap = getattr(self.text_config, s.softcap, None) if s.softcap is not None else None
+        return float(cap) if cap else None
+
     def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """The family's logit scaling and final soft-capping on ``E x`` (identity for most families)."""
+        """The family's logit scaling and final soft-capping on ``E x`` (identity for most families), in the
+        family's own operations (a division stays a division, so the head matches the model's logits bit for bit)."""
         cfg, s = self.text_config, self.spec
         if s.logit_scale is not None:
             logits = logits * getattr(cfg, s.logit_scale)
         if s.logit_divisor is not None:
             logits = logits / getattr(cfg, s.logit_divisor)
-        cap = getattr(cfg, s.softcap, None) if s.softcap is not None else None
+        cap = self.logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
