@@ -68,6 +68,25 @@ def test_stop_after_a_layer_reads_the_same_and_runs_nothing_deeper(tiny_models):
             assert torch.equal(out.rec[key], full[key]), (mt, key)
 
 
+def test_stop_at_a_coefficient_skips_that_layers_w_out_and_reads_the_same(tiny_models):
+    for mt, m in tiny_models.items():
+        ids = _ids(m)
+        last = m.n_layers - 1
+        full = run(m, ids, reads=[("coef", l) for l in range(m.n_layers)]).rec
+        w_out, _ = m.site_module("ffn_out", last)
+        calls = []
+        h = w_out.register_forward_hook(lambda mod, a, out: calls.append(1))
+        try:
+            got = capture_coefficients(m, ids)
+        finally:
+            h.remove()
+        assert calls == [], mt  # the deepest layer's W_out never ran
+        for l in range(m.n_layers):
+            assert torch.equal(got[l], full["coef", l]), (mt, l)
+        with pytest.raises(FfkvError, match="do not lie before"):
+            run(m, ids, reads=[("coef", 0), ("ffn_out", 0)], head="none", stop_at=("coef", 0))
+
+
 def test_head_at_positions_equals_the_models_logits(tiny_models):
     """The family's real head (MemoryModel.unembed) at (row, position) pairs == model.hf(...).logits there.
     Families with final-logit soft-capping pass once MemoryModel.unembed applies it."""

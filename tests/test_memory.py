@@ -89,6 +89,39 @@ def test_merge_topk_is_exact_with_ties(sparse_share, negate):
         assert np.allclose(buf_v[r].numpy(), v[order])
 
 
+@pytest.mark.parametrize("sparse_share", [0.05, 1.0])
+@pytest.mark.parametrize("negate", [False, True])
+def test_merge_topk_block_search_is_exact_with_nans_and_a_first_batch(sparse_share, negate):
+    """Batches of many rows (the block-maximum search, and its k-th-block bound on the first batch), NaN inside
+    blocks next to real candidates, ties and ragged block tails == one full sort by (value, id)."""
+    g = torch.Generator().manual_seed(3)
+    R, k = 6, 4
+    # few ties (values to 2 decimals), so that few blocks reach a key's bound and the block path is taken
+    chunks = [(torch.randn(n, R, generator=g) * 100).round() / 100 for n in (203, 64, 17, 130)]
+    for c in chunks:
+        nan = torch.rand(c.shape, generator=g) < 0.05
+        c[nan] = float("nan")
+    chunks[0][8:16, 2] = float("nan")  # a whole block of one key is NaN
+    chunks[0][0, 3] = float("nan")  # NaN is the block's extreme ...
+    chunks[0][1, 3] = -100.0 if negate else 100.0  # ... beside the key's best value
+    buf_v = torch.full((R, k), float("-inf"))
+    buf_g = torch.full((R, k), -1, dtype=torch.long)
+    start = 0
+    for c in chunks:
+        ids = torch.arange(start, start + c.shape[0])
+        buf_v, buf_g = merge_topk(buf_v, buf_g, c, ids, k, negate=negate, sparse_share=sparse_share)
+        start += c.shape[0]
+    allv = torch.cat(chunks).numpy()
+    allv = np.where(np.isnan(allv), -np.inf if not negate else np.inf, allv) + 0.0
+    ids = np.arange(allv.shape[0])
+    for r in range(R):
+        v = -allv[:, r] if negate else allv[:, r]
+        order = np.lexsort((ids, -v))[:k]
+        assert buf_g[r].tolist() == ids[order].tolist()
+        assert np.array_equal(buf_v[r].numpy(), v[order])
+    assert buf_g[3, 0].item() == 1
+
+
 @pytest.mark.parametrize("sparse_share", [0.0, 1.0])
 @pytest.mark.parametrize("negate", [False, True])
 def test_merge_topk_window_mode_is_order_free(sparse_share, negate):

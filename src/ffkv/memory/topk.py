@@ -114,37 +114,109 @@ def _merge_dense(buf_v, buf_g, buf_h, new_v, new_g, new_h, k, buf_c, new_c, stri
     return v, g, h
 
 
-def _merge_sparse(buf_v, buf_g, buf_h, pos, rows, vals, new_g, new_h, k, buf_c, new_c):
-    """Merge a few candidates (key ``rows[j]`` at batch position ``pos[j]``, value ``vals[j]``).
+def _merge_sparse(buf_v, buf_g, buf_h, pos, rows, vals, new_g, new_h, k, buf_c, new_c, empty=False):
+    """Merge a few candidates (key ``rows[j]`` at batch position ``pos[j]``, value ``vals[j]``) by rank.
 
-    All buffer entries and candidates are sorted once by the composite key, then stably by key row; the
-    first k of each row are the new buffer. Cost O((R k + M) log), independent of the batch size.
+    Every buffer row is already sorted by the composite key ``bk`` (R, k), strictly descending. A candidate's
+    final rank in its row is ``nb + r``: nb = the buffer entries ahead of it (a comparison against its row's k
+    keys), r = the row's candidates ahead of it (one sort of the M candidates); buffer entry j moves down by
+    the number of candidates with ``nb <= j`` (a cumulative count). Ranks below k are the new buffer. Cost
+    O(M log M + M k + R k): only the candidates are sorted, never the whole buffer. ``empty``: the buffer
+    holds nothing yet (every candidate is ahead of every slot, and none repeats a buffered prefix).
     """
-    if buf_h is not None:  # a prefix already in the key's buffer does not enter twice
+    if buf_h is not None and not empty:  # a prefix already in the key's buffer does not enter twice
         fresh = ~(buf_h[rows] == new_h[pos][:, None]).any(1)
         pos, rows, vals = pos[fresh], rows[fresh], vals[fresh]
         if rows.numel() == 0:
             return buf_v, buf_g, buf_h
     R = buf_v.shape[0]
     dev = buf_v.device
-    all_rows = torch.cat([torch.arange(R, device=dev).repeat_interleave(k), rows])
-    all_v = torch.cat([buf_v.reshape(-1), vals + 0.0])
-    order = torch.cat([buf_c.reshape(-1), new_c[pos]])
-    key = (ordered_bits(all_v) << 32) + ((1 << 32) - 1 - order)
-    by_key = key.argsort(descending=True)
-    perm = by_key[all_rows[by_key].argsort(stable=True)]
-    counts = k + torch.bincount(rows, minlength=R)
-    start = counts.cumsum(0) - counts
-    take = perm[start[:, None] + torch.arange(k, device=dev)]
-    all_g = torch.cat([buf_g.reshape(-1), new_g[pos]])
-    h = None if buf_h is None else torch.cat([buf_h.reshape(-1), new_h[pos]])[take]
-    return all_v[take], all_g[take], h
+    low = (1 << 32) - 1
+    ck = (ordered_bits(vals + 0.0) << 32) + (low - new_c[pos])  # (M,)
+    bk = (ordered_bits(buf_v) << 32) + (low - buf_c)  # (R, k), descending along each row
+    o = ck.argsort(descending=True)
+    o = o[rows[o].argsort(stable=True)]  # by row, then composite key descending
+    pos, rows, vals, ck = pos[o], rows[o], vals[o], ck[o]
+    counts = torch.bincount(rows, minlength=R)
+    rank_c = torch.arange(rows.numel(), device=dev) - (counts.cumsum(0) - counts)[rows]
+    nb = torch.zeros_like(rows) if empty else (bk.index_select(0, rows) > ck[:, None]).sum(1)  # (M,) buffer
+    # entries ahead of each candidate
+    final_c = rank_c + nb
+    ahead = torch.bincount(rows * (k + 1) + nb, minlength=R * (k + 1)).view(R, k + 1).cumsum(1)[:, :k]
+    final_b = torch.arange(k, device=dev) + ahead  # (R, k)
+    out_v, out_g = torch.empty_like(buf_v), torch.empty_like(buf_g)
+    out_h = None if buf_h is None else torch.empty_like(buf_h)
+    rb, jb = (final_b < k).nonzero(as_tuple=True)
+    jn = final_b[rb, jb]
+    out_v[rb, jn], out_g[rb, jn] = buf_v[rb, jb], buf_g[rb, jb]
+    keep = final_c < k
+    rc, jc, pc = rows[keep], final_c[keep], pos[keep]
+    out_v[rc, jc], out_g[rc, jc] = vals[keep] + 0.0, new_g[pc]
+    if out_h is not None:
+        out_h[rb, jn], out_h[rc, jc] = buf_h[rb, jb], new_h[pc]
+    return out_v, out_g, out_h
+
+
+BLOCK_ROWS = 8  # rows of the batch summarised by one block maximum when looking for candidates
+
+
+def _candidates(new_v: torch.Tensor, floor: torch.Tensor, negate: bool, sparse_share: float,
+                k_bound: int | None = None):
+    """The entries of new_v (N, R) at or above their key's floor (R,) (at or below ``-floor`` if ``negate``):
+    ``(pos, rows, vals)`` (M,) each, vals negated if ``negate``; None when they are more than
+    ``sparse_share`` of the batch (then the dense merge is cheaper).
+
+    The maximum (minimum) of every block of ``BLOCK_ROWS`` rows and key is compared first, one read of the
+    batch; only the blocks that can hold a candidate are read again. Once the buffers fill, few blocks do, and
+    the batch is never compared entry by entry nor a (N, R) mask written. ``k_bound=k`` (only for an empty
+    buffer, where nothing can be dropped as a repeat): the k-th best block maximum of a key also bounds its
+    batch's k-th best value from below (k blocks each hold a value at least that good), so the search starts
+    there: about k candidates per key instead of the whole first batch.
+    """
+    N, R = new_v.shape
+    limit = sparse_share * N * R
+    nb = N // BLOCK_ROWS
+    parts = []
+    if nb:
+        head = new_v[: nb * BLOCK_ROWS].view(nb, BLOCK_ROWS, R)
+        parts.append(head.amin(1) if negate else head.amax(1))
+    if N > nb * BLOCK_ROWS:
+        tail = new_v[nb * BLOCK_ROWS:]
+        parts.append(tail.amin(0, keepdim=True) if negate else tail.amax(0, keepdim=True))
+    best = torch.cat(parts) if len(parts) > 1 else parts[0]  # (blocks, R)
+    nan = torch.isnan(best)
+    thr = -floor if negate else floor  # in new_v's own sign
+    if k_bound is not None and best.shape[0] >= k_bound:
+        # a block whose extreme is NaN proves nothing about its other values: it does not count here
+        known = best.masked_fill(nan, float("inf") if negate else float("-inf"))
+        kth = known.topk(k_bound, dim=0, largest=not negate).values[-1]
+        thr = torch.minimum(thr, kth) if negate else torch.maximum(thr, kth)
+    # ... but it may hide a candidate: it is always read
+    hit = ((best <= thr) if negate else (best >= thr)) | nan
+    blk, key = hit.nonzero(as_tuple=True)
+    if blk.numel() * BLOCK_ROWS > N * R / 4:  # most blocks: compare the whole batch once instead
+        mask = (new_v <= thr) if negate else (new_v >= thr)
+        if int(mask.count_nonzero()) > limit:
+            return None
+        pos, rows = mask.nonzero(as_tuple=True)
+        vals = new_v[pos, rows].float()
+        return pos, rows, (-vals if negate else vals)
+    r = blk[:, None] * BLOCK_ROWS + torch.arange(BLOCK_ROWS, device=new_v.device)  # (C, BLOCK_ROWS)
+    inside = r < N
+    flat = (r.clamp(max=N - 1) * R + key[:, None]).view(-1)
+    cell = new_v.reshape(-1).index_select(0, flat).view(-1, BLOCK_ROWS)  # (C, BLOCK_ROWS)
+    ok = ((cell <= thr[key][:, None]) if negate else (cell >= thr[key][:, None])) & inside
+    ci, j = ok.nonzero(as_tuple=True)
+    if ci.numel() > limit:
+        return None
+    pos, rows = r[ci, j], key[ci]
+    vals = cell[ci, j].float()
+    return pos, rows, (-vals if negate else vals)
 
 
 def merge_topk(buf_v: torch.Tensor, buf_g: torch.Tensor, new_v: torch.Tensor, new_g: torch.Tensor,
                k: int, negate: bool = False, sparse_share: float = 0.05, buf_h: torch.Tensor | None = None,
-               new_h: torch.Tensor | None = None, col_best: torch.Tensor | None = None,
-               window: tuple[int, int] | None = None):
+               new_h: torch.Tensor | None = None, window: tuple[int, int] | None = None):
     """The k largest of ``[buffer ; batch]`` for every key, ties to the earlier prefix (smaller g).
 
     buf_v (R, k) float32 sorted by (value desc, g asc); buf_g (R, k) int64 (-1 = empty);
@@ -154,58 +226,38 @@ def merge_topk(buf_v: torch.Tensor, buf_g: torch.Tensor, new_v: torch.Tensor, ne
     ``< stride``) and only the buffer's entries older than the window must be older than the batch (see the
     module docstring).
     Only values above a key's current k-th value (its floor) can enter, or equal to it when the floor entry
-    is a later prefix of the same window. Keys whose batch maximum (``col_best``, computed if not given) cannot
-    beat their floor are skipped without touching the batch again. Among the others, when the candidates
-    are few (< ``sparse_share`` of the block: the usual case once the buffers fill) they are merged
-    sparsely, otherwise the batch is cut to its k best per key first. Both paths order by the composite key
-    ``bits(v) * 2^32 + (2^32 - 1 - c)``, c the order code (:func:`order_codes`), unique per key, so the result
-    is exact.
+    is a later prefix of the same window: one comparison of the batch against the floors finds them (NaN
+    never enters; values at the floor are kept or dropped on the candidate list). When they are few (< ``sparse_share`` of the batch: the usual case once the buffers fill)
+    they are merged by rank (:func:`_merge_sparse`), otherwise the batch is cut to its k best per key first.
+    Both paths order by the composite key ``bits(v) * 2^32 + (2^32 - 1 - c)``, c the order code
+    (:func:`order_codes`), unique per key, so the result is exact.
     With prefix hashes (buf_h (R, k), new_h (N,), the batch already free of repeats) a prefix whose hash is
     in a key's buffer is not added again, so each key keeps k distinct prefixes.
     Returns the new (buf_v, buf_g) or, with hashes, (buf_v, buf_g, buf_h).
     """
-    R = buf_v.shape[0]
-    if col_best is None:
-        col_best = (-new_v).amax(0) if negate else new_v.amax(0)
-    col_best = torch.nan_to_num(col_best.float(), nan=float("inf"))  # a NaN column takes the exact path
-    floor_all = buf_v[:, -1]
-    enter = col_best > floor_all
-    tie_keys = None
+    floor = buf_v[:, -1]
+    buf_c, new_c = order_codes(buf_g, new_g, k, window)
+    tie = None  # (R,) keys where a value equal to the floor may still enter
     if window is not None:
-        # a value equal to the floor enters when the floor entry is a later prefix of this window
+        # ... when the floor entry is a later prefix of this window
         u0, _ = window
         floor_g = buf_g[:, -1]
         tie = (floor_g >= (u0 << POSITION_BITS)) & (floor_g > new_g.min())
-        if bool(tie.any()):
-            enter |= tie & (col_best == floor_all)
-            tie_keys = tie
-    keys = enter.nonzero().squeeze(1)
-    if keys.numel() == 0:
-        return (buf_v, buf_g, buf_h) if buf_h is not None else (buf_v, buf_g)
-    if keys.numel() == R:
-        sub_v, bv, bg, bh = new_v, buf_v, buf_g, buf_h
-    else:
-        sub_v = new_v.index_select(1, keys)
-        bv, bg = buf_v.index_select(0, keys), buf_g.index_select(0, keys)
-        bh = None if buf_h is None else buf_h.index_select(0, keys)
-    buf_c, new_c = order_codes(bg, new_g, k, window)
-    floor = bv[:, -1]
-    mask = (sub_v < -floor) if negate else (sub_v > floor)
-    if tie_keys is not None:
-        tk = tie_keys[keys].nonzero().squeeze(1)
-        eq = (sub_v.index_select(1, tk) == (-floor[tk] if negate else floor[tk])) \
-            & (new_c[:, None] < buf_c[tk, -1][None, :])
-        mask[:, tk] |= eq
-    pos, rows = mask.nonzero(as_tuple=True)
-    if pos.numel() <= sparse_share * mask.numel():
-        vals = sub_v[pos, rows].float()
-        out = _merge_sparse(bv, bg, bh, pos, rows, -vals if negate else vals, new_g, new_h, k, buf_c, new_c)
-    else:
-        out = _merge_dense(bv, bg, bh, -sub_v if negate else sub_v, new_g, new_h, k, buf_c, new_c,
+    # values at or above the floor (those exactly at it are sorted out on the few candidates)
+    empty = bool((buf_g[:, 0] < 0).all())  # the first batch of a run: no entry to keep, none to repeat
+    found = _candidates(new_v, floor, negate, sparse_share, k_bound=k if empty else None)
+    if found is not None:
+        pos, rows, vals = found
+        at = vals == floor[rows]
+        if bool(at.any()):
+            enters = ~at if tie is None else ~at | (tie[rows] & (new_c[pos] < buf_c[rows, -1]))
+            pos, rows, vals = pos[enters], rows[enters], vals[enters]
+        if rows.numel() == 0:
+            return (buf_v, buf_g, buf_h) if buf_h is not None else (buf_v, buf_g)
+        out = _merge_sparse(buf_v, buf_g, buf_h, pos, rows, vals, new_g, new_h, k, buf_c, new_c, empty=empty)
+    else:  # the start of a run, or ties at the floor everywhere (ReLU zeros): cut the batch to k per key
+        out = _merge_dense(buf_v, buf_g, buf_h, -new_v if negate else new_v, new_g, new_h, k, buf_c, new_c,
                            strict=window is None)
-    if keys.numel() != R:
-        out = (buf_v.index_copy(0, keys, out[0]), buf_g.index_copy(0, keys, out[1]),
-               None if buf_h is None else buf_h.index_copy(0, keys, out[2]))
     return out if buf_h is not None else out[:2]
 
 
@@ -268,10 +320,9 @@ class TriggerBuffers:
             return
         rows = slice(None) if layer is None else slice(MemoryId(layer, 0).flat(self.d_ffn),
                                                         MemoryId(layer + 1, 0).flat(self.d_ffn))
-        hi, lo = coef.amax(0), coef.amin(0)  # (aminmax along dim 0 is 10x slower on CPU)
-        for kind, negate, best in (("top", False, hi), ("bot", True, -lo)):
+        for kind, negate in (("top", False), ("bot", True)):
             v, g, h = getattr(self, kind + "_v"), getattr(self, kind + "_g"), getattr(self, kind + "_h")
-            out = merge_topk(v[rows], g[rows], coef, gids, self.k, negate=negate, col_best=best,
+            out = merge_topk(v[rows], g[rows], coef, gids, self.k, negate=negate,
                              buf_h=None if h is None else h[rows], new_h=hashes if self.dedup else None,
                              window=window)
             v[rows], g[rows] = out[0], out[1]

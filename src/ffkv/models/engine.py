@@ -168,6 +168,10 @@ def _stop_hook(box: dict):
     return hook
 
 
+def _stop_pre_hook(module, args, kwargs):
+    raise _Stop
+
+
 def _copied_sites(model: "MemoryModel", copy_reads: bool):
     return True if copy_reads else COPIED_READS.get(model.family, ())
 
@@ -185,14 +189,17 @@ def run(model: "MemoryModel", input_ids: torch.Tensor, *, attention_mask: torch.
         start_resid: torch.Tensor | None = None, cache=None, prefix_len: int = 0,
         cache_rows: torch.Tensor | None = None, stop_after: int | None = None, keep_grad: bool = False,
         copy_reads: bool = True, return_cache: bool = False, cost: Cost | None = None,
-        backward: bool = False) -> Run:
+        backward: bool = False, stop_at: tuple[str, int] | None = None) -> Run:
     """One forward pass over layers ``start_layer ..`` and positions ``prefix_len ..`` (module docstring).
 
     input_ids: (B, T'); attention_mask: (B, prefix_len + T') or None (all ones when a prefix is cached);
     start_resid: (B, T', d_model) the residual entering ``start_layer`` (None: from the embeddings, only
     with ``start_layer == 0``); cache: a reference run's cache holding positions ``< prefix_len``, row
     ``cache_rows[b]`` (default 0) continuing batch row b. ``cost``/``backward``: add this pass to a
-    :class:`Cost` (``backward=True`` when the caller will backpropagate through it). Returns a :class:`Run`.
+    :class:`Cost` (``backward=True`` when the caller will backpropagate through it). ``stop_at=(site, l)``
+    (head "none"): stop inside layer ``l`` as soon as that site is computed, e.g. ``("coef", l)`` skips layer
+    l's ``W_out`` and what follows; every other read and edit must lie in an earlier layer. Returns a
+    :class:`Run`.
     """
     L = model.n_layers
     B, T = input_ids.shape
@@ -210,6 +217,15 @@ def run(model: "MemoryModel", input_ids: torch.Tensor, *, attention_mask: torch.
         head = "at"
     keys = [normalize_site(model, *r) if isinstance(r, tuple) else normalize_site(model, r) for r in reads]
     keys += [normalize_site(model, e.site, e.layer) for e in edits]
+    stop_key = None
+    if stop_at is not None:
+        stop_key = normalize_site(model, *stop_at)
+        if head != "none" or stop_after is not None:
+            raise FfkvError("a run that stops at a site has no head and no stop_after", "pass head='none' only")
+        later = [k for k in keys if k != stop_key and (k[1] is None or k[1] >= stop_key[1])]
+        if later:
+            raise FfkvError(f"sites {later} do not lie before {stop_key}", "stop at the deepest site read")
+        stop_after = stop_key[1]
     if stop_after is not None:
         if head != "none":
             raise FfkvError(f"a run that stops after layer {stop_after} has no head", "pass head='none'")
@@ -246,7 +262,12 @@ def run(model: "MemoryModel", input_ids: torch.Tensor, *, attention_mask: torch.
         raise FfkvError("a run that stops early returns no cache", "run to the last layer for return_cache")
     with layer_suffix(model, start_layer), intervene(model, reads=reads, edits=edits, keep_grad=keep_grad,
                                                      copy=_copied_sites(model, copy_reads)) as rec:
-        handle = model.layer(stop).register_forward_hook(_stop_hook(box), with_kwargs=True) if stops else None
+        if stop_key is not None:
+            module, kind = model.site_module(*stop_key)
+            handle = module.register_forward_pre_hook(_stop_pre_hook, with_kwargs=True) if kind == "pre" else \
+                module.register_forward_hook(_stop_hook({}), with_kwargs=True)
+        else:
+            handle = model.layer(stop).register_forward_hook(_stop_hook(box), with_kwargs=True) if stops else None
         try:
             out = model.hf(**kwargs)
         except _Stop:
@@ -309,9 +330,10 @@ def capture_coefficients(model: "MemoryModel", input_ids: torch.Tensor, attentio
     """Memory coefficients m (the input of W_out, site ``coef``) of ``layers`` (default: all), one pass.
 
     input_ids, attention_mask: (B, T). Returns ``{layer: (B, T, d_ffn)}``, the tensors the model itself fed
-    W_out (no copy). No head runs and the pass stops after the deepest requested layer.
+    W_out (no copy). No head runs and the pass stops at the deepest requested coefficient (before that
+    layer's W_out).
     """
     layers = list(range(model.n_layers)) if layers is None else [model.check_layer(l) for l in layers]
     out = run(model, input_ids, attention_mask=attention_mask, reads=[("coef", l) for l in layers], head="none",
-              copy_reads=False)
+              copy_reads=False, stop_at=("coef", max(layers)))
     return {l: out.rec["coef", l] for l in layers}
