@@ -107,3 +107,17 @@ def test_unseen_subjects_are_new_and_not_recalled(tb):
             assert 0.0 <= row[k] <= 1.0
     ex = tab["rows"][0]
     assert ex["context_prompt"].endswith(ex["query"]) and ex["object"] in ex["context_prompt"]
+
+
+def test_the_testbed_build_writes_its_worlds_index(tiny_testbed):
+    """``ffkv testbed build`` leaves data/index.sqlite: every fact's training statements, searchable."""
+    from ffkv.recall.data import load_testbed_facts
+    from ffkv.recall.index import open_index
+
+    facts, _ = load_testbed_facts(tiny_testbed)
+    with open_index(tiny_testbed / "data" / "index.sqlite") as ix:
+        assert len(ix) == sum(len(f["train_templates"]) for f in facts)
+        f = facts[0]
+        hits = ix.search(f["train_templates"][0].format(f["subject"]), 3)
+        assert hits and hits[0].doc.startswith(f"fact:{f['fact_id']}:")
+        assert ix.provenance["hyperparameters"]["testbed"] == str(tiny_testbed)

@@ -5,6 +5,7 @@ A testbed folder:
     DIR/model/              Hugging Face model folder (safetensors) with its tokenizer and testbed.json
     DIR/data/facts.jsonl    every fact with its training frequency and templates
     DIR/data/counterfact.json, DIR/data/known_facts.json, DIR/data/world.json
+    DIR/data/index.sqlite   the world's texts as a retrieval index (``ffkv ask --index``; SQLite FTS5, BM25)
     DIR/report.json         recall by frequency bucket (written by build; `ffkv testbed report` recomputes)
 
 ``build`` writes the folder whole or not at all (:func:`ffkv.io.output_dir`): everything is made in a
@@ -21,6 +22,8 @@ from pathlib import Path
 from ..errors import FfkvError
 from ..io import output_dir, provenance, write_json
 from ..models.loading import load_model
+from ..recall.index import build_index, world_passages
+from .datasets import load_facts
 
 ASSETS = Path(__file__).parent / "assets"
 TESTBED_MANIFEST = ("data/facts.jsonl", "model/testbed.json")  # what makes an existing folder a testbed
@@ -45,11 +48,20 @@ def build(preset: str = "default", out: str | Path = "testbed", seed: int = DEFA
     with output_dir(out, "testbed", manifest=TESTBED_MANIFEST) as tmp:
         world = world or generate_world(seed, preset)
         world.write_datasets(tmp / "data")
+        write_world_index(tmp, record_as=out)
         train_model(world, arch, preset, tmp / "model", seed=seed, steps=steps, progress=progress)
         if report:
             rep = testbed_report(tmp, progress=progress, record_as=out)
             write_json(tmp / "report.json", rep)
     return out
+
+
+def write_world_index(testbed_dir: str | Path, record_as: str | Path | None = None) -> Path:
+    """Index the world's texts (every fact through each of its training templates, never-seen facts
+    included) as ``DIR/data/index.sqlite``, the index ``ffkv ask --index`` retrieves from."""
+    d = Path(testbed_dir)
+    facts, _ = load_facts(d)
+    return build_index(world_passages(facts), d / "data" / "index.sqlite", testbed=str(record_as or d))
 
 
 def testbed_report(testbed_dir: str | Path, n_samples: int = 10, max_facts_per_bucket: int | None = 1000,
@@ -60,7 +72,6 @@ def testbed_report(testbed_dir: str | Path, n_samples: int = 10, max_facts_per_b
     record_as: the folder the provenance names (the final DIR when the report is made in its temporary)."""
     import torch
 
-    from .datasets import load_facts
     from .report import recall_report
 
     d = Path(testbed_dir)
