@@ -20,6 +20,7 @@ from ..clikit import (FfkvGroup, emit_json, hparams_options, json_option, layers
                       model_options, parse_layers, parse_settings, quiet_option, show_progress)
 from ..errors import FfkvError
 from ..io import check_output_target
+from ..models import distributed
 from ..models.loading import tiny_model
 from ..models.memory_id import MemoryId
 from .api import EDIT_MANIFEST, apply_edits, edit_outcome, save_edited, target_scores, undo_folder
@@ -247,12 +248,20 @@ def undo_cmd(src, out, n, as_json, quiet):
 @quiet_option
 @model_options
 def stats_cmd(model, layers, corpus, n_tokens, stats_dir, recompute, as_json, quiet, **load):
-    """Compute (or find cached) the key statistics C = E[k k^T] of MODEL's layers."""
+    """Compute (or find cached) the key statistics C = E[k k^T] of MODEL's layers.
+
+    Under torchrun every process takes its share of the batches; the float64 sums are added over the
+    processes and rank 0 writes the files (docs/distributed.md)."""
     if layers is None:
         raise FfkvError("ffkv edit stats needs --layers", "e.g. --layers 13-17")
+    load["device"] = distributed.local_device(load.get("device"))
     mm = load_model_from_options(model, **load)
     stats = layer_stats(mm, parse_layers(layers, mm.n_layers), corpus=corpus, n_tokens=n_tokens,
                         stats_dir=stats_dir, recompute=recompute, progress=show_progress(quiet))
+    main = distributed.is_main()
+    distributed.close()
+    if not main:
+        return
     result = {str(l): {"path": str(s.path), "n_tokens": s.n_tokens, "corpus": s.corpus,
                        "trace": float(s.C.trace())} for l, s in stats.items()}
     if as_json:

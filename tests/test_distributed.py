@@ -1,0 +1,155 @@
+"""torchrun with the gloo backend on 2 CPU processes (issue 17, item 3): ``ffkv atlas mine`` and ``ffkv edit
+stats`` shard the corpus by rank and combine exactly; a rank that dies is restarted and resumes its shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ffkv.cli import cli
+from ffkv.errors import FfkvError
+from ffkv.io import load_safetensors
+from ffkv.edit.stats import accumulate_second_moments, accumulate_text_second_moments, layer_stats
+from ffkv.memory.miner import DIE_ENV, mine, rank_state_path, state_path
+from ffkv.models import distributed
+from ffkv.models.loading import load_model
+from ffkv.testbed.planted import WORDS
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="this torch has no torch.distributed with gloo")
+
+
+def _text(path: Path, n_docs: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        sents = []
+        for _ in range(rng.randint(1, 4)):
+            words = [rng.choice(WORDS[:30]) for _ in range(rng.randint(1, 7))]  # short ones repeat: dedup
+            if rng.random() < 0.3:
+                words += rng.choice([["tower", "paris"], ["castle", "london"], ["river", "rome"]])
+            sents.append(" ".join(words) + " .")
+        docs.append(" ".join(sents))
+    path.write_text("\n\n".join(docs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted_dir(planted, tmp_path_factory):
+    from ffkv.testbed.planted import save_planted
+
+    return save_planted(planted, tmp_path_factory.mktemp("m") / "planted")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Five files (a sort window never spans two) and one long enough for two windows of its own: 6+ windows,
+    dealt 0,2,4,.. to rank 0 and 1,3,.. to rank 1."""
+    folder = tmp_path_factory.mktemp("corpus") / "c"
+    folder.mkdir()
+    for i in range(5):
+        _text(folder / f"part-{i}.txt", 12 + 3 * i, seed=i)
+    _text(folder / "part-9-long.txt", 700, seed=9)
+    return folder
+
+
+def _torchrun(args: list[str], env_extra: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "FFKV_PROGRESS": "0", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "ffkv.cli", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+MINE_OPTS = ["--top-k", "5", "--batch-tokens", "64", "--checkpoint-every", "1", "--threads", "1"]
+
+
+def test_single_process_costs_nothing():
+    assert distributed.world() == (0, 1) and distributed.is_main()
+    assert not torch.distributed.is_initialized()
+    assert distributed.all_gather_bytes(b"ab") == [b"ab"]
+    assert distributed.all_reduce_sum(torch.ones(2, dtype=torch.float32)).dtype == torch.float64
+    assert distributed.local_device("cuda") == "cuda"  # no torchrun: the device as given
+
+
+def test_torchrun_mine_equals_one_process_byte_for_byte_and_resumes(planted_dir, corpus, tmp_path):
+    out = tmp_path / "atlas2"
+    died = _torchrun(["atlas", "mine", str(planted_dir), "--corpus", str(corpus), "--out", str(out), *MINE_OPTS],
+                     {DIE_ENV: "2@1"})
+    assert died.returncode != 0, died.stdout + died.stderr
+    rank1 = rank_state_path(out, 1, 2)
+    assert load_safetensors(rank1 / "state.safetensors")[1]["batches"] == 2  # its shard's state, checkpointed
+    assert not out.exists()
+
+    again = _torchrun(["atlas", "mine", str(planted_dir), "--corpus", str(corpus), "--out", str(out), *MINE_OPTS,
+                       "--json"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    reported = json.loads(again.stdout)  # rank 0 alone reports
+    assert reported["world_size"] == 2 and reported["status"] == "complete"
+    assert not state_path(out).exists()
+
+    one = tmp_path / "atlas1"
+    res = CliRunner().invoke(cli, ["atlas", "mine", str(planted_dir), "--corpus", str(corpus), "--out", str(one),
+                                   *MINE_OPTS], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    tables = sorted(p.relative_to(one) for p in one.rglob("*.parquet"))
+    assert len(tables) == 3 and tables == sorted(p.relative_to(out) for p in out.rglob("*.parquet"))
+    for rel in tables:  # triggers/layer-*.parquet and units.parquet
+        assert (out / rel).read_bytes() == (one / rel).read_bytes(), rel
+    m1, m2 = json.loads((one / "atlas.json").read_text()), json.loads((out / "atlas.json").read_text())
+    assert (m1.pop("world_size"), m2.pop("world_size")) == (1, 2)
+    assert m1 == m2  # units, tokens, batches: the ranks' together are the one process's
+    assert json.loads((out / "run.json").read_text())["calls"] == 2  # the restarted rank resumed its state
+
+
+def test_resume_with_another_number_of_processes_is_refused(planted, corpus, tmp_path):
+    out = tmp_path / "a"
+    rank_state_path(out, 0, 3).mkdir(parents=True)
+    with pytest.raises(FfkvError, match="begun by 3 process"):
+        mine(planted.model, corpus, out, top_k=3, progress=False)
+
+
+def test_torchrun_stats_equal_one_process(planted_dir, corpus, tmp_path):
+    n_tok = 3000  # 46 windows of 64 tokens: 6 batches of (up to) 8, 3 per rank
+    res = _torchrun(["edit", "stats", str(planted_dir), "--layers", "0-1", "--corpus", str(corpus / "part-9-long.txt"),
+                     "--tokens", str(n_tok), "--stats-dir", str(tmp_path / "s2"), "--json", "--threads", "1"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    reported = json.loads(res.stdout)["layers"]
+    mm = load_model(str(planted_dir))
+    one = layer_stats(mm, [0, 1], corpus=corpus / "part-9-long.txt", n_tokens=n_tok, stats_dir=tmp_path / "s1",
+                      progress=False, cache=False)
+    for l in (0, 1):
+        tensors, meta = load_safetensors(reported[str(l)]["path"])  # rank 0 wrote it
+        assert meta["n_tokens"] == one[l].n_tokens == reported[str(l)]["n_tokens"] == 46 * 64
+        C2, C1 = tensors["C"], one[l].C
+        assert C2.dtype == torch.float64
+        assert float((C2 - C1).abs().max() / C1.abs().max()) < 1e-6
+
+
+def test_sharded_accumulation_adds_up(planted):
+    """The ranks' batches are the one process's batches dealt round-robin: the parts add up to the whole."""
+    mm = planted.model
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(2, 40, (21, 16), generator=g)
+    whole, n = accumulate_second_moments(mm, windows, [0, 1], batch_size=4, progress=False)
+    parts = [accumulate_second_moments(mm, windows, [0, 1], batch_size=4, progress=False, shard=(r, 3))
+             for r in range(3)]
+    assert sum(p[1] for p in parts) == n == windows.numel()
+    for l in (0, 1):
+        torch.testing.assert_close(sum(p[0][l] for p in parts), whole[l], rtol=1e-12, atol=1e-12)
+    seqs = [windows[i, : 3 + i % 11].tolist() for i in range(21)]
+    whole, n = accumulate_text_second_moments(mm, seqs, [1], batch_tokens=40, progress=False)
+    parts = [accumulate_text_second_moments(mm, seqs, [1], batch_tokens=40, progress=False, shard=(r, 2))
+             for r in range(2)]
+    assert parts[0][1] > 0 and parts[1][1] > 0 and parts[0][1] + parts[1][1] == n
+    torch.testing.assert_close(parts[0][0][1] + parts[1][0][1], whole[1], rtol=1e-12, atol=1e-12)
