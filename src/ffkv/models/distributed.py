@@ -1,8 +1,9 @@
 """Several processes (``torchrun``): who this process is, and the few exact collectives ffkv needs.
 
 ffkv runs one process per device; ``torchrun`` starts them and sets ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK``. :func:`world` reads them and joins the process group once (``gloo`` for CPU tensors, and
-``nccl`` for CUDA tensors when CUDA is there: the backend string ``"cpu:gloo,cuda:nccl"``). A process started
+``LOCAL_RANK``. :func:`world` reads them and joins the process group once, with the ``gloo`` backend: every
+collective here moves CPU tensors (a few per command: the gathered trigger tables, the float64 sums of the
+key statistics), so a model on CUDA needs no NCCL, and ranks on one GPU or none work alike. A process started
 without them is rank 0 of 1: nothing is initialised and every collective below returns its input, so a
 single process pays nothing.
 
@@ -49,9 +50,9 @@ def world() -> tuple[int, int]:
     d = torch.distributed
     if not d.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch has no torch.distributed")
-    # CPU tensors (the gathers of numpy payloads, the float64 sums) go through gloo; CUDA tensors, if any, nccl.
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and d.is_nccl_available() else "gloo"
-    d.init_process_group(backend=backend)
+    # gloo on GPU machines too: ffkv's collectives run a few times per command, on CPU tensors (the gathered
+    # tables, the float64 sums), so one GPU per rank needs no NCCL communicator.
+    d.init_process_group(backend="gloo")
     return d.get_rank(), d.get_world_size()
 
 
@@ -84,11 +85,12 @@ def barrier() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """The float64 sum over ranks of ``t`` (any shape; every rank passes the same shape), on ``t``'s device.
-    A lone process gets ``t`` in float64."""
-    out = t.double().clone() if t.dtype != torch.float64 else t.clone()
-    if world()[1] > 1:
-        torch.distributed.all_reduce(out)
+    """The float64 sum over ranks of ``t`` (any shape; every rank passes the same shape), on the CPU (gloo).
+    A lone process gets ``t`` in float64, where it was."""
+    if world()[1] <= 1:
+        return t.double().clone() if t.dtype != torch.float64 else t.clone()
+    out = t.detach().to("cpu", torch.float64).clone()
+    torch.distributed.all_reduce(out)
     return out
 
 
