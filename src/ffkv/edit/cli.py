@@ -241,7 +241,7 @@ def undo_cmd(src, out, n, as_json, quiet):
 @click.option("--corpus", default="auto", show_default=True, help="auto, wikitext, or a text file/folder.")
 @click.option("--tokens", "n_tokens", type=click.IntRange(min=1), default=None,
               help="Tokens of the corpus the statistics average over (default 100000; with --texts: no cap).")
-@click.option("--texts", "n_texts", type=click.IntRange(min=1), default=None,
+@click.option("--texts", "n_texts", type=click.IntRange(min=1, max=100_000_000), default=None,
               help="Sample this many corpus records as ROME/MEMIT do (mom2_n_samples, e.g. 100000): the "
                    "statistics an edit with those defaults reads from the cache.")
 @click.option("--stats-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
