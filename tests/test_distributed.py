@@ -149,6 +149,65 @@ def test_torchrun_stats_equal_one_process(planted_dir, corpus, tmp_path, monkeyp
     assert str(cached[1].path) == reported["1"]["path"]
 
 
+def _moe():
+    """A tiny random Qwen2-MoE (4 experts and a shared expert per layer) with the testbed's word tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from ffkv.models.moe import MoEModel, tiny_moe_config
+    from ffkv.testbed.planted import word_tokenizer
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(tiny_moe_config("qwen2_moe")).eval()
+    return MoEModel.from_hf_checked(hf, word_tokenizer(), "tiny-qwen2_moe", True)
+
+
+STATS_KEYS = [0, (1, 2)]  # a layer (the shared expert's keys) and an expert (its keys, at the tokens routed to it)
+
+
+def _moe_rank_run(corpus: str, out: str, result: str):
+    """What each rank runs (``python -m torch.distributed.run ... tests/test_distributed.py MOE ...``): mine the
+    MoE model, and the token-stream statistics of a layer and of one expert; rank 0 saves the statistics."""
+    torch.set_num_threads(1)
+    model = _moe()
+    meta = mine(model, corpus, out, top_k=4, batch_tokens=48, progress=False)
+    stats = layer_stats(model, STATS_KEYS, corpus=corpus, n_tokens=1000, window=32, batch_size=4, cache=False,
+                        progress=False)
+    if distributed.is_main():
+        torch.save({"world_size": meta["world_size"], **{str(k): (s.C, s.n_tokens) for k, s in stats.items()}},
+                   result)
+    distributed.close()
+
+
+def test_torchrun_moe_atlas_and_expert_stats_equal_one_process(corpus, tmp_path):
+    """Mixture of experts: every (layer, expert) table of 2 ranks equals one process's byte for byte; the
+    token-stream statistics of a layer and of an expert (tokens routed to it, counted per rank) to 1e-6."""
+    text = tmp_path / "c"  # the five short files: five sort windows
+    text.mkdir()
+    for f in sorted(corpus.glob("part-[0-4].txt")):
+        (text / f.name).write_text(f.read_text())
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          __file__, "MOE", str(text), str(tmp_path / "a2"), str(tmp_path / "r.pt")],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    torch.set_num_threads(1)
+    model = _moe()
+    mine(model, text, tmp_path / "a1", top_k=4, batch_tokens=48, progress=False)
+    one = layer_stats(model, STATS_KEYS, corpus=text, n_tokens=1000, window=32, batch_size=4, cache=False,
+                      progress=False)
+    tables = sorted(p.relative_to(tmp_path / "a1") for p in (tmp_path / "a1").rglob("*.parquet"))
+    assert len(tables) == 2 * 5 + 1  # per layer: the shared expert and 4 experts; units
+    for rel in tables:
+        assert (tmp_path / "a2" / rel).read_bytes() == (tmp_path / "a1" / rel).read_bytes(), rel
+    got = torch.load(tmp_path / "r.pt")
+    assert got["world_size"] == 2
+    for k, s in one.items():
+        C2, n2 = got[str(k)]
+        assert n2 == s.n_tokens > 0
+        assert float((C2 - s.C).abs().max() / s.C.abs().max()) < 1e-6
+
+
 def test_sharded_accumulation_adds_up(planted):
     """The ranks' batches are the one process's batches dealt round-robin: the parts add up to the whole."""
     mm = planted.model
@@ -166,3 +225,7 @@ def test_sharded_accumulation_adds_up(planted):
              for r in range(2)]
     assert parts[0][1] > 0 and parts[1][1] > 0 and parts[0][1] + parts[1][1] == n
     torch.testing.assert_close(parts[0][0][1] + parts[1][0][1], whole[1], rtol=1e-12, atol=1e-12)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["MOE"]:
+    _moe_rank_run(*sys.argv[2:5])
