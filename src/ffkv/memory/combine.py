@@ -18,14 +18,27 @@ import numpy as np
 from .topk import POSITION_BITS, prefix_hashes
 
 
-def select_triggers(t: dict, k: int, dedup: bool = False, unit_tokens: dict | None = None) -> dict:
+def row_hashes(unit: np.ndarray, position: np.ndarray, unit_tokens: dict) -> np.ndarray:
+    """The prefix hash (:func:`ffkv.memory.topk.prefix_hashes`) of every row's prefix ``unit[:position + 1]``:
+    (N,) int64, each cited unit hashed once."""
+    unit, position = np.asarray(unit, np.int64), np.asarray(position, np.int64)
+    if unit.size == 0:
+        return np.zeros(0, np.int64)
+    uu, inv = np.unique(unit, return_inverse=True)
+    hs = [prefix_hashes(unit_tokens[int(u)]) for u in uu]
+    starts = np.cumsum([0] + [len(h) for h in hs[:-1]])
+    return np.concatenate(hs)[starts[inv] + position]
+
+
+def select_triggers(t: dict, k: int, dedup: bool = False, unit_tokens: dict | None = None,
+                    hashes: np.ndarray | None = None) -> dict:
     """The trigger table of one group of keys from the rows of several parts.
 
     t: columns ``index, kind, coef, unit, position`` (N,) concatenated over the parts (``rank`` is ignored);
-    unit ids must be comparable across parts (one numbering). With ``dedup``, ``unit_tokens`` maps each unit
-    cited to its token ids, whose prefix hashes identify repeated prefixes. Returns the columns
-    ``index, kind, rank, coef, unit, position`` of at most k rows per (key, kind); coefficients are returned
-    bit for bit as given (a bottom row's -0.0 stays -0.0).
+    unit ids must be comparable across parts (one numbering). With ``dedup``, repeated prefixes are found by
+    their hashes: ``hashes`` (N,) given, or computed from ``unit_tokens`` (each cited unit's token ids). Returns
+    the columns ``index, kind, rank, coef, unit, position`` of at most k rows per (key, kind); coefficients are
+    returned bit for bit as given (a bottom row's -0.0 stays -0.0).
     """
     idx, kind = np.asarray(t["index"]), np.asarray(t["kind"])
     coef = np.asarray(t["coef"], np.float32)
@@ -38,14 +51,7 @@ def select_triggers(t: dict, k: int, dedup: bool = False, unit_tokens: dict | No
         np.zeros(0, bool)
     gid = np.cumsum(group_start) - 1
     if dedup and order.size:  # the same prefix from two parts: keep its earliest occurrence in each key list
-        cache: dict = {}
-
-        def hashes(u, p_):
-            if u not in cache:
-                cache[u] = prefix_hashes(unit_tokens[u])
-            return cache[u][p_]
-
-        h = np.array([hashes(int(u), int(p_)) for u, p_ in zip(unit[order], pos[order])], np.int64)
+        h = (row_hashes(unit, pos, unit_tokens) if hashes is None else np.asarray(hashes, np.int64))[order]
         g = (unit[order] << POSITION_BITS) + pos[order]
         by = np.lexsort((g, h, gid))  # per (key list, prefix): the earliest occurrence first
         first = by[np.r_[True, (gid[by][1:] != gid[by][:-1]) | (h[by][1:] != h[by][:-1])]]

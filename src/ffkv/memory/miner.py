@@ -67,7 +67,7 @@ from ..models.memory_id import MemoryId
 from ..models.moe import MoEModel, expert_intervene
 from ..progress import bar as progress_bar
 from ..progress import forced as progress_forced
-from .combine import select_triggers
+from .combine import row_hashes, select_triggers
 from .corpus import Corpus, CorpusSpec, Unit, iter_units, open_corpus
 from .schema import ATLAS_VERSION, read_atlas_meta
 from .topk import POSITION_BITS, GroupBuffers, TriggerBuffers, first_occurrences, prefix_hashes
@@ -713,16 +713,19 @@ def _finalize_ranks(model, out: Path, buffers, done: dict, meta: dict, created: 
     state_dir = rank_state_path(out, rank, world_size)
     cited: set = set()
     mine_tables = _group_tables(model, buffers, groups, cited)
-    units = [pa.ipc.open_stream(b).read_all() for b in
-             distributed.all_gather_bytes(_ipc_bytes(_cited_units(state_dir, done["shards"], cited)))]
+    own_units = _cited_units(state_dir, done["shards"], cited)
+    own_tokens = dict(zip(own_units["unit"].to_pylist(), own_units["tokens"].to_pylist())) if dedup else None
+    units = [pa.ipc.open_stream(b).read_all() for b in distributed.all_gather_bytes(_ipc_bytes(own_units))]
     units = pa.concat_tables(units).sort_by("unit").combine_chunks() if rank == 0 else None
-    unit_tokens = dict(zip(units["unit"].to_pylist(), units["tokens"].to_pylist())) if rank == 0 and dedup \
-        else None
     merged, cited = [], set()
     for l, e, table, extra in mine_tables:  # one group at a time: a rank holds one group of every rank at once
-        parts = distributed.all_gather_arrays(table)
+        payload = dict(table)
+        if dedup:  # each rank hashes its own rows' prefixes (its units): rank 0 needs no tokens
+            payload["hash"] = row_hashes(table["unit"], table["position"], own_tokens)
+        parts = distributed.all_gather_arrays(payload)
         if rank == 0:
-            t = select_triggers({c: np.concatenate([p[c] for p in parts]) for c in table}, k, dedup, unit_tokens)
+            t = select_triggers({c: np.concatenate([p[c] for p in parts]) for c in table}, k, dedup,
+                                hashes=np.concatenate([p["hash"] for p in parts]) if dedup else None)
             cited.update(np.unique(t["unit"]).tolist())
             merged.append((l, e, t, extra))
     runs = distributed.all_gather_json({"tokens": int(done["tokens"]), "batches": int(done["batches"]),
