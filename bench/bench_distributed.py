@@ -112,8 +112,9 @@ def main() -> None:
     mine = fig["mine"]
     print(f"mine   1 process: {mine['1']['wall_s']:7.2f} s wall, {mine['1']['mining_s']:7.2f} s mining, "
           f"{mine['1']['tokens_per_s']:9.1f} tok/s")
-    print(f"mine   {a.nproc} ranks  : {mine[str(a.nproc)]['wall_s']:7.2f} s wall, {mine[str(a.nproc)]['mining_s']:7.2f} "
-          f"s mining, {mine[str(a.nproc)]['tokens_per_s']:9.1f} tok/s   speed-up {mine['speedup_wall']}x wall, "
+    mn = mine[str(a.nproc)]
+    print(f"mine   {a.nproc} ranks  : {mn['wall_s']:7.2f} s wall, {mn['mining_s']:7.2f} "
+          f"s mining, {mn['tokens_per_s']:9.1f} tok/s   speed-up {mine['speedup_wall']}x wall, "
           f"{mine['speedup_mining']}x mining")
     print(f"       tables equal byte for byte: {mine['tables_equal_bytes']} ({mine['parquet_files']} files), "
           f"atlas.json equal but world_size: {mine['atlas_json_equal']}")

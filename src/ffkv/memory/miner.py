@@ -73,7 +73,7 @@ from .schema import ATLAS_VERSION, read_atlas_meta
 from .topk import POSITION_BITS, GroupBuffers, TriggerBuffers, first_occurrences, prefix_hashes
 
 SORT_WINDOW_BATCHES = 128  # batches' worth of tokens grouped by length together
-DIE_ENV = "FFKV_TEST_DIE_AFTER_BATCHES"  # tests: "N" or "N@RANK": that rank exits hard after its N-th checkpointed batch
+DIE_ENV = "FFKV_TEST_DIE_AFTER_BATCHES"  # tests: "N" or "N@RANK": that rank exits hard after its N-th checkpoint
 MAX_TOP_K = 10_000
 MIN_ROWS = 16  # a batch of fewer token rows takes other matrix kernels (other last bits): filled up to this
 MAX_BUFFER_BYTES = 64 << 30  # refuse a --top-k whose buffers alone would need more
@@ -326,7 +326,8 @@ def _check_world(out: Path, world_size: int):
     began = int(others[0]) if others else (1 if world_size > 1 and (base / "state.safetensors").exists() else None)
     if began is not None:
         raise FfkvError(f"atlas '{out}' was begun by {began} process(es), not {world_size}",
-                        f"rerun it with {began} process(es) (torchrun --nproc_per_node), or delete {base} to start over")
+                        f"rerun it with {began} process(es) (torchrun --nproc_per_node), "
+                        f"or delete {base} to start over")
 
 
 def shard_windows(windows, rank: int, world_size: int, first: int = 0):
