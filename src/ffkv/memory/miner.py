@@ -705,9 +705,9 @@ def _ipc_bytes(table: pa.Table) -> bytes:
 
 def _finalize_ranks(model, out: Path, buffers, done: dict, meta: dict, created: str, tokens_this_call: int,
                     elapsed: float, groups, rank: int, world_size: int) -> dict:
-    """The atlas of a ``torchrun``: every rank's tables and cited units are gathered (exactly: bytes), rank 0
-    keeps per key the top-k of the union (:func:`ffkv.memory.combine.select_triggers`, unit ids are the whole
-    corpus's) and writes the one atlas as :func:`_finalize` does; then every rank drops its state."""
+    """The atlas of a ``torchrun``: every rank's tables and cited units are gathered to rank 0 (exactly: bytes),
+    which keeps per key the top-k of the union (:func:`ffkv.memory.combine.select_triggers`, unit ids are the
+    whole corpus's) and writes the one atlas as :func:`_finalize` does; then every rank drops its state."""
     k = buffers.k
     prov = {k2: meta[k2] for k2 in ("ffkv_version", "model", "hyperparameters")}
     dedup = bool(meta["hyperparameters"].get("dedup", False))
@@ -716,14 +716,15 @@ def _finalize_ranks(model, out: Path, buffers, done: dict, meta: dict, created: 
     mine_tables = _group_tables(model, buffers, groups, cited)
     own_units = _cited_units(state_dir, done["shards"], cited)
     own_tokens = dict(zip(own_units["unit"].to_pylist(), own_units["tokens"].to_pylist())) if dedup else None
-    units = [pa.ipc.open_stream(b).read_all() for b in distributed.all_gather_bytes(_ipc_bytes(own_units))]
-    units = pa.concat_tables(units).sort_by("unit").combine_chunks() if rank == 0 else None
+    units = distributed.gather_bytes(_ipc_bytes(own_units))
+    if rank == 0:
+        units = pa.concat_tables([pa.ipc.open_stream(b).read_all() for b in units]).sort_by("unit").combine_chunks()
     merged, cited = [], set()
-    for l, e, table, extra in mine_tables:  # one group at a time: a rank holds one group of every rank at once
+    for l, e, table, extra in mine_tables:  # one group at a time: rank 0 holds one group of every rank at once
         payload = dict(table)
         if dedup:  # each rank hashes its own rows' prefixes (its units): rank 0 needs no tokens
             payload["hash"] = row_hashes(table["unit"], table["position"], own_tokens)
-        parts = distributed.all_gather_arrays(payload)
+        parts = distributed.gather_arrays(payload)
         if rank == 0:
             t = select_triggers({c: np.concatenate([p[c] for p in parts]) for c in table}, k, dedup,
                                 hashes=np.concatenate([p["hash"] for p in parts]) if dedup else None)

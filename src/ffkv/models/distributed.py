@@ -9,8 +9,9 @@ single process pays nothing.
 
 The collectives are exact: :func:`all_gather_bytes` moves bytes (variable sizes: lengths first, then the
 payloads padded to the longest), :func:`all_gather_arrays` numpy arrays through it (``np.save``, no pickle),
-and :func:`all_reduce_sum` sums in float64 (counts below 2^53 stay exact). Which ranks hold what and how
-the results combine is the caller's (the atlas miner, the key statistics): see ``docs/distributed.md``.
+:func:`gather_bytes` / :func:`gather_arrays` the same to one rank only, and :func:`all_reduce_sum` sums in
+float64 (counts below 2^53 stay exact). Which ranks hold what and how the results combine is the caller's
+(the atlas miner, the key statistics): see ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 __all__ = ["all_gather_arrays", "all_gather_bytes", "all_gather_json", "all_reduce_sum", "barrier", "close",
-           "is_main", "local_device", "world"]
+           "gather_arrays", "gather_bytes", "is_main", "local_device", "world"]
 
 
 def _env_world() -> tuple[int, int]:
@@ -112,6 +113,24 @@ def all_gather_bytes(data: bytes) -> list[bytes]:
     return [p[: int(s)].numpy().tobytes() for p, s in zip(parts, sizes)]
 
 
+def gather_bytes(data: bytes, dst: int = 0) -> list[bytes] | None:
+    """Every rank's ``data`` in rank order on rank ``dst`` (None on the others): :func:`all_gather_bytes`
+    without the copies on every rank, for large payloads that only one rank combines."""
+    rank, size = world()
+    if size <= 1:
+        return [bytes(data)]
+    d = torch.distributed
+    n = torch.tensor([len(data)], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+    d.all_gather(sizes, n)
+    buf = torch.zeros(max(max(int(s) for s in sizes), 1), dtype=torch.uint8)
+    if data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    parts = [torch.zeros_like(buf) for _ in range(size)] if rank == dst else None
+    d.gather(buf, parts, dst=dst)
+    return [p[: int(s)].numpy().tobytes() for p, s in zip(parts, sizes)] if rank == dst else None
+
+
 def all_gather_json(obj) -> list:
     """Every rank's JSON-able ``obj``, in rank order."""
     return [json.loads(b.decode()) for b in all_gather_bytes(json.dumps(obj).encode())]
@@ -132,3 +151,9 @@ def all_gather_arrays(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarra
     """Every rank's dict of numpy arrays (any sizes, numeric or fixed-width string dtypes), in rank order;
     values and dtypes exactly as sent."""
     return [_unpack(b) for b in all_gather_bytes(_pack(arrays))]
+
+
+def gather_arrays(arrays: dict[str, np.ndarray], dst: int = 0) -> list[dict[str, np.ndarray]] | None:
+    """Every rank's dict of numpy arrays in rank order on rank ``dst`` (None on the others), exactly as sent."""
+    got = gather_bytes(_pack(arrays), dst)
+    return None if got is None else [_unpack(b) for b in got]
