@@ -20,6 +20,7 @@ from ..clikit import (FfkvGroup, emit_json, hparams_options, json_option, layers
                       model_options, parse_layers, parse_settings, quiet_option, show_progress)
 from ..errors import FfkvError
 from ..io import check_output_target
+from ..models import distributed
 from ..models.loading import tiny_model
 from ..models.memory_id import MemoryId
 from .api import EDIT_MANIFEST, apply_edits, edit_outcome, save_edited, target_scores, undo_folder
@@ -238,22 +239,35 @@ def undo_cmd(src, out, n, as_json, quiet):
 @click.argument("model")
 @layers_option(help="Layers, e.g. '17' or '13-17'.")
 @click.option("--corpus", default="auto", show_default=True, help="auto, wikitext, or a text file/folder.")
-@click.option("--tokens", "n_tokens", type=click.IntRange(min=1), default=100_000, show_default=True,
-              help="Tokens of the corpus the statistics average over.")
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=1), default=None,
+              help="Tokens of the corpus the statistics average over (default 100000; with --texts: no cap).")
+@click.option("--texts", "n_texts", type=click.IntRange(min=1, max=100_000_000), default=None,
+              help="Sample this many corpus records as ROME/MEMIT do (mom2_n_samples, e.g. 100000): the "
+                   "statistics an edit with those defaults reads from the cache.")
 @click.option("--stats-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Cache of the key statistics (default $FFKV_STATS_DIR or ~/.cache/ffkv/stats).")
 @click.option("--recompute", is_flag=True, help="Recompute even when cached.")
 @json_option
 @quiet_option
 @model_options
-def stats_cmd(model, layers, corpus, n_tokens, stats_dir, recompute, as_json, quiet, **load):
-    """Compute (or find cached) the key statistics C = E[k k^T] of MODEL's layers."""
+def stats_cmd(model, layers, corpus, n_tokens, n_texts, stats_dir, recompute, as_json, quiet, **load):
+    """Compute (or find cached) the key statistics C = E[k k^T] of MODEL's layers.
+
+    Under torchrun every process takes its share of the batches; the float64 sums are added over the
+    processes and rank 0 writes the files (docs/distributed.md)."""
     if layers is None:
         raise FfkvError("ffkv edit stats needs --layers", "e.g. --layers 13-17")
+    load["device"] = distributed.local_device(load.get("device"))
     mm = load_model_from_options(model, **load)
-    stats = layer_stats(mm, parse_layers(layers, mm.n_layers), corpus=corpus, n_tokens=n_tokens,
+    if n_tokens is None and n_texts is None:
+        n_tokens = 100_000
+    stats = layer_stats(mm, parse_layers(layers, mm.n_layers), corpus=corpus, n_tokens=n_tokens, n_texts=n_texts,
                         stats_dir=stats_dir, recompute=recompute, progress=show_progress(quiet))
-    result = {str(l): {"path": str(s.path), "n_tokens": s.n_tokens, "corpus": s.corpus,
+    main = distributed.is_main()
+    distributed.close()
+    if not main:
+        return
+    result = {str(l): {"path": str(s.path), "n_tokens": s.n_tokens, "n_texts": s.n_texts, "corpus": s.corpus,
                        "trace": float(s.C.trace())} for l, s in stats.items()}
     if as_json:
         emit_json({"layers": result})

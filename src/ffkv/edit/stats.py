@@ -31,6 +31,12 @@ m^e, which exists only at the tokens routed to e, so its statistics are taken ov
 ``(layer, expert)`` in ``layers``; the result is keyed by that pair, and the cache file and memo key name the
 expert.
 
+Several processes (``torchrun``, :mod:`ffkv.models.distributed`): every function that accumulates takes
+``shard=(rank, world_size)`` and runs only batch b with ``b % world_size == rank``: the batches one process
+forms, dealt round-robin. :func:`layer_stats` does so by itself under torchrun and all-reduces the float64
+sums and the token counts, so every rank gets C of the whole sample (equal to one process's up to the order
+of the float64 additions); rank 0 alone writes the cache files.
+
 No state is kept on the model: a caller that edits many times (an ``EditContext``) passes ``memo`` (a dict
 that keeps the results in memory between calls) and ``base_identity`` (the unedited model's identity).
 """
@@ -50,6 +56,7 @@ import torch
 from ..errors import FfkvError
 from ..io import load_safetensors, provenance, save_safetensors
 from ..memory.corpus import SHARED_DATA, open_corpus, testbed_world_of
+from ..models import distributed
 from ..models.engine import capture_coefficients, run
 from ..models.moe import expert_intervene
 from ..progress import bar
@@ -152,19 +159,22 @@ def token_windows(model, texts: Iterable[str], n_tokens: int, window: int) -> to
 
 
 def accumulate_second_moments(model, windows: torch.Tensor, layers: Sequence[int], batch_size: int = 8,
-                              progress: bool = True) -> tuple[dict[int, torch.Tensor], int]:
+                              progress: bool = True, shard: tuple[int, int] = (0, 1)
+                              ) -> tuple[dict[int, torch.Tensor], int]:
     """Σ_t k_t k_t^T for each layer over all tokens of ``windows`` (n, T), in one forward pass per batch.
 
     Returns ``({layer: S (d_ffn, d_ffn) float64}, N)``; C = S / N. Each batch is one engine run that reads
-    the coefficients without copying them and stops after the deepest requested layer.
+    the coefficients without copying them and stops after the deepest requested layer. ``shard`` (rank,
+    world_size): only this rank's batches (module docstring); the sums and N are then the rank's part.
     """
     layers = sorted(set(layers))
     sums: dict[int, torch.Tensor] = {}  # width read from the coefficients (an MoE shared expert's is its own)
     count = 0
-    pbar = bar(total=windows.numel(), desc=f"C=E[kk^T] L{','.join(map(str, layers))}", unit="tok",
-               enabled=progress)
+    starts = _shard_starts(range(0, windows.shape[0], batch_size), shard)
+    pbar = bar(total=sum(windows[i:i + batch_size].numel() for i in starts),
+               desc=f"C=E[kk^T] L{','.join(map(str, layers))}", unit="tok", enabled=progress)
     with torch.no_grad():
-        for i in range(0, windows.shape[0], batch_size):
+        for i in starts:
             ids = windows[i:i + batch_size].to(model.device)
             coef = capture_coefficients(model, ids, layers=layers)
             for l in layers:
@@ -176,6 +186,12 @@ def accumulate_second_moments(model, windows: torch.Tensor, layers: Sequence[int
             pbar.update(ids.numel())
     pbar.close()
     return {l: s.cpu() for l, s in sums.items()}, count
+
+
+def _shard_starts(starts, shard: tuple[int, int]) -> list:
+    """The batches (their start indices) of rank ``shard[0]`` of ``shard[1]``: batch b where b % world == rank."""
+    rank, size = shard
+    return [i for b, i in enumerate(starts) if b % size == rank]
 
 
 def text_sample(model, texts: Sequence[str], n_texts: int, n_tokens: int | None = None, seed: int = 1
@@ -201,11 +217,12 @@ def text_sample(model, texts: Sequence[str], n_texts: int, n_tokens: int | None 
 
 
 def accumulate_text_second_moments(model, seqs: Sequence[Sequence[int]], layers: Sequence[int],
-                                   batch_tokens: int | None = None, progress: bool = True
-                                   ) -> tuple[dict[int, torch.Tensor], int]:
+                                   batch_tokens: int | None = None, progress: bool = True,
+                                   shard: tuple[int, int] = (0, 1)) -> tuple[dict[int, torch.Tensor], int]:
     """Σ_t k_t k_t^T over every token of every record in ``seqs`` (token id lists), as
     :func:`accumulate_second_moments`; records sorted by length and padded on the right into batches of at
-    most ``batch_tokens`` (default 3 x the context, the reference's) tokens, pads left out of the sums."""
+    most ``batch_tokens`` (default 3 x the context, the reference's) tokens, pads left out of the sums.
+    ``shard`` (rank, world_size): only this rank's batches."""
     layers = sorted(set(layers))
     batch_tokens = int(batch_tokens or 3 * model.context_length)
     seqs = sorted((s for s in seqs if len(s)), key=len, reverse=True)
@@ -213,13 +230,17 @@ def accumulate_text_second_moments(model, seqs: Sequence[Sequence[int]], layers:
     pad = 0 if pad is None else pad
     sums: dict[int, torch.Tensor] = {}
     count = 0
-    total = sum(len(s) for s in seqs)
+    spans, i = [], 0
+    while i < len(seqs):  # the batches as one process forms them: (start, end), longest first
+        j = min(len(seqs), i + max(1, batch_tokens // len(seqs[i])))
+        spans.append((i, j))
+        i = j
+    spans = _shard_starts(spans, shard)
+    total = sum(len(s) for i, j in spans for s in seqs[i:j])
     pbar = bar(total=total, desc=f"C=E[kk^T] L{','.join(map(str, layers))}", unit="tok", enabled=progress)
-    i = 0
     with torch.no_grad():
-        while i < len(seqs):
+        for i, j in spans:
             T = len(seqs[i])  # the longest of the batch (sorted)
-            j = min(len(seqs), i + max(1, batch_tokens // T))
             ids = torch.full((j - i, T), pad, dtype=torch.long)
             mask = torch.zeros((j - i, T), dtype=torch.long)
             for r, sq in enumerate(seqs[i:j]):
@@ -236,27 +257,28 @@ def accumulate_text_second_moments(model, seqs: Sequence[Sequence[int]], layers:
             n = int(keep.sum())
             count += n
             pbar.update(n)
-            i = j
     pbar.close()
     return {l: s.cpu() for l, s in sums.items()}, count
 
 
 @torch.no_grad()
 def accumulate_expert_second_moments(model, windows: torch.Tensor, experts: Sequence[tuple[int, int]],
-                                     batch_size: int = 8, progress: bool = True
+                                     batch_size: int = 8, progress: bool = True, shard: tuple[int, int] = (0, 1)
                                      ) -> tuple[dict[tuple[int, int], torch.Tensor], dict[tuple[int, int], int]]:
     """Σ m^e m^e^T over the tokens routed to each ``(layer, expert)``, one forward pass per batch.
 
     Returns ``({(layer, expert): S (F, F) float64}, {(layer, expert): N_e})``; C = S / N_e. The pass stops after
-    the deepest layer asked for.
+    the deepest layer asked for. ``shard`` (rank, world_size): only this rank's batches (None for an expert
+    no batch of the rank reached).
     """
     experts = sorted(set(experts))
     sums = {k: None for k in experts}
     counts = {k: 0 for k in experts}
     stop = max(l for l, _ in experts)
-    pbar = bar(total=windows.numel(), desc="C=E[kk^T] " + ",".join(f"L{l}.E{e}" for l, e in experts), unit="tok",
-               enabled=progress)
-    for i in range(0, windows.shape[0], batch_size):
+    starts = _shard_starts(range(0, windows.shape[0], batch_size), shard)
+    pbar = bar(total=sum(windows[i:i + batch_size].numel() for i in starts),
+               desc="C=E[kk^T] " + ",".join(f"L{l}.E{e}" for l, e in experts), unit="tok", enabled=progress)
+    for i in starts:
         ids = windows[i:i + batch_size].to(model.device)
         with expert_intervene(model, reads=experts) as rec:
             run(model, ids, head="none", stop_after=stop)
@@ -268,6 +290,33 @@ def accumulate_expert_second_moments(model, windows: torch.Tensor, experts: Sequ
         pbar.update(ids.numel())
     pbar.close()
     return {key: s.cpu() for key, s in sums.items()}, counts
+
+
+def _reduce_sums(sums: dict, counts, keys: list) -> tuple[dict, object]:
+    """The float64 sums (of ``keys``) and token counts of every rank added up (a lone process: as given). A rank
+    that ran no batch of a key gives zeros of the width another rank read."""
+    if distributed.world()[1] <= 1:
+        return sums, counts
+    mine = {str(k): list(sums[k].shape) for k in keys if sums.get(k) is not None}
+    widths = {}
+    for part in distributed.all_gather_json(mine):
+        widths.update(part)
+    out = {}
+    for k in keys:  # the same order on every rank
+        s = sums[k] if sums.get(k) is not None else torch.zeros(widths[str(k)], dtype=torch.float64)
+        out[k] = distributed.all_reduce_sum(s.cpu())
+    if isinstance(counts, dict):
+        total = distributed.all_reduce_sum(torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64))
+        return out, {k: int(v) for k, v in zip(keys, total.tolist())}
+    return out, int(distributed.all_reduce_sum(torch.tensor([float(counts)], dtype=torch.float64)).item())
+
+
+def _missing_anywhere(missing: list, wanted: list) -> list:
+    """The keys some rank has no cache file for: every rank then computes them (the collectives need all)."""
+    if distributed.world()[1] <= 1:
+        return missing
+    flags = distributed.all_reduce_sum(torch.tensor([float(k in missing) for k in wanted], dtype=torch.float64))
+    return [k for k, f in zip(wanted, flags.tolist()) if f > 0]
 
 
 def _stats_path(stats_dir: Path, identity: dict, corpus_key: str, layer, n_tokens: int) -> Path:
@@ -355,16 +404,20 @@ def layer_stats(model, layers: int | Sequence[int], corpus: str | Path | Sequenc
             out[l] = load_second_moment(path, identity, l)
         else:
             missing.append(l)
+    missing = _missing_anywhere(missing, layers)
     if missing:
+        rank, size = distributed.world()
+        progress = progress and rank == 0
         if n_texts is None:
-            sums, count = accumulate_second_moments(model, windows, missing, batch_size, progress)
+            sums, count = accumulate_second_moments(model, windows, missing, batch_size, progress, (rank, size))
         else:
-            sums, count = accumulate_text_second_moments(model, seqs, missing, progress=progress)
+            sums, count = accumulate_text_second_moments(model, seqs, missing, progress=progress, shard=(rank, size))
+        sums, count = _reduce_sums(sums, count, missing)
         sample = "stream" if n_texts is None else "texts"
         for l in missing:
             C = sums[l] / count
             path = _stats_path(stats_dir, identity, corpus_key, l, n)
-            if cache:
+            if cache and rank == 0:
                 meta = provenance(identity, layer=l, corpus=name, corpus_key=corpus_key, n_tokens=count,
                                   window=window, n_texts=n_texts, sample=sample)
                 meta.update(layer=l, corpus=name, n_tokens=count, n_texts=n_texts, sample=sample,
@@ -413,8 +466,12 @@ def _expert_stats(model, experts, corpus, n_tokens, stats_dir, window, batch_siz
             out[key] = load_second_moment(path, identity, key[0], key[1])
         else:
             missing.append(key)
+    missing = _missing_anywhere(missing, experts)
     if missing:
-        sums, counts = accumulate_expert_second_moments(model, windows, missing, batch_size, progress)
+        rank, size = distributed.world()
+        sums, counts = accumulate_expert_second_moments(model, windows, missing, batch_size,
+                                                        progress and rank == 0, (rank, size))
+        sums, counts = _reduce_sums(sums, counts, missing)
         for key in missing:
             l, e = key
             if counts[key] == 0:
@@ -422,7 +479,7 @@ def _expert_stats(model, experts, corpus, n_tokens, stats_dir, window, batch_siz
                                 "use a larger corpus (stats_tokens) or another expert")
             C = sums[key] / counts[key]
             path = _stats_path(stats_dir, identity, corpus_key, key, n)
-            if cache:
+            if cache and rank == 0:
                 meta = provenance(identity, layer=l, expert=e, corpus=name, corpus_key=corpus_key,
                                   n_tokens=counts[key], corpus_tokens=n, window=window)
                 meta.update(layer=l, expert=e, corpus=name, n_tokens=counts[key])

@@ -9,6 +9,7 @@ import click
 from ..clikit import (FfkvGroup, emit_json, json_option, layers_option, load_model_from_options, model_options,
                       parse_layers, quiet_option, set_threads, show_progress)
 from ..errors import FfkvError
+from ..models import distributed
 from .analysis import STEPS, analyze
 from .atlas import Atlas, parse_memory
 from .merge import merge_atlases
@@ -79,12 +80,21 @@ def atlas():
 @model_options
 def mine_cmd(model, corpus, out, top_k, split, window, min_tokens, text_field, max_units, docs, batch_tokens,
              checkpoint_every, dedup, run_analyses, as_json, quiet, **load):
-    """Record the top-k / bottom-k trigger prefixes of every key in one pass; the same command resumes."""
+    """Record the top-k / bottom-k trigger prefixes of every key in one pass; the same command resumes.
 
+    Under torchrun every process mines its share of the corpus and rank 0 writes one atlas, equal to one
+    process's (docs/distributed.md)."""
+
+    # under torchrun every rank mines its shard of the corpus; rank 0 writes the one atlas and reports
+    load["device"] = distributed.local_device(load.get("device"))
     mm = _load(model, **load)
     meta = mine(mm, corpus, out, top_k=top_k, batch_tokens=batch_tokens, checkpoint_every=checkpoint_every,
                 dedup=dedup, split=split, window=window, min_tokens=min_tokens, text_field=text_field,
                 max_units=max_units, docs=docs, progress=show_progress(quiet))
+    main = distributed.is_main()
+    distributed.close()
+    if not main:
+        return
     if run_analyses:
         analyze(Atlas(out, model=mm), progress=show_progress(quiet))
     if as_json:

@@ -12,8 +12,8 @@ from ..errors import FfkvError
 from ..io import atomic_path, write_json, write_parquet
 from .atlas import Atlas
 from .miner import utc_now, trigger_file
+from .combine import select_triggers
 from .schema import UNIT_COLUMNS, read_table
-from .topk import prefix_hashes
 
 
 def merge_atlases(parts: list[str | Path], out: str | Path) -> dict:
@@ -49,40 +49,16 @@ def _merge(atlases: list[Atlas], first: Atlas, out: Path) -> dict:
     dedup = bool(first.meta["hyperparameters"].get("dedup", False))
     all_units = pa.concat_tables([_offset_units(read_table(a.path / "units.parquet", UNIT_COLUMNS), off)
                                   for a, off in zip(atlases, offsets)]).combine_chunks()
-    unit_tokens = dict(zip(all_units["unit"].to_pylist(), all_units["tokens"].to_pylist()))
-    cache: dict = {}
-
-    def hashes(u, p_):
-        if u not in cache:
-            cache[u] = prefix_hashes(unit_tokens[u])
-        return cache[u][p_]
-
+    unit_tokens = dict(zip(all_units["unit"].to_pylist(), all_units["tokens"].to_pylist())) if dedup else None
     for l, e in first.groups:  # every layer of a dense atlas; every expert (and dense FFN) of an MoE one
         t = pa.concat_tables([_offset_units(a.triggers(l, e), off) for a, off in zip(atlases, offsets)]).to_pydict()
-        idx, kind = np.asarray(t["index"]), np.asarray(t["kind"])
-        coef, unit, pos = np.asarray(t["coef"], np.float64) + 0.0, np.asarray(t["unit"]), np.asarray(t["position"])
-        is_top = kind == "top"
-        signed = np.where(is_top, -coef, coef)  # ascending sort = best first for both kinds
-        order = np.lexsort((pos, unit, signed, idx, ~is_top))  # rows as mine() writes them
-        idx_s, top_s = idx[order], is_top[order]
-        group_start = np.r_[True, (idx_s[1:] != idx_s[:-1]) | (top_s[1:] != top_s[:-1])]
-        gid = np.cumsum(group_start) - 1
-        if dedup:  # the same prefix from two parts: keep its first occurrence in each key's list
-            h = np.array([hashes(u, p_) for u, p_ in zip(unit[order], pos[order])], np.int64)
-            _, firsts = np.unique(np.stack([gid, h], 1), axis=0, return_index=True)
-            firsts = np.sort(firsts)
-            order, gid = order[firsts], gid[firsts]
-            group_start = np.r_[True, gid[1:] != gid[:-1]]
-        starts = np.flatnonzero(group_start)
-        rank = np.arange(order.size) - starts[gid]
-        keep = order[rank < k]
-        table = {"index": idx[keep].astype(np.int32), "kind": kind[keep], "rank": rank[rank < k].astype(np.int16),
-                 "coef": coef[keep].astype(np.float32), "unit": unit[keep], "position": pos[keep].astype(np.int32)}
+        table = select_triggers(t, k, dedup, unit_tokens)
         write_parquet(out / trigger_file(l, e), table,
                       meta={**prov, "layer": l} if e is None else {**prov, "layer": l, "expert": e})
     write_parquet(out / "units.parquet", all_units, meta=prov)
     meta = {**first.meta, **prov, "status": "complete", "units": int(sum(a.meta["units"] for a in atlases)),
-            "tokens": int(sum(a.meta["tokens"] for a in atlases)), "merged_from": [str(a.path) for a in atlases]}
+            "tokens": int(sum(a.meta["tokens"] for a in atlases)), "merged_from": [str(a.path) for a in atlases],
+            "world_size": int(sum(int(a.meta.get("world_size", 1)) for a in atlases))}
     write_json(out / "atlas.json", meta)
     write_json(out / "run.json", {"created": utc_now(), "merged_from": meta["merged_from"]})
     return meta

@@ -28,6 +28,13 @@ atlas is byte-identical to an uninterrupted one in every other file. An :class:`
 is read (a bad JSONL line) removes the state: nothing is left behind. Atlases of corpus shards are merged by
 :mod:`ffkv.memory.merge`.
 
+**Several processes** (``torchrun``, :mod:`ffkv.models.distributed`): the sort windows are dealt round-robin,
+window w to rank ``w % world_size`` (:func:`shard_windows`), so each rank forms exactly the batches one process
+forms for its windows; each rank checkpoints in its own ``.NAME.mining/rank-RRR-of-NNN/``
+(:func:`rank_state_path`) and resumes there; at the end rank 0 gathers every rank's tables and keeps per key
+the top-k of the union (:func:`ffkv.memory.combine.select_triggers`), so the tables equal one process's
+byte for byte; ``atlas.json`` records ``world_size``.
+
 Mixture-of-experts models (:class:`ffkv.models.moe.MoEModel`) are mined per expert: each (layer, expert) is a
 group of ``d_expert`` keys whose candidates are only the prefixes *routed* to that expert (an unrouted
 prefix's coefficient is not active, so it never enters the top-k, not even as 0), read by
@@ -39,6 +46,7 @@ groups (a shared expert, a layer without experts). Their triggers go to
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import shutil
 import time
 from pathlib import Path
@@ -53,16 +61,19 @@ from .. import validate
 from ..errors import FfkvError
 from ..io import (atomic_path, load_safetensors, lock_output, provenance, read_json, require_finite, save_safetensors,
                   write_json, write_parquet)
+from ..models import distributed
 from ..models.engine import capture_coefficients, run
 from ..models.memory_id import MemoryId
 from ..models.moe import MoEModel, expert_intervene
 from ..progress import bar as progress_bar
 from ..progress import forced as progress_forced
+from .combine import row_hashes, select_triggers
 from .corpus import Corpus, CorpusSpec, Unit, iter_units, open_corpus
 from .schema import ATLAS_VERSION, read_atlas_meta
 from .topk import POSITION_BITS, GroupBuffers, TriggerBuffers, first_occurrences, prefix_hashes
 
 SORT_WINDOW_BATCHES = 128  # batches' worth of tokens grouped by length together
+DIE_ENV = "FFKV_TEST_DIE_AFTER_BATCHES"  # tests: "N" or "N@RANK": that rank exits hard after its N-th checkpoint
 MAX_TOP_K = 10_000
 MIN_ROWS = 16  # a batch of fewer token rows takes other matrix kernels (other last bits): filled up to this
 MAX_BUFFER_BYTES = 64 << 30  # refuse a --top-k whose buffers alone would need more
@@ -299,6 +310,45 @@ def state_path(out: str | Path) -> Path:
     return out.parent / f".{out.name}.mining"
 
 
+def rank_state_path(out: str | Path, rank: int = 0, world_size: int = 1) -> Path:
+    """The state folder of one rank of a ``torchrun`` of ``world_size`` processes: ``.NAME.mining/rank-RRR-of-NNN``
+    (a lone process: :func:`state_path` itself). Each rank checkpoints and resumes its own shard there."""
+    base = state_path(out)
+    return base if world_size <= 1 else base / f"rank-{rank:03d}-of-{world_size:03d}"
+
+
+def _check_world(out: Path, world_size: int):
+    """Refuse to resume a state begun with another number of processes (its shards are other windows)."""
+    base = state_path(out)
+    if not base.is_dir():
+        return
+    others = sorted({p.name.split("-of-")[1] for p in base.glob("rank-*-of-*") if p.is_dir()} - {f"{world_size:03d}"})
+    began = int(others[0]) if others else (1 if world_size > 1 and (base / "state.safetensors").exists() else None)
+    if began is not None:
+        raise FfkvError(f"atlas '{out}' was begun by {began} process(es), not {world_size}",
+                        f"rerun it with {began} process(es) (torchrun --nproc_per_node), "
+                        f"or delete {base} to start over")
+
+
+def shard_windows(windows, rank: int, world_size: int, first: int = 0):
+    """The sort windows of rank ``rank``: window w (numbered from ``first``) belongs to rank ``w % world_size``.
+    Whole windows are dealt round-robin, so every rank forms exactly the batches one process forms for them
+    (the coefficients are bit-identical) and the ranks' loads stay within a window of each other. Yields
+    ``(w, mine, window)`` for every window: the ranks all read the whole unit stream (tokenizing is not
+    sharded), and skip the windows of others."""
+    for w, win in enumerate(windows, start=first):
+        yield w, w % world_size == rank, win
+
+
+def _die_for_tests(rank: int, world_size: int, batches: int):
+    flag = os.environ.get(DIE_ENV)
+    if not flag:
+        return
+    n, _, who = flag.partition("@")
+    if batches >= int(n) and rank == (int(who) if who else world_size - 1):
+        os._exit(17)  # a hard death (no cleanup, no finally): what a killed rank leaves behind
+
+
 def check_mining_options(model, top_k, batch_tokens, checkpoint_every, max_batches, dedup: bool) -> tuple:
     """The numeric options of :func:`mine`, checked before anything is allocated or written."""
     top_k = validate.integer(top_k, "--top-k", 1, MAX_TOP_K)
@@ -328,7 +378,9 @@ def mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 2
          device_buffers: bool = True, dedup: bool = True, **corpus_options) -> dict:
     # One writer at a time: the resumable state beside the target is locked for the whole run (a second
     # ``atlas mine`` into the same folder is refused in one line); the final rename locks the target itself.
-    state = state_path(Path(out))
+    rank, world_size = distributed.world()
+    _check_world(Path(out), world_size)
+    state = rank_state_path(Path(out), rank, world_size)
     with lock_output(state):
         fresh = not state.exists()
         try:
@@ -368,7 +420,8 @@ def _mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 
                         f"pass --window {n_pos} or less")
     source = open_corpus(spec.path, model)
     out = Path(out)
-    state_dir = state_path(out)
+    rank, world_size = distributed.world()
+    state_dir = rank_state_path(out, rank, world_size)
     hyper = _hyper(spec, source, top_k, dedup)
     identity = model.identity
     fingerprint = source.fingerprint
@@ -376,8 +429,12 @@ def _mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 
     if (out / "atlas.json").exists():
         meta = read_atlas_meta(out)
         _check_same_run(meta, identity, hyper, fingerprint, out)
-        if meta.get("status") == "complete":
-            return meta
+    else:
+        meta = None
+    if world_size > 1:  # rank 0's folder decides (the others may not see it: one node's disk)
+        meta = distributed.all_gather_json(meta)[0]
+    if meta is not None and meta.get("status") == "complete":
+        return meta
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FfkvError(f"output folder '{out}' exists and is not an atlas", "pass a new or empty --out folder")
     if next(iter_units(tok, spec, source=source), None) is None:  # before anything is written
@@ -398,7 +455,8 @@ def _mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 
     buf_dev = model.device if device_buffers else "cpu"
     buffers = TriggerBuffers(model.n_layers, model.d_ffn, top_k, buf_dev, dedup=dedup) if groups is None else \
         GroupBuffers([w for _, _, w in groups], top_k, buf_dev, dedup=dedup)
-    done = {"units": 0, "tokens": 0, "batches": 0, "shards": [], "window": None, "seconds": 0.0, "calls": 0}
+    done = {"units": 0, "tokens": 0, "batches": 0, "shards": [], "window": None, "seconds": 0.0, "calls": 0,
+            "next_window": 0}
     ckpt = state_dir / "state.safetensors"
     if ckpt.exists():
         tensors, saved = load_safetensors(ckpt)
@@ -420,12 +478,17 @@ def _mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 
     finished = True
     bar = None
     try:
-        if progress if progress_forced() is None else progress_forced():  # FFKV_PROGRESS decides first
-            total = count_units(tok, spec, source)[1]
-            bar = progress_bar(total=total, desc="mining", unit="tok", enabled=True, initial=done["tokens"],
-                               unit_scale=True)
-        for wunits, bt, skip in windows:
+        show = progress if progress_forced() is None else progress_forced()  # FFKV_PROGRESS decides first
+        if show and rank == 0:
+            total = count_units(tok, spec, source)[1] if world_size == 1 else \
+                _shard_tokens(tok, spec, source, batch_tokens, top_k, rank, world_size)
+            bar = progress_bar(total=total, desc="mining" if world_size == 1 else f"mining (rank 0 of {world_size})",
+                               unit="tok", enabled=True, initial=done["tokens"], unit_scale=True)
+        for w, own, (wunits, bt, skip) in shard_windows(windows, rank, world_size, int(done.get("next_window", 0))):
             u0, end = wunits[0].unit, wunits[-1].unit + 1
+            if not own:  # another rank's window: only the count of units read moves on
+                done["units"], done["next_window"] = end, w + 1
+                continue
             bt = bt or batch_tokens
             fresh = window_fresh(wunits) if dedup else None
             wbatches = window_batches(wunits, bt, spec.window, groups is None)
@@ -435,7 +498,7 @@ def _mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 
                 done["window"] = {"start": u0, "end": end, "batch_tokens": bt, "batches_done": j + 1}
                 if j + 1 == len(wbatches):  # the window is complete: its units join the next shard
                     pending.extend(wunits)
-                    done["units"], done["window"] = end, None
+                    done["units"], done["window"], done["next_window"] = end, None, w + 1
                 tokens_this_call += n_tok
                 n_batches += 1
                 if bar is not None:
@@ -443,6 +506,7 @@ def _mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 
                 if done["batches"] % checkpoint_every == 0:
                     done = _checkpoint(state_dir, buffers, pending, done, call_meta, t0)
                     pending = []
+                    _die_for_tests(rank, world_size, done["batches"])
                 if max_batches is not None and n_batches >= max_batches:
                     finished = False
                     break
@@ -456,11 +520,25 @@ def _mine(model, corpus: str | Path | CorpusSpec, out: str | Path, top_k: int = 
         if bar is not None:
             bar.close()
     done = _checkpoint(state_dir, buffers, pending, done, call_meta, t0)
+    if world_size > 1:  # one rank stopped by max_batches: every rank stops (the combine needs them all)
+        finished = all(distributed.all_gather_json(finished))
     if not finished:
-        return {**meta, "status": "partial", "units": done["units"], "tokens": done["tokens"]}
+        return {**meta, "status": "partial", "units": done["units"], "tokens": done["tokens"],
+                **({"world_size": world_size} if world_size > 1 else {})}
     elapsed = time.perf_counter() - t0
     done["seconds"] = float(done.get("seconds", 0.0)) + elapsed
+    if world_size > 1:
+        return _finalize_ranks(model, out, buffers, done, meta, created, tokens_this_call, elapsed, groups,
+                               rank, world_size)
     return _finalize(model, out, buffers, done, meta, created, tokens_this_call / max(elapsed, 1e-9), groups)
+
+
+def _shard_tokens(tok, spec: CorpusSpec, source: Corpus, batch_tokens: int, top_k: int, rank: int,
+                  world_size: int) -> int:
+    """Tokens of the windows of one rank (a tokenizing pass without the model: its progress bar's total)."""
+    windows = sort_windows(iter_units(tok, spec, source=source), SORT_WINDOW_BATCHES * max(batch_tokens, spec.window),
+                           max(1, ((1 << 31) - 1 - top_k) // spec.window))
+    return sum(sum(len(u.tokens) for u in win[0]) for _, own, win in shard_windows(windows, rank, world_size) if own)
 
 
 def utc_now() -> str:
@@ -558,6 +636,42 @@ def _trigger_table(top_v, top_g, bot_v, bot_g, cited: set) -> dict:
     return {c: np.concatenate(parts) for c, parts in cols.items()}
 
 
+def _group_tables(model, buffers, groups, cited: set) -> list[tuple[int, int | None, dict, dict]]:
+    """This run's trigger tables from its buffers: ``(layer, expert, columns, parquet meta extra)`` per group of
+    keys (every layer of a dense model; every expert and dense FFN of an MoE one); ``cited`` collects units."""
+    out = []
+    if groups is None:
+        d = buffers.d_ffn
+        for l in range(buffers.n_layers):
+            block = slice(MemoryId(l, 0).flat(d), MemoryId(l + 1, 0).flat(d))  # the rows of layer l's keys
+            table = _trigger_table(buffers.top_v[block], buffers.top_g[block], buffers.bot_v[block],
+                                   buffers.bot_g[block], cited)
+            require_finite(f"the trigger coefficients of layer {l}", table["coef"])
+            out.append((l, None, table, {"layer": l}))
+    else:
+        for j, (l, e, _) in enumerate(groups):
+            b = buffers.groups[j]
+            table = _trigger_table(b.top_v, b.top_g, b.bot_v, b.bot_g, cited)
+            require_finite(f"the trigger coefficients of layer {l} expert {e}", table["coef"])
+            out.append((l, e, table, {"layer": l, "expert": e}))
+    return out
+
+
+def _group_extra(model, groups) -> dict:
+    if groups is None:
+        return {}
+    return {"groups": [{"layer": l, "expert": e, "d_ffn": w} for l, e, w in groups],
+            "n_experts": [model.n_experts(l) for l in range(model.n_layers)]}
+
+
+def _cited_units(state_dir: Path, shards: list[str], cited: set):
+    """The rows of the units shards written so far whose unit a trigger cites, in unit order, one chunk."""
+    tables = [pq.read_table(state_dir / s) for s in shards]
+    units = pa.concat_tables(tables) if tables else pa.table(_units_table([]))
+    keep = pa.array(sorted(cited), pa.int64())
+    return units.filter(pc.is_in(units["unit"], value_set=keep)).combine_chunks()
+
+
 def _finalize(model, out: Path, buffers, done: dict, meta: dict, created: str, tok_per_s: float,
               groups=None) -> dict:
     """Build the atlas in a temporary folder beside ``out`` and rename it onto ``out``: ``triggers/``,
@@ -568,34 +682,79 @@ def _finalize(model, out: Path, buffers, done: dict, meta: dict, created: str, t
     state_dir = state_path(out)
     # atomic_path locks ``out`` for the rename; mine() holds the state's lock for the whole run
     with atomic_path(out, is_dir=True) as tmp:
-        if groups is None:
-            L, d = buffers.n_layers, buffers.d_ffn
-            for l in range(L):
-                block = slice(MemoryId(l, 0).flat(d), MemoryId(l + 1, 0).flat(d))  # the rows of layer l's keys
-                table = _trigger_table(buffers.top_v[block], buffers.top_g[block], buffers.bot_v[block],
-                                       buffers.bot_g[block], cited)
-                require_finite(f"the trigger coefficients of layer {l}", table["coef"])
-                write_parquet(tmp / trigger_file(l), table, meta={**prov, "layer": l})
-            extra = {}
-        else:
-            L, d = model.n_layers, model.d_ffn
-            for j, (l, e, _) in enumerate(groups):
-                b = buffers.groups[j]
-                table = _trigger_table(b.top_v, b.top_g, b.bot_v, b.bot_g, cited)
-                require_finite(f"the trigger coefficients of layer {l} expert {e}", table["coef"])
-                write_parquet(tmp / trigger_file(l, e), table, meta={**prov, "layer": l, "expert": e})
-            extra = {"groups": [{"layer": l, "expert": e, "d_ffn": w} for l, e, w in groups],
-                     "n_experts": [model.n_experts(l) for l in range(L)]}
-        shards = [pq.read_table(state_dir / s) for s in done["shards"]]
-        units = pa.concat_tables(shards) if shards else pa.table(_units_table([]))
-        keep = pa.array(sorted(cited), pa.int64())
-        units = units.filter(pc.is_in(units["unit"], value_set=keep)).combine_chunks()
-        write_parquet(tmp / "units.parquet", units, meta=prov)
+        for l, e, table, extra in _group_tables(model, buffers, groups, cited):
+            write_parquet(tmp / trigger_file(l, e), table, meta={**prov, **extra})
+        write_parquet(tmp / "units.parquet", _cited_units(state_dir, done["shards"], cited), meta=prov)
         meta = {**meta, "status": "complete", "units": done["units"], "tokens": done["tokens"],
-                "batches": done["batches"], "n_layers": L, "d_ffn": d, "top_k": k, **extra}
+                "batches": done["batches"], "n_layers": model.n_layers, "d_ffn": model.d_ffn, "top_k": k,
+                **_group_extra(model, groups), "world_size": 1}
         write_json(tmp / "atlas.json", meta)
         write_json(tmp / "run.json", {"created": created, "finished": utc_now(), "calls": int(done.get("calls", 1)),
                                       "seconds": round(float(done.get("seconds", 0.0)), 3),
                                       "tokens_per_second_last_call": round(tok_per_s, 1)})
     shutil.rmtree(state_dir, ignore_errors=True)
+    return meta
+
+
+def _ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _finalize_ranks(model, out: Path, buffers, done: dict, meta: dict, created: str, tokens_this_call: int,
+                    elapsed: float, groups, rank: int, world_size: int) -> dict:
+    """The atlas of a ``torchrun``: every rank's tables and cited units are gathered to rank 0 (exactly: bytes),
+    which keeps per key the top-k of the union (:func:`ffkv.memory.combine.select_triggers`, unit ids are the
+    whole corpus's) and writes the one atlas as :func:`_finalize` does; then every rank drops its state."""
+    k = buffers.k
+    prov = {k2: meta[k2] for k2 in ("ffkv_version", "model", "hyperparameters")}
+    dedup = bool(meta["hyperparameters"].get("dedup", False))
+    state_dir = rank_state_path(out, rank, world_size)
+    cited: set = set()
+    mine_tables = _group_tables(model, buffers, groups, cited)
+    own_units = _cited_units(state_dir, done["shards"], cited)
+    own_tokens = dict(zip(own_units["unit"].to_pylist(), own_units["tokens"].to_pylist())) if dedup else None
+    units = distributed.gather_bytes(_ipc_bytes(own_units))
+    if rank == 0:
+        units = pa.concat_tables([pa.ipc.open_stream(b).read_all() for b in units]).sort_by("unit").combine_chunks()
+    merged, cited = [], set()
+    for l, e, table, extra in mine_tables:  # one group at a time: rank 0 holds one group of every rank at once
+        payload = dict(table)
+        if dedup:  # each rank hashes its own rows' prefixes (its units): rank 0 needs no tokens
+            payload["hash"] = row_hashes(table["unit"], table["position"], own_tokens)
+        parts = distributed.gather_arrays(payload)
+        if rank == 0:
+            t = select_triggers({c: np.concatenate([p[c] for p in parts]) for c in table}, k, dedup,
+                                hashes=np.concatenate([p["hash"] for p in parts]) if dedup else None)
+            cited.update(np.unique(t["unit"]).tolist())
+            merged.append((l, e, t, extra))
+    runs = distributed.all_gather_json({"tokens": int(done["tokens"]), "batches": int(done["batches"]),
+                                        "units": int(done["units"]), "calls": int(done.get("calls", 1)),
+                                        "seconds": float(done.get("seconds", 0.0)), "call_tokens": tokens_this_call,
+                                        "elapsed": elapsed})
+    meta = {**meta, "status": "complete", "units": max(r["units"] for r in runs),
+            "tokens": sum(r["tokens"] for r in runs), "batches": sum(r["batches"] for r in runs),
+            "n_layers": model.n_layers, "d_ffn": model.d_ffn, "top_k": k, **_group_extra(model, groups),
+            "world_size": world_size}
+    if rank == 0:
+        with atomic_path(out, is_dir=True) as tmp:
+            for l, e, t, extra in merged:
+                write_parquet(tmp / trigger_file(l, e), t, meta={**prov, **extra})
+            keep = pa.array(sorted(cited), pa.int64())
+            write_parquet(tmp / "units.parquet",
+                          units.filter(pc.is_in(units["unit"], value_set=keep)).combine_chunks(), meta=prov)
+            write_json(tmp / "atlas.json", meta)
+            longest = max(r["elapsed"] for r in runs)
+            write_json(tmp / "run.json", {"created": created, "finished": utc_now(), "world_size": world_size,
+                                          "calls": max(r["calls"] for r in runs),
+                                          "seconds": round(max(r["seconds"] for r in runs), 3),
+                                          "tokens_per_second_last_call":
+                                              round(sum(r["call_tokens"] for r in runs) / max(longest, 1e-9), 1)})
+    distributed.barrier()  # the atlas is in place: the states may go
+    shutil.rmtree(state_dir, ignore_errors=True)
+    distributed.barrier()
+    if rank == 0:
+        shutil.rmtree(state_path(out), ignore_errors=True)
     return meta
