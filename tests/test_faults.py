@@ -244,6 +244,7 @@ CASES: list[Case] = [
     C("edit stats", "layer: absent", "{model} --layers 99", "the model has 6 layers"),
     C("edit stats", "number: negative", "{model} --layers 1 --tokens -5", RANGE),
     C("edit stats", "number: huge", "{model} --layers 1 --tokens 100000000000", RANGE),
+    C("edit stats", "number: zero", "{model} --layers 1 --texts 0", RANGE),
     C("edit stats", "path: unrelated", "{model} --layers 1 --stats-dir {f:corpus.txt}", "is a file"),
     C("edit erase", "usage: missing option", "{model} --out {out}", "missing option '--requests'"),
     C("edit erase", "path: missing", "{model} --requests {tmp}/no-requests.json --out {out}", MISSING),
