@@ -123,7 +123,6 @@ def capabilities(case: dict, dtype: str, device: str, tmp: Path) -> dict:
     j = apply_edits(mm, case["rome"], "rome", {**hp, **case.get("rome_hparams", {})}, stats_dir=tmp / f"st-{dtype}-{device}", corpus=case["texts"],
                     progress=False)
     out["rome_prob"] = target_probs(mm, case["rome"])[0]
-    out["rome_u"] = j.entries[-1].u
     j = apply_edits(mm, case["memit"], "memit", {**hp, **case.get("memit_hparams", {})}, stats_dir=tmp / f"st-{dtype}-{device}", corpus=case["texts"],
                     journal=j, progress=False)
     out["memit_probs"] = target_probs(mm, case["memit"])
@@ -183,9 +182,13 @@ def assert_agree(a: dict, b: dict, tol: dict, what: str):
 def _atlases_agree(a: dict, b: dict, what: str):
     """Trigger tables of two runs over the same corpus: each key's r-th largest (smallest) coefficient moves by
     at most the largest change of any one coefficient between the runs (order statistics are 1-Lipschitz in
-    the max norm), whatever the ties do to which trigger holds rank r."""
+    the max norm), whatever the ties do to which trigger holds rank r. The change is measured on one batched
+    capture; the miner's batches are shaped otherwise, which moves a half-precision value by an ulp or two,
+    hence the slack of 2 ulp of the narrower dtype at the largest coefficient."""
+    eps = max(torch.finfo(a["dtype"]).eps, torch.finfo(b["dtype"]).eps)
     for l in a["atlas"]:
-        bound = float((a["coef"][l].float() - b["coef"][l].float()).abs().max()) + 1e-6
+        top = float(a["coef"][l].float().abs().max())
+        bound = float((a["coef"][l].float() - b["coef"][l].float()).abs().max()) + 2 * eps * top + 1e-6
         ta, tb = a["atlas"][l], b["atlas"][l]
         assert ta["index"] == tb["index"] and ta["rank"] == tb["rank"] and ta["kind"] == tb["kind"], what
         assert np.abs(np.asarray(ta["coef"]) - np.asarray(tb["coef"])).max() <= bound, (what, l)
@@ -194,11 +197,12 @@ def _atlases_agree(a: dict, b: dict, what: str):
 # ------------------------------------------------------------------------------------------------ tests
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_bf16_agrees_with_float32(runs, name):
-    f32, b16 = runs(name, "float32"), runs(name, "bfloat16")
-    assert b16["dtype"] == torch.bfloat16 and b16["param_dtypes"] == {torch.bfloat16}
-    assert_agree(f32, b16, TOL_BF16, f"{name} bf16 vs float32")
+@pytest.mark.parametrize("name,dtype", [("gpt2", "bfloat16"), ("llama", "bfloat16"), ("llama", "float16")])
+def test_half_agrees_with_float32(runs, name, dtype):
+    """fp16 (10 mantissa bits) is held to bf16's (7 bits) tolerances; GPT-2 runs it only in bf16 (time)."""
+    f32, half = runs(name, "float32"), runs(name, dtype)
+    assert half["dtype"] == getattr(torch, dtype) and half["param_dtypes"] == {getattr(torch, dtype)}
+    assert_agree(f32, half, TOL_BF16, f"{name} {dtype} vs float32")
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
