@@ -111,16 +111,6 @@ def riemann_path(steps: int, rule: str = "left") -> tuple[torch.Tensor, torch.Te
     return alpha, torch.full((steps,), 1.0 / steps, dtype=torch.float64)
 
 
-def scaled_path(alphas: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """The path points alpha_k m, (n, d) in m's dtype, from alphas (n,) and m (d,).
-
-    The product is formed in float32 (or m's wider dtype) and rounded once: in a bf16/fp16 model, rounding
-    alpha first would move every quadrature node off its place on the path (by up to 2^-8 relative), so the
-    Riemann / Gauss weights would no longer integrate along the path they assume."""
-    wide = torch.promote_types(m.dtype, torch.float32)
-    return (alphas.to(m.device, wide)[:, None] * m.to(wide)[None]).to(m.dtype)
-
-
 def riemann_alphas(steps: int, rule: str = "left") -> torch.Tensor:
     """Scaling factors of the Riemann sum, (steps,): left = k/n (Dai et al.), right = (k+1)/n, midpoint, ..."""
     return riemann_path(steps, rule)[0]
@@ -262,7 +252,7 @@ def _scaled_run(model, ids, rec, cache, pos, gold, chunk, alphas, target, off, c
     leaves, edits, row = [], list(off), 0
     for l, a, n in zip(chunk, alphas, sizes):
         m = rec["coef", l][0, pos]
-        x = scaled_path(a, m)
+        x = a.to(m.device, m.dtype)[:, None] * m[None]
         if grad:
             x.requires_grad_(True)
         leaves.append(x)
@@ -407,7 +397,7 @@ def _expert_run(model, ids, experts, m0, pos, gold, chunk, alphas, target, cost,
     B, T = sum(sizes), ids.shape[1]
     leaves, edits, row = [], [], 0
     for l, a, n in zip(chunk, alphas, sizes):
-        x = scaled_path(a, m0[l])
+        x = a.to(m0[l].device, m0[l].dtype)[:, None] * m0[l][None]
         if grad:
             x.requires_grad_(True)
         leaves.append(x)
@@ -460,13 +450,13 @@ def _joint_path(model, tg: _Targets, lays, alphas, weights, target, positions, o
         model.hf(input_ids=tg.ids)
     cost.add(1, T, L)
     clean = {l: rec["coef", l] for l in lays}  # (1, T, d_ffn)
-    a = alphas.to(model.device, torch.promote_types(model.dtype, torch.float32))[:, None, None]
+    a = alphas.to(model.device, model.dtype)[:, None, None]
     w = weights.to(model.device, torch.float32)[:, None, None]
     out = torch.zeros(L, model.d_ffn, dtype=torch.float32)
     for pos, gold in tg.targets:
         sel = slice(None) if positions == "all" else slice(pos, pos + 1)
         at = None if positions == "all" else [pos]
-        edits = list(off) + [Intervention("coef", l, "set", value=(a * m[:, sel]).to(m.dtype), positions=at)
+        edits = list(off) + [Intervention("coef", l, "set", value=a * m[:, sel], positions=at)
                              for l, m in clean.items()]
         with torch.enable_grad(), intervene(model, reads=[("coef", l) for l in lays], edits=edits,
                                             keep_grad=True) as crec:
@@ -495,7 +485,7 @@ def integrated_gradients_reference(model: MemoryModel, prompt: str, answer: str 
                 model.hf(input_ids=tg.ids)
             cost.add(1, T, L)
             m = rec["coef", l][0, pos]
-            x = scaled_path(alphas, m).requires_grad_(True)
+            x = (alphas.to(m.device, m.dtype)[:, None] * m[None]).requires_grad_(True)
             edit = Intervention("coef", l, "set", value=x[:, None, :], positions=[pos])
             with torch.enable_grad(), intervene(model, edits=[edit]):
                 logits = model.hf(input_ids=tg.ids.expand(steps, T)).logits[:, pos]
