@@ -19,6 +19,7 @@ that fails (e.g. out of memory) is recorded with its error and the run goes on, 
 
     python bench/bench_gpu.py --out bench-gpu.json               # gpt2-xl and llama-7b, bf16 on CUDA
     python bench/bench_gpu.py --smoke --out smoke.json           # the same code on tiny shapes on the CPU
+    python bench/bench_gpu.py --budget-s 480 --out $OUT/gpu.json  # under a 10-minute limit: later rows skipped
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -131,7 +133,10 @@ def corpus_texts(n: int) -> list[str]:
     return out[:n]
 
 
-def bench_shape(shape: str, tok, device: str, dtype: torch.dtype, n_sentences: int, check_grids: bool) -> dict:
+def bench_shape(shape: str, tok, device: str, dtype: torch.dtype, n_sentences: int, check_grids: bool,
+                deadline: float = math.inf) -> dict:
+    if time.perf_counter() > deadline:
+        return {"skipped": "time budget (--budget-s) spent", "rows": []}
     mm = build(shape, tok, device, dtype)
     plan = batch_plan(mm, device)
     rows: list[dict] = []
@@ -161,6 +166,10 @@ def bench_shape(shape: str, tok, device: str, dtype: torch.dtype, n_sentences: i
         return timed(forward_prompt, device)[1] / 10
 
     def row(name, fn, on="corpus", tokens=None):
+        if time.perf_counter() > deadline:  # unattended under a wall-clock limit: keep what was measured
+            rows.append({"capability": name, "skipped": "time budget (--budget-s) spent"})
+            print(f"{shape:>10} {name:<22} skipped: time budget spent", flush=True)
+            return None
         t_f = reference(on)
         ref_tokens = tokens if tokens is not None else (n_tok if on == "corpus" else p_tok)
         if on == "corpus" and tokens is not None:
@@ -239,7 +248,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--sentences", type=int, default=None, help="corpus sentences (default 4096; smoke 48)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: the same code, in seconds")
-    ap.add_argument("--out", type=Path, default=None, help="JSON of the results")
+    ap.add_argument("--out", type=Path, default=None, help="JSON of the results (rewritten after each shape)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock seconds after which the remaining rows are skipped (recorded as such)")
     args = ap.parse_args(argv)
     shapes = args.shapes or ("tiny-gpt2,tiny-llama" if args.smoke else "gpt2-xl,llama-7b")
     device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -251,17 +262,19 @@ def main(argv=None):
     tok = ffkv.load_model(Path(default_testbed()) / "model").tokenizer
     results = {}
     t0 = time.perf_counter()
-    for shape in shapes.split(","):
-        results[shape] = bench_shape(shape, tok, device, dtype, sentences, check_grids=True)
+    deadline = t0 + args.budget_s if args.budget_s else math.inf
     dev = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    out = {"results": results, "device": dev, "torch": torch.__version__, "commit": git_commit(),
-           "date": datetime.date.today().isoformat(), "seconds": time.perf_counter() - t0,
-           "provenance": provenance(None, shapes=shapes, sentences=sentences, dtype=args.dtype, device=device,
-                                    smoke=args.smoke)}
-    if args.out:
-        with atomic_path(args.out) as tmp:
-            Path(tmp).write_text(json.dumps(out, indent=1, default=str))
-    summary = {s: {r["capability"]: (round(r["x_forward"], 2) if "x_forward" in r else r["error"][:40])
+    for shape in shapes.split(","):
+        results[shape] = bench_shape(shape, tok, device, dtype, sentences, check_grids=True, deadline=deadline)
+        out = {"results": results, "device": dev, "torch": torch.__version__, "commit": git_commit(),
+               "date": datetime.date.today().isoformat(), "seconds": time.perf_counter() - t0,
+               "provenance": provenance(None, shapes=shapes, sentences=sentences, dtype=args.dtype,
+                                        device=device, smoke=args.smoke, budget_s=args.budget_s)}
+        if args.out:  # after each shape: a run cut short keeps the shapes it finished
+            with atomic_path(args.out) as tmp:
+                Path(tmp).write_text(json.dumps(out, indent=1, default=str))
+    summary = {s: {r["capability"]: (round(r["x_forward"], 2) if "x_forward" in r
+                                     else r.get("error", r.get("skipped", ""))[:40])
                    for r in v["rows"]} for s, v in results.items()}
     print(json.dumps(summary))
     failed = [(s, r["capability"]) for s, v in results.items() for r in v["rows"] if "error" in r]
