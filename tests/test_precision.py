@@ -119,12 +119,12 @@ def capabilities(case: dict, dtype: str, device: str, tmp: Path) -> dict:
     out["C"], out["C_tokens"] = st.C, st.n_tokens
     # edits, undone bit for bit
     before = {k: v.detach().clone().cpu() for k, v in mm.hf.state_dict().items()}
-    hp = case.get("hparams", {})
-    j = apply_edits(mm, case["rome"], "rome", {**hp, **case.get("rome_hparams", {})}, stats_dir=tmp / f"st-{dtype}-{device}", corpus=case["texts"],
-                    progress=False)
+    hp, sd = case.get("hparams", {}), tmp / f"st-{dtype}-{device}"
+    j = apply_edits(mm, case["rome"], "rome", {**hp, **case.get("rome_hparams", {})}, stats_dir=sd,
+                    corpus=case["texts"], progress=False)
     out["rome_prob"] = target_probs(mm, case["rome"])[0]
-    j = apply_edits(mm, case["memit"], "memit", {**hp, **case.get("memit_hparams", {})}, stats_dir=tmp / f"st-{dtype}-{device}", corpus=case["texts"],
-                    journal=j, progress=False)
+    j = apply_edits(mm, case["memit"], "memit", {**hp, **case.get("memit_hparams", {})}, stats_dir=sd,
+                    corpus=case["texts"], journal=j, progress=False)
     out["memit_probs"] = target_probs(mm, case["memit"])
     out["memit_succeeds"] = case.get("memit_succeeds", True)
     out["memit_opt_probs"] = [t["target_prob"] for t in j.entries[1].info["targets"]]  # MEMIT's first layer
@@ -184,11 +184,11 @@ def _atlases_agree(a: dict, b: dict, what: str):
     at most the largest change of any one coefficient between the runs (order statistics are 1-Lipschitz in
     the max norm), whatever the ties do to which trigger holds rank r. The change is measured on one batched
     capture; the miner's batches are shaped otherwise, which moves a half-precision value by an ulp or two,
-    hence the slack of 2 ulp of the narrower dtype at the largest coefficient."""
+    hence a slack of 4 ulp of the narrower dtype at the largest coefficient."""
     eps = max(torch.finfo(a["dtype"]).eps, torch.finfo(b["dtype"]).eps)
     for l in a["atlas"]:
         top = float(a["coef"][l].float().abs().max())
-        bound = float((a["coef"][l].float() - b["coef"][l].float()).abs().max()) + 2 * eps * top + 1e-6
+        bound = float((a["coef"][l].float() - b["coef"][l].float()).abs().max()) + 4 * eps * top + 1e-6
         ta, tb = a["atlas"][l], b["atlas"][l]
         assert ta["index"] == tb["index"] and ta["rank"] == tb["rank"] and ta["kind"] == tb["kind"], what
         assert np.abs(np.asarray(ta["coef"]) - np.asarray(tb["coef"])).max() <= bound, (what, l)
@@ -241,7 +241,7 @@ def test_bf16_statistics_are_a_wide_sum(cases, tmp_path):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 @pytest.mark.xfail(raises=FfkvError, strict=True,
-                   reason="explain's frozen_norm probes a bf16 norm in bf16 (fix in memory/explain.py: docs/precision.md)")
+                   reason="explain's frozen_norm probes a bf16 norm in bf16 (the fix: docs/precision.md)")
 def test_bf16_explain_sums_to_logits(runs, name):
     b16 = runs(name, "bfloat16")
     if isinstance(b16["explain"], Exception):
