@@ -23,6 +23,8 @@ import torch
 
 import ffkv
 from ffkv.edit.api import apply_edits, target_probs
+from ffkv.edit.compute_value import compute_targets
+from ffkv.edit.hparams import default_hparams
 from ffkv.edit.requests import EditRequest
 from ffkv.edit.stats import layer_stats, token_windows
 from ffkv.errors import FfkvError
@@ -237,6 +239,22 @@ def test_bf16_statistics_are_a_wide_sum(cases, tmp_path):
     ref = k.T @ k / k.shape[0]
     assert st.n_tokens == k.shape[0]
     assert float((st.C - ref).norm() / ref.norm()) <= 1e-5
+
+
+def test_bf16_value_optimisation_is_float32(cases):
+    """δ, h and the loss of ROME's value optimisation are float32 on a bf16 model, and they follow the float32
+    model's to bf16 tolerance (same steps, final target probability within 0.05)."""
+    case = cases["llama"]
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        mm = ffkv.load_model(case["path"], dtype=dtype)
+        hp = {**default_hparams(mm, "rome"), **case["hparams"], "layer": 1}
+        out[dtype] = compute_targets(mm, [case["rome"]], "ffn_out", 1, hp, [""])
+    t16, t32 = out["bfloat16"], out["float32"]
+    assert t16.delta.dtype == t16.h.dtype == torch.float32 and t16.nll.dtype == torch.float32
+    assert torch.equal(t16.steps, t32.steps)
+    assert abs(float(t16.target_prob[0]) - float(t32.target_prob[0])) <= TOL_BF16["value"]
+    assert float((t16.h - t32.h).norm() / t32.h.norm()) <= 0.02
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
