@@ -258,8 +258,6 @@ def test_bf16_value_optimisation_is_float32(cases):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-@pytest.mark.xfail(raises=FfkvError, strict=True,
-                   reason="explain's frozen_norm probes a bf16 norm in bf16 (the fix: docs/precision.md)")
 def test_bf16_explain_sums_to_logits(runs, name):
     b16 = runs(name, "bfloat16")
     if isinstance(b16["explain"], Exception):

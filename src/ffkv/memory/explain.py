@@ -25,6 +25,8 @@ Mixture-of-experts layers are decomposed by layer only (their memories are per e
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -98,10 +100,11 @@ def frozen_norm(norm, x: torch.Tensor, tol: float = 1e-3):
         return (lambda w: w), torch.zeros_like(x)
     x = x.float()
     d = x.shape[-1]
-    dt = next((p.dtype for p in norm.parameters()), torch.float32)
+    # The probes run through a float32 copy: a bf16/fp16 norm would round each probe's output (2^-8 relative)
+    norm32 = copy.deepcopy(norm).float()
 
     def N(t):
-        return norm(t[None].to(dt))[0].float()
+        return norm32(t[None])[0].float()
 
     b = N(torch.zeros_like(x))
     centres = bool(torch.allclose(N(x + 1.0), N(x), rtol=1e-3, atol=1e-4))
