@@ -124,37 +124,41 @@ def _merge_sparse(buf_v, buf_g, buf_h, pos, rows, vals, new_g, new_h, k, buf_c, 
     O(M log M + M k + R k): only the candidates are sorted, never the whole buffer. ``empty``: the buffer
     holds nothing yet (every candidate is ahead of every slot, and none repeats a buffered prefix).
     """
+    sel = torch.Tensor.index_select
     if buf_h is not None and not empty:  # a prefix already in the key's buffer does not enter twice
-        fresh = ~(buf_h[rows] == new_h[pos][:, None]).any(1)
-        pos, rows, vals = pos[fresh], rows[fresh], vals[fresh]
-        if rows.numel() == 0:
-            return buf_v, buf_g, buf_h
+        fresh = ~(sel(buf_h, 0, rows) == sel(new_h, 0, pos)[:, None]).any(1)
+        if not bool(fresh.all()):
+            f = fresh.nonzero().squeeze(1)
+            pos, rows, vals = sel(pos, 0, f), sel(rows, 0, f), sel(vals, 0, f)
+            if rows.numel() == 0:
+                return buf_v, buf_g, buf_h
     R = buf_v.shape[0]
     dev = buf_v.device
     low = (1 << 32) - 1
-    ck = (ordered_bits(vals + 0.0) << 32) + (low - new_c[pos])  # (M,)
-    bk = (ordered_bits(buf_v) << 32) + (low - buf_c)  # (R, k), descending along each row
+    ck = (ordered_bits(vals + 0.0) << 32) + (low - sel(new_c, 0, pos))  # (M,)
     o = ck.argsort(descending=True)
-    o = o[rows[o].argsort(stable=True)]  # by row, then composite key descending
-    pos, rows, vals, ck = pos[o], rows[o], vals[o], ck[o]
+    o = sel(o, 0, sel(rows, 0, o).argsort(stable=True))  # by row, then composite key descending
+    pos, rows, vals, ck = sel(pos, 0, o), sel(rows, 0, o), sel(vals, 0, o), sel(ck, 0, o)
     counts = torch.bincount(rows, minlength=R)
-    rank_c = torch.arange(rows.numel(), device=dev) - (counts.cumsum(0) - counts)[rows]
-    nb = torch.zeros_like(rows) if empty else (bk.index_select(0, rows) > ck[:, None]).sum(1)  # (M,) buffer
-    # entries ahead of each candidate
-    final_c = rank_c + nb
-    ahead = torch.bincount(rows * (k + 1) + nb, minlength=R * (k + 1)).view(R, k + 1).cumsum(1)[:, :k]
-    final_b = torch.arange(k, device=dev) + ahead  # (R, k)
-    out_v, out_g = torch.empty_like(buf_v), torch.empty_like(buf_g)
-    out_h = None if buf_h is None else torch.empty_like(buf_h)
-    rb, jb = (final_b < k).nonzero(as_tuple=True)
-    jn = final_b[rb, jb]
-    out_v[rb, jn], out_g[rb, jn] = buf_v[rb, jb], buf_g[rb, jb]
-    keep = final_c < k
-    rc, jc, pc = rows[keep], final_c[keep], pos[keep]
-    out_v[rc, jc], out_g[rc, jc] = vals[keep] + 0.0, new_g[pc]
-    if out_h is not None:
-        out_h[rb, jn], out_h[rc, jc] = buf_h[rb, jb], new_h[pc]
-    return out_v, out_g, out_h
+    rank_c = torch.arange(rows.numel(), device=dev) - sel(counts.cumsum(0) - counts, 0, rows)
+    if empty:
+        nb = torch.zeros_like(rows)
+    else:  # (M,) buffer entries ahead of each candidate
+        bk = (ordered_bits(buf_v) << 32) + (low - buf_c)  # (R, k), descending along each row
+        nb = (sel(bk, 0, rows) > ck[:, None]).sum(1)
+    K1 = k + 1  # column k of the (R, k + 1) results collects whatever falls out (ranks >= k)
+    ahead = torch.bincount(rows * K1 + nb, minlength=R * K1).view(R, K1).cumsum(1)[:, :k]
+    final_b = (torch.arange(k, device=dev) + ahead).clamp_(max=k)  # (R, k)
+    flat_c = rows * K1 + (rank_c + nb).clamp_(max=k)  # (M,)
+    g_new = sel(new_g, 0, pos)
+    h_new = None if buf_h is None else sel(new_h, 0, pos)
+
+    def place(buf, new):
+        out = buf.new_empty(R, K1).scatter_(1, final_b, buf)
+        out.view(-1).index_copy_(0, flat_c, new)  # repeated indices only in column k
+        return out[:, :k].contiguous()
+
+    return place(buf_v, vals + 0.0), place(buf_g, g_new), None if buf_h is None else place(buf_h, h_new)
 
 
 BLOCK_ROWS = 8  # rows of the batch summarised by one block maximum when looking for candidates
@@ -205,12 +209,13 @@ def _candidates(new_v: torch.Tensor, floor: torch.Tensor, negate: bool, sparse_s
     inside = r < N
     flat = (r.clamp(max=N - 1) * R + key[:, None]).view(-1)
     cell = new_v.reshape(-1).index_select(0, flat).view(-1, BLOCK_ROWS)  # (C, BLOCK_ROWS)
-    ok = ((cell <= thr[key][:, None]) if negate else (cell >= thr[key][:, None])) & inside
-    ci, j = ok.nonzero(as_tuple=True)
-    if ci.numel() > limit:
+    t = thr.index_select(0, key)[:, None]
+    ok = ((cell <= t) if negate else (cell >= t)) & inside
+    f = ok.view(-1).nonzero().squeeze(1)  # = ci * BLOCK_ROWS + j
+    if f.numel() > limit:
         return None
-    pos, rows = r[ci, j], key[ci]
-    vals = cell[ci, j].float()
+    pos, rows = r.view(-1).index_select(0, f), key.index_select(0, f // BLOCK_ROWS)
+    vals = cell.view(-1).index_select(0, f).float()
     return pos, rows, (-vals if negate else vals)
 
 
@@ -236,28 +241,38 @@ def merge_topk(buf_v: torch.Tensor, buf_g: torch.Tensor, new_v: torch.Tensor, ne
     Returns the new (buf_v, buf_g) or, with hashes, (buf_v, buf_g, buf_h).
     """
     floor = buf_v[:, -1]
-    buf_c, new_c = order_codes(buf_g, new_g, k, window)
-    tie = None  # (R,) keys where a value equal to the floor may still enter
-    if window is not None:
-        # ... when the floor entry is a later prefix of this window
-        u0, _ = window
-        floor_g = buf_g[:, -1]
-        tie = (floor_g >= (u0 << POSITION_BITS)) & (floor_g > new_g.min())
-    # values at or above the floor (those exactly at it are sorted out on the few candidates)
     empty = bool((buf_g[:, 0] < 0).all())  # the first batch of a run: no entry to keep, none to repeat
+    # values at or above the floor (those exactly at it are sorted out on the few candidates)
     found = _candidates(new_v, floor, negate, sparse_share, k_bound=k if empty else None)
-    if found is not None:
-        pos, rows, vals = found
-        at = vals == floor[rows]
-        if bool(at.any()):
-            enters = ~at if tie is None else ~at | (tie[rows] & (new_c[pos] < buf_c[rows, -1]))
-            pos, rows, vals = pos[enters], rows[enters], vals[enters]
-        if rows.numel() == 0:
-            return (buf_v, buf_g, buf_h) if buf_h is not None else (buf_v, buf_g)
-        out = _merge_sparse(buf_v, buf_g, buf_h, pos, rows, vals, new_g, new_h, k, buf_c, new_c, empty=empty)
-    else:  # the start of a run, or ties at the floor everywhere (ReLU zeros): cut the batch to k per key
+    if found is None:  # the start of a run, or ties at the floor everywhere (ReLU zeros): cut the batch to k
+        buf_c, new_c = order_codes(buf_g, new_g, k, window)
         out = _merge_dense(buf_v, buf_g, buf_h, -new_v if negate else new_v, new_g, new_h, k, buf_c, new_c,
                            strict=window is None)
+        return out if buf_h is not None else out[:2]
+    pos, rows, vals = found
+    R = buf_v.shape[0]
+    keys, rows = torch.unique(rows, return_inverse=True)  # only the keys with candidates are rewritten
+    part = keys.numel() < R
+    bv, bg = (buf_v.index_select(0, keys), buf_g.index_select(0, keys)) if part else (buf_v, buf_g)
+    bh = None if buf_h is None else (buf_h.index_select(0, keys) if part else buf_h)
+    buf_c, new_c = order_codes(bg, new_g, k, window)
+    at = vals == bv[:, -1].index_select(0, rows)
+    if bool(at.any()):
+        enters = ~at
+        if window is not None:
+            # ... at the floor: enters when the floor entry is a later prefix of this window
+            u0, _ = window
+            floor_g = bg[:, -1]
+            tie = (floor_g >= (u0 << POSITION_BITS)) & (floor_g > new_g.min())
+            enters |= tie.index_select(0, rows) & (new_c.index_select(0, pos) < buf_c[:, -1].index_select(0, rows))
+        e = enters.nonzero().squeeze(1)
+        pos, rows, vals = pos.index_select(0, e), rows.index_select(0, e), vals.index_select(0, e)
+    if rows.numel() == 0:
+        return (buf_v, buf_g, buf_h) if buf_h is not None else (buf_v, buf_g)
+    out = _merge_sparse(bv, bg, bh, pos, rows, vals, new_g, new_h, k, buf_c, new_c, empty=empty)
+    if part:
+        out = (buf_v.index_copy(0, keys, out[0]), buf_g.index_copy(0, keys, out[1]),
+               None if buf_h is None else buf_h.index_copy(0, keys, out[2]))
     return out if buf_h is not None else out[:2]
 
 
