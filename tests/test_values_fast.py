@@ -101,3 +101,19 @@ def test_composition_equals_the_direct_reference(request, arch, norm, threshold,
     shared = composition_and_refinement(m, units, norm=norm, active_threshold=threshold, batch_tokens=64,
                                         value_tokens=reference_memory_tokens(m, norm=norm))
     assert shared == ref
+
+
+def test_removal_reads_every_variant_off_two_passes_per_unit(planted, planted_text, tmp_path):
+    from ffkv.memory.atlas import Atlas
+    from ffkv.memory.miner import mine
+    from ffkv.memory.patterns import removal_effects
+    from ffkv.memory.reference import reference_removal
+
+    mine(planted.model, planted_text, tmp_path / "a", top_k=4, batch_tokens=96, progress=False)
+    atlas = Atlas(tmp_path / "a", model=planted.model)
+    got = removal_effects(atlas, keys_per_layer=24, triggers_per_key=2, batch_tokens=64)
+    ref = reference_removal(atlas, keys_per_layer=24, triggers_per_key=2)
+    assert [l["n"] for l in got["layers"]] == [l["n"] for l in ref["layers"]] and got["layers"][0]["n"] > 0
+    for a, b in zip(got["layers"], ref["layers"]):
+        for k, v in b.items():
+            assert a[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k  # the same coefficients, other lengths

@@ -6,6 +6,8 @@
     reference_memory_tokens    ``argmax`` / ``argmin`` of those logits (composition's y_i)
     reference_composition      section 5 with the model's own LM head for the final prediction Y and one
                                float32 head product per layer, vector kind and prefix batch
+    reference_removal          the removal experiment with one pass per prefix and variant (x, x without
+                               its last token, x without its first token), in batches of 64 sequences
 
 Same records and summary as :func:`ffkv.memory.composition.composition_and_refinement` (the shared
 accumulation there), so a difference can only come from the predictions.
@@ -16,9 +18,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..models.engine import capture_coefficients
 from ..models.hooks import intervene
 from .composition import _accumulate, _active, _prefix_flags, _summary, activation_rule
+from .corpus import Unit
 from .miner import batches, encode_units
+from .patterns import removal_items, removal_summary
 from .values import value_logits, write_values
 
 
@@ -95,3 +100,23 @@ def reference_composition(model, units: list, norm: bool = False, active_thresho
             _accumulate(acc[l], active, m, mem[l], head(o, norm), head(y - o, True), head(y, True), head(o, True),
                         final)
     return _summary(acc, stop_all, short_all, rules, active_threshold, len(units), norm)
+
+
+@torch.no_grad()
+def reference_removal(atlas, keys_per_layer: int = 64, triggers_per_key: int = 1, seed: int = 0,
+                      batch_size: int = 64) -> dict:
+    """:func:`ffkv.memory.patterns.removal_effects`, one pass per prefix and variant (module docstring)."""
+    model = atlas.model
+    items = removal_items(atlas, keys_per_layer, triggers_per_key, seed)
+    variants = [(it, v) for it in items for x in [atlas.prefix(it[2], it[3])] for v in (x, x[:-1], x[1:])]
+    coefs = np.zeros(len(variants), np.float32)
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    for s in range(0, len(variants), batch_size):
+        chunk = variants[s: s + batch_size]
+        ids, mask = encode_units([Unit(j, 0, v, -1, "") for j, (_, v) in enumerate(chunk)], pad, model.device)
+        coef = capture_coefficients(model, ids, mask, sorted({it[0] for it, _ in chunk}))
+        last = mask.sum(1) - 1
+        for b, (it, _) in enumerate(chunk):
+            coefs[s + b] = coef[it[0]][b, last[b], it[1]].float().item()
+    return removal_summary(atlas, items, coefs.reshape(-1, 3), keys_per_layer, triggers_per_key)
