@@ -144,12 +144,11 @@ class HeadScreen:
         model = self.model
         shape = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        if not self.screen:
-            return self._full(x, norm, largest).reshape(shape)
         out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-        for s in range(0, x.shape[0], self.chunk):
+        for s in range(0, x.shape[0], self.chunk):  # a (chunk, vocab) block of logits at a time
             xc = x[s: s + self.chunk]
-            out[s: s + xc.shape[0]] = self._screened(xc, head_input(model, xc, norm), norm, largest)
+            out[s: s + xc.shape[0]] = self._screened(xc, head_input(model, xc, norm), norm, largest) \
+                if self.screen else self._full(xc, norm, largest)
         return out.reshape(shape)
 
     def _full(self, x, norm, largest):
@@ -176,8 +175,8 @@ class HeadScreen:
         zs = sign * scale(zc)
         best = zs.max(1).values
         win = torch.where(zs == best[:, None], cand, torch.iinfo(torch.long).max).min(1).values
-        ok = (sign * zc).max(1).values - 2 * gamma * size > bound
-        ok &= best > sign * scale(sign * bound)  # still strict after the soft-cap
+        low = (sign * zc).max(1).values - 2 * gamma * size  # the float32 head's best is at least this
+        ok = (low > bound) & (sign * scale(sign * low) > sign * scale(sign * bound))  # also after the soft-cap
         self.n_rows += n
         bad = (~ok).nonzero().squeeze(1)
         if bad.numel():
