@@ -183,6 +183,8 @@ def main():
     ap.add_argument("--mining-only", action="store_true", help="skip the LM-head forward and the analyses")
     ap.add_argument("--skip-forward", action="store_true",
                     help="skip the LM-head forward only (the body pass stays the mining baseline)")
+    ap.add_argument("--skip-checks", action="store_true",
+                    help="time only: no equality checks (mining vs brute force, patterns, analyses vs reference)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     import torch
@@ -233,10 +235,11 @@ def main():
                          "analyses_vs_mine": round(t_an / t_mine, 3),
                          "analyses_and_report_vs_mine": round((t_an + t_rep) / t_mine, 3)}
         res["mine_batches"] = meta["batches"]
-        res["patterns_vs_per_key_reference"] = check_patterns(atlas, args.reference_layers)
-        if not args.mining_only:
-            res["analyses_vs_direct_reference"] = check_analyses(atlas, args)
-        res["mining_vs_brute_force"] = check_mining(model, args, tmp)
+        if not args.skip_checks:
+            res["patterns_vs_per_key_reference"] = check_patterns(atlas, args.reference_layers)
+            if not args.mining_only:
+                res["analyses_vs_direct_reference"] = check_analyses(atlas, args)
+            res["mining_vs_brute_force"] = check_mining(model, args, tmp)
     print(json.dumps(res), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
