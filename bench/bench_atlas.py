@@ -183,6 +183,8 @@ def main():
     ap.add_argument("--mining-only", action="store_true", help="skip the LM-head forward and the analyses")
     ap.add_argument("--skip-forward", action="store_true",
                     help="skip the LM-head forward only (the body pass stays the mining baseline)")
+    ap.add_argument("--skip-baselines", action="store_true",
+                    help="skip both forward baselines (LM-head forward and body): time mining and the analyses only")
     ap.add_argument("--skip-checks", action="store_true",
                     help="time only: no equality checks (mining vs brute force, patterns, analyses vs reference)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -211,15 +213,17 @@ def main():
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
-           "model": args.model, "n_layers": model.n_layers, "d_model": model.d_model, "d_ffn": model.d_ffn,
+           "model": args.model, "corpus": args.corpus, "composition_units": args.composition_units,
+           "removal_keys": args.removal_keys, "n_layers": model.n_layers, "d_model": model.d_model, "d_ffn": model.d_ffn,
            "vocab": model.vocab_size, "sentences": len(units), "prefixes": n_tok,
            "forward_real_token_share": round(n_tok / padded, 4), "top_k": args.k, "threads": 1}
     print(json.dumps({"setup": res}), flush=True)
     with torch.no_grad():
         model.hf(input_ids=fb[0][0][:1], attention_mask=fb[0][1][:1])  # warm-up
-        t_fwd = float("nan") if args.mining_only or args.skip_forward else \
+        t_fwd = float("nan") if args.mining_only or args.skip_forward or args.skip_baselines else \
             timed(lambda: [model.hf(input_ids=i, attention_mask=m) for i, m in fb])[0]
-        t_body, _ = timed(lambda: [run(model, i, attention_mask=m, head="none") for i, m in fb])
+        t_body = float("nan") if args.skip_baselines else \
+            timed(lambda: [run(model, i, attention_mask=m, head="none") for i, m in fb])[0]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         t_mine, meta = timed(lambda: mine(model, args.corpus, tmp / "a", top_k=args.k, batch_tokens=args.batch_tokens,
