@@ -20,6 +20,12 @@ Ratios: mine / forward and mine / body; analyses / mine. Equality checks printed
     patterns == per key     the whole-layer pattern labels vs ffkv.memory.patterns.key_pattern key by key (the
                             implementation before vectorising, kept here as the reference; timed too) on
                             --reference-layers layers, and next tokens vs Atlas.next_token key by key
+    analyses == direct      ffkv.memory.reference (the analyses as computed before the fast paths, timed too):
+                            values.parquet's columns of --reference-layers layers vs reference_project_values
+                            (bit for bit), composition + refinement on --reference-units sampled units vs
+                            reference_composition (the whole result dict equal), the stored removal summary vs
+                            reference_removal (largest relative difference: the same coefficients, read off
+                            longer passes)
 """
 
 from __future__ import annotations
@@ -122,6 +128,44 @@ def check_patterns(atlas, layers: int) -> dict:
             "seconds_per_key_reference": round(t_ref, 2)}
 
 
+def check_analyses(atlas, args) -> dict:
+    import numpy as np
+
+    from ffkv.memory.analysis import corpus_spec_of
+    from ffkv.memory.composition import composition_and_refinement, sample_units
+    from ffkv.memory.reference import reference_composition, reference_project_values, reference_removal
+
+    model = atlas.model
+    vt = atlas.values_table().to_pydict()
+    lay = np.asarray(vt["layer"])
+    values_equal = True
+    t_ref_values = 0.0
+    for l in range(min(args.reference_layers, atlas.n_layers)):
+        dt, ref = timed(lambda: reference_project_values(model, l, targets=atlas.next_tokens(l)))
+        t_ref_values += dt
+        rows = lay == l
+        for col, key in (("top_ids", "top_ids"), ("top_p", "top_p"), ("bottom_ids", "bottom_ids"),
+                         ("max_p", "max_p"), ("lse", "lse"), ("value_norm", "value_norm"),
+                         ("trigger_next_rank", "target_rank")):
+            got = np.asarray([vt[col][i] for i in np.nonzero(rows)[0]])
+            values_equal &= bool(np.array_equal(got.astype(ref[key].dtype), ref[key]))
+    units = sample_units(model, corpus_spec_of(atlas), n_units=args.reference_units, seed=0)
+    t_new, new = timed(lambda: composition_and_refinement(model, units))
+    t_ref, ref = timed(lambda: reference_composition(model, units))
+    t_rem, rem = timed(lambda: reference_removal(atlas, keys_per_layer=args.removal_keys))
+    stored = atlas.analysis("removal")
+    worst = 0.0
+    for a, b in zip(stored["layers"], rem["layers"]):
+        for k, v in b.items():
+            if isinstance(v, float):
+                worst = max(worst, abs(a[k] - v) / max(abs(v), 1e-12))
+    return {"values": {"layers": min(args.reference_layers, atlas.n_layers), "equal": values_equal,
+                       "seconds_reference": round(t_ref_values, 2)},
+            "composition": {"units": len(units), "prefixes": new["n_prefixes"], "equal": new == ref,
+                            "seconds": round(t_new, 2), "seconds_reference": round(t_ref, 2)},
+            "removal": {"max_relative_difference": worst, "seconds_reference": round(t_rem, 2)}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt2-config", help="model folder or gpt2-config")
@@ -135,7 +179,14 @@ def main():
     ap.add_argument("--removal-keys", type=int, default=64)
     ap.add_argument("--check-sentences", type=int, default=150)
     ap.add_argument("--reference-layers", type=int, default=2)
+    ap.add_argument("--reference-units", type=int, default=20, help="units of the composition equality check")
     ap.add_argument("--mining-only", action="store_true", help="skip the LM-head forward and the analyses")
+    ap.add_argument("--skip-forward", action="store_true",
+                    help="skip the LM-head forward only (the body pass stays the mining baseline)")
+    ap.add_argument("--skip-baselines", action="store_true",
+                    help="skip both forward baselines (LM-head forward and body): time mining and the analyses only")
+    ap.add_argument("--skip-checks", action="store_true",
+                    help="time only: no equality checks (mining vs brute force, patterns, analyses vs reference)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     import torch
@@ -157,15 +208,22 @@ def main():
     n_tok = sum(len(u.tokens) for u in units)
     fb = sorted_batches(model, units, args.batch_tokens, 64)
     padded = sum(int(ids.numel()) for ids, _ in fb)
-    res = {"model": args.model, "n_layers": model.n_layers, "d_model": model.d_model, "d_ffn": model.d_ffn,
+    import subprocess
+
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+           "model": args.model, "corpus": args.corpus, "composition_units": args.composition_units,
+           "removal_keys": args.removal_keys, "n_layers": model.n_layers, "d_model": model.d_model, "d_ffn": model.d_ffn,
            "vocab": model.vocab_size, "sentences": len(units), "prefixes": n_tok,
            "forward_real_token_share": round(n_tok / padded, 4), "top_k": args.k, "threads": 1}
     print(json.dumps({"setup": res}), flush=True)
     with torch.no_grad():
         model.hf(input_ids=fb[0][0][:1], attention_mask=fb[0][1][:1])  # warm-up
-        t_fwd = float("nan") if args.mining_only else \
+        t_fwd = float("nan") if args.mining_only or args.skip_forward or args.skip_baselines else \
             timed(lambda: [model.hf(input_ids=i, attention_mask=m) for i, m in fb])[0]
-        t_body, _ = timed(lambda: [run(model, i, attention_mask=m, head="none") for i, m in fb])
+        t_body = float("nan") if args.skip_baselines else \
+            timed(lambda: [run(model, i, attention_mask=m, head="none") for i, m in fb])[0]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         t_mine, meta = timed(lambda: mine(model, args.corpus, tmp / "a", top_k=args.k, batch_tokens=args.batch_tokens,
@@ -181,8 +239,11 @@ def main():
                          "analyses_vs_mine": round(t_an / t_mine, 3),
                          "analyses_and_report_vs_mine": round((t_an + t_rep) / t_mine, 3)}
         res["mine_batches"] = meta["batches"]
-        res["patterns_vs_per_key_reference"] = check_patterns(atlas, args.reference_layers)
-        res["mining_vs_brute_force"] = check_mining(model, args, tmp)
+        if not args.skip_checks:
+            res["patterns_vs_per_key_reference"] = check_patterns(atlas, args.reference_layers)
+            if not args.mining_only:
+                res["analyses_vs_direct_reference"] = check_analyses(atlas, args)
+            res["mining_vs_brute_force"] = check_mining(model, args, tmp)
     print(json.dumps(res), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")

@@ -33,9 +33,11 @@ def analyze(atlas: Atlas, norm: bool = False, steps=STEPS, pattern_threshold: fl
     ident = atlas.meta["model"]
     results = {}
     timing = {}
+    # the values step's argmax / argmin of every value are composition's memory tokens: project once
+    value_tokens = {} if "values" in steps and "composition" in steps else None
     if "values" in steps:
         t = time.perf_counter()
-        cols, summary = analyze_values(atlas, norm=norm, seed=seed, progress=progress)
+        cols, summary = analyze_values(atlas, norm=norm, seed=seed, progress=progress, value_tokens=value_tokens)
         prov = provenance(ident, norm=norm, seed=seed)
         write_parquet(atlas.path / "values.parquet", values_arrow(cols), meta=prov)
         write_json(atlas.path / "analysis" / "values.json", {**prov, **summary})
@@ -59,7 +61,7 @@ def analyze(atlas: Atlas, norm: bool = False, steps=STEPS, pattern_threshold: fl
         t = time.perf_counter()
         units = sample_units(model, corpus_spec_of(atlas, sample_corpus), n_units=composition_units, seed=seed)
         res = composition_and_refinement(model, units, norm=norm, active_threshold=active_threshold,
-                                         progress=progress)
+                                         progress=progress, value_tokens=value_tokens)
         write_json(atlas.path / "analysis" / "composition.json",
                    {**provenance(ident, norm=norm, units=composition_units, seed=seed,
                                  active_threshold=active_threshold, corpus=sample_corpus or "mined"), **res})

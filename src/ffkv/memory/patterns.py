@@ -23,7 +23,7 @@ import torch
 from ..models.engine import capture_coefficients
 from ..progress import track
 from .corpus import Unit
-from .miner import encode_units
+from .miner import batches, encode_units
 
 STOP_WORDS = frozenset("""
 a about above after again against all am an and any are as at be because been before being below between
@@ -222,20 +222,11 @@ def pattern_summary(atlas, n: int | None = None, threshold: float = 0.5, topic_s
     return {"threshold": threshold, "topic_share": topic_share, "n_triggers": n or atlas.top_k, "layers": layers}
 
 
-@torch.no_grad()
-def removal_effects(atlas, keys_per_layer: int = 64, triggers_per_key: int = 1, seed: int = 0,
-                    batch_size: int = 64, progress: bool = False) -> dict:
-    """Coefficient change when a top prefix loses its last token or its first token, per layer.
-
-    For sampled keys i and their top prefixes x = (x_1..x_t), t >= 2:
-        change_last  = (m_i(x_1..x_{t-1}) - m_i(x)) / |m_i(x)|
-        change_first = (m_i(x_2..x_t)     - m_i(x)) / |m_i(x)|
-    The paper finds the last token matters most in lower layers and less higher up. Means are reported
-    with medians: a key whose top coefficient is near 0 makes the relative change of its prefix explode.
-    """
-    model = atlas.model
+def removal_items(atlas, keys_per_layer: int = 64, triggers_per_key: int = 1, seed: int = 0) -> list:
+    """The sampled ``(layer, key, unit, position)`` of :func:`removal_effects`: per layer a seeded sample of
+    keys, each key's best ``triggers_per_key`` top prefixes of at least 2 tokens."""
     rng = np.random.default_rng(seed)
-    items = []  # (layer, key, tokens)
+    items = []
     for l in range(atlas.n_layers):
         tm = atlas.trigger_matrix(l, "top")
         keys = rng.choice(atlas.d_ffn, size=min(keys_per_layer, atlas.d_ffn), replace=False)
@@ -243,19 +234,13 @@ def removal_effects(atlas, keys_per_layer: int = 64, triggers_per_key: int = 1, 
             for r in range(min(triggers_per_key, atlas.top_k)):
                 u = tm["unit"][i, r]
                 if u >= 0 and tm["position"][i, r] >= 1:
-                    items.append((l, int(i), atlas.prefix(u, tm["position"][i, r])))
-    variants = [(it, v) for it in items for v in (it[2], it[2][:-1], it[2][1:])]
-    coefs = np.zeros(len(variants), np.float32)
-    tok = model.tokenizer
-    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-    for s in track(range(0, len(variants), batch_size), desc="removal", unit="batch", enabled=progress):
-        chunk = variants[s: s + batch_size]
-        ids, mask = encode_units([Unit(j, 0, v, -1, "") for j, (_, v) in enumerate(chunk)], pad, model.device)
-        coef = capture_coefficients(model, ids, mask, sorted({l for (l, _, _), _ in chunk}))
-        last = mask.sum(1) - 1
-        for b, ((l, i, _), _) in enumerate(chunk):
-            coefs[s + b] = coef[l][b, last[b], i].float().item()
-    c = coefs.reshape(-1, 3)
+                    items.append((l, int(i), int(u), int(tm["position"][i, r])))
+    return items
+
+
+def removal_summary(atlas, items: list, c: np.ndarray, keys_per_layer: int, triggers_per_key: int) -> dict:
+    """The per-layer summary of :func:`removal_effects` from c (n_items, 3): m(x), m(x without its last
+    token), m(x without its first token)."""
     layers = []
     lay = np.array([it[0] for it in items])
     for l in range(atlas.n_layers):
@@ -269,3 +254,66 @@ def removal_effects(atlas, keys_per_layer: int = 64, triggers_per_key: int = 1, 
                        "median_change_remove_last": float(np.median(dl)) if sel.any() else None,
                        "median_change_remove_first": float(np.median(df)) if sel.any() else None})
     return {"keys_per_layer": keys_per_layer, "triggers_per_key": triggers_per_key, "layers": layers}
+
+
+@torch.no_grad()
+def removal_effects(atlas, keys_per_layer: int = 64, triggers_per_key: int = 1, seed: int = 0,
+                    batch_tokens: int = 2048, progress: bool = False) -> dict:
+    """Coefficient change when a top prefix loses its last token or its first token, per layer.
+
+    For sampled keys i and their top prefixes x = (x_1..x_t), t >= 2:
+        change_last  = (m_i(x_1..x_{t-1}) - m_i(x)) / |m_i(x)|
+        change_first = (m_i(x_2..x_t)     - m_i(x)) / |m_i(x)|
+    The paper finds the last token matters most in lower layers and less higher up. Means are reported
+    with medians: a key whose top coefficient is near 0 makes the relative change of its prefix explode.
+
+    A causal model's coefficients at position p depend on tokens ``<= p`` only, so every prefix of a unit u
+    is read off one pass over ``u[:P+1]`` (P the last position any sampled prefix of u needs), and every
+    prefix without its first token off one pass over ``u[1:P+1]``: two sequences per distinct unit, sorted by
+    length and packed into ``batch_tokens``-token batches, whatever the number of keys citing it. Equal to
+    one pass per variant up to float rounding (the attention kernels see other lengths).
+    """
+    model = atlas.model
+    items = removal_items(atlas, keys_per_layer, triggers_per_key, seed)
+    need: dict[int, int] = {}
+    deepest: dict[int, int] = {}
+    for l, _, u, p in items:
+        need[u] = max(need.get(u, 0), p)
+        deepest[u] = max(deepest.get(u, 0), l)
+    order = sorted(need)
+    row_of = {u: j for j, u in enumerate(order)}
+    seqs = [Unit(2 * j + v, 0, atlas.units[u][0][v: need[u] + 1], -1, "") for j, u in enumerate(order)
+            for v in (0, 1)]  # unit id 2j: u[:P+1]; 2j + 1: u[1:P+1]
+    # by deepest layer, then length: a batch stops after the deepest layer its sequences need, with little padding
+    seqs.sort(key=lambda x: (deepest[order[x.unit // 2]], len(x.tokens), x.unit))
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    it_l = np.array([it[0] for it in items], np.int64)
+    it_i = np.array([it[1] for it in items], np.int64)
+    it_j = np.array([row_of[it[2]] for it in items], np.int64)
+    it_p = np.array([it[3] for it in items], np.int64)
+    c = np.zeros((len(items), 3), np.float32)
+    item_layers = sorted(set(it_l.tolist()))
+    groups = []
+    for l in sorted(set(deepest.values())):
+        level = [x for x in seqs if deepest[order[x.unit // 2]] == l]
+        groups += list(batches(iter(level), batch_tokens, max(len(x.tokens) for x in level)))
+    for group in track(groups, desc="removal", unit="batch", enabled=progress):
+        ids, mask = encode_units(group, pad, model.device)
+        top = deepest[order[group[-1].unit // 2]]
+        layers = [l for l in item_layers if l <= top]
+        coef = capture_coefficients(model, ids, mask, layers)
+        for b, x in enumerate(group):
+            j, v = divmod(x.unit, 2)
+            for l in layers:
+                sel = np.nonzero((it_j == j) & (it_l == l))[0]
+                if not sel.size:
+                    continue
+                m = coef[l][b].float()  # (T, d_ffn)
+                p, i = torch.as_tensor(it_p[sel]), torch.as_tensor(it_i[sel])
+                if v == 0:  # m(x) at p, m(x without its last token) at p - 1
+                    c[sel, 0] = m[p, i].cpu().numpy()
+                    c[sel, 1] = m[p - 1, i].cpu().numpy()
+                else:  # x without its first token ends at p - 1 of u[1:]
+                    c[sel, 2] = m[p - 1, i].cpu().numpy()
+    return removal_summary(atlas, items, c, keys_per_layer, triggers_per_key)

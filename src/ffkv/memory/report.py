@@ -17,6 +17,7 @@ from ..io import atomic_path, write_text
 from ..models.memory_id import MemoryId
 from .analysis import STEPS, analyze
 from .atlas import Atlas
+from .patterns import decode_many
 from .values import decode_tokens
 
 PAPER = {
@@ -216,45 +217,54 @@ def memory_index(atlas: Atlas, n_triggers: int = INDEX_TRIGGERS, context: int = 
 
     ``t``: its top ``n_triggers`` trigger examples as ``[context text, firing token, next token, coef]`` (the
     firing token is the prefix's last token, where the key fired); ``v``: the value's top tokens; ``p``: its
-    ``max p``. Built with whole-layer array reads and one batched decode per layer, not a loop over keys
-    calling the tokenizer.
+    ``max p``. Built with whole-layer array reads and a few batched decodes per layer (each distinct value
+    token once, :func:`~ffkv.memory.patterns.decode_many`), not a loop over keys calling the tokenizer.
     """
     tok = atlas.model.tokenizer if atlas._model is not False else None
     vt = atlas.values_table()
-    vrows = vt.to_pydict() if vt is not None else None
+    top_all = maxp_all = None
+    if vt is not None:
+        col = vt.column("top_ids").combine_chunks()
+        width = len(col[0]) if len(col) else 0
+        top_all = col.values.to_numpy().reshape(len(col), width)[:, :n_tokens]  # (L * d_ffn, n_tokens)
+        maxp_all = vt.column("max_p").to_numpy()
     units = atlas.units
+
+    def dec(ids):
+        return decode_many(tok, ids) if tok is not None else [" ".join(map(str, x)) for x in ids]
+
     out = []
     for l in range(atlas.n_layers):
         tm = atlas.trigger_matrix(l, "top")
         k = min(n_triggers, atlas.top_k)
-        ctx_ids, fire_ids, next_ids, where = [], [], [], []
-        for i in range(atlas.d_ffn):
-            for r in range(k):
-                u = int(tm["unit"][i, r])
-                if u < 0:
-                    break
-                pos = int(tm["position"][i, r])
-                toks, nxt = units[u]
-                ctx_ids.append(toks[max(0, pos - context):pos])
-                fire_ids.append([toks[pos]])
-                nx = toks[pos + 1] if pos + 1 < len(toks) else int(nxt)
-                next_ids.append([nx] if nx >= 0 else [])
-                where.append((i, float(tm["coef"][i, r])))
-        dec = (lambda ids: tok.batch_decode(ids)) if tok is not None else (lambda ids: [" ".join(map(str, x)) for x in ids])
+        U, P, C = tm["unit"][:, :k], tm["position"][:, :k], tm["coef"][:, :k]
+        valid = np.cumprod(U >= 0, axis=1).astype(bool)  # a key's triggers up to its first empty rank
+        keys, ranks = np.nonzero(valid)  # (key, rank) in key order, ranks ascending
+        eu, ep = U[keys, ranks], P[keys, ranks]
+        ctx_ids, fire_ids, next_ids = [], [], []
+        for u, pos in zip(eu.tolist(), ep.tolist()):  # list slices of each cited prefix (no tokenizer here)
+            toks, nxt = units[u]
+            ctx_ids.append(toks[max(0, pos - context):pos])
+            fire_ids.append(toks[pos: pos + 1])
+            nx = toks[pos + 1] if pos + 1 < len(toks) else int(nxt)
+            next_ids.append([nx] if nx >= 0 else [])
         ctx, full, nxt = dec(ctx_ids), dec([c + f for c, f in zip(ctx_ids, fire_ids)]), dec(next_ids)
         # the firing token as it reads after its context (word tokenizers join with a space)
         fire = [w[len(c):] if w.startswith(c) else f for w, c, f in zip(full, ctx, dec(fire_ids))]
         layer_rows = [{"m": str(MemoryId(l, i)), "t": []} for i in range(atlas.d_ffn)]
-        for (i, coef), c, f, n in zip(where, ctx, fire, nxt):
+        for i, coef, c, f, n in zip(keys.tolist(), C[keys, ranks].tolist(), ctx, fire, nxt):
             layer_rows[i]["t"].append([c, f, n, round(coef, 4)])
-        if vrows is not None:
+        if top_all is not None:
             base = MemoryId(l, 0).flat(atlas.d_ffn)
-            top = vrows["top_ids"][base: base + atlas.d_ffn]
-            flat = [ids[:n_tokens] for ids in top]
-            words = [dec([[t] for t in ids]) for ids in flat] if tok is not None else flat
-            for i in range(atlas.d_ffn):
-                layer_rows[i]["v"] = words[i]
-                layer_rows[i]["p"] = round(float(vrows["max_p"][base + i]), 4)
+            top = top_all[base: base + atlas.d_ffn]
+            if tok is not None:
+                uniq, inv = np.unique(top, return_inverse=True)
+                words = np.array(dec([[int(t)] for t in uniq]), dtype=object)[inv.reshape(top.shape)].tolist()
+            else:
+                words = top.tolist()
+            for i, (w, p) in enumerate(zip(words, maxp_all[base: base + atlas.d_ffn].tolist())):
+                layer_rows[i]["v"] = w
+                layer_rows[i]["p"] = round(p, 4)
         out.append(layer_rows)
     return out
 

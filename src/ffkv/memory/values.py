@@ -32,6 +32,7 @@ import torch
 from ..errors import FfkvError
 from ..models.memory_id import MemoryId
 from ..models.moe import MoEModel
+from ..models.spec import get_path
 from ..progress import track
 
 
@@ -79,9 +80,114 @@ def value_logits(model, layer: int, indices=None, norm: bool = False, expert: in
     return model.unembed(V, norm=norm).float()
 
 
+BF16_UNIT_ROUNDOFF = 2.0 ** -8  # bfloat16 keeps 8 significant bits
+
+
+def head_input(model, x: torch.Tensor, norm: bool = True) -> torch.Tensor:
+    """What :meth:`MemoryModel.unembed` feeds its unembedding: ``proj(final_norm(x))`` (the norm only with
+    ``norm``), in the model's dtype; (..., d_model) -> (..., d_head). ``unembed(x) == scale_logits(E ·
+    head_input(x))``; tests/test_values_fast.py checks that the two stay in step."""
+    x = x.to(model.dtype)
+    if norm and model.final_norm is not None:
+        x = model.final_norm(x)
+    proj = get_path(model.hf, model.spec.final_proj)
+    return proj(x) if proj is not None else x
+
+
+def _bf16_pays(device: torch.device) -> bool:
+    """A bfloat16 product is several times faster than a float32 one here (oneDNN's bf16 kernels on CPU)."""
+    if device.type != "cpu":
+        return False  # cuBLAS may reduce bf16 products in reduced precision: the bound below would not hold
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(probe is not None and probe())
+
+
+class HeadScreen:
+    """The exact top token of the head's logits, ``argmax_t unembed(x)_t`` (or ``argmin``), for many rows,
+    at a fraction of the float32 product's cost: screen-then-verify.
+
+    For rows h = head_input(x) (n, d) and the unembedding E (V, d), bias b:
+
+        z'  = bf16(E|b) · bf16(h|1)          one bfloat16 product, float32 accumulation (oneDNN)
+        S   = the ``candidates`` tokens with the highest z' (lowest for argmin)
+        z_S = E_S h + b_S                    float32, the candidates only
+        |z_t - z'_t| <= (2u + u^2 + 3 gamma_d) (||h|| max_t ||E_t|| + max_t |b_t|) + 2u |z'_t|,   u = 2^-8
+
+    (input rounding of both factors, float32 accumulation of the reference product, of the bf16 product and
+    of z_S, rounding of z' to bfloat16; Cauchy-Schwarz bounds ``sum_k |E_tk h_k|``). A row is certified when
+    its best candidate beats that bound for every token outside S, after the family's logit scaling and
+    soft-cap (:meth:`MemoryModel.scale_logits`, monotone); every other row is recomputed with the float32
+    head (:meth:`MemoryModel.unembed`). Ties go to the lowest token id, as ``argmax`` does. The result equals
+    ``model.unembed(x, norm).argmax(-1)`` up to logits that tie within float32 rounding (the candidates' sums
+    run in another order than the full product's). Off CPU, in other dtypes, with a head that is not one
+    linear layer, or where bf16 products are not fast (``screen=None`` decides), it is that expression.
+    """
+
+    def __init__(self, model, candidates: int = 16, screen: bool | None = None, chunk: int = 1024):
+        self.model, self.candidates, self.chunk = model, candidates, chunk
+        head = model.unembedding
+        W = getattr(head, "weight", None)
+        fits = isinstance(head, torch.nn.Linear) and W is not None and W.dtype == torch.float32
+        self.screen = fits and (_bf16_pays(W.device) if screen is None else screen)
+        self.n_fallback = self.n_rows = 0
+        if self.screen:
+            self.W, b = W.detach(), head.bias
+            self.b = None if b is None else b.detach()
+            self.W_max = float(self.W.norm(dim=1).max())
+            self.b_max = 0.0 if b is None else float(self.b.abs().max())
+            Wb = self.W if b is None else torch.cat([self.W, self.b[:, None]], 1)
+            self.Wb = Wb.to(torch.bfloat16)  # (V, d [+ 1]): a bias rides in the product as a last column
+
+    @torch.no_grad()
+    def top1(self, x: torch.Tensor, norm: bool = True, largest: bool = True) -> torch.Tensor:
+        """x (..., d_model) -> (...,) long: ``argmax`` (``argmin`` with ``largest=False``) of ``unembed(x, norm)``."""
+        model = self.model
+        shape = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        for s in range(0, x.shape[0], self.chunk):  # a (chunk, vocab) block of logits at a time
+            xc = x[s: s + self.chunk]
+            out[s: s + xc.shape[0]] = self._screened(xc, head_input(model, xc, norm), norm, largest) \
+                if self.screen else self._full(xc, norm, largest)
+        return out.reshape(shape)
+
+    def _full(self, x, norm, largest):
+        z = self.model.unembed(x, norm=norm)
+        return z.argmax(-1) if largest else z.argmin(-1)
+
+    def _screened(self, x, h, norm, largest):
+        c = min(self.candidates, self.W.shape[0] - 1)
+        n, d = h.shape
+        sign = 1.0 if largest else -1.0
+        h1 = h if self.b is None else torch.cat([h, torch.ones_like(h[:, :1])], 1)
+        zb = torch.nn.functional.linear(h1.to(torch.bfloat16), self.Wb)  # (n, V) bfloat16
+        vals, idx = zb.topk(c + 1, dim=-1, largest=largest)
+        cand = idx[:, :c]
+        zc = torch.bmm(self.W[cand], h[:, :, None]).squeeze(-1)  # (n, c) float32
+        if self.b is not None:
+            zc = zc + self.b[cand]
+        u, gamma = BF16_UNIT_ROUNDOFF, (d + 1) * 2.0 ** -24 / (1 - (d + 1) * 2.0 ** -24)
+        size = h.norm(dim=1) * self.W_max + self.b_max  # >= sum_k |E_tk h_k| + |b_t| for every t
+        slack = (2 * u + u * u + 3 * gamma) * size * 1.01
+        edge = sign * vals[:, c].float()  # every token outside S has sign * z' <= edge
+        bound = edge + 2 * u * edge.abs() + slack  # ... and sign * z <= bound
+        scale = self.model.scale_logits
+        zs = sign * scale(zc)
+        best = zs.max(1).values
+        win = torch.where(zs == best[:, None], cand, torch.iinfo(torch.long).max).min(1).values
+        low = (sign * zc).max(1).values - 2 * gamma * size  # the float32 head's best is at least this
+        ok = (low > bound) & (sign * scale(sign * low) > sign * scale(sign * bound))  # also after the soft-cap
+        self.n_rows += n
+        bad = (~ok).nonzero().squeeze(1)
+        if bad.numel():
+            self.n_fallback += int(bad.numel())
+            win[bad] = self._full(x[bad], norm, largest)
+        return win
+
+
 @torch.no_grad()
 def project_values(model, layer: int, norm: bool = False, top_n: int = 10, chunk: int = 1024,
-                   targets: np.ndarray | None = None, expert: int | None = None) -> dict:
+                   targets: np.ndarray | None = None, expert: int | None = None, extremes: bool = False) -> dict:
     """Top tokens and statistics of every value of one layer (or of its expert ``expert``), ``chunk``
     values at a time.
 
@@ -89,6 +195,8 @@ def project_values(model, layer: int, norm: bool = False, top_n: int = 10, chunk
     logits: what the value promotes when its coefficient is negative), ``max_p`` (d_ffn,), ``lse`` (d_ffn,)
     logsumexp of the logits (so p of any token is ``exp(E_t . v - lse)``), ``value_norm`` (d_ffn,), and,
     if ``targets`` (d_ffn,) token ids are given, ``target_rank`` (0 = the value's top token; -1 if none).
+    ``extremes``: also ``argmax`` / ``argmin`` (d_ffn,) torch long tensors on the model's device, the
+    ``argmax``/``argmin`` of each value's logits (the memory tokens of composition, from the same product).
     """
     norms = write_values(model, layer, expert).float().norm(dim=0).cpu().numpy()
     d = norms.shape[0]
@@ -98,6 +206,7 @@ def project_values(model, layer: int, norm: bool = False, top_n: int = 10, chunk
            "lse": np.zeros(d, np.float32), "value_norm": np.zeros(d, np.float32),
            "target_rank": np.full(d, -1, np.int64)}
     out["value_norm"][:] = norms
+    hi, lo = [], []
     for s in range(0, d, chunk):
         idx = torch.arange(s, min(s + chunk, d))
         logits = value_logits(model, layer, idx, norm=norm, expert=expert)  # (c, vocab)
@@ -112,8 +221,15 @@ def project_values(model, layer: int, norm: bool = False, top_n: int = 10, chunk
             t = torch.as_tensor(targets[s: s + len(idx)], device=logits.device)
             ok = t >= 0
             tl = logits.gather(1, t.clamp(min=0)[:, None])
-            rank = (logits > tl).sum(1)
+            # a - b > 0 iff a > b for floats (no difference of two distinct floats rounds to 0), and the
+            # in-place test on the difference is twice as fast as building the comparison
+            rank = (logits - tl).gt_(0).sum(1)
             out["target_rank"][s: s + len(idx)] = torch.where(ok, rank, -1).cpu().numpy()
+        if extremes:
+            hi.append(logits.argmax(-1))
+            lo.append(logits.argmin(-1))
+    if extremes:
+        out["argmax"], out["argmin"] = torch.cat(hi), torch.cat(lo)
     return out
 
 
@@ -135,11 +251,13 @@ def agreement(top1: np.ndarray, next_ids: np.ndarray, n_random: int = 20, seed: 
 
 
 def analyze_values(atlas, norm: bool = False, top_n: int = 10, chunk: int = 1024, n_random: int = 20,
-                   seed: int = 0, progress: bool = False) -> tuple[dict, dict]:
+                   seed: int = 0, progress: bool = False, value_tokens: dict | None = None) -> tuple[dict, dict]:
     """Project every value of the atlas's model; agreement, ranks and the top-100 ``max p`` histogram.
 
     Returns ``(columns, summary)``: columns for ``values.parquet`` (one row per memory) and the per-layer
-    summary for ``analysis/values.json``.
+    summary for ``analysis/values.json``. ``value_tokens``: a dict to fill with ``layer -> (argmax, argmin)``
+    of the value logits (:func:`ffkv.memory.composition.memory_tokens` from the same product, so the
+    composition step need not project every value again).
     """
     model = atlas.model
     cols: dict[str, list] = {k: [] for k in ("layer", "index", "top_ids", "top_p", "bottom_ids", "max_p", "lse",
@@ -147,7 +265,10 @@ def analyze_values(atlas, norm: bool = False, top_n: int = 10, chunk: int = 1024
     layers = []
     for l in track(range(model.n_layers), desc="values", unit="layer", enabled=progress):
         nxt = atlas.next_tokens(l)
-        pv = project_values(model, l, norm=norm, top_n=top_n, chunk=chunk, targets=nxt)
+        pv = project_values(model, l, norm=norm, top_n=top_n, chunk=chunk, targets=nxt,
+                            extremes=value_tokens is not None)
+        if value_tokens is not None:
+            value_tokens[l] = (pv.pop("argmax"), pv.pop("argmin"))
         d = model.d_ffn
         cols["layer"].append(np.full(d, l, np.int32))
         cols["index"].append(np.arange(d, dtype=np.int32))
