@@ -69,9 +69,14 @@ def sorted_batches(model, units, batch_tokens: int, window: int):
     return [encode_units(b, pad, model.device) for b in batches(iter(order), batch_tokens, window)]
 
 
-def timed(fn):
-    t = time.perf_counter()
+CPU_SECONDS: dict = {}  # CPU time of the last timed call per label: one thread, so less moved by other jobs
+
+
+def timed(fn, label: str | None = None):
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
+    if label is not None:
+        CPU_SECONDS[label] = round(time.process_time() - c, 2)
     return time.perf_counter() - t, out
 
 
@@ -221,16 +226,17 @@ def main():
     with torch.no_grad():
         model.hf(input_ids=fb[0][0][:1], attention_mask=fb[0][1][:1])  # warm-up
         t_fwd = float("nan") if args.mining_only or args.skip_forward or args.skip_baselines else \
-            timed(lambda: [model.hf(input_ids=i, attention_mask=m) for i, m in fb])[0]
+            timed(lambda: [model.hf(input_ids=i, attention_mask=m) for i, m in fb], "forward_sorted")[0]
         t_body = float("nan") if args.skip_baselines else \
-            timed(lambda: [run(model, i, attention_mask=m, head="none") for i, m in fb])[0]
+            timed(lambda: [run(model, i, attention_mask=m, head="none") for i, m in fb], "body_sorted")[0]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         t_mine, meta = timed(lambda: mine(model, args.corpus, tmp / "a", top_k=args.k, batch_tokens=args.batch_tokens,
-                                          max_units=args.sentences))
+                                          max_units=args.sentences), "mine")
         atlas = Atlas(tmp / "a", model=model)
         t_an, an = (float("nan"), {"seconds": {}}) if args.mining_only else \
-            timed(lambda: analyze(atlas, composition_units=args.composition_units, removal_keys=args.removal_keys))
+            timed(lambda: analyze(atlas, composition_units=args.composition_units, removal_keys=args.removal_keys),
+                  "analyses")
         t_rep = float("nan") if args.mining_only else timed(lambda: write_report(atlas))[0]
         res["seconds"] = {"forward_sorted": round(t_fwd, 2), "body_sorted": round(t_body, 2), "mine": round(t_mine, 2),
                           "analyses": round(t_an, 2), "report_after_analyses": round(t_rep, 2),
@@ -238,6 +244,10 @@ def main():
         res["ratios"] = {"mine_vs_forward": round(t_mine / t_fwd, 3), "mine_vs_body": round(t_mine / t_body, 3),
                          "analyses_vs_mine": round(t_an / t_mine, 3),
                          "analyses_and_report_vs_mine": round((t_an + t_rep) / t_mine, 3)}
+        res["cpu_seconds"] = dict(CPU_SECONDS)
+        cpu = CPU_SECONDS
+        res["cpu_ratios"] = {"mine_vs_body": round(cpu["mine"] / cpu["body_sorted"], 3) if "body_sorted" in cpu else None,
+                             "analyses_vs_mine": round(cpu["analyses"] / cpu["mine"], 3) if "analyses" in cpu else None}
         res["mine_batches"] = meta["batches"]
         if not args.skip_checks:
             res["patterns_vs_per_key_reference"] = check_patterns(atlas, args.reference_layers)
