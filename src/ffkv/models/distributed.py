@@ -95,21 +95,25 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _sized_buffer(data: bytes, size: int):
+    """Every rank's payload length (all-gathered) and ``data`` in a uint8 buffer as long as the longest."""
+    n = torch.tensor([len(data)], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+    torch.distributed.all_gather(sizes, n)
+    buf = torch.zeros(max(max(int(s) for s in sizes), 1), dtype=torch.uint8)
+    if data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return sizes, buf
+
+
 def all_gather_bytes(data: bytes) -> list[bytes]:
     """Every rank's ``data``, in rank order, on every rank (exact; the sizes may differ)."""
     rank, size = world()
     if size <= 1:
         return [bytes(data)]
-    d = torch.distributed
-    n = torch.tensor([len(data)], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
-    d.all_gather(sizes, n)
-    longest = max(int(s) for s in sizes)
-    buf = torch.zeros(max(longest, 1), dtype=torch.uint8)
-    if data:
-        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    sizes, buf = _sized_buffer(data, size)
     parts = [torch.zeros_like(buf) for _ in range(size)]
-    d.all_gather(parts, buf)
+    torch.distributed.all_gather(parts, buf)
     return [p[: int(s)].numpy().tobytes() for p, s in zip(parts, sizes)]
 
 
@@ -119,15 +123,9 @@ def gather_bytes(data: bytes, dst: int = 0) -> list[bytes] | None:
     rank, size = world()
     if size <= 1:
         return [bytes(data)]
-    d = torch.distributed
-    n = torch.tensor([len(data)], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
-    d.all_gather(sizes, n)
-    buf = torch.zeros(max(max(int(s) for s in sizes), 1), dtype=torch.uint8)
-    if data:
-        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    sizes, buf = _sized_buffer(data, size)
     parts = [torch.zeros_like(buf) for _ in range(size)] if rank == dst else None
-    d.gather(buf, parts, dst=dst)
+    torch.distributed.gather(buf, parts, dst=dst)
     return [p[: int(s)].numpy().tobytes() for p, s in zip(parts, sizes)] if rank == dst else None
 
 
